@@ -1,0 +1,112 @@
+"""The n LoRA updates of one module, held as factors.
+
+Every quantity the algorithms need (norms, projections, residuals) is computed through the
+rank-r_i factors: a d_out x d_in matrix is never formed, except by :meth:`LoraStack.dense`, which
+exists for tests on small shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LoraStack:
+    """n updates ``dW_i = B_i A_i`` of one module, zero-padded to a common rank ``r_max``.
+
+    Zero padding leaves every product ``B_i A_i`` unchanged, so adapters of different ranks are
+    processed in one batched contraction instead of a Python loop. The LoRA scaling ``s_i`` is
+    already folded into ``B``.
+
+    Attributes:
+        A: ``[n, r_max, d_in]``.
+        B: ``[n, d_out, r_max]``.
+    """
+
+    A: Tensor
+    B: Tensor
+
+    @classmethod
+    def from_factors(
+        cls,
+        factors: Sequence[tuple[Tensor, Tensor]],
+        scalings: Sequence[float] | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> LoraStack:
+        """Stacks ``(A_i [r_i, d_in], B_i [d_out, r_i])`` pairs, folding ``scalings[i]`` into ``B_i``."""
+        if not factors:
+            raise ValueError("LoraStack needs at least one adapter.")
+        d_out, d_in = factors[0][1].shape[0], factors[0][0].shape[1]
+        r_max = max(a.shape[0] for a, _ in factors)
+        A = torch.zeros(len(factors), r_max, d_in, dtype=dtype, device=device)
+        B = torch.zeros(len(factors), d_out, r_max, dtype=dtype, device=device)
+        for i, (a, b) in enumerate(factors):
+            if a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
+                raise ValueError(
+                    f"Adapter {i}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit the stack "
+                    f"(d_out={d_out}, d_in={d_in})."
+                )
+            r = a.shape[0]
+            A[i, :r] = a.to(device=device, dtype=dtype)
+            B[i, :, :r] = b.to(device=device, dtype=dtype)
+            if scalings is not None:
+                B[i] *= scalings[i]
+        return cls(A, B)
+
+    @property
+    def n(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def d_out(self) -> int:
+        return self.B.shape[1]
+
+    @property
+    def d_in(self) -> int:
+        return self.A.shape[2]
+
+    @property
+    def r_max(self) -> int:
+        return self.A.shape[1]
+
+    def sq_norms(self) -> Tensor:
+        """``||B_i A_i||_F^2 = <B_i^T B_i, A_i A_i^T>`` for every adapter, ``[n]``."""
+        gram_b = self.B.transpose(1, 2) @ self.B
+        gram_a = self.A @ self.A.transpose(1, 2)
+        return (gram_b * gram_a).sum(dim=(1, 2))
+
+    def scaled(self, factors: Tensor) -> LoraStack:
+        """The stack with ``dW_i`` multiplied by ``factors[i]`` (used for normalization)."""
+        return LoraStack(self.A, self.B * factors.to(self.B)[:, None, None])
+
+    def subset(self, index: Tensor) -> LoraStack:
+        return LoraStack(self.A[index], self.B[index])
+
+    def project(self, U: Tensor, V: Tensor) -> Tensor:
+        """``U^T B_i A_i V`` for every adapter, ``[n, r, r]``: the optimal full Sigma (equation 6)."""
+        return (self.B.transpose(1, 2) @ U).transpose(1, 2) @ (self.A @ V)
+
+    def span_bases(self) -> tuple[Tensor, Tensor]:
+        """Orthonormal bases ``(Q_B [d_out, k], Q_A [d_in, k])`` of the stacked factors' column spaces.
+
+        ``k = n * r_max``. Any optimal U (V) of the joint diagonalization lies in the span of the
+        stacked B's (A^T's), so when ``k`` is below ``d`` the whole problem can be solved in these
+        k-dimensional coordinates (see :meth:`in_coordinates`).
+        """
+        b_cat = self.B.permute(1, 0, 2).reshape(self.d_out, -1)
+        a_cat = self.A.permute(2, 0, 1).reshape(self.d_in, -1)
+        return torch.linalg.qr(b_cat).Q, torch.linalg.qr(a_cat).Q
+
+    def in_coordinates(self, Q_B: Tensor, Q_A: Tensor) -> LoraStack:
+        """The stack expressed in the coordinates ``B~_i = Q_B^T B_i``, ``A~_i = A_i Q_A``."""
+        return LoraStack(self.A @ Q_A, Q_B.T @ self.B)
+
+    def dense(self) -> Tensor:
+        """``[n, d_out, d_in]`` dense updates. For tests on small shapes only."""
+        return self.B @ self.A
