@@ -154,12 +154,13 @@ def jd_full(
         raise ValueError(f"Unknown JD-Full solver {solver!r}; use 'qr' or 'eigen'.")
     rank = effective_rank(stack, rank)
     k = stack.n * stack.r_max
-    reduce = k * _REDUCE_FACTOR <= min(stack.d_out, stack.d_in)
-    if solver == "eigen" and not reduce:
+    d = min(stack.d_out, stack.d_in)
+    if solver == "eigen" and k >= d:
         raise ValueError(
-            f"solver='eigen' forms an eigenproblem of size n * r_max = {k}, which is not small against "
-            f"d = {min(stack.d_out, stack.d_in)}; use solver='qr' (Appendix A.2) for this module."
+            f"solver='eigen' forms an eigenproblem of size n * r_max = {k}, which is not below "
+            f"d = {d}; use solver='qr' (Appendix A.2) for this module."
         )
+    reduce = solver == "eigen" or k * _REDUCE_FACTOR <= d
     if not reduce:
         return _jd_full_iterate(stack, rank, solver, tol, max_iter, init or range_init(stack, rank, seed))
     Q_B, Q_A = stack.span_bases()

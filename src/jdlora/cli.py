@@ -1,0 +1,192 @@
+"""The ``jdlora`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import JDLoraError
+
+
+def _rank(value: str):
+    return value if value == "auto" else int(value)
+
+
+def _add_compression_options(p: argparse.ArgumentParser, *, clusters_default: str = "1") -> None:
+    p.add_argument("--rank", type=_rank, default="auto", help="rank r of the shared bases, or 'auto' (default)")
+    p.add_argument("--clusters", type=_rank, default=_rank(clusters_default),
+                   help=f"clusters per module, or 'auto' (default {clusters_default})")
+    p.add_argument("--sigma", choices=["full", "diag"], default="full", help="JD-Full or JD-Diag (default full)")
+    p.add_argument("--no-normalize", dest="normalize", action="store_false",
+                   help="minimize the pooled error instead of normalizing every adapter to unit norm")
+    p.add_argument("--solver", choices=["qr", "eigen"], default="qr", help="JD-Full solver (default qr)")
+    p.add_argument("--target-error", type=float, default=0.5, help="error target of --clusters auto (default 0.5)")
+    p.add_argument("--tol", type=float, default=1e-3, help="convergence tolerance, equation 19 (default 1e-3)")
+    p.add_argument("--max-iter", type=int, default=100, help="iterations per JD (default 100)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--float64", action="store_true", help="compute in float64")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="+", metavar="SRC",
+                   help="PEFT LoRA folders or Hub repo ids (org/name or org/name@revision)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle .bin adapters (trusted files only)")
+    p.add_argument("--token", default=None, help="Hub token for private repos")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jdlora", description="Compress collections of LoRA adapters into shared bases (arXiv 2407.00066)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compress", help="compress LoRA adapters jointly and print a summary",
+                       description="Compress LoRA adapters jointly (JD-Full/JD-Diag, clustering) and print a summary.")
+    _add_source_options(p)
+    _add_compression_options(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("tune", help="sweep rank and clusters on a middle module (paper section 6.4, Figure 5)",
+                       description="Sweep rank and cluster count on a middle module, print the table and save a "
+                                   "plot of error against parameters saved (the paper's Figure 5).")
+    _add_source_options(p)
+    p.add_argument("--ranks", default="8,16,32,64", help="comma-separated ranks to try (default 8,16,32,64; the "
+                                                          "section 6.4 rank is always added)")
+    p.add_argument("--max-clusters", type=int, default=None, help="largest cluster count tried (default: n)")
+    p.add_argument("--plot", default="jdlora-tune.png", help="PNG path of the plot (default jdlora-tune.png)")
+    p.add_argument("--sigma", choices=["full", "diag"], default="full")
+    p.add_argument("--no-normalize", dest="normalize", action="store_false")
+    p.add_argument("--target-error", type=float, default=0.5)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("demo", help="compress a built-in synthetic collection (no input needed)",
+                       description="Generate a synthetic LoRA collection, compress it with automatic settings "
+                                   "and print the summary.")
+    p.add_argument("--adapters", type=int, default=64, help="number of synthetic adapters (default 64)")
+    p.add_argument("--layers", type=int, default=8, help="layers of the synthetic model (default 8)")
+    p.add_argument("--hidden", type=int, default=512, help="hidden size of the synthetic model (default 512)")
+    p.add_argument("--plot", default=None, help="also save the tuning sweep plot to this PNG")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except JDLoraError as err:
+        print(f"jdlora: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _compress_kwargs(args) -> dict:
+    import torch
+
+    return dict(rank=args.rank, clusters=args.clusters, sigma=args.sigma, normalize=args.normalize,
+                solver=args.solver, tol=args.tol, max_iter=args.max_iter, target_error=args.target_error,
+                device=args.device, dtype=torch.float64 if args.float64 else torch.float32, seed=args.seed)
+
+
+def cmd_compress(args) -> int:
+    from .pipeline import compress
+
+    start = time.perf_counter()
+    collection = compress(args.sources, allow_pickle=args.allow_pickle, token=args.token, **_compress_kwargs(args))
+    _print_collection(collection, time.perf_counter() - start)
+    return 0
+
+
+def cmd_tune(args) -> int:
+    import torch
+
+    from .compress import auto_rank, sweep
+    from .compress.settings import cluster_counts
+    from .pipeline import middle_module, natural_key
+    from .plots import plot_sweep
+    from .sources import open_adapters
+
+    sources = open_adapters(args.sources, allow_pickle=args.allow_pickle, token=args.token)
+    module_names = sorted({m for s in sources for m in s.modules}, key=natural_key)
+    module = middle_module(module_names, sources)
+    ids = [i for i, s in enumerate(sources) if module in s.modules]
+    from .compress import LoraStack
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    stack = LoraStack.from_factors([sources[i].read_module(module) for i in ids],
+                                   [sources[i].scaling(module) for i in ids], device=device)
+    ranks_in = [sources[i].modules[module][0] for i in ids]
+    n = stack.n
+    ranks = sorted({int(r) for r in args.ranks.split(",")} | {auto_rank(n)})
+    counts = [k for k in cluster_counts(n) if args.max_clusters is None or k <= args.max_clusters]
+    print(f"Sweeping {len(ranks)} ranks x {len(counts)} cluster counts on {module} ({n} adapters)")
+    from tqdm.auto import tqdm
+
+    points = []
+    for r, k in tqdm([(r, k) for r in ranks for k in counts], desc="Settings", unit="setting"):
+        points.extend(sweep(stack, ranks_in, [(r, k)], sigma=args.sigma, normalize=args.normalize, seed=args.seed))
+    print(_table(["rank", "clusters", "error", "mean/adapter", "saved", "seconds"],
+                 [[p.rank, p.clusters, f"{p.error:.4f}", f"{p.mean_adapter_error:.4f}", f"{p.saved_ratio:.1%}",
+                   f"{p.seconds:.2f}"] for p in points]))
+    r16 = auto_rank(n)
+    ok = [p for p in points if p.rank == r16 and p.objective(args.normalize) < args.target_error]
+    if ok:
+        best = min(ok, key=lambda p: p.clusters)
+        print(f"Section 6.4 choice: rank {best.rank}, {best.clusters} cluster(s) "
+              f"(error {best.objective(args.normalize):.3f} < {args.target_error})")
+    else:
+        print(f"No cluster count reaches error {args.target_error} at rank {r16}.")
+    path = plot_sweep(points, args.plot, title=f"{module} ({n} adapters)", normalize=args.normalize)
+    print(f"Plot saved to {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .pipeline import compress
+    from .synthetic import llama_modules, synthetic_adapters
+
+    modules = llama_modules(args.layers, args.hidden, args.hidden // 4)
+    print(f"Generating {args.adapters} synthetic rank-16 LoRA adapters on q/k/v of a {args.layers}-layer model "
+          f"(hidden {args.hidden}), in 4 families that share directions.")
+    adapters = synthetic_adapters(args.adapters, modules, seed=args.seed)
+    start = time.perf_counter()
+    collection = compress(adapters, rank="auto", clusters="auto", seed=args.seed)
+    _print_collection(collection, time.perf_counter() - start)
+    if collection.sweep:
+        print("\nCluster sweep on the middle module (section 6.4):")
+        print(_table(["rank", "clusters", "error", "mean/adapter", "saved"],
+                     [[p.rank, p.clusters, f"{p.error:.4f}", f"{p.mean_adapter_error:.4f}", f"{p.saved_ratio:.1%}"]
+                      for p in collection.sweep]))
+        if args.plot:
+            from .plots import plot_sweep
+
+            print(f"Plot saved to {plot_sweep(collection.sweep, args.plot)}")
+    return 0
+
+
+def _print_collection(collection, seconds: float) -> None:
+    print(f"\nCompressed in {seconds:.1f} s\n")
+    print(collection.summary())
+    errors = collection.adapter_errors()
+    rows = [[name, f"{err:.4f}"] for name, err in list(errors.items())[:20]]
+    print()
+    print(_table(["adapter", "error"], rows))
+    if len(errors) > 20:
+        print(f"... and {len(errors) - 20} more")
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The in-memory compressed collection: per module, shared bases per cluster and a Sigma per adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .compress import ModuleCompression, SweepPoint
+from .compress.settings import original_parameters, saved_ratio
+from .errors import UnknownAdapterError
+
+
+@dataclass
+class AdapterInfo:
+    """What the collection knows of one original adapter.
+
+    Attributes:
+        name: unique name in the collection (the PEFT adapter name it loads under).
+        origin: where it came from: ``{"path": ...}`` or ``{"repo_id", "revision", "subfolder"}``,
+            plus ``"sha256"`` of its original weights file when known.
+        rank: its LoRA rank. alpha: its LoRA alpha. use_rslora: whether its scaling was alpha/sqrt(r).
+        module_ranks: ``{module: r_i}`` (ranks can differ per module through ``rank_pattern``).
+    """
+
+    name: str
+    origin: dict = field(default_factory=dict)
+    rank: int | None = None
+    alpha: float | None = None
+    use_rslora: bool = False
+    module_ranks: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class CollectionModule:
+    """One module of the collection: its compression and which adapters its Sigma rows belong to.
+
+    Attributes:
+        compression: bases, Sigma, clusters and errors (see :class:`~jdlora.compress.ModuleCompression`).
+        adapter_ids: ``[m]`` index in :attr:`JDLoraCollection.adapters` of each Sigma row.
+    """
+
+    compression: ModuleCompression
+    adapter_ids: Tensor
+
+    def row_of(self, adapter_id: int) -> int | None:
+        """Sigma row of an adapter, or None when the adapter has no update for this module."""
+        hits = (self.adapter_ids == adapter_id).nonzero()
+        return int(hits[0]) if len(hits) else None
+
+
+class JDLoraCollection:
+    """A compressed LoRA collection: ``dW_i ~ U_c Sigma_i V_c^T`` per module.
+
+    Built by :func:`jdlora.compress`. Every adapter keeps its own name; an adapter that had no
+    update for a module has no Sigma there.
+
+    Attributes:
+        base_model: the base model all adapters were trained for (or None if they did not say).
+        adapters: one :class:`AdapterInfo` per adapter, in collection order.
+        modules: ``{module name: CollectionModule}``, in model order.
+        sigma_kind: ``"full"`` or ``"diag"``.
+        settings: the compression settings used (rank, clusters, normalize, solver, ...).
+        sweep: the settings tried by the automatic choice (section 6.4), if any.
+    """
+
+    def __init__(
+        self,
+        base_model: str | None,
+        adapters: list[AdapterInfo],
+        modules: dict[str, CollectionModule],
+        sigma_kind: str,
+        settings: dict | None = None,
+        sweep: list[SweepPoint] | None = None,
+    ):
+        self.base_model = base_model
+        self.adapters = adapters
+        self.modules = modules
+        self.sigma_kind = sigma_kind
+        self.settings = dict(settings or {})
+        self.sweep = list(sweep or [])
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    def __repr__(self) -> str:
+        return (
+            f"JDLoraCollection(adapters={len(self)}, modules={len(self.modules)}, sigma={self.sigma_kind!r}, "
+            f"rank={self.settings.get('rank')}, clusters={self.settings.get('clusters')}, error={self.error:.4f})"
+        )
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [a.name for a in self.adapters]
+
+    def index(self, name: str) -> int:
+        """Position of adapter ``name``; raises :class:`~jdlora.errors.UnknownAdapterError` listing close matches."""
+        for i, adapter in enumerate(self.adapters):
+            if adapter.name == name:
+                return i
+        raise UnknownAdapterError(name, self.adapter_names)
+
+    # ----- reconstruction -------------------------------------------------------------------------
+
+    def sigma(self, name: str, module: str) -> Tensor | None:
+        """Sigma of adapter ``name`` in ``module`` (``[r, r]`` or ``[r]``), None if it lacks the module."""
+        entry = self.modules[module]
+        row = entry.row_of(self.index(name))
+        return None if row is None else entry.compression.sigma[row]
+
+    def delta_weight(self, name: str, module: str) -> Tensor | None:
+        """Dense reconstructed update ``U_c Sigma_i V_c^T`` (d_out x d_in) of one adapter and module."""
+        entry = self.modules[module]
+        row = entry.row_of(self.index(name))
+        return None if row is None else entry.compression.delta_weight(row)
+
+    # ----- errors ---------------------------------------------------------------------------------
+
+    @property
+    def error(self) -> float:
+        """Pooled relative error over every module and adapter: ``sum ||dW - R||^2 / sum ||dW||^2``."""
+        res = sum(m.compression.residuals.sum().item() for m in self.modules.values())
+        norms = sum(m.compression.sq_norms.sum().item() for m in self.modules.values())
+        return res / norms if norms else 0.0
+
+    def adapter_errors(self) -> dict[str, float]:
+        """Relative error of each adapter over all its modules: ``sum_m ||dW - R||^2 / sum_m ||dW||^2``."""
+        res = torch.zeros(len(self), dtype=torch.float64)
+        norms = torch.zeros(len(self), dtype=torch.float64)
+        for entry in self.modules.values():
+            res.index_add_(0, entry.adapter_ids.cpu(), entry.compression.residuals.double().cpu())
+            norms.index_add_(0, entry.adapter_ids.cpu(), entry.compression.sq_norms.double().cpu())
+        return {a.name: (res[i] / norms[i]).item() if norms[i] > 0 else 0.0 for i, a in enumerate(self.adapters)}
+
+    @property
+    def mean_adapter_error(self) -> float:
+        """Mean over adapters of :meth:`adapter_errors` (every adapter weighs the same)."""
+        errors = list(self.adapter_errors().values())
+        return sum(errors) / len(errors) if errors else 0.0
+
+    def module_errors(self) -> dict[str, dict[str, float]]:
+        """``{module: {"error": pooled, "mean_adapter_error": mean of per-adapter errors}}``."""
+        return {
+            name: {"error": m.compression.error, "mean_adapter_error": m.compression.mean_adapter_error}
+            for name, m in self.modules.items()
+        }
+
+    # ----- sizes ----------------------------------------------------------------------------------
+
+    def parameter_counts(self) -> dict[str, float]:
+        """Parameters before (the LoRAs' A and B) and after (bases + Sigmas), and the saved ratio."""
+        original = compressed = 0
+        for module, entry in self.modules.items():
+            c = entry.compression
+            ranks = [self.adapters[i].module_ranks.get(module, self.adapters[i].rank or 0) for i in entry.adapter_ids.tolist()]
+            original += original_parameters(ranks, c.U.shape[1], c.V.shape[1])
+            compressed += c.num_parameters()
+        return {"original": original, "compressed": compressed, "saved_ratio": saved_ratio(original, compressed)}
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> JDLoraCollection:
+        """Moves (and casts floating tensors of) every module in place; returns self."""
+        for entry in self.modules.values():
+            c = entry.compression
+            for attr in ("U", "V", "sigma", "sq_norms", "residuals"):
+                setattr(c, attr, getattr(c, attr).to(device=device, dtype=dtype))
+            c.cluster = c.cluster.to(device)
+            entry.adapter_ids = entry.adapter_ids.to(device)
+        return self
+
+    def summary(self) -> str:
+        """A plain-text table: settings, sizes and errors, then the worst adapters."""
+        counts = self.parameter_counts()
+        ranks = sorted({m.compression.rank for m in self.modules.values()})
+        clusters = sorted({m.compression.num_clusters for m in self.modules.values()})
+        lines = [
+            f"adapters            {len(self)}",
+            f"modules             {len(self.modules)}",
+            f"base model          {self.base_model}",
+            f"sigma               {self.sigma_kind}",
+            f"rank                {_fmt_set(ranks)}",
+            f"clusters            {_fmt_set(clusters)}",
+            f"parameters before   {counts['original']:,}",
+            f"parameters after    {counts['compressed']:,}",
+            f"parameters saved    {counts['saved_ratio']:.1%}",
+            f"error (pooled)      {self.error:.4f}",
+            f"error (mean/adapter){self.mean_adapter_error:>7.4f}",
+        ]
+        errors = sorted(self.adapter_errors().items(), key=lambda kv: -kv[1])
+        if errors:
+            lines.append("worst adapters      " + ", ".join(f"{n} {e:.3f}" for n, e in errors[:5]))
+        return "\n".join(lines)
+
+
+def _fmt_set(values: list[int]) -> str:
+    return str(values[0]) if len(values) == 1 else f"{values[0]}..{values[-1]}"

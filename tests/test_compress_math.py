@@ -1,0 +1,272 @@
+"""The math of jdlora.compress against the paper's theory and against dense computations."""
+
+import math
+
+import pytest
+import torch
+
+from jdlora.compress import (
+    LoraStack,
+    assignment_errors,
+    auto_rank,
+    choose_clusters,
+    compress_module,
+    jd_cluster,
+    jd_diag,
+    jd_full,
+    residuals,
+    svd_per_adapter,
+    sweep,
+    ties_merge,
+)
+
+F64 = torch.float64
+
+
+def random_stack(n, d_out, d_in, ranks, *, seed, shared=0, dtype=F64) -> LoraStack:
+    """Random LoRAs; with ``shared`` > 0 they overlap in that many directions (like trained ones)."""
+    gen = torch.Generator().manual_seed(seed)
+    ranks = [ranks] * n if isinstance(ranks, int) else ranks
+    common_a = torch.randn(shared, d_in, generator=gen, dtype=dtype)
+    common_b = torch.randn(d_out, shared, generator=gen, dtype=dtype)
+    factors = []
+    for r in ranks:
+        A = torch.randn(r, d_in, generator=gen, dtype=dtype)
+        B = torch.randn(d_out, r, generator=gen, dtype=dtype)
+        if shared:
+            A = A + 2 * torch.randn(r, shared, generator=gen, dtype=dtype) @ common_a
+            B = B + 2 * common_b @ torch.randn(shared, r, generator=gen, dtype=dtype)
+        factors.append((A, B))
+    scalings = torch.rand(n, generator=gen, dtype=dtype).add(0.5).tolist()
+    return LoraStack.from_factors(factors, scalings, dtype=dtype)
+
+
+def relative_dense_error(stack, U, V, sigma) -> float:
+    dense = stack.dense()
+    if sigma.dim() == 2:
+        sigma = torch.diag_embed(sigma)
+    if U.dim() == 2:
+        recon = U @ sigma @ V.T
+    else:
+        recon = U @ sigma @ V.transpose(1, 2)
+    return ((dense - recon).square().sum() / dense.square().sum()).item()
+
+
+@pytest.mark.parametrize("solver", ["qr", "eigen"])
+def test_lossless_when_rank_covers_stacked_factors(solver):
+    stack = random_stack(4, 40, 36, [2, 3, 2, 3], seed=1)
+    result = jd_full(stack, 10, solver=solver, tol=1e-12, max_iter=200)
+    assert result.rank == 10
+    assert relative_dense_error(stack, result.U, result.V, result.sigma) < 1e-12
+    # One dimension short of the stacked rank, random factors cannot be reconstructed (Prop. 1).
+    short = jd_full(stack, 9, solver=solver, tol=1e-12, max_iter=500)
+    assert relative_dense_error(stack, short.U, short.V, short.sigma) > 1e-6
+
+
+def test_rank_beyond_stacked_rank_is_clamped():
+    stack = random_stack(2, 30, 20, [2, 3], seed=2)
+    assert jd_full(stack, 16).rank == 5
+
+
+def orthogonal_unit_stack(n, d, seed):
+    """n unit-norm rank-1 LoRAs with pairwise orthogonal updates: tr(dW_i dW_j^T) = 0."""
+    gen = torch.Generator().manual_seed(seed)
+    P = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64)).Q
+    Q = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64)).Q
+    pairs = torch.randperm(d * d, generator=gen)[:n]
+    factors = [(Q[:, int(p) % d][None, :], P[:, int(p) // d][:, None]) for p in pairs]
+    return LoraStack.from_factors(factors, dtype=F64)
+
+
+@pytest.mark.parametrize("n,rank,seed", [(20, 2, 0), (30, 3, 1), (12, 4, 2), (8, 2, 3)])
+def test_orthogonal_unit_loras_obey_corollary_1(n, rank, seed):
+    stack = orthogonal_unit_stack(n, 16, seed)
+    gram = stack.dense().reshape(n, -1) @ stack.dense().reshape(n, -1).T
+    assert torch.allclose(gram, torch.eye(n, dtype=F64), atol=1e-12)
+    result = jd_full(stack, rank, tol=1e-10, max_iter=500)
+    error = (result.residuals.sum() / n).item()
+    kept = result.sigma.square().sum().item()
+    assert error >= 1 - min(rank**2 / n, 1) - 1e-9
+    # The lower bound of Corollary 1 (sum ||Sigma_i||^2 >= 1) holds at the optimum; our local
+    # optimum must reach it too.
+    assert kept >= 1 - 1e-9
+    assert error <= 1 - 1 / n + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_theorem_1_bounds_hold_on_random_inputs(seed):
+    gen = torch.Generator().manual_seed(100 + seed)
+    n, rank = int(torch.randint(3, 12, (1,), generator=gen)), int(torch.randint(2, 6, (1,), generator=gen))
+    stack = random_stack(n, 24, 20, 3, seed=seed, shared=2 * (seed % 2))
+    result = jd_full(stack, rank, tol=1e-10, max_iter=1000)
+    dense = stack.dense()
+    L = dense.reshape(n, -1).T
+    sigma_L = torch.linalg.svdvals(L)
+    sigma_sum = torch.linalg.svdvals(dense.sum(dim=0))
+    kept = result.sigma.square().sum().item()
+    # Theorem 1's lower bound, from Jensen's inequality on the mean of the U^T dW_i V: the mean carries
+    # a 1/n that the statement drops (sum ||x_i||^2 >= ||sum x_i||^2 / n, not >= ||sum x_i||^2).
+    lower = sigma_sum[:rank].square().sum().item() / n
+    upper = sigma_L[: min(rank**2, n)].square().sum().item()
+    assert lower * (1 - 1e-9) <= kept <= upper * (1 + 1e-9)
+    # sum ||Sigma_i||^2 = sum ||U Sigma_i V^T||^2 for orthonormal U, V.
+    recon = result.U @ result.sigma @ result.V.T
+    assert math.isclose(kept, recon.square().sum().item(), rel_tol=1e-10)
+
+
+@pytest.mark.parametrize("solver", ["qr", "eigen"])
+def test_single_adapter_reduces_to_truncated_svd(solver):
+    stack = random_stack(1, 30, 25, 8, seed=4)
+    dense = stack.dense()[0]
+    W, S, Zh = torch.linalg.svd(dense)
+    for rank in (1, 3, 5):
+        result = jd_full(stack, rank, solver=solver, tol=1e-12, max_iter=2000)
+        truncated = W[:, :rank] @ torch.diag(S[:rank]) @ Zh[:rank]
+        recon = result.U @ result.sigma[0] @ result.V.T
+        assert torch.allclose(recon, truncated, atol=1e-8 * S[0].item())
+        expected = (S[rank:].square().sum() / S.square().sum()).item()
+        assert math.isclose(result.history[-1], expected, rel_tol=1e-7, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["qr", "eigen", "diag"])
+def test_objective_never_increases_across_iterations(method):
+    stack = random_stack(8, 48, 40, 4, seed=5, shared=2)
+    if method == "diag":
+        result = jd_diag(stack, 6, tol=1e-12, max_iter=300)
+    else:
+        result = jd_full(stack, 6, solver=method, tol=1e-12, max_iter=300)
+    history = result.history
+    assert len(history) > 5
+    assert all(b <= a + 1e-12 for a, b in zip(history, history[1:])), history
+    assert history[-1] < history[0]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_jd_full_error_at_most_jd_diag_error(seed):
+    stack = random_stack(10, 40, 32, 4, seed=seed, shared=3)
+    for rank in (4, 8):
+        full = jd_full(stack, rank, tol=1e-8, max_iter=500)
+        diag = jd_diag(stack, rank, tol=1e-8, max_iter=500)
+        assert full.residuals.sum() <= diag.residuals.sum() * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("sigma", ["full", "diag"])
+def test_clustered_error_at_most_single_cluster_error(sigma):
+    stack = random_stack(12, 40, 32, 4, seed=6, shared=2)
+    single = jd_cluster(stack, 6, 1, sigma=sigma, tol=1e-8, max_iter=300)
+    for k in (2, 3, 5):
+        clustered = jd_cluster(stack, 6, k, sigma=sigma, tol=1e-8, max_iter=300)
+        assert clustered.U.shape[0] == k
+        assert set(clustered.assignment.tolist()) == set(range(k)), "no cluster may be left empty"
+        assert clustered.residuals.sum() <= single.residuals.sum() * (1 + 1e-9)
+        assert all(b <= a * (1 + 1e-9) for a, b in zip(clustered.history, clustered.history[1:]))
+
+
+def test_as_many_clusters_as_adapters_is_per_adapter_svd():
+    stack = random_stack(4, 20, 16, 5, seed=7)
+    clustered = jd_cluster(stack, 3, 4, tol=1e-12, max_iter=2000)
+    svd = svd_per_adapter(stack, 3)
+    assert torch.allclose(clustered.residuals, svd.residuals, rtol=1e-6)
+
+
+@pytest.mark.parametrize("sigma", ["full", "diag"])
+def test_factor_error_equals_dense_error(sigma):
+    stack = random_stack(6, 18, 14, [2, 4, 3, 4, 1, 2], seed=8)
+    result = jd_cluster(stack, 3, 2, sigma=sigma, tol=1e-6)
+    dense = stack.dense()
+    sig = result.sigma if sigma == "full" else torch.diag_embed(result.sigma)
+    U, V = result.U[result.assignment], result.V[result.assignment]
+    recon = U @ sig @ V.transpose(1, 2)
+    assert torch.allclose(result.residuals, (dense - recon).square().sum(dim=(1, 2)), rtol=1e-9, atol=1e-12)
+    # residuals() holds for any U, V and Sigma, not only optimal ones.
+    gen = torch.Generator().manual_seed(0)
+    U, V, S = (torch.randn(18, 3, generator=gen, dtype=F64), torch.randn(14, 3, generator=gen, dtype=F64),
+               torch.randn(6, 3, 3, generator=gen, dtype=F64))
+    expected = (dense - U @ S @ V.T).square().sum(dim=(1, 2))
+    assert torch.allclose(residuals(stack, U, V, S), expected, rtol=1e-9)
+
+
+def test_assignment_errors_match_dense_projection():
+    stack = random_stack(5, 16, 12, 3, seed=9)
+    gen = torch.Generator().manual_seed(1)
+    bases = [(torch.linalg.qr(torch.randn(16, 4, generator=gen, dtype=F64)).Q,
+              torch.linalg.qr(torch.randn(12, 4, generator=gen, dtype=F64)).Q) for _ in range(3)]
+    errors = assignment_errors(stack, bases, "full")
+    dense = stack.dense()
+    for j, (U, V) in enumerate(bases):
+        proj = U @ (U.T @ dense @ V) @ V.T
+        assert torch.allclose(errors[:, j], (dense - proj).square().sum(dim=(1, 2)), rtol=1e-9)
+
+
+def test_normalization_folds_norms_and_scaling_into_sigma():
+    stack = random_stack(6, 30, 24, 4, seed=10, shared=2)
+    stack = stack.scaled(torch.tensor([1e-3, 1.0, 5.0, 0.2, 30.0, 1.0], dtype=F64))
+    for normalize in (True, False):
+        result = compress_module(stack, 5, 2, normalize=normalize, tol=1e-8)
+        dense = stack.dense()
+        recon = torch.stack([result.delta_weight(i) for i in range(stack.n)])
+        assert torch.allclose(result.residuals, (dense - recon).square().sum(dim=(1, 2)), rtol=1e-8, atol=1e-20)
+    normalized = compress_module(stack, 5, 1, normalize=True, tol=1e-8)
+    pooled = compress_module(stack, 5, 1, normalize=False, tol=1e-8)
+    # Each weighting wins on the error it optimizes.
+    assert normalized.mean_adapter_error <= pooled.mean_adapter_error + 1e-9
+    assert pooled.error <= normalized.error + 1e-9
+
+
+def test_same_seed_gives_same_result_and_other_seed_may_differ():
+    stack = random_stack(9, 32, 24, 4, seed=11, shared=1)
+    a = compress_module(stack, 4, 3, seed=3)
+    b = compress_module(stack, 4, 3, seed=3)
+    assert torch.equal(a.U, b.U) and torch.equal(a.sigma, b.sigma) and torch.equal(a.cluster, b.cluster)
+
+
+def test_float32_matches_float64_on_well_conditioned_input():
+    stack64 = random_stack(6, 40, 32, 4, seed=12, shared=2)
+    stack32 = LoraStack(stack64.A.float(), stack64.B.float())
+    e64 = compress_module(stack64, 6, 1, tol=1e-6).error
+    e32 = compress_module(stack32, 6, 1, tol=1e-6).error
+    assert abs(e64 - e32) < 1e-4
+
+
+def test_svd_baseline_matches_dense_svd():
+    stack = random_stack(3, 22, 18, [6, 4, 5], seed=13)
+    result = svd_per_adapter(stack, 3)
+    for i, dW in enumerate(stack.dense()):
+        S = torch.linalg.svdvals(dW)
+        assert math.isclose(result.residuals[i].item(), S[3:].square().sum().item(), rel_tol=1e-9)
+        recon = result.U[i] @ torch.diag(result.S[i]) @ result.V[i].T
+        assert torch.allclose((dW - recon).square().sum(), result.residuals[i], rtol=1e-9)
+
+
+def test_ties_merge_trims_elects_and_averages():
+    dense_a = torch.tensor([[4.0, -1.0], [0.5, 2.0]], dtype=F64)
+    dense_b = torch.tensor([[2.0, 3.0], [-0.1, -6.0]], dtype=F64)
+    # Rank-2 factors of these 2 x 2 updates: B = dW, A = I.
+    stack = LoraStack.from_factors([(torch.eye(2, dtype=F64), dense_a), (torch.eye(2, dtype=F64), dense_b)], dtype=F64)
+    merged = ties_merge(stack, density=0.5).delta
+    # Trim keeps the 2 largest entries of each: a -> [[4,0],[0,2]], b -> [[0,3],[0,-6]].
+    # Elected signs: [[+,+],[0,-]]; disjoint means: [[4,3],[0,-6]].
+    assert torch.equal(merged, torch.tensor([[4.0, 3.0], [0.0, -6.0]], dtype=F64))
+    identical = LoraStack.from_factors([(torch.eye(2, dtype=F64), dense_a)] * 3, dtype=F64)
+    result = ties_merge(identical, density=1.0, max_chunk_elements=2)
+    assert torch.allclose(result.delta, dense_a) and result.residuals.abs().max() < 1e-24
+
+
+def test_auto_rank_follows_section_6_4():
+    assert auto_rank(10) == 12 and auto_rank(50) == 32 and auto_rank(100) == 57
+    assert auto_rank(101) == 16 and auto_rank(1000) == 16
+
+
+def test_choose_clusters_takes_fewest_below_target():
+    stack = random_stack(16, 32, 32, 4, seed=14, shared=2)
+    ranks = [4] * 16
+    points = sweep(stack, ranks, [(4, k) for k in (1, 2, 4, 8, 16)], tol=1e-6)
+    errors = [p.mean_adapter_error for p in points]
+    target = (errors[1] + errors[2]) / 2  # between the 2- and 4-cluster errors
+    chosen, tried = choose_clusters(stack, ranks, 4, target=target, tol=1e-6)
+    assert chosen == 4 and [p.clusters for p in tried] == [1, 2, 4]
+    assert tried[-1].mean_adapter_error < target <= tried[-2].mean_adapter_error
+    # Saved ratio falls as clusters are added (more bases to store).
+    assert points[0].saved_ratio > points[-1].saved_ratio
+    with pytest.warns(UserWarning, match="No cluster count reaches"):
+        chosen, _ = choose_clusters(stack, ranks, 1, target=1e-9, tol=1e-6)
