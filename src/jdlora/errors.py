@@ -1,0 +1,113 @@
+"""Exceptions raised by jdlora.
+
+One class per kind of failure a user can act on, in the manner of
+`huggingface_hub.errors`. Every message names the file, adapter or module at
+fault and says what to do next. All classes derive from `JDLoraError`, and from
+the builtin a caller would otherwise expect (`ValueError`, `KeyError`), so
+`except ValueError` keeps working for code that does not know about jdlora.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "JDLoraError",
+    "AdapterFormatError",
+    "UnsafeAdapterError",
+    "NonFiniteWeightsError",
+    "IncompatibleAdaptersError",
+    "UnknownAdapterError",
+    "UnknownModuleError",
+]
+
+
+class JDLoraError(Exception):
+    """Base class of every error jdlora raises on purpose."""
+
+
+class AdapterFormatError(JDLoraError, ValueError):
+    """An adapter cannot be read as a supported PEFT LoRA adapter.
+
+    Raised for missing files, a config that is not a LoRA config, truncated or
+    corrupted safetensors files, unpaired `lora_A`/`lora_B` tensors, and LoRA
+    variants jdlora does not compress (DoRA, embedding or convolution LoRA,
+    LoRA biases, `modules_to_save`).
+    """
+
+
+class UnsafeAdapterError(JDLoraError):
+    """An adapter ships only a pickle (`adapter_model.bin`) and pickles were not allowed.
+
+    Loading a pickle can run arbitrary code. jdlora loads it only when asked
+    (`allow_pickle=True`), and then with `torch.load(..., weights_only=True)`.
+    """
+
+
+class NonFiniteWeightsError(JDLoraError, ValueError):
+    """An adapter tensor holds NaN or Inf values."""
+
+
+class IncompatibleAdaptersError(JDLoraError, ValueError):
+    """Adapters that cannot be compressed together.
+
+    Raised when they declare different base models, share a name, or disagree
+    on the shape of one module.
+    """
+
+
+class _UnknownNameError(JDLoraError, KeyError):
+    """A name that is not among the known ones; the message lists close matches."""
+
+    kind = "name"
+
+    def __init__(self, name: str, known: Iterable[str], *, where: str | None = None):
+        self.name, self.known, self.where = name, sorted(known), where
+        close = difflib.get_close_matches(name, self.known, n=5, cutoff=0.5)
+        place = f" in {where}" if where else ""
+        if close:
+            hint = "Did you mean: " + ", ".join(repr(c) for c in close) + "?"
+        elif self.known:
+            shown = ", ".join(repr(k) for k in self.known[:10])
+            more = f" (and {len(self.known) - 10} more)" if len(self.known) > 10 else ""
+            hint = f"Known {self.kind}s: {shown}{more}."
+        else:
+            hint = f"There are no {self.kind}s{place}."
+        super().__init__(f"Unknown {self.kind} {name!r}{place}. {hint}")
+
+    def __str__(self) -> str:
+        # KeyError.__str__ would repr() the message and wrap it in quotes.
+        return str(self.args[0])
+
+    def __reduce__(self):
+        # Rebuild from our arguments, not from args (the message), so the error survives pickling.
+        return (_rebuild, (type(self), self.name, self.known, self.where))
+
+
+def _rebuild(cls: type, name: str, known: list[str], where: str | None) -> _UnknownNameError:
+    return cls(name, known, where=where)
+
+
+class UnknownAdapterError(_UnknownNameError):
+    """An adapter name that is not in the collection.
+
+    Args:
+        name: the name that was asked for.
+        known: every adapter name that exists; close matches are suggested.
+        where: optional description of the collection, used in the message.
+    """
+
+    kind = "adapter"
+
+
+class UnknownModuleError(_UnknownNameError):
+    """A module name that the adapter does not adapt.
+
+    Args:
+        name: the module that was asked for, e.g. `model.layers.0.self_attn.q_proj`.
+        known: every module the adapter adapts; close matches are suggested.
+        where: optional description of the adapter, used in the message.
+    """
+
+    kind = "module"
