@@ -55,11 +55,11 @@ def relative_dense_error(stack, U, V, sigma) -> float:
 @pytest.mark.parametrize("solver", ["qr", "eigen"])
 def test_lossless_when_rank_covers_stacked_factors(solver):
     stack = random_stack(4, 40, 36, [2, 3, 2, 3], seed=1)
-    result = jd_full(stack, 10, solver=solver, tol=1e-12, max_iter=200)
+    result = jd_full(stack, 10, solver=solver, tol=1e-12, ftol=0, max_iter=200)
     assert result.rank == 10
     assert relative_dense_error(stack, result.U, result.V, result.sigma) < 1e-12
     # One dimension short of the stacked rank, random factors cannot be reconstructed (Prop. 1).
-    short = jd_full(stack, 9, solver=solver, tol=1e-12, max_iter=500)
+    short = jd_full(stack, 9, solver=solver, tol=1e-12, ftol=0, max_iter=500)
     assert relative_dense_error(stack, short.U, short.V, short.sigma) > 1e-6
 
 
@@ -83,7 +83,7 @@ def test_orthogonal_unit_loras_obey_corollary_1(n, rank, seed):
     stack = orthogonal_unit_stack(n, 16, seed)
     gram = stack.dense().reshape(n, -1) @ stack.dense().reshape(n, -1).T
     assert torch.allclose(gram, torch.eye(n, dtype=F64), atol=1e-12)
-    result = jd_full(stack, rank, tol=1e-10, max_iter=500)
+    result = jd_full(stack, rank, tol=1e-10, ftol=0, max_iter=500)
     error = (result.residuals.sum() / n).item()
     kept = result.sigma.square().sum().item()
     assert error >= 1 - min(rank**2 / n, 1) - 1e-9
@@ -98,7 +98,7 @@ def test_theorem_1_bounds_hold_on_random_inputs(seed):
     gen = torch.Generator().manual_seed(100 + seed)
     n, rank = int(torch.randint(3, 12, (1,), generator=gen)), int(torch.randint(2, 6, (1,), generator=gen))
     stack = random_stack(n, 24, 20, 3, seed=seed, shared=2 * (seed % 2))
-    result = jd_full(stack, rank, tol=1e-10, max_iter=1000)
+    result = jd_full(stack, rank, tol=1e-10, ftol=0, max_iter=1000)
     dense = stack.dense()
     L = dense.reshape(n, -1).T
     sigma_L = torch.linalg.svdvals(L)
@@ -120,7 +120,7 @@ def test_single_adapter_reduces_to_truncated_svd(solver):
     dense = stack.dense()[0]
     W, S, Zh = torch.linalg.svd(dense)
     for rank in (1, 3, 5):
-        result = jd_full(stack, rank, solver=solver, tol=1e-12, max_iter=2000)
+        result = jd_full(stack, rank, solver=solver, tol=1e-12, ftol=0, max_iter=2000)
         truncated = W[:, :rank] @ torch.diag(S[:rank]) @ Zh[:rank]
         recon = result.U @ result.sigma[0] @ result.V.T
         assert torch.allclose(recon, truncated, atol=1e-8 * S[0].item())
@@ -132,9 +132,9 @@ def test_single_adapter_reduces_to_truncated_svd(solver):
 def test_objective_never_increases_across_iterations(method):
     stack = random_stack(8, 48, 40, 4, seed=5, shared=2)
     if method == "diag":
-        result = jd_diag(stack, 6, tol=1e-12, max_iter=300)
+        result = jd_diag(stack, 6, tol=1e-12, ftol=0, max_iter=300)
     else:
-        result = jd_full(stack, 6, solver=method, tol=1e-12, max_iter=300)
+        result = jd_full(stack, 6, solver=method, tol=1e-12, ftol=0, max_iter=300)
     history = result.history
     assert len(history) > 5
     assert all(b <= a + 1e-12 for a, b in zip(history, history[1:])), history
@@ -145,17 +145,17 @@ def test_objective_never_increases_across_iterations(method):
 def test_jd_full_error_at_most_jd_diag_error(seed):
     stack = random_stack(10, 40, 32, 4, seed=seed, shared=3)
     for rank in (4, 8):
-        full = jd_full(stack, rank, tol=1e-8, max_iter=500)
-        diag = jd_diag(stack, rank, tol=1e-8, max_iter=500)
+        full = jd_full(stack, rank, tol=1e-8, ftol=0, max_iter=500)
+        diag = jd_diag(stack, rank, tol=1e-8, ftol=0, max_iter=500)
         assert full.residuals.sum() <= diag.residuals.sum() * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("sigma", ["full", "diag"])
 def test_clustered_error_at_most_single_cluster_error(sigma):
     stack = random_stack(12, 40, 32, 4, seed=6, shared=2)
-    single = jd_cluster(stack, 6, 1, sigma=sigma, tol=1e-8, max_iter=300)
+    single = jd_cluster(stack, 6, 1, sigma=sigma, tol=1e-8, ftol=0, max_iter=300)
     for k in (2, 3, 5):
-        clustered = jd_cluster(stack, 6, k, sigma=sigma, tol=1e-8, max_iter=300)
+        clustered = jd_cluster(stack, 6, k, sigma=sigma, tol=1e-8, ftol=0, max_iter=300)
         assert clustered.U.shape[0] == k
         assert set(clustered.assignment.tolist()) == set(range(k)), "no cluster may be left empty"
         assert clustered.residuals.sum() <= single.residuals.sum() * (1 + 1e-9)
@@ -164,7 +164,7 @@ def test_clustered_error_at_most_single_cluster_error(sigma):
 
 def test_as_many_clusters_as_adapters_is_per_adapter_svd():
     stack = random_stack(4, 20, 16, 5, seed=7)
-    clustered = jd_cluster(stack, 3, 4, tol=1e-12, max_iter=2000)
+    clustered = jd_cluster(stack, 3, 4, tol=1e-12, ftol=0, max_iter=2000)
     svd = svd_per_adapter(stack, 3)
     assert torch.allclose(clustered.residuals, svd.residuals, rtol=1e-6)
 
@@ -202,12 +202,12 @@ def test_normalization_folds_norms_and_scaling_into_sigma():
     stack = random_stack(6, 30, 24, 4, seed=10, shared=2)
     stack = stack.scaled(torch.tensor([1e-3, 1.0, 5.0, 0.2, 30.0, 1.0], dtype=F64))
     for normalize in (True, False):
-        result = compress_module(stack, 5, 2, normalize=normalize, tol=1e-8)
+        result = compress_module(stack, 5, 2, normalize=normalize, tol=1e-8, ftol=0)
         dense = stack.dense()
         recon = torch.stack([result.delta_weight(i) for i in range(stack.n)])
         assert torch.allclose(result.residuals, (dense - recon).square().sum(dim=(1, 2)), rtol=1e-8, atol=1e-20)
-    normalized = compress_module(stack, 5, 1, normalize=True, tol=1e-8)
-    pooled = compress_module(stack, 5, 1, normalize=False, tol=1e-8)
+    normalized = compress_module(stack, 5, 1, normalize=True, tol=1e-8, ftol=0)
+    pooled = compress_module(stack, 5, 1, normalize=False, tol=1e-8, ftol=0)
     # Each weighting wins on the error it optimizes.
     assert normalized.mean_adapter_error <= pooled.mean_adapter_error + 1e-9
     assert pooled.error <= normalized.error + 1e-9

@@ -24,6 +24,8 @@ def _add_compression_options(p: argparse.ArgumentParser, *, clusters_default: st
     p.add_argument("--solver", choices=["qr", "eigen"], default="qr", help="JD-Full solver (default qr)")
     p.add_argument("--target-error", type=float, default=0.5, help="error target of --clusters auto (default 0.5)")
     p.add_argument("--tol", type=float, default=1e-3, help="convergence tolerance, equation 19 (default 1e-3)")
+    p.add_argument("--ftol", type=float, default=1e-5,
+                   help="also stop when an iteration lowers the error by less than this (default 1e-5)")
     p.add_argument("--max-iter", type=int, default=100, help="iterations per JD (default 100)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--float64", action="store_true", help="compute in float64")
@@ -89,7 +91,7 @@ def _compress_kwargs(args) -> dict:
     import torch
 
     return dict(rank=args.rank, clusters=args.clusters, sigma=args.sigma, normalize=args.normalize,
-                solver=args.solver, tol=args.tol, max_iter=args.max_iter, target_error=args.target_error,
+                solver=args.solver, tol=args.tol, ftol=args.ftol, max_iter=args.max_iter, target_error=args.target_error,
                 device=args.device, dtype=torch.float64 if args.float64 else torch.float32, seed=args.seed)
 
 

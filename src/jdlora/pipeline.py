@@ -30,6 +30,7 @@ def compress(
     normalize: bool = True,
     solver: Solver = "qr",
     tol: float = 1e-3,
+    ftol: float = 1e-5,
     max_iter: int = 100,
     max_rounds: int = 20,
     target_error: float = DEFAULT_TARGET_ERROR,
@@ -53,7 +54,9 @@ def compress(
         normalize: scale every update to unit norm before the JD (each adapter weighs the same; the
             norms are folded back into Sigma). Off: the pooled error is minimized.
         solver: JD-Full solver: ``"qr"`` (Appendix A.2) or ``"eigen"`` (Appendix A.1).
-        tol: tolerance of the convergence criterion (equation 19). max_iter: iterations per JD.
+        tol: tolerance of the convergence criterion (equation 19). ftol: also stop a JD (or the
+            clustering rounds) when an iteration lowers the relative error by less than this.
+        max_iter: iterations per JD.
         max_rounds: cap on clustering rounds (Appendix A.3).
         target_error: error target of the automatic cluster choice.
         device: where to compute; default CUDA when available, else CPU. Results live on the CPU.
@@ -81,7 +84,7 @@ def compress(
     module_names = sorted({m for s in sources for m in s.modules}, key=natural_key)
     if not module_names:
         raise ValueError("The adapters have no LoRA modules in common or otherwise: nothing to compress.")
-    jd_kwargs = dict(sigma=sigma, normalize=normalize, solver=solver, tol=tol, max_iter=max_iter,
+    jd_kwargs = dict(sigma=sigma, normalize=normalize, solver=solver, tol=tol, ftol=ftol, max_iter=max_iter,
                      max_rounds=max_rounds, seed=seed)
 
     def load(module: str) -> tuple[LoraStack, list[int], list[int]]:
@@ -116,7 +119,7 @@ def compress(
         for s in sources
     ]
     base_models = {s.base_model for s in sources if s.base_model}
-    settings = dict(rank=rank, clusters=clusters, sigma=sigma, normalize=normalize, solver=solver, tol=tol,
+    settings = dict(rank=rank, clusters=clusters, sigma=sigma, normalize=normalize, solver=solver, tol=tol, ftol=ftol,
                     max_iter=max_iter, max_rounds=max_rounds, target_error=target_error, seed=seed,
                     dtype=str(dtype).removeprefix("torch."))
     return JDLoraCollection(next(iter(base_models), None), infos, modules, sigma, settings, sweep)

@@ -46,15 +46,16 @@ def jd(
     sigma: SigmaKind = "full",
     solver: Solver = "qr",
     tol: float = 1e-3,
+    ftol: float = 1e-5,
     max_iter: int = 100,
     init: tuple[Tensor, Tensor] | None = None,
     seed: int = 0,
 ) -> JDResult:
     """Dispatches to :func:`~jdlora.compress.jd.jd_full` or :func:`~jdlora.compress.jd.jd_diag`."""
     if sigma == "full":
-        return jd_full(stack, rank, solver=solver, tol=tol, max_iter=max_iter, init=init, seed=seed)
+        return jd_full(stack, rank, solver=solver, tol=tol, ftol=ftol, max_iter=max_iter, init=init, seed=seed)
     if sigma == "diag":
-        return jd_diag(stack, rank, tol=tol, max_iter=max_iter, init=init, seed=seed)
+        return jd_diag(stack, rank, tol=tol, ftol=ftol, max_iter=max_iter, init=init, seed=seed)
     raise ValueError(f"Unknown sigma kind {sigma!r}; use 'full' or 'diag'.")
 
 
@@ -66,6 +67,7 @@ def jd_cluster(
     sigma: SigmaKind = "full",
     solver: Solver = "qr",
     tol: float = 1e-3,
+    ftol: float = 1e-5,
     max_iter: int = 100,
     max_rounds: int = 20,
     seed: int = 0,
@@ -74,7 +76,8 @@ def jd_cluster(
 
     Initialization: JD of all adapters with one pair of bases, then k-means on the Sigma_i. Then
     alternate (1) a JD per cluster and (2) reassigning each adapter to the cluster whose bases
-    reconstruct it best (with its optimal Sigma), until no assignment changes or ``max_rounds``.
+    reconstruct it best (with its optimal Sigma), until no assignment changes, a round lowers the
+    relative error by less than ``ftol``, or ``max_rounds``.
 
     Unlike the paper (random bases per cluster), each cluster's JD starts from the bases it had: the
     single-cluster bases in the first round. Every step then only lowers the objective, so the
@@ -85,13 +88,14 @@ def jd_cluster(
         stack: the module's updates.
         rank: r of every cluster's bases.
         clusters: k; clamped to n.
-        sigma, solver, tol, max_iter: as for :func:`jd`.
+        sigma, solver, tol, ftol, max_iter: as for :func:`jd`.
         max_rounds: cap on the assignment/JD alternations.
         seed: seed of the random initializations and of k-means.
     """
     n = stack.n
     clusters = max(1, min(clusters, n))
-    single = jd(stack, rank, sigma=sigma, solver=solver, tol=tol, max_iter=max_iter, seed=seed)
+    options = dict(sigma=sigma, solver=solver, tol=tol, ftol=ftol, max_iter=max_iter, seed=seed)
+    single = jd(stack, rank, **options)
     total = stack.sq_norms().sum()
     history = [(single.residuals.sum() / total).item()]
     if clusters == 1:
@@ -110,7 +114,7 @@ def jd_cluster(
             members = (assignment == j).nonzero().flatten()
             sub = stack.subset(members)
             init = bases[j] if effective_rank(sub, rank) == bases[j][0].shape[1] else None
-            results[j] = jd(sub, rank, sigma=sigma, solver=solver, tol=tol, max_iter=max_iter, init=init, seed=seed)
+            results[j] = jd(sub, rank, init=init, **options)
             bases[j] = (results[j].U, results[j].V)
         history.append(sum(r.residuals.sum() for r in results).item() / total.item())
         errors = assignment_errors(stack, bases, sigma)
@@ -118,7 +122,7 @@ def jd_cluster(
         # Keep ties with the current cluster, so the loop cannot cycle between equal choices.
         current = errors.gather(1, assignment[:, None]).squeeze(1)
         new_assignment = torch.where(current <= errors.min(dim=1).values, assignment, new_assignment)
-        if torch.equal(new_assignment, assignment):
+        if torch.equal(new_assignment, assignment) or history[-2] - history[-1] < ftol:
             break
         assignment = new_assignment
     return _gather(stack, results, assignment, rank, sigma, history, rounds)

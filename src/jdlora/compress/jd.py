@@ -7,8 +7,9 @@
 - :func:`jd_diag`: unconstrained U, V and a diagonal ``Sigma_i`` (equation 3), solved by the
   alternating least squares of Appendix A.1 (case 2).
 
-Both stop on the subspace criterion of equation 19 (tolerance ``tol``) or after ``max_iter``
-iterations, and return the best iterate seen (never worse than the initialization, which the
+Both stop on the subspace criterion of equation 19 (tolerance ``tol``), when an iteration lowers
+the relative error by less than ``ftol`` (the iterations reach the optimum's first digits fast and
+then crawl: paper, Appendix G.10), or after ``max_iter`` iterations, and return the best iterate seen (never worse than the initialization, which the
 clustering of Appendix A.3 relies on).
 """
 
@@ -63,7 +64,7 @@ def sigma_diag(stack: LoraStack, U: Tensor, V: Tensor) -> Tensor:
     ``diag(Sigma_i) = (U^T U o V^T V)^{-1} (U^T B_i o V^T A_i^T) 1``, with o the Hadamard product.
     """
     gram = (U.T @ U) * (V.T @ V)
-    rhs = ((stack.B.transpose(1, 2) @ U) * (stack.A @ V)).sum(dim=1)  # [n, r]
+    rhs = (stack.times_Bt(U) * stack.times_A(V)).sum(dim=1)  # [n, r]
     return torch.linalg.solve(_ridge(gram), rhs.T).T
 
 
@@ -98,8 +99,8 @@ def range_init(stack: LoraStack, rank: int, seed: int = 0) -> tuple[Tensor, Tens
     k = stack.n * stack.r_max
     g_u = torch.randn(k, rank, generator=gen, dtype=torch.float64).to(stack.B)
     g_v = torch.randn(k, rank, generator=gen, dtype=torch.float64).to(stack.A)
-    U = stack.B.permute(1, 0, 2).reshape(stack.d_out, k) @ g_u
-    V = stack.A.permute(2, 0, 1).reshape(stack.d_in, k) @ g_v
+    U = stack.sum_B(g_u.reshape(stack.n, stack.r_max, rank))
+    V = stack.sum_At(g_v.reshape(stack.n, stack.r_max, rank))
     return orthonormalize(U), orthonormalize(V)
 
 
@@ -122,6 +123,7 @@ def jd_full(
     *,
     solver: Solver = "qr",
     tol: float = 1e-3,
+    ftol: float = 1e-5,
     max_iter: int = 100,
     init: tuple[Tensor, Tensor] | None = None,
     seed: int = 0,
@@ -162,46 +164,54 @@ def jd_full(
         )
     reduce = solver == "eigen" or k * _REDUCE_FACTOR <= d
     if not reduce:
-        return _jd_full_iterate(stack, rank, solver, tol, max_iter, init or range_init(stack, rank, seed))
+        return _jd_full_iterate(stack, rank, solver, tol, ftol, max_iter, init or range_init(stack, rank, seed))
     Q_B, Q_A = stack.span_bases()
     small = stack.in_coordinates(Q_B, Q_A)
     if init is None:
         init_small = range_init(small, rank, seed)
     else:
         init_small = (orthonormalize(Q_B.T @ init[0]), orthonormalize(Q_A.T @ init[1]))
-    result = _jd_full_iterate(small, rank, solver, tol, max_iter, init_small)
+    result = _jd_full_iterate(small, rank, solver, tol, ftol, max_iter, init_small)
     result.U, result.V = Q_B @ result.U, Q_A @ result.V
     return result
 
 
 def _jd_full_iterate(
-    stack: LoraStack, rank: int, solver: Solver, tol: float, max_iter: int, init: tuple[Tensor, Tensor]
+    stack: LoraStack, rank: int, solver: Solver, tol: float, ftol: float, max_iter: int, init: tuple[Tensor, Tensor]
 ) -> JDResult:
     total = stack.sq_norms().sum()
     U, V = init
-    sigma = sigma_full(stack, U, V)
+    AV = stack.times_A(V)
+    sigma = stack.times_Bt(U).transpose(1, 2) @ AV
     best = (U, V, sigma)
     history = [_relative_error_full(sigma, total)]
     converged = False
+    # Four GEMMs over all adapters per iteration (A V, B^T U and the two sums); everything else is r x r.
     for _ in range(max_iter):
-        if solver == "qr":
-            U_new = orthonormalize(torch.einsum("nor,nrk->ok", stack.B, (stack.A @ V) @ sigma.transpose(1, 2)))
-            BtU = stack.B.transpose(1, 2) @ U_new
-            V_new = orthonormalize(torch.einsum("nri,nrk->ik", stack.A, BtU @ (BtU.transpose(1, 2) @ (stack.A @ V))))
+        if solver == "qr":  # equations 14-17
+            U_new = orthonormalize(stack.sum_B(AV @ sigma.transpose(1, 2)))
+            BtU = stack.times_Bt(U_new)
+            V_new = orthonormalize(stack.sum_At(BtU @ (BtU.transpose(1, 2) @ AV)))
         else:
-            U_new = _top_eigenvectors(stack.B @ (stack.A @ V), rank)
-            V_new = _top_eigenvectors(stack.A.transpose(1, 2) @ (stack.B.transpose(1, 2) @ U_new), rank)
+            U_new = _top_eigenvectors(stack.B @ AV, rank)
+            BtU = stack.times_Bt(U_new)
+            V_new = _top_eigenvectors(stack.A.transpose(1, 2) @ BtU, rank)
         change = max(subspace_change(U, U_new), subspace_change(V, V_new))
         U, V = U_new, V_new
-        sigma = sigma_full(stack, U, V)
+        AV = stack.times_A(V)
+        sigma = BtU.transpose(1, 2) @ AV  # equation 6
         history.append(_relative_error_full(sigma, total))
         if history[-1] <= min(history[:-1]):
             best = (U, V, sigma)
-        if change < tol:
+        if change < tol or _stalled(history, ftol):
             converged = True
             break
     U, V, sigma = best
     return JDResult(U, V, sigma, residuals(stack, U, V, sigma), history, converged)
+
+
+def _stalled(history: list[float], ftol: float) -> bool:
+    return len(history) > 1 and 0 <= history[-2] - history[-1] < ftol
 
 
 def _top_eigenvectors(X: Tensor, rank: int) -> Tensor:
@@ -221,6 +231,7 @@ def jd_diag(
     rank: int,
     *,
     tol: float = 1e-3,
+    ftol: float = 1e-5,
     max_iter: int = 100,
     init: tuple[Tensor, Tensor] | None = None,
     seed: int = 0,
@@ -238,17 +249,17 @@ def jd_diag(
     rank = effective_rank(stack, rank)
     k = stack.n * stack.r_max
     if k * _REDUCE_FACTOR > min(stack.d_out, stack.d_in):
-        return _jd_diag_iterate(stack, rank, tol, max_iter, init or range_init(stack, rank, seed))
+        return _jd_diag_iterate(stack, rank, tol, ftol, max_iter, init or range_init(stack, rank, seed))
     Q_B, Q_A = stack.span_bases()
     small = stack.in_coordinates(Q_B, Q_A)
     init_small = range_init(small, rank, seed) if init is None else (Q_B.T @ init[0], Q_A.T @ init[1])
-    result = _jd_diag_iterate(small, rank, tol, max_iter, init_small)
+    result = _jd_diag_iterate(small, rank, tol, ftol, max_iter, init_small)
     result.U, result.V = Q_B @ result.U, Q_A @ result.V
     return result
 
 
 def _jd_diag_iterate(
-    stack: LoraStack, rank: int, tol: float, max_iter: int, init: tuple[Tensor, Tensor]
+    stack: LoraStack, rank: int, tol: float, ftol: float, max_iter: int, init: tuple[Tensor, Tensor]
 ) -> JDResult:
     total = stack.sq_norms().sum()
     U, V = init
@@ -259,9 +270,9 @@ def _jd_diag_iterate(
     converged = False
     for _ in range(max_iter):
         outer = s.T @ s  # sum_i s_i s_i^T
-        U_new = torch.einsum("nor,nrk->ok", stack.B, (stack.A @ V) * s[:, None, :])
+        U_new = stack.sum_B(stack.times_A(V) * s[:, None, :])
         U_new = torch.linalg.solve(_ridge((V.T @ V) * outer), U_new.T).T
-        V_new = torch.einsum("nri,nrk->ik", stack.A, (stack.B.transpose(1, 2) @ U_new) * s[:, None, :])
+        V_new = stack.sum_At(stack.times_Bt(U_new) * s[:, None, :])
         V_new = torch.linalg.solve(_ridge((U_new.T @ U_new) * outer), V_new.T).T
         U_new = U_new / U_new.norm(dim=0).clamp_min(torch.finfo(U_new.dtype).tiny)
         V_new = V_new / V_new.norm(dim=0).clamp_min(torch.finfo(V_new.dtype).tiny)
@@ -275,7 +286,7 @@ def _jd_diag_iterate(
         history.append((res.sum() / total).item())
         if history[-1] <= min(history[:-1]):
             best = (U, V, s, res)
-        if change < tol:
+        if change < tol or _stalled(history, ftol):
             converged = True
             break
     U, V, s, res = best

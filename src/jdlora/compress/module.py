@@ -82,6 +82,7 @@ def compress_module(
     normalize: bool = True,
     solver: Solver = "qr",
     tol: float = 1e-3,
+    ftol: float = 1e-5,
     max_iter: int = 100,
     max_rounds: int = 20,
     seed: int = 0,
@@ -100,7 +101,7 @@ def compress_module(
         sigma: ``"full"`` (JD-Full) or ``"diag"`` (JD-Diag).
         normalize: normalize each update to unit norm before the JD.
         solver: JD-Full solver, ``"qr"`` (Appendix A.2) or ``"eigen"`` (Appendix A.1).
-        tol, max_iter: convergence criterion (equation 19) and cap, per JD.
+        tol, ftol, max_iter: convergence criterion (equation 19), stall threshold and cap, per JD.
         max_rounds: cap on clustering rounds.
         seed: seed for initializations and k-means.
     """
@@ -110,7 +111,8 @@ def compress_module(
     scale = torch.where(norms > 0, 1 / norms, torch.ones_like(norms)) if normalize else torch.ones_like(norms)
     work = stack.scaled(scale) if normalize else stack
     result = jd_cluster(
-        work, rank, clusters, sigma=sigma, solver=solver, tol=tol, max_iter=max_iter, max_rounds=max_rounds, seed=seed
+        work, rank, clusters, sigma=sigma, solver=solver, tol=tol, ftol=ftol, max_iter=max_iter,
+        max_rounds=max_rounds, seed=seed,
     )
     restore = (1 / scale).to(result.sigma)
     sigma_out = result.sigma * (restore[:, None, None] if sigma == "full" else restore[:, None])

@@ -8,27 +8,51 @@ exists for tests on small shapes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 
-@dataclass
 class LoraStack:
     """n updates ``dW_i = B_i A_i`` of one module, zero-padded to a common rank ``r_max``.
 
     Zero padding leaves every product ``B_i A_i`` unchanged, so adapters of different ranks are
-    processed in one batched contraction instead of a Python loop. The LoRA scaling ``s_i`` is
-    already folded into ``B``.
+    processed together: each of the four contractions the algorithms need (:meth:`times_A`,
+    :meth:`times_Bt`, :meth:`sum_B`, :meth:`sum_At`) is a single GEMM over all adapters. The LoRA
+    scaling ``s_i`` is already folded into B.
 
     Attributes:
         A: ``[n, r_max, d_in]``.
-        B: ``[n, d_out, r_max]``.
+        Bt: ``[n, r_max, d_out]``, the B_i transposed (stored so, so that every contraction is a GEMM).
     """
 
     A: Tensor
-    B: Tensor
+    Bt: Tensor
+
+    def __init__(self, A: Tensor, B: Tensor | None = None, *, Bt: Tensor | None = None):
+        self.A = A.contiguous()
+        self.Bt = (B.transpose(1, 2) if Bt is None else Bt).contiguous()
+
+    @property
+    def B(self) -> Tensor:
+        """``[n, d_out, r_max]`` (a view)."""
+        return self.Bt.transpose(1, 2)
+
+    def times_A(self, V: Tensor) -> Tensor:
+        """``A_i V`` for every adapter, ``[n, r_max, r]``."""
+        return (self.A.reshape(-1, self.d_in) @ V).reshape(self.n, self.r_max, -1)
+
+    def times_Bt(self, U: Tensor) -> Tensor:
+        """``B_i^T U`` for every adapter, ``[n, r_max, r]``."""
+        return (self.Bt.reshape(-1, self.d_out) @ U).reshape(self.n, self.r_max, -1)
+
+    def sum_B(self, X: Tensor) -> Tensor:
+        """``sum_i B_i X_i`` for ``X [n, r_max, r]``, ``[d_out, r]``."""
+        return self.Bt.reshape(-1, self.d_out).T @ X.reshape(-1, X.shape[-1])
+
+    def sum_At(self, Y: Tensor) -> Tensor:
+        """``sum_i A_i^T Y_i`` for ``Y [n, r_max, r]``, ``[d_in, r]``."""
+        return self.A.reshape(-1, self.d_in).T @ Y.reshape(-1, Y.shape[-1])
 
     @classmethod
     def from_factors(
@@ -45,7 +69,7 @@ class LoraStack:
         d_out, d_in = factors[0][1].shape[0], factors[0][0].shape[1]
         r_max = max(a.shape[0] for a, _ in factors)
         A = torch.zeros(len(factors), r_max, d_in, dtype=dtype, device=device)
-        B = torch.zeros(len(factors), d_out, r_max, dtype=dtype, device=device)
+        Bt = torch.zeros(len(factors), r_max, d_out, dtype=dtype, device=device)
         for i, (a, b) in enumerate(factors):
             if a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
                 raise ValueError(
@@ -54,10 +78,10 @@ class LoraStack:
                 )
             r = a.shape[0]
             A[i, :r] = a.to(device=device, dtype=dtype)
-            B[i, :, :r] = b.to(device=device, dtype=dtype)
+            Bt[i, :r] = b.T.to(device=device, dtype=dtype)
             if scalings is not None:
-                B[i] *= scalings[i]
-        return cls(A, B)
+                Bt[i] *= scalings[i]
+        return cls(A, Bt=Bt)
 
     @property
     def n(self) -> int:
@@ -65,7 +89,7 @@ class LoraStack:
 
     @property
     def d_out(self) -> int:
-        return self.B.shape[1]
+        return self.Bt.shape[2]
 
     @property
     def d_in(self) -> int:
@@ -77,20 +101,20 @@ class LoraStack:
 
     def sq_norms(self) -> Tensor:
         """``||B_i A_i||_F^2 = <B_i^T B_i, A_i A_i^T>`` for every adapter, ``[n]``."""
-        gram_b = self.B.transpose(1, 2) @ self.B
+        gram_b = self.Bt @ self.B
         gram_a = self.A @ self.A.transpose(1, 2)
         return (gram_b * gram_a).sum(dim=(1, 2))
 
     def scaled(self, factors: Tensor) -> LoraStack:
         """The stack with ``dW_i`` multiplied by ``factors[i]`` (used for normalization)."""
-        return LoraStack(self.A, self.B * factors.to(self.B)[:, None, None])
+        return LoraStack(self.A, Bt=self.Bt * factors.to(self.Bt)[:, None, None])
 
     def subset(self, index: Tensor) -> LoraStack:
-        return LoraStack(self.A[index], self.B[index])
+        return LoraStack(self.A[index], Bt=self.Bt[index])
 
     def project(self, U: Tensor, V: Tensor) -> Tensor:
         """``U^T B_i A_i V`` for every adapter, ``[n, r, r]``: the optimal full Sigma (equation 6)."""
-        return (self.B.transpose(1, 2) @ U).transpose(1, 2) @ (self.A @ V)
+        return self.times_Bt(U).transpose(1, 2) @ self.times_A(V)
 
     def span_bases(self) -> tuple[Tensor, Tensor]:
         """Orthonormal bases ``(Q_B [d_out, k], Q_A [d_in, k])`` of the stacked factors' column spaces.
@@ -99,13 +123,13 @@ class LoraStack:
         stacked B's (A^T's), so when ``k`` is below ``d`` the whole problem can be solved in these
         k-dimensional coordinates (see :meth:`in_coordinates`).
         """
-        b_cat = self.B.permute(1, 0, 2).reshape(self.d_out, -1)
-        a_cat = self.A.permute(2, 0, 1).reshape(self.d_in, -1)
+        b_cat = self.Bt.reshape(-1, self.d_out).T
+        a_cat = self.A.reshape(-1, self.d_in).T
         return torch.linalg.qr(b_cat).Q, torch.linalg.qr(a_cat).Q
 
     def in_coordinates(self, Q_B: Tensor, Q_A: Tensor) -> LoraStack:
         """The stack expressed in the coordinates ``B~_i = Q_B^T B_i``, ``A~_i = A_i Q_A``."""
-        return LoraStack(self.A @ Q_A, Q_B.T @ self.B)
+        return LoraStack(self.times_A(Q_A), Bt=self.times_Bt(Q_B))
 
     def dense(self) -> Tensor:
         """``[n, d_out, d_in]`` dense updates. For tests on small shapes only."""
