@@ -91,3 +91,19 @@ def _redirect_hardcoded_hub_urls(monkeypatch, url):
 
 
 # ====================================================================================== end of hub block
+
+
+# ======================================================================================================
+# Real third-party LoRA adapters (../shared/data beside the repository; see its README).
+# ======================================================================================================
+from pathlib import Path  # noqa: E402
+
+REAL_ADAPTERS = (Path(__file__).parents[1] / ".." / "shared" / "data").resolve() / "gemma3-270m-it-adapters"
+
+
+@pytest.fixture(scope="session")
+def real_adapters() -> list[Path]:
+    """The five gemma-3-270m-it LoRA folders (mixed ranks 4/8, targets q,k,v,o or q,v)."""
+    if not REAL_ADAPTERS.is_dir():
+        pytest.skip(f"real adapters not found at {REAL_ADAPTERS} (the shared/ test data sits beside the repo)")
+    return sorted(p for p in REAL_ADAPTERS.iterdir() if p.is_dir())

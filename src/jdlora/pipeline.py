@@ -118,11 +118,21 @@ def compress(
         )
         for s in sources
     ]
-    base_models = {s.base_model for s in sources if s.base_model}
     settings = dict(rank=rank, clusters=clusters, sigma=sigma, normalize=normalize, solver=solver, tol=tol, ftol=ftol,
                     max_iter=max_iter, max_rounds=max_rounds, target_error=target_error, seed=seed,
                     dtype=str(dtype).removeprefix("torch."))
-    return JDLoraCollection(next(iter(base_models), None), infos, modules, sigma, settings, sweep)
+    return JDLoraCollection(common_base_model(sources), infos, modules, sigma, settings, sweep)
+
+
+def common_base_model(sources: Sequence) -> str | None:
+    """The base model the collection is for: the first Hub-id-shaped name the adapters declare.
+
+    Adapters may name the same model differently (``google/gemma-3-270m-it``, a local path, ...);
+    the sources check already made sure they agree. A Hub id is what a model card can link to.
+    """
+    names = [s.base_model for s in sources if s.base_model]
+    hub_ids = [n for n in names if re.fullmatch(r"[\w.-]+/[\w.-]+", n)]
+    return (hub_ids or names or [None])[0]
 
 
 def natural_key(name: str) -> list:
