@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -10,6 +14,16 @@ from torch import Tensor
 from .compress import ModuleCompression, SweepPoint
 from .compress.settings import original_parameters, saved_ratio
 from .errors import UnknownAdapterError
+
+
+def safe_adapter_name(name: str) -> str:
+    """A name usable as a PEFT adapter name and as a folder name: ``org/repo`` -> ``org--repo``.
+
+    PEFT keys adapters in ``nn.ModuleDict`` s, which refuse dots, and the format stores each adapter in
+    ``adapters/<name>/``; so only letters, digits, ``_`` and ``-`` are kept.
+    """
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", name.replace("/", "--"))
+    return safe or "adapter"
 
 
 @dataclass
@@ -80,6 +94,8 @@ class JDLoraCollection:
         self.sigma_kind = sigma_kind
         self.settings = dict(settings or {})
         self.sweep = list(sweep or [])
+        # Where it was loaded from ({"path_or_repo_id", "revision"}), if it was.
+        self.source: dict | None = None
 
     def __len__(self) -> int:
         return len(self.adapters)
@@ -167,6 +183,109 @@ class JDLoraCollection:
             c.cluster = c.cluster.to(device)
             entry.adapter_ids = entry.adapter_ids.to(device)
         return self
+
+    # ----- saving, loading, publishing (jdlora.format) ----------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, progress: bool = True) -> Path:
+        """Saves the collection in the jdlora format (docs/format.md), atomically.
+
+        Example:
+            ```python
+            >>> collection.save_pretrained("./my-collection")
+            ```
+        """
+        from .format import save_collection
+
+        return save_collection(self, save_directory, progress=progress)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        adapters: Sequence[str] | None = None,
+        token: str | bool | None = None,
+        verify: bool = True,
+        force_download: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> JDLoraCollection:
+        """Loads a saved collection from a folder or a Hub repo; with ``adapters=[...]``, only those.
+
+        Only the bases the requested adapters use and their own Sigma are read (or downloaded). See
+        :func:`jdlora.format.load_collection` for the arguments and errors.
+
+        Example:
+            ```python
+            >>> collection = JDLoraCollection.from_pretrained("org/my-collection", adapters=["math"])
+            ```
+        """
+        from .format import load_collection
+
+        return load_collection(path_or_repo_id, revision=revision, adapters=adapters, token=token, verify=verify,
+                               force_download=force_download, cache_dir=cache_dir)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        create_pr: bool = False,
+        token: str | bool | None = None,
+        progress: bool = True,
+    ):
+        """Publishes the collection to the Hub in one atomic commit; see :func:`jdlora.format.push_collection`.
+
+        Unchanged files are not uploaded again. Returns the ``CommitInfo`` (None if nothing changed).
+        """
+        from .format import push_collection
+
+        return push_collection(self, repo_id, private=private, revision=revision, commit_message=commit_message,
+                               commit_description=commit_description, create_pr=create_pr, token=token,
+                               progress=progress)
+
+    def export_lora(self, name: str, path: str | os.PathLike) -> Path:
+        """Writes adapter ``name`` as a standard PEFT LoRA folder (``B' = U Sigma``, ``A' = V^T``)."""
+        from .format import export_lora
+
+        return export_lora(self, name, path)
+
+    # ----- changing the set of adapters ------------------------------------------------------------
+
+    def add_adapters(self, adapters: Sequence, **kwargs) -> dict[str, float]:
+        """Projects new LoRAs onto the existing bases (``Sigma_new = U^T dW V``) and adds them.
+
+        This is the paper's "serve new LoRAs compressed right away" path: no recompression. Each new
+        adapter joins, per module, the cluster whose bases reconstruct it best. Warns when an adapter's
+        error exceeds the collection's target (``settings["target_error"]``): then run
+        :func:`jdlora.recompress`. Keyword arguments go to :func:`jdlora.sources.open_adapters`.
+
+        Returns:
+            ``{name: relative error}`` of each added adapter.
+        """
+        from .pipeline import add_adapters
+
+        return add_adapters(self, adapters, **kwargs)
+
+    def remove_adapters(self, names: Sequence[str]) -> None:
+        """Removes adapters (their Sigma rows); the shared bases stay as they are."""
+        if isinstance(names, str):
+            names = [names]
+        drop = {self.index(name) for name in names}
+        keep = [i for i in range(len(self.adapters)) if i not in drop]
+        new_index = torch.full((len(self.adapters),), -1, dtype=torch.long)
+        new_index[keep] = torch.arange(len(keep))
+        for entry in self.modules.values():
+            rows = new_index[entry.adapter_ids.cpu()] >= 0
+            c = entry.compression
+            c.sigma, c.cluster = c.sigma[rows], c.cluster[rows]
+            c.sq_norms, c.residuals = c.sq_norms[rows], c.residuals[rows]
+            entry.adapter_ids = new_index[entry.adapter_ids.cpu()[rows]]
+        self.modules = {m: e for m, e in self.modules.items() if len(e.adapter_ids)}
+        self.adapters = [self.adapters[i] for i in keep]
 
     def summary(self) -> str:
         """A plain-text table: settings, sizes and errors, then the worst adapters."""

@@ -20,6 +20,9 @@ __all__ = [
     "IncompatibleAdaptersError",
     "UnknownAdapterError",
     "UnknownModuleError",
+    "CollectionFormatError",
+    "CollectionIntegrityError",
+    "PushError",
 ]
 
 
@@ -111,3 +114,28 @@ class UnknownModuleError(_UnknownNameError):
     """
 
     kind = "module"
+
+
+class CollectionFormatError(JDLoraError, ValueError):
+    """A saved compressed collection cannot be read.
+
+    Raised for a missing or malformed manifest (`collection.json`), a format version newer than this
+    jdlora understands, files the manifest names but the folder or repo lacks, and truncated or
+    corrupted safetensors files. The message names the file.
+    """
+
+
+class CollectionIntegrityError(CollectionFormatError):
+    """A file's sha256 differs from the one the manifest records: it was corrupted or replaced.
+
+    Loading a Sigma against different bases would silently produce wrong adapters, so this is never a
+    warning. Re-download the collection (or pass `force_download=True`), or re-save it.
+    """
+
+
+class PushError(JDLoraError):
+    """Publishing a collection to the Hub failed; the repository was left as it was.
+
+    The commit is atomic: either every file landed or none did. The message says which step failed
+    (creating the repo, listing it, or the commit) and keeps the server's error as the cause.
+    """

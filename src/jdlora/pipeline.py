@@ -7,18 +7,21 @@ peak memory grows with the number of adapters times one module, not with the num
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from .collection import AdapterInfo, CollectionModule, JDLoraCollection
-from .compress import LoraStack, auto_rank, choose_clusters, compress_module
+from .collection import AdapterInfo, CollectionModule, JDLoraCollection, safe_adapter_name
+from .compress import LoraStack, auto_rank, choose_clusters, compress_module, project_onto_bases
 from .compress.clustering import SigmaKind
 from .compress.jd import Solver
 from .compress.settings import DEFAULT_TARGET_ERROR, SweepPoint
-from .sources import open_adapters
+from .errors import AdapterFormatError, IncompatibleAdaptersError
+from .sources import check_compatible, open_adapter, open_adapters
 
 
 def compress(
@@ -79,6 +82,7 @@ def compress(
     if sigma not in ("full", "diag"):
         raise ValueError(f"sigma must be 'full' or 'diag', got {sigma!r}.")
     sources = open_adapters(adapters, allow_pickle=allow_pickle, token=token)
+    _check_unique_names(sources)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     module_names = sorted({m for s in sources for m in s.modules}, key=natural_key)
@@ -111,13 +115,7 @@ def compress(
         modules[module] = CollectionModule(_to_cpu(result), torch.tensor(ids))
         del stack
 
-    infos = [
-        AdapterInfo(
-            name=s.name, origin=dict(s.origin), rank=getattr(s, "rank", None), alpha=getattr(s, "alpha", None),
-            use_rslora=bool(getattr(s, "use_rslora", False)), module_ranks={m: shape[0] for m, shape in s.modules.items()},
-        )
-        for s in sources
-    ]
+    infos = _adapter_infos(sources)
     settings = dict(rank=rank, clusters=clusters, sigma=sigma, normalize=normalize, solver=solver, tol=tol, ftol=ftol,
                     max_iter=max_iter, max_rounds=max_rounds, target_error=target_error, seed=seed,
                     dtype=str(dtype).removeprefix("torch."))
@@ -133,6 +131,18 @@ def common_base_model(sources: Sequence) -> str | None:
     names = [s.base_model for s in sources if s.base_model]
     hub_ids = [n for n in names if re.fullmatch(r"[\w.-]+/[\w.-]+", n)]
     return (hub_ids or names or [None])[0]
+
+
+def _check_unique_names(sources: Sequence) -> None:
+    seen: dict[str, str] = {}
+    for s in sources:
+        safe = safe_adapter_name(s.name)
+        if safe in seen:
+            raise IncompatibleAdaptersError(
+                f"Adapters {seen[safe]!r} and {s.name!r} both become the adapter name {safe!r} "
+                "(names keep only letters, digits, '_' and '-'). Rename one of them."
+            )
+        seen[safe] = s.name
 
 
 def natural_key(name: str) -> list:
@@ -152,3 +162,102 @@ def _to_cpu(result):
     for attr in ("U", "V", "sigma", "cluster", "sq_norms", "residuals"):
         setattr(result, attr, getattr(result, attr).cpu())
     return result
+
+
+def add_adapters(collection: JDLoraCollection, adapters: Sequence, *, allow_pickle: bool = False,
+                 token: str | None = None) -> dict[str, float]:
+    """Adds new LoRAs to ``collection`` by projecting them onto its bases (see ``JDLoraCollection.add_adapters``)."""
+    sources = open_adapters(adapters, allow_pickle=allow_pickle, token=token)
+    _check_unique_names(sources)
+    _check_fits_collection(collection, sources)
+    start = len(collection.adapters)
+    for module, entry in collection.modules.items():
+        ids = [i for i, s in enumerate(sources) if module in s.modules]
+        if not ids:
+            continue
+        c = entry.compression
+        stack = LoraStack.from_factors([sources[i].read_module(module) for i in ids],
+                                       [sources[i].scaling(module) for i in ids], dtype=c.U.dtype, device=c.U.device)
+        sigma, cluster, residuals = project_onto_bases(stack, c.U, c.V, collection.sigma_kind)
+        c.sigma = torch.cat([c.sigma, sigma.to(c.sigma)])
+        c.cluster = torch.cat([c.cluster, cluster.to(c.cluster)])
+        c.sq_norms = torch.cat([c.sq_norms, stack.sq_norms().to(c.sq_norms)])
+        c.residuals = torch.cat([c.residuals, residuals.to(c.residuals)])
+        entry.adapter_ids = torch.cat([entry.adapter_ids, torch.tensor(ids, dtype=torch.long) + start])
+    collection.adapters.extend(_adapter_infos(sources))
+    errors = collection.adapter_errors()
+    added = {info.name: errors[info.name] for info in collection.adapters[start:]}
+    target = collection.settings.get("target_error", DEFAULT_TARGET_ERROR)
+    worse = {name: e for name, e in added.items() if e > target}
+    if worse:
+        warnings.warn(
+            f"{len(worse)} added adapter(s) have errors above the collection's target {target}: "
+            + ", ".join(f"{n} {e:.3f}" for n, e in sorted(worse.items(), key=lambda kv: -kv[1])[:5])
+            + ". Their directions are not in the shared bases; run jdlora.recompress(collection) to recompute them.",
+            stacklevel=3,
+        )
+    return added
+
+
+def _check_fits_collection(collection: JDLoraCollection, sources: Sequence) -> None:
+    existing = set(collection.adapter_names)
+    for s in sources:
+        name = safe_adapter_name(s.name)
+        if name in existing:
+            raise IncompatibleAdaptersError(f"The collection already has an adapter named {name!r}; rename the new one.")
+        for module, (_, d_out, d_in) in s.modules.items():
+            if module not in collection.modules:
+                raise IncompatibleAdaptersError(
+                    f"Adapter {s.name!r} adapts {module}, which the collection has no bases for. "
+                    "Use jdlora.recompress(collection, new_adapters) to compress it together with the others."
+                )
+            c = collection.modules[module].compression
+            if (d_out, d_in) != (c.U.shape[1], c.V.shape[1]):
+                raise IncompatibleAdaptersError(
+                    f"Adapter {s.name!r}, module {module}: shape {(d_out, d_in)} does not match the collection's "
+                    f"{(c.U.shape[1], c.V.shape[1])}."
+                )
+    if collection.base_model and any(s.base_model for s in sources):
+        anchor = SimpleNamespace(name="the collection", base_model=collection.base_model, modules={})
+        check_compatible([anchor, *sources])
+
+
+def recompress(collection: JDLoraCollection, new_adapters: Sequence = (), **overrides) -> JDLoraCollection:
+    """Compresses the collection's original adapters and ``new_adapters`` again, from scratch.
+
+    The originals are re-opened from each adapter's recorded origin (local path, or Hub repo id at its
+    recorded revision). Settings default to the collection's; ``overrides`` replace them (e.g.
+    ``clusters="auto"``).
+
+    Raises:
+        AdapterFormatError: an original cannot be opened again (pass it in ``new_adapters`` instead).
+    """
+    specs = []
+    for info in collection.adapters:
+        origin = info.origin
+        if "path" in origin:
+            specs.append(open_adapter(origin["path"], name=info.name))
+        elif "repo_id" in origin:
+            specs.append(open_adapter(origin["repo_id"], name=info.name, revision=origin.get("revision"),
+                                      subfolder=origin.get("subfolder"), token=overrides.get("token")))
+        else:
+            raise AdapterFormatError(
+                f"Adapter {info.name!r} has no path or Hub origin to re-open (origin: {origin}). "
+                "Remove it, or recompress from the original adapters with jdlora.compress()."
+            )
+    keys = ("rank", "clusters", "sigma", "normalize", "solver", "tol", "ftol", "max_iter", "max_rounds",
+            "target_error", "seed")
+    settings = {k: collection.settings[k] for k in keys if k in collection.settings}
+    settings.update(overrides)
+    return compress([*specs, *new_adapters], **settings)
+
+
+def _adapter_infos(sources: Sequence) -> list[AdapterInfo]:
+    return [
+        AdapterInfo(
+            name=safe_adapter_name(s.name), origin=dict(s.origin), rank=getattr(s, "rank", None),
+            alpha=getattr(s, "alpha", None), use_rslora=bool(getattr(s, "use_rslora", False)),
+            module_ranks={m: shape[0] for m, shape in s.modules.items()},
+        )
+        for s in sources
+    ]

@@ -13,7 +13,7 @@ Each idea of the paper lives in one module:
 from .baselines import SVDResult, TiesResult, svd_per_adapter, ties_merge
 from .clustering import ClusterResult, assignment_errors, jd, jd_cluster, kmeans
 from .jd import JDResult, jd_diag, jd_full, residuals, sigma_diag, sigma_full
-from .module import ModuleCompression, compress_module
+from .module import ModuleCompression, compress_module, project_onto_bases
 from .settings import SweepPoint, auto_rank, choose_clusters, saved_ratio, sweep
 from .stack import LoraStack
 
@@ -29,6 +29,7 @@ __all__ = [
     "auto_rank",
     "choose_clusters",
     "compress_module",
+    "project_onto_bases",
     "jd",
     "jd_cluster",
     "jd_diag",

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .clustering import SigmaKind, jd_cluster
-from .jd import Solver
+from .clustering import SigmaKind, assignment_errors, jd_cluster
+from .jd import Solver, residuals, sigma_diag, sigma_full
 from .stack import LoraStack
 
 
@@ -125,3 +125,31 @@ def compress_module(
         residuals=result.residuals * restore.square(),
         history=result.history,
     )
+
+
+def project_onto_bases(
+    stack: LoraStack, U: Tensor, V: Tensor, sigma: SigmaKind = "full"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Compresses new updates with existing bases: each joins its best cluster, with its optimal Sigma.
+
+    ``Sigma_i = U_j^T dW_i V_j`` (equation 6) for orthonormal bases, the closed form of Appendix A.1
+    case 2 for JD-Diag bases; the cluster j minimizes the error (Appendix A.3, step 2).
+
+    Args:
+        stack: the new updates (LoRA scaling folded in). U: ``[C, d_out, r]``. V: ``[C, d_in, r]``.
+
+    Returns:
+        ``(sigma, cluster, residuals)`` for the new adapters.
+    """
+    bases = [(U[j], V[j]) for j in range(U.shape[0])]
+    cluster = assignment_errors(stack, bases, sigma).argmin(dim=1)
+    shape = (stack.n, U.shape[2], U.shape[2]) if sigma == "full" else (stack.n, U.shape[2])
+    sig = torch.zeros(shape, dtype=stack.A.dtype, device=stack.A.device)
+    res = torch.zeros(stack.n, dtype=stack.A.dtype, device=stack.A.device)
+    for j, (Uj, Vj) in enumerate(bases):
+        members = (cluster == j).nonzero().flatten()
+        if len(members):
+            sub = stack.subset(members)
+            sig[members] = (sigma_full if sigma == "full" else sigma_diag)(sub, Uj, Vj)
+            res[members] = residuals(sub, Uj, Vj, sig[members])
+    return sig, cluster, res

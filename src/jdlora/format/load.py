@@ -1,0 +1,207 @@
+"""Reading a saved collection from a folder or a Hub repo, whole or a few adapters (docs/format.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ..collection import AdapterInfo, CollectionModule, JDLoraCollection
+from ..compress import ModuleCompression, SweepPoint
+from ..errors import CollectionFormatError, CollectionIntegrityError, UnknownAdapterError
+from .layout import ADAPTER_WEIGHTS, MANIFEST, read_manifest, sha256_file, sigma_tensor_key
+
+
+def load_collection(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    adapters: Sequence[str] | None = None,
+    token: str | bool | None = None,
+    verify: bool = True,
+    force_download: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> JDLoraCollection:
+    """Loads a collection saved by :meth:`JDLoraCollection.save_pretrained`, locally or from the Hub.
+
+    Args:
+        path_or_repo_id: a local folder, or a Hub repo id.
+        revision: branch, tag or commit of the Hub repo (ignored for folders). Every file is read at the
+            commit the manifest was read at, so a concurrent push cannot mix two versions.
+        adapters: names of the adapters to load; default all. Only the bases these adapters use and
+            their own Sigma (``adapters/<name>/``) are read, or downloaded from the Hub.
+        token: Hub token for private repos.
+        verify: check every bases and Sigma file against the sha256 in the manifest.
+        force_download: download again even if cached (e.g. after an integrity error).
+        cache_dir: Hub cache folder.
+
+    Raises:
+        CollectionFormatError: no manifest, a newer format version, a missing or malformed file.
+        CollectionIntegrityError: a file whose sha256 differs from the manifest.
+        UnknownAdapterError: a name in ``adapters`` the collection does not have.
+    """
+    fetch = _Fetcher(path_or_repo_id, revision, token, force_download, cache_dir)
+    manifest = read_manifest(fetch.manifest())
+    entries = manifest["adapters"]
+    if adapters is not None:
+        known = [a["name"] for a in entries]
+        for name in adapters:
+            if name not in known:
+                raise UnknownAdapterError(name, known, where=f"collection {path_or_repo_id}")
+        wanted = set(adapters)
+        selected = [i for i, a in enumerate(entries) if a["name"] in wanted]
+    else:
+        selected = list(range(len(entries)))
+    whole = adapters is None
+
+    patterns = []
+    for m_index, module in enumerate(manifest["modules"]):
+        if whole:
+            patterns += [b["path"] for b in module["bases"]] + [module["sigma"]["path"]]
+        else:
+            patterns += [module["bases"][c]["path"] for c in {entries[i]["clusters"][m_index] for i in selected} - {None}]
+    if not whole:
+        patterns += [f"{entries[i]['subfolder']}/*" for i in selected]
+    root = fetch.files(patterns)
+    checked = _Checked(root, verify)
+
+    modules = {}
+    per_adapter = {} if whole else {i: _read_adapter_folder(root, entries[i], checked) for i in selected}
+    new_index = {old: new for new, old in enumerate(selected)}
+    for m_index, module in enumerate(manifest["modules"]):
+        name = module["name"]
+        if whole:
+            tensors = checked.load(module["sigma"]["path"], module["sigma"].get("sha256"))
+            ids, cluster = tensors["adapter_index"].long(), tensors["cluster"].long()
+            sigma, sq_norm, residual = tensors["sigma"], tensors["sq_norm"], tensors["residual"]
+            used = list(range(module["clusters"]))
+        else:
+            rows = [i for i in selected if entries[i]["clusters"][m_index] is not None]
+            if not rows:
+                continue
+            used = sorted({entries[i]["clusters"][m_index] for i in rows})
+            ids = torch.tensor([new_index[i] for i in rows], dtype=torch.long)
+            cluster = torch.tensor([used.index(entries[i]["clusters"][m_index]) for i in rows], dtype=torch.long)
+            sigma = torch.stack([per_adapter[i]["sigma"][name] for i in rows])
+            sq_norm = torch.tensor([per_adapter[i]["sq_norm"][name] for i in rows])
+            residual = torch.tensor([per_adapter[i]["residual"][name] for i in rows])
+        bases = [checked.load(module["bases"][c]["path"], module["bases"][c].get("sha256")) for c in used]
+        U = torch.stack([b["U"] for b in bases])
+        V = torch.stack([b["V"] for b in bases])
+        _check_shapes(module, U, V, sigma, ids, manifest["sigma"])
+        modules[name] = CollectionModule(ModuleCompression(U, V, sigma, cluster, sq_norm, residual), ids)
+
+    infos = [
+        AdapterInfo(name=a["name"], origin=a.get("origin", {}), rank=a.get("rank"), alpha=a.get("alpha"),
+                    use_rslora=a.get("use_rslora", False), module_ranks=a.get("module_ranks", {}))
+        for a in (entries[i] for i in selected)
+    ]
+    sweep = [SweepPoint(**p) for p in manifest.get("sweep", [])]
+    collection = JDLoraCollection(manifest.get("base_model"), infos, modules, manifest["sigma"],
+                                  manifest.get("settings", {}), sweep)
+    collection.source = {"path_or_repo_id": str(path_or_repo_id), "revision": fetch.commit}
+    return collection
+
+
+def _read_adapter_folder(root: Path, entry: dict, checked: _Checked) -> dict:
+    """One adapter's own Sigma (and norms) from ``adapters/<name>/adapter_model.safetensors``."""
+    rel = f"{entry['subfolder']}/{ADAPTER_WEIGHTS}"
+    tensors, metadata = checked.load(rel, entry.get("weights_sha256"), with_metadata=True)
+    suffix = "." + sigma_tensor_key("x").rsplit(".", 1)[-1]
+    sigma = {k.removeprefix("base_model.model.").removesuffix(suffix): v for k, v in tensors.items()}
+    try:
+        sq_norm = json.loads(metadata["jdlora_sq_norms"])
+        residual = json.loads(metadata["jdlora_residuals"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise CollectionFormatError(f"{root / rel}: missing or malformed jdlora metadata ({err}).") from err
+    return {"sigma": sigma, "sq_norm": sq_norm, "residual": residual}
+
+
+def _check_shapes(module: dict, U, V, sigma, ids, sigma_kind: str) -> None:
+    name, r = module["name"], module["rank"]
+    expected_sigma = (len(ids), r, r) if sigma_kind == "full" else (len(ids), r)
+    problems = []
+    if tuple(U.shape[1:]) != (module["d_out"], r):
+        problems.append(f"U has shape {tuple(U.shape[1:])}, the manifest says {(module['d_out'], r)}")
+    if tuple(V.shape[1:]) != (module["d_in"], r):
+        problems.append(f"V has shape {tuple(V.shape[1:])}, the manifest says {(module['d_in'], r)}")
+    if tuple(sigma.shape) != expected_sigma:
+        problems.append(f"Sigma has shape {tuple(sigma.shape)}, expected {expected_sigma}")
+    if problems:
+        raise CollectionFormatError(f"Module {name}: " + "; ".join(problems) + ". The files do not match the manifest.")
+
+
+class _Checked:
+    """Loads safetensors files under a root, checking each against its manifest sha256 once."""
+
+    def __init__(self, root: Path, verify: bool):
+        self.root, self.verify = root, verify
+
+    def load(self, rel: str, sha256: str | None, *, with_metadata: bool = False):
+        path = self.root / rel
+        if not path.is_file():
+            raise CollectionFormatError(f"{path} is missing: the collection is incomplete (the manifest lists it).")
+        if self.verify and sha256 and (actual := sha256_file(path)) != sha256:
+            raise CollectionIntegrityError(
+                f"{path} has sha256 {actual[:12]}..., but the manifest records {sha256[:12]}...: the file is corrupted "
+                "or belongs to another version of the collection. Re-download it (force_download=True) or re-save."
+            )
+        try:
+            tensors = load_file(str(path))
+            if not with_metadata:
+                return tensors
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                return tensors, f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CollectionFormatError(f"{path} is not a readable safetensors file ({err}).") from err
+
+
+class _Fetcher:
+    """Gives local paths for a folder or a Hub repo; on the Hub, downloads only the files asked for."""
+
+    def __init__(self, path_or_repo_id, revision, token, force_download, cache_dir):
+        self.local = Path(path_or_repo_id) if Path(path_or_repo_id).is_dir() else None
+        self.repo_id, self.revision, self.token = str(path_or_repo_id), revision, token
+        self.force_download, self.cache_dir = force_download, cache_dir
+        self.commit: str | None = None
+
+    def manifest(self) -> Path:
+        if self.local is not None:
+            return self.local / MANIFEST
+        from huggingface_hub import hf_hub_download
+
+        path = Path(self._hub(hf_hub_download, filename=MANIFEST, revision=self.revision))
+        # .../snapshots/<commit>/collection.json: pin every later download to that commit.
+        self.commit = path.parent.name
+        return path
+
+    def files(self, patterns: list[str]) -> Path:
+        if self.local is not None:
+            return self.local
+        from huggingface_hub import snapshot_download
+
+        return Path(self._hub(snapshot_download, allow_patterns=patterns, revision=self.commit))
+
+    def _hub(self, fn, **kwargs):
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+        try:
+            return fn(repo_id=self.repo_id, token=self.token, force_download=self.force_download,
+                      cache_dir=self.cache_dir, **kwargs)
+        except RepositoryNotFoundError as err:
+            raise CollectionFormatError(
+                f"{self.repo_id!r} is neither a local folder nor a Hub repo you can access (private repos need a token)."
+            ) from err
+        except RevisionNotFoundError as err:
+            raise CollectionFormatError(f"Revision {kwargs.get('revision')!r} not found in {self.repo_id}.") from err
+        except EntryNotFoundError as err:
+            raise CollectionFormatError(f"{self.repo_id} has no {MANIFEST}: not a jdlora collection.") from err
+        except HfHubHTTPError as err:
+            raise CollectionFormatError(f"Downloading from {self.repo_id} failed: {err}") from err

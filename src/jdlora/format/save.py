@@ -1,0 +1,187 @@
+"""Writing a collection to a folder, atomically (docs/format.md)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..collection import JDLoraCollection
+from .layout import (
+    ADAPTER_WEIGHTS,
+    CARD,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    PEFT_CONFIG,
+    PEFT_TYPE,
+    adapter_subfolder,
+    bases_path,
+    sha256_file,
+    sigma_path,
+    sigma_tensor_key,
+)
+
+
+def save_collection(collection: JDLoraCollection, path: str | os.PathLike, *, progress: bool = True) -> Path:
+    """Writes ``collection`` to ``path`` atomically and returns the path.
+
+    Everything is written into a temporary folder beside ``path``, which then replaces ``path`` in one
+    rename (an atomic exchange on Linux). A crash or Ctrl-C before that leaves the previous collection
+    at ``path`` untouched and no partial one; the temporary folder is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write_collection_files(collection, tmp, progress=progress)
+        _replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def write_collection_files(collection: JDLoraCollection, root: Path, *, progress: bool = True) -> dict:
+    """Writes every file of the format into the empty folder ``root``; returns the manifest."""
+    modules_out = []
+    per_adapter: list[dict[str, torch.Tensor]] = [{} for _ in collection.adapters]
+    per_adapter_bases: list[dict[str, dict]] = [{} for _ in collection.adapters]
+    per_adapter_norms: list[dict[str, dict]] = [{"jdlora_sq_norms": {}, "jdlora_residuals": {}} for _ in collection.adapters]
+    module_names = list(collection.modules)
+    module_errors = [[None] * len(module_names) for _ in collection.adapters]
+    module_clusters = [[None] * len(module_names) for _ in collection.adapters]
+
+    for m_index, (module, entry) in enumerate(
+        tqdm(collection.modules.items(), desc="Writing modules", unit="module", disable=not progress)
+    ):
+        c = entry.compression
+        bases = []
+        for j in range(c.num_clusters):
+            rel = bases_path(module, j)
+            _save(root / rel, {"U": c.U[j], "V": c.V[j]})
+            bases.append({"path": rel, "sha256": sha256_file(root / rel)})
+        ids = entry.adapter_ids.long()
+        rel = sigma_path(module)
+        _save(root / rel, {
+            "sigma": c.sigma, "adapter_index": ids, "cluster": c.cluster.long(),
+            "sq_norm": c.sq_norms.float(), "residual": c.residuals.float(),
+        })
+        modules_out.append({
+            "name": module, "d_out": c.U.shape[1], "d_in": c.V.shape[1], "rank": c.rank,
+            "clusters": c.num_clusters, "adapters": len(ids), "error": c.error,
+            "mean_adapter_error": c.mean_adapter_error, "bases": bases,
+            "sigma": {"path": rel, "sha256": sha256_file(root / rel)},
+        })
+        errors, sq_norms, residuals = c.adapter_errors.tolist(), c.sq_norms.tolist(), c.residuals.tolist()
+        for row, (i, cluster) in enumerate(zip(ids.tolist(), c.cluster.tolist())):
+            per_adapter_norms[i]["jdlora_sq_norms"][module] = sq_norms[row]
+            per_adapter_norms[i]["jdlora_residuals"][module] = residuals[row]
+            per_adapter[i][sigma_tensor_key(module)] = c.sigma[row]
+            per_adapter_bases[i][module] = bases[cluster]
+            module_errors[i][m_index] = _round(errors[row])
+            module_clusters[i][m_index] = cluster
+
+    adapter_errors = collection.adapter_errors()
+    adapters_out = []
+    common = _peft_config_common(collection)
+    for i, info in enumerate(tqdm(collection.adapters, desc="Writing adapters", unit="adapter", disable=not progress)):
+        sub = adapter_subfolder(info.name, len(collection))
+        folder = root / sub
+        metadata = {k: json.dumps(v) for k, v in per_adapter_norms[i].items()}
+        _save(folder / ADAPTER_WEIGHTS, per_adapter[i], metadata)
+        depth = sub.count("/") + 1
+        config = dict(common, target_modules=_suffixes(per_adapter_bases[i]), collection_root="/".join([".."] * depth),
+                      bases=per_adapter_bases[i], adapter_name=info.name)
+        _write_json(folder / PEFT_CONFIG, config)
+        adapters_out.append({
+            "name": info.name, "subfolder": sub, "origin": info.origin, "rank": info.rank, "alpha": info.alpha,
+            "use_rslora": info.use_rslora, "module_ranks": info.module_ranks, "error": _round(adapter_errors[info.name]),
+            "module_errors": module_errors[i], "clusters": module_clusters[i],
+            "weights_sha256": sha256_file(folder / ADAPTER_WEIGHTS),
+        })
+
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "jdlora_version": __version__,
+        "base_model": collection.base_model,
+        "sigma": collection.sigma_kind,
+        "settings": collection.settings,
+        "parameter_counts": collection.parameter_counts(),
+        "error": collection.error,
+        "mean_adapter_error": collection.mean_adapter_error,
+        "modules": modules_out,
+        "adapters": adapters_out,
+        "sweep": [p.to_dict() for p in collection.sweep],
+    }
+    _write_json(root / MANIFEST, manifest)
+    _write_json(root / PEFT_CONFIG, dict(common, target_modules=_suffixes(collection.modules), collection=MANIFEST))
+    from .card import render_card
+
+    (root / CARD).write_text(render_card(manifest))
+    return manifest
+
+
+def _peft_config_common(collection: JDLoraCollection) -> dict:
+    """Fields shared by the root's and every adapter's ``adapter_config.json`` (read by JDLoraConfig)."""
+    ranks = {e.compression.rank for e in collection.modules.values()}
+    return {
+        "peft_type": PEFT_TYPE,
+        "base_model_name_or_path": collection.base_model,
+        "r": max(ranks) if ranks else 0,
+        "sigma": collection.sigma_kind,
+        "task_type": None,
+        "inference_mode": True,
+        "jdlora_version": __version__,
+    }
+
+
+def _suffixes(modules) -> list[str]:
+    return sorted({m.rsplit(".", 1)[-1] for m in modules})
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Puts folder ``new`` at ``target``. An existing ``target`` is swapped out atomically where the OS
+    can (Linux ``renameat2(RENAME_EXCHANGE)``), so no moment exists without a complete collection there;
+    elsewhere it is moved aside first. The old folder ends up at ``new`` (removed by the caller)."""
+    if not target.exists():
+        os.rename(new, target)
+        return
+    libc_name = ctypes.util.find_library("c")
+    renameat2 = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
+    at_fdcwd = -100
+    if renameat2 is not None and renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(target),
+                                           _RENAME_EXCHANGE) == 0:
+        return
+    aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(target, aside)
+    os.rename(new, target)
+    os.rename(aside, new)
