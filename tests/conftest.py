@@ -107,3 +107,16 @@ def real_adapters() -> list[Path]:
     if not REAL_ADAPTERS.is_dir():
         pytest.skip(f"real adapters not found at {REAL_ADAPTERS} (the shared/ test data sits beside the repo)")
     return sorted(p for p in REAL_ADAPTERS.iterdir() if p.is_dir())
+
+
+# ======================================================================================================
+# Kernels (tests/test_kernels.py). Keep this block self-contained.
+#
+# Triton reads TRITON_INTERPRET when it is imported, so it is set here, before any test imports it:
+# without CUDA, the Triton kernels run on CPU tensors through Triton's interpreter.
+# ======================================================================================================
+import torch as _torch_for_kernels  # noqa: E402
+
+if not _torch_for_kernels.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# ===================================================================================== end of kernels block

@@ -1,0 +1,140 @@
+"""JD-LoRA forward for batches that mix adapters: Triton kernels on CUDA, a torch reference elsewhere.
+
+The math (paper "Compress then Serve", arXiv 2407.00066, section 3 and Appendix A.3): a compressed
+module keeps, per cluster c, shared bases ``U[c]`` (d_out x r) and ``V[c]`` (d_in x r), and per
+adapter a a small ``Sigma[a]`` (r x r for JD-Full, r for JD-Diag); adapter a belongs to cluster
+``cluster_of[a]``. For a batch where token t uses adapter ``a(t)``::
+
+    y[t] += scale * U[c] @ Sigma[a] @ V[c].T @ x[t],    a = token_adapter[t], c = cluster_of[a]
+
+and tokens with ``a < 0`` (no adapter) or ``c < 0`` (adapter a has no update in this module) are
+left untouched.
+
+API::
+
+    batch = prepare_batch(token_adapter)           # once per forward; reused by every layer
+    jd_lora_forward(y, x, U, V, sigma, cluster_of, batch, scale=1.0)   # in place, returns y
+
+    x [T, d_in], y [T, d_out]          any strides (rows of a flattened [B, S, d] tensor are fine)
+    U [C, d_out, r], V [C, d_in, r]    x, U, V: one dtype among float16, bfloat16, float32
+    sigma [n, r, r] (full) or [n, r] (diagonal); y and sigma: any of those dtypes
+    cluster_of [n], token_adapter [T]  int32 or int64; -1 = none. Indices must be < n and < C
+                                       (not checked: checking would synchronize with the host)
+
+``batch`` may also be the raw ``token_adapter`` tensor (then :func:`prepare_batch` runs per call).
+Numbers: float32 accumulation throughout; :mod:`jdlora.kernels.reference` defines them.
+
+Dispatch: ``backend="auto"`` runs the Triton kernels on CUDA tensors and the torch reference
+elsewhere; ``backend="triton"`` forces the kernels (on CPU tensors too, under
+``TRITON_INTERPRET=1``, which is how CPU CI tests them), ``backend="torch"`` forces the reference;
+the environment variable ``JDLORA_KERNELS=torch|triton`` overrides ``"auto"``. Triton is imported
+only when the Triton path runs, so ``import jdlora`` never imports it.
+
+Kernels (Triton path), two launches per layer, no host synchronization, CUDA-graph capturable
+(grids are sized by T and the shapes, programs with nothing to do exit early):
+
+1. :mod:`~jdlora.kernels.shrink` -- shrink + Sigma: ``g[t] = Sigma[a] V[c]^T x[t]`` for blocks of
+   tokens in adapter order, split over d_in when the batch is small (partial sums meet in a
+   float32 scratch by atomic adds; the last program of a token block applies Sigma and re-zeroes
+   the scratch). Reads x once, each cluster's V once per token block, each Sigma once per block.
+2. :mod:`~jdlora.kernels.expand` -- expand: ``y[t] += scale * U[c] g[t]`` for tiles of d_out.
+   Reads g and each present cluster's U tile once per token block, reads and writes y once.
+
+Memory traffic that must happen (the bandwidth floor): x, y twice, the U and V of every cluster
+present, and the Sigma of every adapter present. The kernels add only the float32 ``g`` (T x r)
+and re-reads of bases by several token blocks (from L2).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .batch import JDBatch, prepare_batch
+from .reference import jd_lora_forward_reference
+
+__all__ = ["JDBatch", "prepare_batch", "jd_lora_forward", "jd_lora_forward_reference"]
+
+Backend = Literal["auto", "triton", "torch"]
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_INTS = (torch.int32, torch.int64)
+
+
+def jd_lora_forward(
+    y: Tensor,
+    x: Tensor,
+    U: Tensor,
+    V: Tensor,
+    sigma: Tensor,
+    cluster_of: Tensor,
+    batch: JDBatch | Tensor,
+    *,
+    scale: float = 1.0,
+    backend: Backend = "auto",
+) -> Tensor:
+    """In place ``y[t] += scale * U[c] Sigma[a] V[c]^T x[t]`` for a batch mixing adapters.
+
+    Args:
+        y: ``[T, d_out]`` output, updated in place (only rows of tokens with an update).
+        x: ``[T, d_in]`` input.
+        U: ``[C, d_out, r]`` expand bases per cluster. V: ``[C, d_in, r]`` shrink bases.
+        sigma: ``[n, r, r]`` (JD-Full) or ``[n, r]`` (JD-Diag), per adapter.
+        cluster_of: ``[n]`` cluster of each adapter in this module (-1: no update here).
+        batch: :func:`prepare_batch` of ``token_adapter [T]``, or that tensor itself.
+        scale: multiplies the update.
+        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``y``.
+
+    Example::
+
+        batch = prepare_batch(token_adapter)
+        y = base_linear(x)
+        jd_lora_forward(y, x, U, V, sigma, cluster_of, batch)
+    """
+    if not isinstance(batch, JDBatch):
+        batch = prepare_batch(batch)
+    _check_inputs(y, x, U, V, sigma, cluster_of, batch)
+    if backend == "auto":
+        backend = os.environ.get("JDLORA_KERNELS") or ("triton" if x.is_cuda else "torch")
+    if backend == "torch":
+        return jd_lora_forward_reference(y, x, U, V, sigma, cluster_of, batch.token_adapter, scale=scale)
+    if backend == "triton":
+        from .launch import jd_lora_forward_triton  # imports triton
+
+        return jd_lora_forward_triton(y, x, U, V, sigma, cluster_of, batch, scale=scale)
+    raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+def _check_inputs(y, x, U, V, sigma, cluster_of, batch: JDBatch) -> None:
+    def fail(msg: str):
+        raise ValueError(f"jd_lora_forward: {msg}")
+
+    if x.dim() != 2 or y.dim() != 2:
+        fail(f"x and y must be 2-D [T, d] (flatten leading dims first), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if U.dim() != 3 or V.dim() != 3:
+        fail(f"U and V must be [C, d, r], got {tuple(U.shape)} and {tuple(V.shape)}")
+    T, d_in = x.shape
+    C, d_out, r = U.shape
+    if y.shape != (T, d_out):
+        fail(f"y must be [T={T}, d_out={d_out}], got {tuple(y.shape)}")
+    if V.shape != (C, d_in, r):
+        fail(f"V must be [C={C}, d_in={d_in}, r={r}] to match x and U, got {tuple(V.shape)}")
+    n = cluster_of.shape[0] if cluster_of.dim() == 1 else -1
+    if cluster_of.dim() != 1 or cluster_of.dtype not in _INTS:
+        fail(f"cluster_of must be a 1-D int32/int64 tensor [n], got {cluster_of.dtype} {tuple(cluster_of.shape)}")
+    if sigma.shape not in ((n, r, r), (n, r)):
+        fail(f"sigma must be [n={n}, r={r}, r] (full) or [n, r] (diagonal), got {tuple(sigma.shape)}")
+    if batch.num_tokens != T:
+        fail(f"the batch has {batch.num_tokens} tokens but x has {T} rows")
+    if x.dtype not in _FLOATS or U.dtype != x.dtype or V.dtype != x.dtype:
+        fail(f"x, U and V must share one dtype among fp16/bf16/fp32, got {x.dtype}, {U.dtype}, {V.dtype}")
+    if y.dtype not in _FLOATS or sigma.dtype not in _FLOATS:
+        fail(f"y and sigma must be fp16/bf16/fp32, got {y.dtype} and {sigma.dtype}")
+    devices = {t.device for t in (y, x, U, V, sigma, cluster_of, batch.order)}
+    if len(devices) != 1:
+        fail(f"all tensors must be on one device, got {sorted(map(str, devices))}")

@@ -1,0 +1,75 @@
+"""The torch reference of the JD-LoRA mixed-batch forward: it defines the numbers the kernels match.
+
+For tokens ``x [T, d_in]`` where token t uses adapter ``a = token_adapter[t]`` in cluster
+``c = cluster_of[a]`` (paper section 3, equation 2 with clusters of Appendix A.3)::
+
+    y[t] += scale * U[c] @ Sigma[a] @ V[c].T @ x[t]        (skipped when a < 0 or c < 0)
+
+Numbers: every product is taken in float32 from the inputs upcast (products of fp16/bf16 values are
+exact in float32, so this is "fp32 accumulation"), and ``y[t]`` becomes
+``(float32(y[t]) + delta[t])`` rounded once to y's dtype. Rows of skipped tokens are left exactly as
+they were.
+
+Shape of the computation (no Python loop over adapters or clusters): the shrink ``x V_c`` is one
+batched product of the whole batch with every cluster's V (``[T, C, r]``; C times the FLOPs of the
+shrink a kernel does, which a reference can afford), each token keeps its own cluster's row, Sigma is
+gathered per token (``[T, r, r]`` or ``[T, r]``) and applied by one batched product, and the expand
+scatters each token's vector into its cluster's slot of a ``[T, C, r]`` tensor contracted with
+every cluster's U at once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["jd_lora_forward_reference", "jd_lora_delta_reference"]
+
+
+def jd_lora_delta_reference(
+    x: Tensor, U: Tensor, V: Tensor, sigma: Tensor, cluster_of: Tensor, token_adapter: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(delta [T, d_out] float32, active [T] bool)``: the update before scaling, and which rows get it."""
+    T = x.shape[0]
+    C, r = U.shape[0], U.shape[2]
+    a = token_adapter.long()
+    has_adapter = a >= 0
+    a_safe = torch.where(has_adapter, a, torch.zeros_like(a))
+    if cluster_of.numel() == 0:  # no adapters at all
+        c = torch.full_like(a, -1)
+    else:
+        c = torch.where(has_adapter, cluster_of.long()[a_safe.clamp(max=cluster_of.numel() - 1)], -1)
+    active = c >= 0
+    c_safe = torch.where(active, c, torch.zeros_like(c))
+
+    h_all = torch.einsum("ti,cir->tcr", x.float(), V.float())  # [T, C, r]
+    h = h_all.gather(1, c_safe.view(T, 1, 1).expand(T, 1, r)).squeeze(1)  # [T, r]
+    if sigma.dim() == 2:  # JD-Diag: Sigma_a = diag(sigma[a])
+        g = h * sigma.float()[a_safe]
+    else:  # JD-Full
+        g = torch.bmm(sigma.float()[a_safe], h.unsqueeze(2)).squeeze(2)
+    g = g * active.unsqueeze(1)
+    g_slots = torch.zeros(T, C, r, dtype=torch.float32, device=x.device)
+    g_slots.scatter_(1, c_safe.view(T, 1, 1).expand(T, 1, r), g.unsqueeze(1))
+    delta = torch.einsum("tcr,cor->to", g_slots, U.float())  # [T, d_out]
+    return delta, active
+
+
+def jd_lora_forward_reference(
+    y: Tensor,
+    x: Tensor,
+    U: Tensor,
+    V: Tensor,
+    sigma: Tensor,
+    cluster_of: Tensor,
+    token_adapter: Tensor,
+    *,
+    scale: float = 1.0,
+) -> Tensor:
+    """In place ``y[t] += scale * U[c] Sigma[a] V[c]^T x[t]``; see the module docstring. Returns y."""
+    if x.shape[0] == 0:
+        return y
+    delta, active = jd_lora_delta_reference(x, U, V, sigma, cluster_of, token_adapter)
+    updated = (y.float() + scale * delta).to(y.dtype)
+    y.copy_(torch.where(active.unsqueeze(1), updated, y))
+    return y

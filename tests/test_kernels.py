@@ -1,0 +1,256 @@
+"""jdlora.kernels: the mixed-batch JD-LoRA forward, Triton kernels against the torch reference and a
+dense float64 computation. Without CUDA the kernels run through Triton's interpreter
+(TRITON_INTERPRET=1, set by conftest.py before triton is imported), on small shapes.
+
+Every check draws fresh random inputs (no fixed seed): the kernels must compute the same function on
+any valid input. The output is pre-filled with random values, and NaN in rows that must stay
+untouched, so that rows written by mistake or left unwritten show.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from jdlora.kernels import JDBatch, jd_lora_forward, jd_lora_forward_reference, prepare_batch
+
+BACKENDS = ["torch", "triton"]
+ON_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if ON_CUDA else "cpu"
+# fp16/bf16 products are exact in fp32; the kernels round Sigma V^T x (float32) once to the input dtype
+# before the expand, and y once at the end. Relative Frobenius error of the update y - y0 vs float64:
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def _backend(backend: str):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 (set by conftest.py)")
+    return backend
+
+
+def make_problem(
+    T: int,
+    d_in: int,
+    d_out: int,
+    r: int,
+    C: int,
+    n: int,
+    *,
+    diag: bool = False,
+    dtype: torch.dtype = torch.float32,
+    p_no_adapter: float = 0.2,
+    p_no_cluster: float = 0.15,
+    runs: bool = False,
+):
+    """Random inputs: U, V, Sigma scaled so every update is O(1); token_adapter with -1s.
+
+    ``runs=True`` draws prefill-like batches (runs of tokens per adapter, uneven lengths), else each
+    token draws its adapter independently (decode-like).
+    """
+    dev = DEVICE
+    x = torch.randn(T, d_in, device=dev).to(dtype)
+    U = (torch.randn(C, d_out, r, device=dev) / r**0.5).to(dtype)
+    V = (torch.randn(C, d_in, r, device=dev) / d_in**0.5).to(dtype)
+    shape = (n, r) if diag else (n, r, r)
+    sigma = (torch.randn(*shape, device=dev) / (1 if diag else r**0.5)).to(dtype)
+    cluster_of = torch.randint(0, C, (n,), device=dev)
+    cluster_of[torch.rand(n, device=dev) < p_no_cluster] = -1
+    if runs:
+        ids = []
+        while len(ids) < T:
+            ids += [random.randrange(-1, n) if random.random() < p_no_adapter else random.randrange(n)] * random.randint(1, max(1, T // 3))
+        token_adapter = torch.tensor(ids[:T], device=dev, dtype=torch.int64)
+    else:
+        token_adapter = torch.randint(0, n, (T,), device=dev)
+        token_adapter[torch.rand(T, device=dev) < p_no_adapter] = -1
+    return x, U, V, sigma, cluster_of, token_adapter
+
+
+def dense_float64(y0, x, U, V, sigma, cluster_of, token_adapter, scale):
+    """y0 + scale * dW_a x per token, with dW_a = U_c Sigma_a V_c^T formed densely in float64."""
+    S = sigma.double()
+    if S.dim() == 2:
+        S = torch.diag_embed(S)
+    c = cluster_of.long()
+    n = c.shape[0]
+    dW = torch.zeros(n, U.shape[1], V.shape[1], dtype=torch.float64, device=x.device)
+    has = c >= 0
+    cs = c.clamp(min=0)
+    dW[has] = (U.double()[cs] @ S @ V.double()[cs].transpose(1, 2))[has]
+    a = token_adapter.long()
+    out = y0.double().clone()
+    active = a >= 0
+    upd = torch.einsum("toi,ti->to", dW[a.clamp(min=0)], x.double())
+    out[active] += scale * upd[active]
+    return out
+
+
+def poisoned_output(T, d_out, dtype, cluster_of, token_adapter):
+    """Random y0, with NaN in the rows that must stay untouched (no adapter, or no cluster here)."""
+    y0 = torch.randn(T, d_out, device=DEVICE).to(dtype)
+    a = token_adapter.long()
+    untouched = (a < 0) | (cluster_of.long()[a.clamp(min=0)] < 0) if cluster_of.numel() else a >= -1
+    y0[untouched] = float("nan")
+    return y0, untouched
+
+
+def rel_err(y, ref, y0):
+    """||(y - y0) - (ref - y0)|| / ||ref - y0|| on the rows that get an update."""
+    d, dref = y.double() - y0.double(), ref - y0.double()
+    ok = ~torch.isnan(y0.double()).any(1)
+    num, den = (d - dref)[ok].norm(), dref[ok].norm()
+    return (num / den.clamp(min=1e-30)).item()
+
+
+def check(backend, *, T, d_in, d_out, r, C, n, diag, dtype, runs=False, scale=None, **kw):
+    x, U, V, sigma, cluster_of, token_adapter = make_problem(T, d_in, d_out, r, C, n, diag=diag, dtype=dtype, runs=runs, **kw)
+    scale = random.uniform(0.5, 2.0) if scale is None else scale
+    y0, untouched = poisoned_output(T, d_out, dtype, cluster_of, token_adapter)
+    y = y0.clone()
+    batch = prepare_batch(token_adapter)
+    out = jd_lora_forward(y, x, U, V, sigma, cluster_of, batch, scale=scale, backend=backend)
+    assert out is y
+    # untouched rows keep their exact bits (NaN poison stays NaN, nothing else becomes NaN)
+    assert torch.isnan(y[untouched]).all()
+    assert not torch.isnan(y[~untouched]).any()
+    ref = dense_float64(y0, x, U, V, sigma, cluster_of, token_adapter, scale)
+    if (~untouched).any():
+        err = rel_err(y, ref, y0)
+        assert err < TOL[dtype], f"{backend} {dtype} rel err {err:.2e} vs float64 (T={T} r={r} C={C} n={n} diag={diag})"
+    if backend == "triton":  # the kernels against the reference that defines the numbers
+        y_ref = jd_lora_forward_reference(y0.clone(), x, U, V, sigma, cluster_of, token_adapter, scale=scale)
+        tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
+        if (~untouched).any():
+            assert rel_err(y, y_ref.double(), y0) < tol
+        torch.testing.assert_close(y[untouched], y_ref[untouched], equal_nan=True, rtol=0, atol=0)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------- behaviour
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("diag", [False, True], ids=["full", "diag"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_decode_batches_match_dense_float64(backend, diag, dtype):
+    """One token per request, many distinct adapters, random clusters and ranks."""
+    _backend(backend)
+    for _ in range(2):
+        r = random.choice([8, 16, 24, 32, 64])
+        check(backend, T=random.randint(2, 40), d_in=random.choice([32, 48, 96]), d_out=random.choice([16, 40, 64]),
+              r=r, C=random.randint(1, 8), n=random.randint(1, 64), diag=diag, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("diag", [False, True], ids=["full", "diag"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_prefill_runs_of_uneven_length_match_dense_float64(backend, diag, dtype):
+    """Long uneven runs of tokens per adapter (blocks of one adapter and blocks straddling two)."""
+    _backend(backend)
+    r = random.choice([8, 16, 40, 64])
+    check(backend, T=random.randint(40, 90), d_in=random.choice([32, 64]), d_out=random.choice([24, 48]),
+          r=r, C=random.randint(1, 4), n=random.randint(2, 12), diag=diag, dtype=dtype, runs=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_token(backend):
+    _backend(backend)
+    check(backend, T=1, d_in=32, d_out=16, r=16, C=2, n=3, diag=False, dtype=torch.float32, p_no_adapter=0, p_no_cluster=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_leaves_y_alone(backend):
+    _backend(backend)
+    x, U, V, sigma, cluster_of, _ = make_problem(4, 32, 16, 16, 2, 5)
+    y = torch.empty(0, 16, device=DEVICE)
+    ta = torch.empty(0, dtype=torch.int64, device=DEVICE)
+    assert jd_lora_forward(y, x[:0], U, V, sigma, cluster_of, ta, backend=backend).shape == (0, 16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tokens_without_adapter_or_cluster_keep_y_bits(backend):
+    """Every token is -1 or points at an adapter with cluster -1: y is bit-for-bit unchanged."""
+    _backend(backend)
+    x, U, V, sigma, _, _ = make_problem(12, 32, 16, 16, 2, 4)
+    cluster_of = torch.tensor([-1, -1, 0, 1], device=DEVICE)
+    ta = torch.tensor([-1, 0, 1, -1, 0, 0, 1, 1, -1, 0, 1, -1], device=DEVICE)
+    y0 = torch.randn(12, 16, device=DEVICE)
+    y = y0.clone()
+    jd_lora_forward(y, x, U, V, sigma, cluster_of, ta, backend=backend)
+    assert torch.equal(y, y0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_batch_serves_layers_with_different_clusterings(backend):
+    """prepare_batch once, then modules with their own ranks, cluster counts and cluster_of."""
+    _backend(backend)
+    n, T = 20, 33
+    ta = torch.randint(-1, n, (T,), device=DEVICE)
+    batch = prepare_batch(ta)
+    for r, C, diag in [(16, 1, False), (32, 5, True), (8, 3, False), (64, 2, False), (16, 8, False)]:
+        x, U, V, sigma, cluster_of, _ = make_problem(T, 32, 24, r, C, n, diag=diag)
+        y0 = torch.randn(T, 24, device=DEVICE)
+        y = jd_lora_forward(y0.clone(), x, U, V, sigma, cluster_of, batch, backend=backend)
+        ref = dense_float64(y0, x, U, V, sigma, cluster_of, ta, 1.0)
+        assert rel_err(y, ref, y0) < TOL[torch.float32]
+    if backend == "triton":  # the shared scratch is left zeroed for the next layer
+        for partial, _, counters in batch._scratch.values():
+            assert not partial.any() and not counters.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    """Strided views (transposed bases, every other row/column) give the contiguous result."""
+    _backend(backend)
+    T, d_in, d_out, r, C, n = 19, 32, 24, 16, 3, 7
+    x, U, V, sigma, cluster_of, ta = make_problem(T, d_in, d_out, r, C, n)
+    xs = torch.randn(2 * T, 2 * d_in, device=DEVICE)[::2, ::2]
+    xs.copy_(x)
+    Us = torch.randn(C, r, d_out, device=DEVICE).transpose(1, 2)
+    Us.copy_(U)
+    Vs = torch.randn(C, r, d_in, device=DEVICE).transpose(1, 2)
+    Vs.copy_(V)
+    Ss = torch.randn(n, r, r, device=DEVICE).transpose(1, 2)
+    Ss.copy_(sigma)
+    y0 = torch.randn(T, d_out, device=DEVICE)
+    big = torch.randn(T, 3 * d_out, device=DEVICE)
+    ys = big[:, d_out : 2 * d_out]
+    ys.copy_(y0)
+    jd_lora_forward(ys, xs, Us, Vs, Ss, cluster_of, ta, backend=backend)
+    ref = jd_lora_forward_reference(y0.clone(), x, U, V, sigma, cluster_of, ta)
+    torch.testing.assert_close(ys, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(big[:, :d_out].isnan(), torch.zeros_like(big[:, :d_out], dtype=torch.bool))
+
+
+def test_prepare_batch_groups_tokens_by_adapter_stably_with_unadapted_tokens_last():
+    ta = torch.tensor([3, -1, 0, 3, 2, -1, 0, 3], device=DEVICE)
+    b = prepare_batch(ta)
+    assert isinstance(b, JDBatch) and b.num_tokens == 8
+    assert b.order.tolist() == [2, 6, 4, 0, 3, 7, 1, 5]
+    assert b.sorted_adapter.tolist() == [0, 0, 2, 3, 3, 3, -1, -1]
+    assert b.order.dtype == torch.int32 and b.sorted_adapter.dtype == torch.int32
+
+
+def test_bad_shapes_are_rejected_with_the_offending_shape():
+    x, U, V, sigma, cluster_of, ta = make_problem(5, 32, 16, 16, 2, 4)
+    y = torch.zeros(5, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="V must be"):
+        jd_lora_forward(y, x, U, V[:, :8], sigma, cluster_of, ta)
+    with pytest.raises(ValueError, match="sigma must be"):
+        jd_lora_forward(y, x, U, V, sigma[:, :4], cluster_of, ta)
+    with pytest.raises(ValueError, match="share one dtype"):
+        jd_lora_forward(y, x.half(), U, V, sigma, cluster_of, ta)
+    with pytest.raises(ValueError, match="tokens"):
+        jd_lora_forward(y, x, U, V, sigma, cluster_of, ta[:3])
+
+
+def test_import_jdlora_does_not_import_triton():
+    code = "import sys, jdlora, jdlora.kernels; assert 'triton' not in sys.modules, 'triton imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
