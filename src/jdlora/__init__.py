@@ -8,7 +8,7 @@ name, imported as ``from jdlora.compress import jd_full`` (or ``import jdlora.co
 """
 
 from .collection import AdapterInfo, JDLoraCollection
-from .pipeline import compress
+from .pipeline import compress, recompress
 from .sources import LoraAdapter, open_adapter, open_adapters
 from .synthetic import synthetic_adapters
 
@@ -21,5 +21,6 @@ __all__ = [
     "compress",
     "open_adapter",
     "open_adapters",
+    "recompress",
     "synthetic_adapters",
 ]

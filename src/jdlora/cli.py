@@ -45,11 +45,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("compress", help="compress LoRA adapters jointly and print a summary",
-                       description="Compress LoRA adapters jointly (JD-Full/JD-Diag, clustering) and print a summary.")
+    p = sub.add_parser("compress", help="compress LoRA adapters jointly, print a summary, save and push",
+                       description="Compress LoRA adapters jointly (JD-Full/JD-Diag, clustering), print a summary, "
+                                   "and optionally save the collection (--out) and publish it (--push).")
     _add_source_options(p)
     _add_compression_options(p)
+    p.add_argument("--out", default=None, help="save the compressed collection to this folder")
+    p.add_argument("--push", default=None, metavar="ORG/REPO", help="publish the collection to this Hub repo")
+    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("push", help="publish a saved collection to the Hub (one atomic commit)",
+                       description="Publish a saved collection to a Hub repo in one commit; unchanged files are "
+                                   "not uploaded again.")
+    p.add_argument("collection", metavar="DIR")
+    p.add_argument("repo_id", metavar="ORG/REPO")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--message", default=None, help="commit message")
+    p.add_argument("--token", default=None)
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("inspect", help="show a collection's adapters, clusters, errors and sizes",
+                       description="Show a saved collection (folder or Hub repo): settings, sizes, and a table of "
+                                   "adapters. For a Hub repo only the manifest is downloaded.")
+    p.add_argument("collection", metavar="DIR|REPO")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--token", default=None)
+    p.add_argument("--all", action="store_true", help="list every adapter (default: the first 50)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("add", help="add LoRA adapters to a saved collection (projected onto its bases)",
+                       description="Project new LoRA adapters onto a saved collection's bases and save it again. "
+                                   "Warns when an adapter's error exceeds the collection's target.")
+    p.add_argument("collection", metavar="DIR")
+    _add_source_options(p)
+    p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser("export-lora", help="write one adapter of a collection as a plain PEFT LoRA folder",
+                       description="Write one adapter of a collection (folder or Hub repo) as a standard PEFT LoRA "
+                                   "folder (B' = U Sigma, A' = V^T) that loads without jdlora.")
+    p.add_argument("collection", metavar="DIR|REPO")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--token", default=None)
+    p.set_defaults(func=cmd_export_lora)
 
     p = sub.add_parser("tune", help="sweep rank and clusters on a middle module (paper section 6.4, Figure 5)",
                        description="Sweep rank and cluster count on a middle module, print the table and save a "
@@ -101,6 +143,74 @@ def cmd_compress(args) -> int:
     start = time.perf_counter()
     collection = compress(args.sources, allow_pickle=args.allow_pickle, token=args.token, **_compress_kwargs(args))
     _print_collection(collection, time.perf_counter() - start)
+    if args.out:
+        print(f"\nSaved to {collection.save_pretrained(args.out)}")
+    if args.push:
+        info = collection.push_to_hub(args.push, private=args.private or None, token=args.token)
+        print(f"Pushed to {args.push}" + (f": {info.commit_url}" if info else " (nothing changed)"))
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .collection import JDLoraCollection
+
+    collection = JDLoraCollection.from_pretrained(args.collection)
+    info = collection.push_to_hub(args.repo_id, private=args.private or None, revision=args.revision,
+                                  create_pr=args.create_pr, commit_message=args.message, token=args.token)
+    print(f"Pushed {len(collection)} adapters to {args.repo_id}" + (f": {info.commit_url}" if info else
+                                                                     " (nothing changed)"))
+    if info and info.pr_url:
+        print(f"Pull request: {info.pr_url}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .format import fetch_manifest
+
+    manifest = fetch_manifest(args.collection, revision=args.revision, token=args.token)
+    counts = manifest.get("parameter_counts", {})
+    modules, adapters = manifest["modules"], manifest["adapters"]
+    mid = len(modules) // 2
+    print(f"collection          {args.collection}")
+    print(f"format version      {manifest['format_version']}")
+    print(f"base model          {manifest.get('base_model')}")
+    print(f"sigma               {manifest['sigma']}")
+    print(f"adapters            {len(adapters)}")
+    print(f"modules             {len(modules)}")
+    print(f"rank                {sorted({m['rank'] for m in modules})}")
+    print(f"clusters            {sorted({m['clusters'] for m in modules})}")
+    print(f"parameters before   {counts.get('original', 0):,}")
+    print(f"parameters after    {counts.get('compressed', 0):,}")
+    print(f"parameters saved    {counts.get('saved_ratio', 0.0):.1%}")
+    print(f"error (pooled)      {manifest.get('error', 0.0):.4f}")
+    print(f"error (mean/adapter){manifest.get('mean_adapter_error', 0.0):>7.4f}\n")
+    shown = adapters if args.all else adapters[:50]
+    print(_table(["adapter", "modules", f"cluster ({modules[mid]['name'] if modules else '-'})", "error", "source"],
+                 [[a["name"], sum(c is not None for c in a["clusters"]),
+                   "-" if a["clusters"][mid] is None else a["clusters"][mid], f"{a['error']:.4f}",
+                   a.get("origin", {}).get("repo_id") or a.get("origin", {}).get("path") or "-"] for a in shown]))
+    if len(shown) < len(adapters):
+        print(f"... and {len(adapters) - len(shown)} more (--all)")
+    return 0
+
+
+def cmd_add(args) -> int:
+    from .collection import JDLoraCollection
+
+    collection = JDLoraCollection.from_pretrained(args.collection)
+    added = collection.add_adapters(args.sources, allow_pickle=args.allow_pickle, token=args.token)
+    print(_table(["added adapter", "error"], [[n, f"{e:.4f}"] for n, e in added.items()]))
+    collection.save_pretrained(args.collection)
+    print(f"Saved {len(collection)} adapters to {args.collection}")
+    return 0
+
+
+def cmd_export_lora(args) -> int:
+    from .collection import JDLoraCollection
+
+    collection = JDLoraCollection.from_pretrained(args.collection, adapters=[args.name], revision=args.revision,
+                                                  token=args.token)
+    print(f"Wrote {collection.export_lora(args.name, args.out)}")
     return 0
 
 

@@ -8,7 +8,7 @@
 from .export import export_lora
 from .hub import push_collection
 from .layout import FORMAT_VERSION, read_manifest
-from .load import load_collection
+from .load import fetch_manifest, load_collection
 from .save import save_collection
 
-__all__ = ["FORMAT_VERSION", "export_lora", "load_collection", "push_collection", "read_manifest", "save_collection"]
+__all__ = ["FORMAT_VERSION", "export_lora", "fetch_manifest", "load_collection", "push_collection", "read_manifest", "save_collection"]

@@ -108,6 +108,12 @@ def load_collection(
     return collection
 
 
+def fetch_manifest(path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
+                   token: str | bool | None = None) -> dict:
+    """Reads only ``collection.json`` of a folder or Hub repo (nothing else is downloaded)."""
+    return read_manifest(_Fetcher(path_or_repo_id, revision, token, False, None).manifest())
+
+
 def _read_adapter_folder(root: Path, entry: dict, checked: _Checked) -> dict:
     """One adapter's own Sigma (and norms) from ``adapters/<name>/adapter_model.safetensors``."""
     rel = f"{entry['subfolder']}/{ADAPTER_WEIGHTS}"

@@ -1,0 +1,101 @@
+"""Triton kernel: expand by the cluster's U and accumulate into y in place (one launch).
+
+Math, for every token of the batch in adapter order, with ``a = sorted_adapter[m]``,
+``c = cluster_of[a]`` and ``g`` from :mod:`~jdlora.kernels.shrink`::
+
+    y[order[m]] += scale * U[c] g[m]          (d_out, float32 accumulation, one rounding of y)
+
+``g`` is rounded to the dtype of U before the product (as vLLM/Punica round their shrink output), then
+the product accumulates in float32. Rows with ``a < 0`` or ``c < 0`` are neither read nor written.
+
+Grid: ``(cdiv(T, BLOCK_M), cdiv(d_out, BLOCK_N))``. Program (i, j) loads ``g`` of its token block once,
+then loops over the clusters present in the block (one flat loop, pipelined): for cluster c it takes
+the rows of the block in c (others zeroed) and multiplies them by the ``[BLOCK_N, r]`` tile of U[c].
+A prefill block holds one cluster (one dot); a decode block of T <= BLOCK_M tokens in C clusters does
+C dots, and every cluster's U is read once for the whole batch.
+
+Memory traffic per launch: y read and written once (the floor's largest term for prefill), U[c] of
+every cluster present once per token block (from L2 after the first), g (T x r float32) once per
+column tile (from L2).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_BIG = 2147483647
+
+
+@triton.jit
+def jd_expand_kernel(
+    y_ptr,
+    u_ptr,
+    g_ptr,
+    cluster_of_ptr,
+    order_ptr,
+    sorted_adapter_ptr,
+    T,
+    d_out,
+    r,
+    scale,
+    stride_yt,
+    stride_yd,
+    stride_uc,
+    stride_ud,
+    stride_ur,
+    stride_ws,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_batch = offs_m < T
+    adapter = tl.load(sorted_adapter_ptr + offs_m, mask=in_batch, other=-1)
+    cluster = tl.load(cluster_of_ptr + adapter, mask=adapter >= 0, other=-1).to(tl.int32)
+    active = cluster >= 0
+    if tl.max(active.to(tl.int32), axis=0) > 0:
+        token = tl.load(order_ptr + offs_m, mask=in_batch, other=0).to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < r
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < d_out
+        g = tl.load(
+            g_ptr + offs_m.to(tl.int64)[:, None] * stride_ws + offs_r[None, :],
+            mask=active[:, None] & r_mask[None, :],
+            other=0.0,
+        ).to(u_ptr.dtype.element_ty)
+        c_lo = tl.min(tl.where(active, cluster, _BIG), axis=0)
+        c_hi = tl.max(cluster, axis=0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for c in range(c_lo, c_hi + 1):
+            g_c = tl.where((cluster == c)[:, None], g, tl.zeros_like(g))
+            u_t = tl.load(  # U[c]^T tile: [r, BLOCK_N]
+                u_ptr + c * stride_uc + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_ud,
+                mask=r_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
+            acc += tl.dot(g_c, u_t, input_precision=PRECISION)
+        y_tile = y_ptr + token[:, None] * stride_yt + offs_n[None, :] * stride_yd
+        y_mask = active[:, None] & n_mask[None, :]
+        y_old = tl.load(y_tile, mask=y_mask, other=0.0)
+        tl.store(y_tile, (y_old.to(tl.float32) + scale * acc).to(y_old.dtype), mask=y_mask)
+
+
+def launch_expand(y, U, g, cluster_of, batch, *, scale: float, config) -> None:
+    """Launch :func:`jd_expand_kernel`: ``y[order[m]] += scale * U[c] g[m]`` in place."""
+    T, d_out = y.shape
+    r = U.shape[2]
+    block_r = max(16, triton.next_power_of_2(r))
+    grid = (triton.cdiv(T, config.block_m), triton.cdiv(d_out, config.block_n))
+    jd_expand_kernel[grid](
+        y, U, g, cluster_of, batch.order, batch.sorted_adapter,
+        T, d_out, r, float(scale),
+        y.stride(0), y.stride(1), U.stride(0), U.stride(1), U.stride(2), g.stride(0),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r,
+        PRECISION="ieee" if U.dtype.itemsize == 4 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
