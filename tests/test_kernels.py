@@ -22,6 +22,9 @@ from jdlora.kernels import JDBatch, jd_lora_forward, jd_lora_forward_reference, 
 BACKENDS = ["torch", "triton"]
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
+# Triton's interpreter mishandles bf16 (numpy has none): bf16 runs on CUDA only.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA else [])
+DTYPE_IDS = ["fp32", "fp16"] + (["bf16"] if ON_CUDA else [])
 # fp16/bf16 products are exact in fp32; the kernels round Sigma V^T x (float32) once to the input dtype
 # before the expand, and y once at the end. Relative Frobenius error of the update y - y0 vs float64:
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -48,6 +51,7 @@ def make_problem(
     p_no_adapter: float = 0.2,
     p_no_cluster: float = 0.15,
     runs: bool = False,
+    one_adapter: bool = False,
 ):
     """Random inputs: U, V, Sigma scaled so every update is O(1); token_adapter with -1s.
 
@@ -70,6 +74,8 @@ def make_problem(
     else:
         token_adapter = torch.randint(0, n, (T,), device=dev)
         token_adapter[torch.rand(T, device=dev) < p_no_adapter] = -1
+    if one_adapter:
+        token_adapter = torch.full((T,), random.randrange(n), device=dev)
     return x, U, V, sigma, cluster_of, token_adapter
 
 
@@ -138,7 +144,7 @@ def check(backend, *, T, d_in, d_out, r, C, n, diag, dtype, runs=False, scale=No
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("diag", [False, True], ids=["full", "diag"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_decode_batches_match_dense_float64(backend, diag, dtype):
     """One token per request, many distinct adapters, random clusters and ranks."""
     _backend(backend)
@@ -150,13 +156,22 @@ def test_decode_batches_match_dense_float64(backend, diag, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("diag", [False, True], ids=["full", "diag"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_prefill_runs_of_uneven_length_match_dense_float64(backend, diag, dtype):
     """Long uneven runs of tokens per adapter (blocks of one adapter and blocks straddling two)."""
     _backend(backend)
     r = random.choice([8, 16, 40, 64])
     check(backend, T=random.randint(40, 90), d_in=random.choice([32, 64]), d_out=random.choice([24, 48]),
           r=r, C=random.randint(1, 4), n=random.randint(2, 12), diag=diag, dtype=dtype, runs=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("diag", [False, True], ids=["full", "diag"])
+def test_one_adapter_for_the_whole_batch(backend, diag):
+    """Every token block holds one adapter (the one-dot Sigma path of the kernels)."""
+    _backend(backend)
+    check(backend, T=random.randint(33, 80), d_in=64, d_out=32, r=random.choice([16, 32]), C=3, n=5, diag=diag,
+          dtype=torch.float32, p_no_adapter=0, p_no_cluster=0, runs=True, one_adapter=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -191,7 +206,7 @@ def test_tokens_without_adapter_or_cluster_keep_y_bits(backend):
 def test_one_batch_serves_layers_with_different_clusterings(backend):
     """prepare_batch once, then modules with their own ranks, cluster counts and cluster_of."""
     _backend(backend)
-    n, T = 20, 33
+    n, T = 20, 29  # two token blocks, split over d_in: the scratch path runs
     ta = torch.randint(-1, n, (T,), device=DEVICE)
     batch = prepare_batch(ta)
     for r, C, diag in [(16, 1, False), (32, 5, True), (8, 3, False), (64, 2, False), (16, 8, False)]:
@@ -227,6 +242,40 @@ def test_non_contiguous_inputs(backend):
     ref = jd_lora_forward_reference(y0.clone(), x, U, V, sigma, cluster_of, ta)
     torch.testing.assert_close(ys, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(big[:, :d_out].isnan(), torch.zeros_like(big[:, :d_out], dtype=torch.bool))
+
+
+def _named_configs():
+    from jdlora.kernels import launch as L
+
+    gpu = lambda c: type(c)(**{**c.__dict__, "programs": 8})  # noqa: E731
+    return {
+        "interpret-decode": (L.SHRINK_INTERPRET, L.EXPAND_INTERPRET),
+        "interpret-prefill": (L.SHRINK_INTERPRET_PREFILL, L.EXPAND_INTERPRET),
+        "gpu-decode": (gpu(L.SHRINK_DECODE), L.EXPAND_DECODE),
+        "gpu-prefill": (gpu(L.SHRINK_PREFILL), L.EXPAND_PREFILL),
+    }
+
+
+@pytest.mark.parametrize("name", ["interpret-decode", "interpret-prefill", "gpu-decode", "gpu-prefill"])
+@pytest.mark.parametrize("diag", [False, True], ids=["full", "diag"])
+def test_every_named_configuration_matches_the_reference(name, diag):
+    """Each configuration, on decode-like and run-like batches (split and unsplit d_in, one and many
+    adapters per block), against the reference that defines the numbers."""
+    _backend("triton")
+    from jdlora.kernels.launch import jd_lora_forward_triton
+
+    configs = _named_configs()[name]
+    for runs in (False, True):
+        T = random.randint(20, 70)
+        r = random.choice([8, 16, 48])
+        x, U, V, sigma, cluster_of, ta = make_problem(T, 160, 72, r, random.randint(1, 4), 9, diag=diag, runs=runs)
+        y0, untouched = poisoned_output(T, 72, torch.float32, cluster_of, ta)
+        batch = prepare_batch(ta)
+        y = jd_lora_forward_triton(y0.clone(), x, U, V, sigma, cluster_of, batch, scale=0.7, configs=configs)
+        ref = jd_lora_forward_reference(y0.clone(), x, U, V, sigma, cluster_of, ta, scale=0.7)
+        torch.testing.assert_close(y, ref, rtol=2e-5, atol=2e-5, equal_nan=True)
+        for partial, _, counters in batch._scratch.values():
+            assert not partial.any() and not counters.any()
 
 
 def test_prepare_batch_groups_tokens_by_adapter_stably_with_unadapted_tokens_last():
