@@ -296,3 +296,12 @@ def test_ten_thousand_adapters_save_and_load_with_sharded_folders(tmp_path):
     one = JDLoraCollection.from_pretrained(root, adapters=["synthetic-09999"])
     assert one.adapter_names == ["synthetic-09999"]
     print(f"\n10,001 adapters: save {saved:.1f} s, load {load_time:.1f} s")
+
+
+def test_saving_twice_gives_byte_identical_files(collection, tmp_path):
+    """Unchanged content must keep its bytes (and sha256), or a re-push would upload everything again."""
+    a = collection.save_pretrained(tmp_path / "a", progress=False)
+    b = collection.save_pretrained(tmp_path / "b", progress=False)
+    files_a = {p.relative_to(a): p.read_bytes() for p in a.rglob("*") if p.is_file()}
+    files_b = {p.relative_to(b): p.read_bytes() for p in b.rglob("*") if p.is_file()}
+    assert files_a == files_b

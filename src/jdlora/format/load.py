@@ -121,9 +121,9 @@ def _read_adapter_folder(root: Path, entry: dict, checked: _Checked) -> dict:
     suffix = "." + sigma_tensor_key("x").rsplit(".", 1)[-1]
     sigma = {k.removeprefix("base_model.model.").removesuffix(suffix): v for k, v in tensors.items()}
     try:
-        sq_norm = json.loads(metadata["jdlora_sq_norms"])
-        residual = json.loads(metadata["jdlora_residuals"])
-    except (KeyError, json.JSONDecodeError) as err:
+        norms = json.loads(metadata["jdlora"])
+        sq_norm, residual = norms["sq_norms"], norms["residuals"]
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
         raise CollectionFormatError(f"{root / rel}: missing or malformed jdlora metadata ({err}).") from err
     return {"sigma": sigma, "sq_norm": sq_norm, "residual": residual}
 

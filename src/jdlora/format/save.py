@@ -56,7 +56,7 @@ def write_collection_files(collection: JDLoraCollection, root: Path, *, progress
     modules_out = []
     per_adapter: list[dict[str, torch.Tensor]] = [{} for _ in collection.adapters]
     per_adapter_bases: list[dict[str, dict]] = [{} for _ in collection.adapters]
-    per_adapter_norms: list[dict[str, dict]] = [{"jdlora_sq_norms": {}, "jdlora_residuals": {}} for _ in collection.adapters]
+    per_adapter_norms: list[dict[str, dict]] = [{"sq_norms": {}, "residuals": {}} for _ in collection.adapters]
     module_names = list(collection.modules)
     module_errors = [[None] * len(module_names) for _ in collection.adapters]
     module_clusters = [[None] * len(module_names) for _ in collection.adapters]
@@ -84,8 +84,8 @@ def write_collection_files(collection: JDLoraCollection, root: Path, *, progress
         })
         errors, sq_norms, residuals = c.adapter_errors.tolist(), c.sq_norms.tolist(), c.residuals.tolist()
         for row, (i, cluster) in enumerate(zip(ids.tolist(), c.cluster.tolist())):
-            per_adapter_norms[i]["jdlora_sq_norms"][module] = sq_norms[row]
-            per_adapter_norms[i]["jdlora_residuals"][module] = residuals[row]
+            per_adapter_norms[i]["sq_norms"][module] = sq_norms[row]
+            per_adapter_norms[i]["residuals"][module] = residuals[row]
             per_adapter[i][sigma_tensor_key(module)] = c.sigma[row]
             per_adapter_bases[i][module] = bases[cluster]
             module_errors[i][m_index] = _round(errors[row])
@@ -97,8 +97,7 @@ def write_collection_files(collection: JDLoraCollection, root: Path, *, progress
     for i, info in enumerate(tqdm(collection.adapters, desc="Writing adapters", unit="adapter", disable=not progress)):
         sub = adapter_subfolder(info.name, len(collection))
         folder = root / sub
-        metadata = {k: json.dumps(v) for k, v in per_adapter_norms[i].items()}
-        _save(folder / ADAPTER_WEIGHTS, per_adapter[i], metadata)
+        _save(folder / ADAPTER_WEIGHTS, per_adapter[i], {"jdlora": json.dumps(per_adapter_norms[i], sort_keys=True)})
         depth = sub.count("/") + 1
         config = dict(common, target_modules=_suffixes(per_adapter_bases[i]), collection_root="/".join([".."] * depth),
                       bases=per_adapter_bases[i], adapter_name=info.name)
@@ -155,9 +154,12 @@ def _round(x: float) -> float:
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Writes a safetensors file with ONE metadata entry: safetensors serializes metadata from a hash map,
+    so with two or more entries their order, and the file's bytes and sha256, change from run to run,
+    and an unchanged file would look changed to the Hub."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
+    save_file(tensors, str(path), metadata=metadata or {"format": "pt"})
 
 
 def _write_json(path: Path, data: dict) -> None:

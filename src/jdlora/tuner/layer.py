@@ -1,0 +1,433 @@
+"""The JD-LoRA layer: ``y = W0 x + U_c Sigma_a V_c^T x`` with shared bases and per-adapter Sigma.
+
+Storage. Each adapter owns one Sigma per module, an ``nn.Parameter`` in ``jd_sigma[adapter]`` (so
+PEFT's per-adapter machinery, trainability, saving and deleting work as for LoRA). The bases are
+buffers in ``jd_U`` / ``jd_V``, keyed by basis (one per cluster of a collection, or per random
+seed and rank), never per adapter: ``jd_basis[adapter]`` names the basis an adapter uses.
+
+Banks. Mixed-adapter batches gather Sigma by index, so the same numbers also live stacked: per rank
+a bases bank (``U [C, d_out, r]``, ``V [C, d_in, r]``) and per adapter group (same rank and Sigma
+kind, rows shared by every layer, see :class:`AdapterGroup`) a Sigma bank (``[n, r, r]`` or
+``[n, r]``) with the cluster of each row. Every ``jd_sigma`` / ``jd_U`` / ``jd_V`` entry is a *view*
+of its bank row, so in-place updates (optimizer steps, ``load_state_dict``) show in the banks at no
+cost. Operations that replace tensors (``.to()``, ``assign=True`` loads) break the views; they mark
+the layer and the banks are rebuilt from the dicts (the source of truth) before they are next used.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils.other import transpose
+from torch import Tensor, nn
+
+from .mixed import MixedBatch, jd_lora_forward
+
+
+class AdapterGroup:
+    """Row numbers shared by every layer for the adapters of one rank and Sigma kind.
+
+    A token that uses adapter ``a`` reads row ``rows[a]`` of the Sigma bank of this group in every
+    layer; a layer the adapter does not touch has a zero row whose cluster is -1. Rows of deleted
+    adapters are reused.
+    """
+
+    def __init__(self, rank: int, kind: str):
+        self.rank, self.kind = rank, kind
+        self.key = f"r{rank}-{kind}"
+        self.rows: dict[str, int] = {}
+        self.free: list[int] = []
+        self.size = 0  # rows ever allocated (free ones included)
+
+    def add(self, names: list[str]) -> list[int]:
+        rows = []
+        for name in names:
+            if name not in self.rows:
+                if self.free:
+                    self.rows[name] = self.free.pop()
+                else:
+                    self.rows[name] = self.size
+                    self.size += 1
+            rows.append(self.rows[name])
+        return rows
+
+    def remove(self, name: str) -> None:
+        row = self.rows.pop(name, None)
+        if row is not None:
+            self.free.append(row)
+
+
+class _BasesBank:
+    """All bases of one rank in one layer: ``U [C, d_out, r]``, ``V [C, d_in, r]``, slot -> basis key."""
+
+    def __init__(self, U: Tensor, V: Tensor):
+        self.U, self.V = U, V
+        self.keys: list[Optional[str]] = [None] * U.shape[0]
+
+
+class _SigmaBank:
+    """The Sigmas of one :class:`AdapterGroup` in one layer, and each row's bases slot (-1: none)."""
+
+    def __init__(self, group: AdapterGroup, sigma: Tensor, cluster_of: Tensor):
+        self.group, self.sigma, self.cluster_of = group, sigma, cluster_of
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
+
+
+def _grown(t: Tensor, rows: int, fill: float = 0) -> Tensor:
+    if t.shape[0] >= rows:
+        return t
+    capacity = max(rows, 2 * t.shape[0], 4)
+    out = torch.full((capacity, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+    out[: t.shape[0]] = t
+    return out
+
+
+class JDLoraLayer(BaseTunerLayer):
+    """JD-LoRA on one layer; see the module docstring for how the weights are stored."""
+
+    adapter_layer_names = ("jd_sigma",)
+    other_param_names = ("jd_U", "jd_V", "jd_basis", "r", "jd_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs):
+        self.base_layer = base_layer
+        self.jd_sigma = nn.ParameterDict({})
+        self.jd_U = BufferDict({}, persistent=True)
+        self.jd_V = BufferDict({}, persistent=True)
+        self.jd_basis: dict[str, str] = {}
+        self.r: dict[str, int] = {}
+        self.jd_dropout: dict[str, float] = {}
+        self._jd_bases: dict[int, _BasesBank] = {}
+        self._jd_banks: dict[str, _SigmaBank] = {}
+        self._jd_untied = False
+        self._disable_adapters = False
+        self.merged_adapters = []
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        if in_features is None or out_features is None:
+            raise TypeError(f"JD-LoRA does not support layers of type {type(self.get_base_layer()).__name__}.")
+        self.in_features, self.out_features = in_features, out_features
+        self.kwargs = kwargs
+        self.register_load_state_dict_post_hook(JDLoraLayer._jd_after_load)
+
+    # ----- adding adapters ------------------------------------------------------------------------
+
+    def _jd_dtype_device(self, dtype: Optional[torch.dtype]) -> tuple[torch.dtype, torch.device]:
+        for t in list(self.jd_U.values()) + list(self.jd_sigma.values()):
+            return t.dtype, t.device  # one dtype and device per layer: its adapters share banks
+        weight = self.get_base_weight()
+        if dtype is None:
+            dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+            if dtype in (torch.float16, torch.bfloat16):
+                dtype = torch.float32  # like PEFT's autocast_adapter_dtype: adapter math in fp32
+        return dtype, weight.device
+
+    def add_bases(self, key: str, U: Tensor, V: Tensor, dtype: Optional[torch.dtype] = None) -> None:
+        """Adds the basis ``key`` (``U [d_out, r]``, ``V [d_in, r]``) unless this layer has it already."""
+        if key in self.jd_U:
+            return
+        if U.shape[0] != self.out_features or V.shape[0] != self.in_features or U.shape[1] != V.shape[1]:
+            raise ValueError(
+                f"Bases of shapes U {tuple(U.shape)} and V {tuple(V.shape)} do not fit a layer with "
+                f"{self.in_features} inputs and {self.out_features} outputs (need U [d_out, r], V [d_in, r])."
+            )
+        self._jd_retie_if_needed()
+        dtype, device = self._jd_dtype_device(dtype)
+        r = U.shape[1]
+        bank = self._jd_bases.get(r)
+        if bank is None:
+            empty_u = torch.zeros(0, self.out_features, r, dtype=dtype, device=device)
+            bank = self._jd_bases[r] = _BasesBank(empty_u, torch.zeros(0, self.in_features, r, dtype=dtype, device=device))
+        slot = bank.keys.index(None) if None in bank.keys else len(bank.keys)
+        if slot >= bank.U.shape[0]:
+            bank.U, bank.V = _grown(bank.U, slot + 1), _grown(bank.V, slot + 1)
+            bank.keys += [None] * (bank.U.shape[0] - len(bank.keys))
+            self._jd_view_bases(bank)
+        bank.U[slot].copy_(U)
+        bank.V[slot].copy_(V)
+        bank.keys[slot] = key
+        self.jd_U[key], self.jd_V[key] = bank.U[slot], bank.V[slot]
+
+    def add_sigmas(self, group: AdapterGroup, names: list[str], rows: list[int], sigma: Tensor, basis: str,
+                   *, trainable: bool = False, dropout: float = 0.0) -> None:
+        """Adds adapters ``names`` (rows ``rows`` of ``group``) with Sigmas ``sigma [k, r, r] | [k, r]`` on ``basis``."""
+        self._jd_retie_if_needed()
+        r = group.rank
+        bases = self._jd_bases.get(r)
+        if basis not in self.jd_U or bases is None or basis not in bases.keys:
+            raise KeyError(f"Layer has no basis {basis!r} of rank {r}; add it with add_bases first.")
+        expected = (r, r) if group.kind == "full" else (r,)
+        if tuple(sigma.shape[1:]) != expected:
+            raise ValueError(f"Sigma of shape {tuple(sigma.shape[1:])} does not fit rank {r} ({group.kind}).")
+        bank = self._jd_banks.get(group.key)
+        dtype, device = bases.U.dtype, bases.U.device
+        if bank is None:
+            bank = self._jd_banks[group.key] = _SigmaBank(
+                group, torch.zeros(0, *expected, dtype=dtype, device=device),
+                torch.zeros(0, dtype=torch.long, device=device),
+            )
+        self._jd_grow(bank, max(rows) + 1)
+        index = torch.tensor(rows, device=device)
+        bank.sigma[index] = sigma.to(dtype=dtype, device=device)
+        bank.cluster_of[index] = bases.keys.index(basis)
+        for name, row in zip(names, rows):
+            if "." in name:
+                raise ValueError(f"Adapter name {name!r} contains '.', which PyTorch does not allow in names.")
+            self.jd_sigma[name] = nn.Parameter(bank.sigma[row], requires_grad=trainable)
+            self.jd_basis[name], self.r[name] = basis, r
+            if dropout:
+                self.jd_dropout[name] = dropout
+        self._jd_untied = False
+
+    def _jd_grow(self, bank: _SigmaBank, rows: int) -> None:
+        if bank.sigma.shape[0] >= rows:
+            return
+        bank.sigma, bank.cluster_of = _grown(bank.sigma, rows), _grown(bank.cluster_of, rows, fill=-1)
+        for name, param in self.jd_sigma.items():
+            if name in bank.group.rows and self._jd_group_key(name) == bank.group.key:
+                param.data = bank.sigma[bank.group.rows[name]]
+
+    def _jd_view_bases(self, bank: _BasesBank) -> None:
+        for slot, key in enumerate(bank.keys):
+            if key is not None:
+                self.jd_U._buffers[key], self.jd_V._buffers[key] = bank.U[slot], bank.V[slot]
+
+    def _jd_group_key(self, name: str) -> str:
+        return f"r{self.r[name]}-{'full' if self.jd_sigma[name].dim() == 2 else 'diag'}"
+
+    # ----- keeping banks and dicts tied -------------------------------------------------------------
+
+    def _jd_retie_if_needed(self) -> None:
+        if self._jd_untied:
+            self._jd_retie()
+
+    def _jd_retie(self) -> None:
+        """Rebuilds every bank from the dicts (the truth) and makes the dict entries views again."""
+        dtype = device = None
+        for t in list(self.jd_sigma.values()) + list(self.jd_U.values()):
+            dtype, device = t.dtype, t.device
+            break
+        if dtype is None:
+            self._jd_bases.clear()
+            self._jd_banks.clear()
+            self._jd_untied = False
+            return
+        for bank in self._jd_bases.values():
+            U = torch.zeros(bank.U.shape, dtype=dtype, device=device)
+            V = torch.zeros(bank.V.shape, dtype=dtype, device=device)
+            for slot, key in enumerate(bank.keys):
+                if key is not None:
+                    U[slot], V[slot] = self.jd_U[key], self.jd_V[key]
+            bank.U, bank.V = U, V
+            self._jd_view_bases(bank)
+        for bank in self._jd_banks.values():
+            sigma = torch.zeros(bank.sigma.shape, dtype=dtype, device=device)
+            with torch.no_grad():
+                for name, param in self.jd_sigma.items():
+                    if self._jd_group_key(name) == bank.group.key:
+                        row = bank.group.rows[name]
+                        sigma[row] = param.detach().to(dtype=dtype, device=device)
+                        param.data = sigma[row]
+            bank.sigma, bank.cluster_of = sigma, bank.cluster_of.to(device)
+        self._jd_untied = False
+
+    def _jd_ties_hold(self) -> bool:
+        """Whether every dict entry is still a view of its bank row (one pointer compare per entry)."""
+        for bank in self._jd_bases.values():
+            for slot, key in enumerate(bank.keys):
+                if key is not None and not _same(self.jd_U[key], bank.U[slot]):
+                    return False
+        for name, param in self.jd_sigma.items():
+            bank = self._jd_banks.get(self._jd_group_key(name))
+            if bank is None or not _same(param, bank.sigma[bank.group.rows[name]]):
+                return False
+        return True
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if not self._jd_ties_hold():  # each dict entry was converted on its own: rebuild the banks
+            self._jd_retie()
+        return out
+
+    @staticmethod
+    def _jd_after_load(module, incompatible_keys) -> None:
+        if not module._jd_ties_hold():  # load_state_dict(assign=True) replaced tensors
+            module._jd_untied = True
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Moves this layer's JD-LoRA tensors to the base layer's device (all at once: they share banks)."""
+        target = device if device is not None else self.get_base_weight().device
+        if any(p.device != target for p in self.jd_sigma.values()) or any(b.device != target for b in self.jd_U.values()):
+            for d in (self.jd_sigma, self.jd_U, self.jd_V):
+                d.to(target)
+            self._jd_untied = True
+            self._jd_retie()
+
+    def jd_cast(self, dtype: torch.dtype) -> None:
+        """Casts this layer's JD-LoRA tensors (every adapter and basis: they share banks) to ``dtype``."""
+        if all(p.dtype == dtype for p in self.jd_sigma.values()) and all(b.dtype == dtype for b in self.jd_U.values()):
+            return
+        for d in (self.jd_sigma, self.jd_U, self.jd_V):
+            d.to(dtype)
+        self._jd_untied = True
+        self._jd_retie()
+
+    # ----- deleting -----------------------------------------------------------------------------
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Removes the adapter's Sigma, and its basis once no adapter of this layer uses it."""
+        if adapter_name in self.jd_sigma:
+            self._jd_retie_if_needed()
+            group_key = self._jd_group_key(adapter_name)
+            bank = self._jd_banks[group_key]
+            row = bank.group.rows[adapter_name]
+            bank.sigma[row].zero_()
+            bank.cluster_of[row] = -1
+            del self.jd_sigma[adapter_name]
+            basis = self.jd_basis.pop(adapter_name)
+            r = self.r.pop(adapter_name)
+            self.jd_dropout.pop(adapter_name, None)
+            if basis not in self.jd_basis.values():
+                bases = self._jd_bases[r]
+                slot = bases.keys.index(basis)
+                bases.keys[slot] = None
+                bases.U[slot].zero_()
+                bases.V[slot].zero_()
+                del self.jd_U[basis], self.jd_V[basis]
+        super().delete_adapter(adapter_name)
+
+    def _all_available_adapter_names(self) -> list[str]:
+        return sorted(self.jd_sigma.keys())
+
+    # ----- math ---------------------------------------------------------------------------------
+
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        """The dense update ``U Sigma V^T`` of ``adapter``, laid out like the base weight."""
+        sigma = self.jd_sigma[adapter]
+        basis = self.jd_basis[adapter]
+        U, V = self.jd_U[basis], self.jd_V[basis]
+        dtype = self.get_base_weight().dtype
+        compute = torch.float32 if sigma.dtype in (torch.float16, torch.bfloat16) else sigma.dtype
+        U, V, sigma = U.to(compute), V.to(compute), sigma.to(compute)
+        middle = sigma if sigma.dim() == 2 else torch.diag(sigma)
+        return transpose(U @ middle @ V.T, self.fan_in_fan_out).to(dtype)
+
+    def _jd_delta(self, x: Tensor, adapter: str) -> Tensor:
+        """``x V Sigma^T U^T`` for one adapter: three thin products, never the dense update."""
+        sigma = self.jd_sigma[adapter]
+        basis = self.jd_basis[adapter]
+        U, V = self.jd_U[basis], self.jd_V[basis]
+        x = self._cast_input_dtype(x, sigma.dtype)
+        p = self.jd_dropout.get(adapter, 0.0)
+        if p and self.training:
+            x = F.dropout(x, p=p)
+        h = x @ V
+        h = h @ sigma.T if sigma.dim() == 2 else h * sigma
+        return h @ U.T
+
+    def _check_forward_args(self, x: Tensor, *args, **kwargs) -> None:
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            return
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+
+    def _mixed_batch_forward(self, x: Tensor, *args: Any, adapter_names, **kwargs: Any) -> Tensor:
+        """Each row of the batch with its own adapter: one gathered JD product per adapter group.
+
+        No loop over adapters: per group (rank and Sigma kind; usually one), the rows' adapters are
+        turned into Sigma-bank rows once per forward (:class:`MixedBatch`) and the kernel applies
+        ``U_c Sigma_a V_c^T`` to every token.
+        """
+        result = self.base_layer(x, *args, **kwargs)
+        if not self._jd_banks:
+            return result
+        self._jd_retie_if_needed()
+        batch = adapter_names if isinstance(adapter_names, MixedBatch) else MixedBatch(adapter_names)
+        tokens_per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
+        if not result.is_contiguous():
+            result = result.contiguous()
+        y2 = result.view(-1, result.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        for bank in self._jd_banks.values():
+            prepared = batch.prepared(bank.group, tokens_per_row, x.device)
+            if prepared is None:
+                continue
+            self._jd_grow(bank, bank.group.size)
+            bases = self._jd_bases[bank.group.rank]
+            xin = x2 if x2.dtype == bases.U.dtype else x2.to(bases.U.dtype)
+            jd_lora_forward(y2, xin, bases.U, bases.V, bank.sigma, bank.cluster_of, prepared)
+        return result
+
+
+class Linear(nn.Module, JDLoraLayer):
+    """JD-LoRA around an ``nn.Linear`` (or transformers' ``Conv1D`` with ``fan_in_fan_out``)."""
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False, is_target_conv_1d_layer: bool = False,
+                 **kwargs) -> None:
+        super().__init__()
+        JDLoraLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.is_target_conv_1d_layer = is_target_conv_1d_layer
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Adds ``U Sigma V^T`` of the active (or given) adapters to the base weight."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for adapter in adapter_names:
+            if adapter not in self.jd_sigma:
+                continue
+            weight = self.get_base_weight()
+            if safe_merge:
+                weight = weight.clone() + self.get_delta_weight(adapter)
+                if not torch.isfinite(weight).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                self.set_base_weight(weight)
+            else:
+                weight += self.get_delta_weight(adapter)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Subtracts every merged adapter's update again."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.jd_sigma:
+                self.get_base_weight().sub_(self.get_delta_weight(adapter))
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for adapter in self.active_adapters:
+            if adapter in self.jd_sigma:
+                result = result + self._jd_delta(x, adapter).to(result.dtype)
+        return result
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "jdlora." + super().__repr__()
