@@ -303,3 +303,81 @@ def test_bad_shapes_are_rejected_with_the_offending_shape():
 def test_import_jdlora_does_not_import_triton():
     code = "import sys, jdlora, jdlora.kernels; assert 'triton' not in sys.modules, 'triton imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------ GPU only (H200): real sizes, graphs
+
+
+def factored_float64(y0, x, U, V, sigma, cluster_of, token_adapter, scale):
+    """The update in float64 through the factors (a dense dW per adapter is too big at d = 4096)."""
+    from jdlora.kernels.reference import jd_lora_delta_reference
+
+    delta, active = jd_lora_delta_reference(x.double(), U.double(), V.double(), sigma.double(), cluster_of, token_adapter)
+    return torch.where(active[:, None], y0.double() + scale * delta.double(), y0.double())
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="real sizes need the GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_real_sizes_match_float64_on_gpu(dtype):
+    """d 4096 (d_out 4096 and 1024), ranks 16..128, up to 1024 adapters, 1..4096 tokens, full and diag."""
+    from jdlora.kernels.reference import jd_lora_delta_reference  # noqa: F401
+
+    bound = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}[dtype]
+    cases = [  # T, d_out, r, C, n, diag, runs
+        (1, 4096, 16, 1, 1, False, False),
+        (7, 1024, 128, 4, 1024, False, False),
+        (64, 4096, 64, 8, 64, False, False),
+        (64, 4096, 64, 1, 64, True, False),
+        (256, 1024, 32, 3, 256, False, False),
+        (300, 4096, 128, 8, 1024, True, False),
+        (1024, 4096, 64, 8, 64, False, True),
+        (4096, 4096, 16, 2, 256, False, True),
+        (4096, 1024, 128, 1, 8, False, True),
+    ]
+    for T, d_out, r, C, n, diag, runs in cases:
+        x, U, V, sigma, cluster_of, ta = make_problem(T, 4096, d_out, r, C, n, diag=diag, dtype=dtype, runs=runs)
+        y0, untouched = poisoned_output(T, d_out, dtype, cluster_of, ta)
+        y = jd_lora_forward(y0.clone(), x, U, V, sigma, cluster_of, ta, scale=0.5, backend="triton")
+        ref = factored_float64(y0, x, U, V, sigma, cluster_of, ta, 0.5)
+        assert torch.isnan(y[untouched]).all() and not torch.isnan(y[~untouched]).any()
+        err = rel_err(y, ref, y0)
+        assert err < bound, f"{dtype} T={T} d_out={d_out} r={r} C={C} n={n} diag={diag}: rel err {err:.2e}"
+        y_ref = jd_lora_forward_reference(y0.clone(), x, U, V, sigma, cluster_of, ta, scale=0.5)
+        assert rel_err(y, y_ref.double(), y0) < bound
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need the GPU")
+@pytest.mark.parametrize("T", [1, 64, 1024])
+def test_cuda_graph_capture_and_replay_with_new_adapters(T):
+    """prepare_batch + two layers captured once; replays with fresh token_adapter and x match the reference."""
+    n, d = 300, 4096
+    ta_static = torch.randint(-1, n, (T,), device="cuda")
+    x_static = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    layers = []
+    for r, C, diag, d_out in [(64, 8, False, 4096), (16, 1, True, 1024)]:
+        _, U, V, sigma, cluster_of, _ = make_problem(1, d, d_out, r, C, n, diag=diag, dtype=torch.bfloat16)
+        layers.append((U, V, sigma, cluster_of, torch.randn(T, d_out, device="cuda", dtype=torch.bfloat16)))
+    y_static = [torch.empty_like(l[4]) for l in layers]
+
+    def forward():
+        batch = prepare_batch(ta_static)
+        for (U, V, sigma, cluster_of, y0), y in zip(layers, y_static):
+            y.copy_(y0)
+            jd_lora_forward(y, x_static, U, V, sigma, cluster_of, batch)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        forward()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        forward()
+    for _ in range(3):
+        ta_static.copy_(torch.randint(-1, n, (T,), device="cuda"))
+        x_static.copy_(torch.randn(T, d, device="cuda"))
+        g.replay()
+        torch.cuda.synchronize()
+        for (U, V, sigma, cluster_of, y0), y in zip(layers, y_static):
+            ref = factored_float64(y0, x_static, U, V, sigma, cluster_of, ta_static, 1.0)
+            assert rel_err(y, ref, y0) < 1e-2

@@ -1,0 +1,480 @@
+#!/usr/bin/env python
+"""Speed of the JD-LoRA mixed-batch kernels against standard multi-LoRA (issue 5). Not a test.
+
+One adapted linear, bf16, d_in 4096, d_out 4096 and 1024; tokens 1, 16, 64, 256 (decode: each token
+draws its adapter, shuffled) and 1024, 4096 (prefill: runs of tokens per adapter); D distinct
+adapters in the batch, D in 1, 8, 64, 256 (D <= T). Rows, per shape:
+
+- ``base``: the base GEMM alone, ``y = x W^T`` (the cost to stay close to);
+- ``peft``: PEFT's LoRA mixed-batch path at rank 16 (``peft.tuners.lora.Linear`` called with
+  ``adapter_names``: a Python loop over the adapters in the batch), eager when its list indexing
+  cannot be captured in a CUDA graph; ``peft-loop``: the same loop with the index tensors prepared
+  on the device, captured;
+- ``bgmv``: a gathered per-token LoRA kernel of Punica's bgmv kind at rank 16 (vLLM's Triton LoRA
+  ops when ``vllm`` is importable, else the Triton kernels below: zero a float32 buffer, split-K
+  shrink with atomic adds, expand; one program per token);
+- ``sgmv``: segment-grouped rank-16 LoRA, run as our own kernels with one cluster per adapter and
+  ``Sigma = scaling * I`` (tokens sorted by adapter, tensor-core tiles per segment);
+- ``jd-*``: ``jd_lora_forward`` (Triton), rank 16 and 64, full and diagonal Sigma, 1 and 8 clusters;
+  ``ref-*``: the same through the torch reference; ``base+jd-*``: base GEMM then JD in one graph;
+- ``floor-*``: the JD bandwidth floor: x once, y read and written, the bases of the clusters present
+  and the Sigma of the adapters present, over the measured device-to-device copy bandwidth.
+
+Timing (METHOD.md): every op is captured in a CUDA graph, several copies of it each on its own set
+of inputs (so that the sets together exceed the 60 MB L2 several times: no op reads warm weights
+left by the previous one), and the graph replayed many times; the time is the median replay over
+the number of copies. ``prepare_batch`` runs once per forward, outside the timed op.
+
+Usage::
+
+    PYTHONPATH=src python benchmarks/kernels.py --json $OUT/kernels.json      # everything (H200)
+    PYTHONPATH=src python benchmarks/kernels.py --sweep                        # configuration sweep
+    TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke                    # CPU: the code runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+from jdlora.kernels import jd_lora_forward, jd_lora_forward_reference, prepare_batch
+
+D_IN = 4096
+D_OUTS = (4096, 1024)
+TOKENS = (1, 16, 64, 256, 1024, 4096)
+PREFILL_FROM = 1024
+DISTINCT = (1, 8, 64, 256)
+LORA_RANK = 16
+JD_VARIANTS = [(r, kind, C) for r in (16, 64) for kind in ("full", "diag") for C in (1, 8)]
+WORKING_SET = 240e6  # bytes all copies of an op's inputs should span (4x the H200's L2)
+MAX_COPIES = 64
+DTYPE = torch.bfloat16
+
+
+# ------------------------------------------------------------------------- bgmv baseline (Punica)
+
+if triton is not None:
+
+    @triton.jit
+    def bgmv_shrink_kernel(x_ptr, a_ptr, ta_ptr, h_ptr, d_in, r, k_per_split, s_xt, s_an, s_ar, s_ak,
+                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """h[t] += A[a_t][:, k-slice] x[t, k-slice]; one program per (token, K slice)."""
+        t = tl.program_id(0)
+        ks = tl.program_id(1)
+        a = tl.load(ta_ptr + t)
+        if a >= 0:
+            offs_r = tl.arange(0, BLOCK_R)
+            offs_k = tl.arange(0, BLOCK_K)
+            acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+            k_start = ks * k_per_split
+            for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+                kk = k0 + offs_k
+                km = kk < d_in
+                xk = tl.load(x_ptr + t.to(tl.int64) * s_xt + kk, mask=km, other=0.0)
+                ak = tl.load(a_ptr + a.to(tl.int64) * s_an + offs_r[:, None] * s_ar + kk[None, :] * s_ak,
+                             mask=(offs_r[:, None] < r) & km[None, :], other=0.0)
+                acc += ak.to(tl.float32) * xk.to(tl.float32)[None, :]
+            tl.atomic_add(h_ptr + t * r + offs_r, tl.sum(acc, axis=1), mask=offs_r < r, sem="relaxed")
+
+    @triton.jit
+    def bgmv_expand_kernel(y_ptr, b_ptr, ta_ptr, h_ptr, d_out, r, scale, s_yt, s_bn, s_bo, s_br,
+                           BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+        """y[t, n-tile] += scale * B[a_t][n-tile, :] h[t]; one program per (token, column tile)."""
+        t = tl.program_id(0)
+        pn = tl.program_id(1)
+        a = tl.load(ta_ptr + t)
+        if a >= 0:
+            offs_r = tl.arange(0, BLOCK_R)
+            offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+            nm = offs_n < d_out
+            h = tl.load(h_ptr + t * r + offs_r, mask=offs_r < r, other=0.0)
+            h = h.to(b_ptr.dtype.element_ty).to(tl.float32)
+            b = tl.load(b_ptr + a.to(tl.int64) * s_bn + offs_n[:, None] * s_bo + offs_r[None, :] * s_br,
+                        mask=nm[:, None] & (offs_r[None, :] < r), other=0.0)
+            out = tl.sum(b.to(tl.float32) * h[None, :], axis=1)
+            yp = y_ptr + t.to(tl.int64) * s_yt + offs_n
+            y_old = tl.load(yp, mask=nm, other=0.0)
+            tl.store(yp, (y_old.to(tl.float32) + scale * out).to(y_old.dtype), mask=nm)
+
+
+def bgmv_lora(y, x, A, B, token_adapter, scale, *, block_k=256, block_n=128, programs=264):
+    """Punica-style bgmv: y[t] += scale * B[a] A[a] x[t]. A [n, r, d_in], B [n, d_out, r]."""
+    T, d_in = x.shape
+    r = A.shape[1]
+    h = torch.zeros(T, r, dtype=torch.float32, device=x.device)
+    split = max(1, min(programs // max(T, 1), triton.cdiv(d_in, block_k)))
+    k_per = triton.cdiv(triton.cdiv(d_in, split), block_k) * block_k
+    split = triton.cdiv(d_in, k_per)
+    br = max(16, triton.next_power_of_2(r))
+    bgmv_shrink_kernel[(T, split)](x, A, token_adapter, h, d_in, r, k_per, x.stride(0), A.stride(0), A.stride(1),
+                                   A.stride(2), BLOCK_R=br, BLOCK_K=block_k)
+    bgmv_expand_kernel[(T, triton.cdiv(y.shape[1], block_n))](y, B, token_adapter, h, y.shape[1], r, float(scale),
+                                                              y.stride(0), B.stride(0), B.stride(1), B.stride(2),
+                                                              BLOCK_R=br, BLOCK_N=block_n)
+    return y
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm.lora.ops.triton_ops  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------- timing
+
+
+def time_graph(ops, replays: int, device) -> float:
+    """Median seconds per op: all ``ops`` captured in one CUDA graph, replayed ``replays`` times."""
+    if device.type != "cuda":  # smoke mode: run once, time on the host
+        t0 = time.perf_counter()
+        for op in ops:
+            op()
+        return (time.perf_counter() - t0) / len(ops)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for op in ops:
+            op()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for op in ops:
+            op()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) / 1e3)
+    del g
+    return statistics.median(times) / len(ops)
+
+
+def time_eager(ops, replays: int, device) -> float:
+    """Median seconds per op, eager (for code that a CUDA graph cannot capture)."""
+    for op in ops:
+        op()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for i in range(replays):
+        op = ops[i % len(ops)]
+        if device.type == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            op()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            op()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copies_for(bytes_per_copy: float) -> int:
+    return max(2, min(MAX_COPIES, math.ceil(WORKING_SET / max(bytes_per_copy, 1))))
+
+
+def copy_bandwidth(device) -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second (1 GiB buffers)."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.empty(2**30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    t = time_graph([lambda: b.copy_(a)] * 5, 20, device)
+    return 2 * a.numel() / t
+
+
+def launch_floor(device) -> float:
+    """Seconds per launch of an empty Triton kernel inside a CUDA graph (the cost of one launch)."""
+    if device.type != "cuda":
+        return float("nan")
+
+    @triton.jit
+    def _empty(p):
+        pass
+
+    buf = torch.empty(1, device=device)
+    return time_graph([lambda: _empty[(1,)](buf)] * 100, 50, device)
+
+
+# -------------------------------------------------------------------------------------- problems
+
+
+def token_adapters(T: int, D: int, device) -> torch.Tensor:
+    ids = torch.arange(T, device=device) % D
+    if T < PREFILL_FROM:  # decode: each request its own adapter, in arbitrary order
+        return ids[torch.randperm(T, device=device)]
+    return ids.sort().values  # prefill: runs of T / D tokens
+
+
+def jd_floor_bytes(T, d_out, r, kind, C_present, D, itemsize=2) -> int:
+    sig = r * r if kind == "full" else r
+    return itemsize * (T * D_IN + 2 * T * d_out + C_present * (D_IN + d_out) * r + D * sig)
+
+
+def make_jd(T, d_out, D, r, kind, C, device):
+    U = torch.randn(C, d_out, r, device=device, dtype=DTYPE) / r**0.5
+    V = torch.randn(C, D_IN, r, device=device, dtype=DTYPE) / D_IN**0.5
+    sigma = torch.randn(*((D, r, r) if kind == "full" else (D, r)), device=device, dtype=DTYPE)
+    cluster_of = torch.randperm(max(C, D), device=device)[:D] % C  # every cluster used when D >= C
+    return U, V, sigma, cluster_of
+
+
+def bench_shape(d_out, T, D, device, replays, results, variants=JD_VARIANTS, peft_ok=True):
+    """Every row for one (d_out, T, D)."""
+    row = dict(d_in=D_IN, d_out=d_out, tokens=T, distinct=D)
+    x_bytes, y_bytes = 2 * T * D_IN, 2 * T * d_out
+    ta = token_adapters(T, D, device)
+
+    def xs(k):
+        return [torch.randn(T, D_IN, device=device, dtype=DTYPE) for _ in range(k)]
+
+    def ys(k):
+        return [torch.randn(T, d_out, device=device, dtype=DTYPE) for _ in range(k)]
+
+    # base GEMM
+    k = copies_for(2 * d_out * D_IN + x_bytes + y_bytes)
+    W = [torch.randn(d_out, D_IN, device=device, dtype=DTYPE) / D_IN**0.5 for _ in range(k)]
+    X, Y = xs(k), ys(k)
+    row["base"] = time_graph([lambda i=i: torch.matmul(X[i], W[i].t(), out=Y[i]) for i in range(k)], replays, device)
+
+    # standard multi-LoRA, rank 16, D adapters
+    r = LORA_RANK
+    k = copies_for(2 * D * r * (D_IN + d_out) + x_bytes + y_bytes)
+    A = [torch.randn(D, r, D_IN, device=device, dtype=DTYPE) / D_IN**0.5 for _ in range(k)]
+    B = [torch.randn(D, d_out, r, device=device, dtype=DTYPE) / r**0.5 for _ in range(k)]
+    X, Y = xs(k), ys(k)
+    tas = ta.to(torch.int32)
+    if triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        row["bgmv"] = time_graph([lambda i=i: bgmv_lora(Y[i], X[i], A[i], B[i], tas, 2.0) for i in range(k)],
+                                 replays, device)
+        batch = prepare_batch(ta)
+        eye = torch.full((D, r), 2.0, device=device, dtype=DTYPE)
+        own = torch.arange(D, device=device)
+        row["sgmv"] = time_graph(
+            [lambda i=i: jd_lora_forward(Y[i], X[i], B[i], A[i].transpose(1, 2), eye, own, batch, backend="triton")
+             for i in range(k)], replays, device)
+    # PEFT's loop over adapters, with the indices on the device (capturable)
+    idx = [(ta == a).nonzero().squeeze(1) for a in range(D)]
+    k_loop = min(k, 4)
+
+    def peft_loop(i):
+        for a in range(D):
+            sub = X[i][idx[a]]
+            out = (sub @ A[i][a].t()) @ B[i][a].t() * 2.0
+            Y[i].index_add_(0, idx[a], out.to(Y[i].dtype))
+
+    row["peft-loop"] = time_graph([lambda i=i: peft_loop(i) for i in range(k_loop)], max(5, replays // 4), device)
+    if peft_ok:
+        row.update(bench_peft(A[0], B[0], X, ta, d_out, device, replays))
+
+    # JD: Triton, torch reference, base + JD
+    for r, kind, C in variants:
+        name = f"r{r}-{kind}-c{C}"
+        C_present = min(C, D)
+        fb = jd_floor_bytes(T, d_out, r, kind, C_present, D)
+        row[f"floor-bytes-{name}"] = fb
+        k = copies_for(fb)
+        probs = [make_jd(T, d_out, D, r, kind, C, device) for _ in range(k)]
+        batches = [prepare_batch(ta) for _ in range(k)]
+        X, Y = xs(k), ys(k)
+        row[f"jd-{name}"] = time_graph(
+            [lambda i=i: jd_lora_forward(Y[i], X[i], *probs[i], batches[i], backend="triton") for i in range(k)],
+            replays, device)
+        kr = min(k, 4)
+        row[f"ref-{name}"] = time_graph(
+            [lambda i=i: jd_lora_forward(Y[i], X[i], *probs[i], batches[i], backend="torch") for i in range(kr)],
+            max(5, replays // 4), device)
+        if r == 64 and kind == "full":
+            k2 = copies_for(fb + 2 * d_out * D_IN)
+            W2 = [torch.randn(d_out, D_IN, device=device, dtype=DTYPE) / D_IN**0.5 for _ in range(k2)]
+            probs2 = probs[:k2] + [make_jd(T, d_out, D, r, kind, C, device) for _ in range(k2 - len(probs[:k2]))]
+            b2 = [prepare_batch(ta) for _ in range(k2)]
+            X2, Y2 = xs(k2), ys(k2)
+
+            def both(i):
+                torch.matmul(X2[i], W2[i].t(), out=Y2[i])
+                jd_lora_forward(Y2[i], X2[i], *probs2[i], b2[i], backend="triton")
+
+            row[f"base+jd-{name}"] = time_graph([lambda i=i: both(i) for i in range(k2)], replays, device)
+            del W2, probs2, b2, X2, Y2
+        del probs, batches, X, Y
+    results.append(row)
+    return row
+
+
+def bench_peft(A, B, X, ta, d_out, device, replays) -> dict:
+    """PEFT's own mixed-batch forward (``adapter_names``) on one LoRA-wrapped Linear."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return {}
+    D = A.shape[0]
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(D_IN, d_out, bias=False, device=device, dtype=DTYPE)
+
+        def forward(self, x, **kw):
+            return self.proj(x)
+
+    cfg = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["proj"])
+    model = get_peft_model(M(), cfg, adapter_name="a0")
+    for a in range(1, D):
+        model.add_adapter(f"a{a}", cfg)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        for a in range(D):
+            layer.lora_A[f"a{a}"].weight.copy_(A[a])
+            layer.lora_B[f"a{a}"].weight.copy_(B[a])
+    names = [f"a{a}" for a in ta.tolist()]
+    out = {}
+    with torch.no_grad():
+        ops = [lambda i=i: layer(X[i], adapter_names=names) for i in range(min(len(X), 2))]
+        try:
+            out["peft"] = time_graph(ops, max(5, replays // 4), device)
+            out["peft-mode"] = "graph"
+        except Exception as e:  # list indexing copies host data: not capturable
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            out["peft"] = time_eager(ops, max(5, replays // 4), device)
+            out["peft-mode"] = f"eager ({type(e).__name__})"
+    del model, layer
+    return out
+
+
+# ----------------------------------------------------------------------------------------- sweep
+
+
+def sweep(device, replays, results):
+    """Decode and prefill configuration candidates at the issue's target shape and at prefill."""
+    from jdlora.kernels import launch as L
+
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    shapes = [(64, 64, 4096, 64, "full", 1), (64, 64, 4096, 64, "full", 8), (256, 256, 4096, 16, "full", 8),
+              (4096, 64, 4096, 64, "full", 8)]
+    for T, D, d_out, r, kind, C in shapes:
+        decode = T <= L.DECODE_MAX_TOKENS
+        if decode:
+            shrinks = [L.ShrinkConfig(block_m=16, block_k=bk, programs=pps * sms, num_warps=nw)
+                       for bk in (64, 128, 256) for pps in (1, 2, 4) for nw in (4,)]
+            expands = [L.ExpandConfig(block_m=16, block_n=bn, num_warps=nw) for bn in (32, 64, 128) for nw in (4,)]
+        else:
+            shrinks = [L.ShrinkConfig(block_m=bm, block_k=bk, programs=2 * sms, num_warps=nw, num_stages=4)
+                       for bm in (32, 64, 128) for bk in (32, 64) for nw in (4, 8)]
+            expands = [L.ExpandConfig(block_m=bm, block_n=bn, num_warps=nw)
+                       for bm in (32, 64, 128) for bn in (64, 128) for nw in (4, 8)]
+        ta = token_adapters(T, D, device)
+        k = copies_for(jd_floor_bytes(T, d_out, r, kind, min(C, D), D))
+        probs = [make_jd(T, d_out, D, r, kind, C, device) for _ in range(k)]
+        batches = [prepare_batch(ta) for _ in range(k)]
+        X = [torch.randn(T, D_IN, device=device, dtype=DTYPE) for _ in range(k)]
+        Y = [torch.randn(T, d_out, device=device, dtype=DTYPE) for _ in range(k)]
+        base_e = L.pick_configs(T, D_IN, device)[1]
+        base_s = L.pick_configs(T, D_IN, device)[0]
+        for tag, cands in (("shrink", shrinks), ("expand", expands)):
+            for cfg in cands:
+                cfgs = (cfg, base_e) if tag == "shrink" else (base_s, cfg)
+                try:
+                    t = time_graph([lambda i=i: L.jd_lora_forward_triton(Y[i], X[i], *probs[i], batches[i], configs=cfgs)
+                                    for i in range(k)], replays, device)
+                except Exception as e:  # e.g. out of shared memory
+                    t = float("nan")
+                    print("config failed", cfg, type(e).__name__, str(e)[:100], file=sys.stderr)
+                results.append(dict(T=T, D=D, d_out=d_out, r=r, kind=kind, C=C, stage=tag, config=cfg.__dict__, seconds=t))
+                print(f"sweep T={T} D={D} d_out={d_out} r{r}-{kind}-c{C} {tag} {cfg.__dict__}: {t*1e6:.2f} us", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", help="write all results here")
+    p.add_argument("--replays", type=int, default=40)
+    p.add_argument("--sweep", action="store_true", help="configuration sweep only")
+    p.add_argument("--smoke", action="store_true", help="tiny run on any device (checks the code runs)")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                torch=torch.__version__, triton=getattr(triton, "__version__", None), vllm=vllm_available(),
+                dtype=str(DTYPE))
+    results, sweeps = [], []
+    global D_IN, D_OUTS, TOKENS, DISTINCT, WORKING_SET
+    if args.smoke:
+        D_IN, D_OUTS, TOKENS, DISTINCT, WORKING_SET = 64, (32,), (4, 40), (1, 3), 1
+        args.replays = 2
+    if device.type == "cuda":
+        meta["copy_bandwidth"] = copy_bandwidth(device)
+        meta["launch_in_graph"] = launch_floor(device)
+        print(f"copy bandwidth {meta['copy_bandwidth']/1e12:.2f} TB/s, empty launch in a graph "
+              f"{meta['launch_in_graph']*1e6:.2f} us", flush=True)
+    if args.sweep:
+        sweep(device, args.replays, sweeps)
+    else:
+        for d_out in D_OUTS:
+            for T in TOKENS:
+                for D in DISTINCT:
+                    if D > T:
+                        continue
+                    t0 = time.time()
+                    row = bench_shape(d_out, T, D, device, args.replays, results, peft_ok=D <= 64 or T <= 256)
+                    print(summary_line(row, meta), f"({time.time()-t0:.1f}s)", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, results=results, sweep=sweeps), f, indent=1)
+    if results:
+        print(table(results, meta))
+
+
+def summary_line(row, meta) -> str:
+    us = lambda k: f"{row[k]*1e6:.1f}" if k in row else "-"  # noqa: E731
+    return (f"d_out={row['d_out']} T={row['tokens']} D={row['distinct']}: base {us('base')} bgmv {us('bgmv')} "
+            f"sgmv {us('sgmv')} peft {us('peft')} loop {us('peft-loop')} | jd r64-full-c1 {us('jd-r64-full-c1')} "
+            f"c8 {us('jd-r64-full-c8')} base+jd {us('base+jd-r64-full-c1')} ref {us('ref-r64-full-c1')}")
+
+
+def table(results, meta) -> str:
+    """Markdown table (microseconds): one row per shape, the issue's comparisons."""
+    bw = meta.get("copy_bandwidth", float("nan"))
+    cols = ["base", "peft", "peft-loop", "bgmv", "sgmv"] + [f"jd-{r}" for r in ("r16-full-c1", "r64-full-c1",
+            "r64-full-c8", "r64-diag-c1", "r64-diag-c8", "r16-full-c8")] + ["ref-r64-full-c1", "base+jd-r64-full-c1",
+            "base+jd-r64-full-c8"]
+    lines = ["| d_out | T | D | " + " | ".join(cols) + " | floor r64-full-c1 | floor r64-full-c8 |",
+             "|" + "---|" * (len(cols) + 5)]
+    for row in results:
+        vals = [f"{row[c]*1e6:.1f}" if c in row else "-" for c in cols]
+        fl = [f"{row[f'floor-bytes-{n}'] / bw * 1e6:.2f}" for n in ("r64-full-c1", "r64-full-c8")]
+        lines.append(f"| {row['d_out']} | {row['tokens']} | {row['distinct']} | " + " | ".join(vals) + " | "
+                     + " | ".join(fl) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
