@@ -137,3 +137,17 @@ def test_cli_compress_push_inspect_and_export(hub, real_adapters, tmp_path, caps
     assert (tmp_path / "plain" / "adapter_model.safetensors").is_file()
     assert main(["add", str(out), str(real_adapters[0]), ]) == 2  # already in the collection
     assert "already has an adapter" in capsys.readouterr().err
+
+
+def test_publish_and_load_example_runs(hub, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "publish_and_load.py"
+    run = subprocess.run([sys.executable, str(script), "jdlora-test/example", "--adapters", "6", "--workdir",
+                          str(tmp_path)], capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Loaded ['synthetic-00000']" in run.stdout and "Loaded 6 adapters" in run.stdout
+    assert (tmp_path / "synthetic-00000-lora" / "adapter_model.safetensors").is_file()
