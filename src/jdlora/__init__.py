@@ -11,6 +11,9 @@ from .collection import AdapterInfo, JDLoraCollection
 from .pipeline import compress, recompress
 from .sources import LoraAdapter, open_adapter, open_adapters
 from .synthetic import synthetic_adapters
+from .tuner.registration import register_when_peft_imported
+
+register_when_peft_imported()  # JD-LoRA becomes a PEFT method as soon as PEFT is imported (not before)
 
 __version__ = "0.1.0"
 

@@ -80,14 +80,23 @@ class JDLoraConfig(PeftConfig):
         default=None, metadata={"help": "Name of the layer list, used with `layers_to_transform`."}
     )
     """The name of the ``nn.ModuleList`` of layers (``"layers"``, ``"h"``), used with ``layers_to_transform``."""
-    collection: Optional[dict] = field(
-        default=None, metadata={"help": "Written by jdlora.format: what this adapter is within its collection."}
-    )
-    """Written and read by :mod:`jdlora.format`, never set by hand: on a collection's root config, what the
-    collection holds; on one adapter of a collection, its name, clusters and the bases files it needs."""
+    # Written by jdlora.format into the adapter_config.json files of a saved collection (docs/format.md);
+    # never set by hand.
+    collection: Optional[str] = field(default=None, metadata={"help": "Root of a saved collection: its manifest."})
+    """Set on a saved collection's root config (``"collection.json"``): the config stands for every adapter."""
+    adapter_name: Optional[str] = field(default=None, metadata={"help": "This adapter's name in its collection."})
+    """The adapter's name in its collection (per-adapter configs of a saved collection)."""
+    collection_root: Optional[str] = field(default=None, metadata={"help": "Relative path to the collection root."})
+    """Path from the adapter's folder to the collection root (``"../.."``)."""
+    bases: Optional[dict] = field(default=None, metadata={"help": "{module: {path, sha256}} of the bases needed."})
+    """``{module: {"path": "bases/<module>/<cluster>.safetensors", "sha256": ...}}``: the bases files this adapter
+    needs, relative to the collection root; the only ones downloaded when it is loaded on its own."""
+    jdlora_version: Optional[str] = field(default=None, metadata={"help": "Version of jdlora that wrote this."})
+    """The jdlora version that wrote the config."""
 
     def __post_init__(self):
         super().__post_init__()
+        registration.register()  # the PeftType member must exist (import jdlora normally did this)
         self.peft_type = PeftType[registration.PEFT_TYPE]
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
@@ -128,24 +137,27 @@ class JDLoraConfig(PeftConfig):
             "subfolder": subfolder,
             **{k: kwargs[k] for k in hub_keys if k in kwargs},
         }
+        if kwargs.get("adapters") is not None:  # PeftModel.from_pretrained(base, root, adapters=[...])
+            config._jd.adapter_names = list(kwargs["adapters"])
         return config
 
     @property
     def is_collection_root(self) -> bool:
         """Whether this config stands for a whole collection (loaded in bulk) rather than one adapter."""
-        return self._jd.collection is not None or bool(self.collection and self.collection.get("root"))
+        return self._jd.collection is not None or bool(self.collection)
 
 
 class _Runtime:
     """What a config knows at runtime only: an in-memory collection to load (``collection``, with
     ``adapter_names``), a collection to take bases from (``bases``), and where ``from_pretrained`` found
-    the config (``source``). Shared, not copied, by ``copy.deepcopy`` (PEFT deep-copies configs)."""
+    the config (``source``); ``bulk`` marks members of a bulk-loaded collection. Shared, not copied, by ``copy.deepcopy`` (PEFT deep-copies configs)."""
 
     def __init__(self):
         self.collection = None
         self.adapter_names = None
         self.bases = None
         self.source = None
+        self.bulk = False  # a member of a collection loaded in bulk (its Sigma is already in place)
 
     def __deepcopy__(self, memo):
         return self

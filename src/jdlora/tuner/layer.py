@@ -77,17 +77,41 @@ class _SigmaBank:
         self.group, self.sigma, self.cluster_of = group, sigma, cluster_of
 
 
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _same(a: Tensor, b: Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
 
 
 def _grown(t: Tensor, rows: int, fill: float = 0) -> Tensor:
+    """``t`` with at least ``rows`` rows (capacity doubles), new rows set to ``fill``."""
     if t.shape[0] >= rows:
         return t
     capacity = max(rows, 2 * t.shape[0], 4)
-    out = torch.full((capacity, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+    out = torch.empty((capacity, *t.shape[1:]), dtype=t.dtype, device=t.device)
     out[: t.shape[0]] = t
+    out[t.shape[0]:] = fill
     return out
+
+
+def _insert_parameters(params: nn.ParameterDict, new: dict[str, nn.Parameter]) -> None:
+    """``params.update(new)``, fast: thousands of adapters per layer make ``__setitem__``'s checks
+    (an attribute lookup that fails, per name) the bulk load's main cost. Falls back to it when
+    ParameterDict's internals are not the expected ones or registration hooks are installed."""
+    from torch.nn.modules import module as torch_module
+
+    keys = getattr(params, "_keys", None)
+    if not isinstance(keys, dict) or getattr(torch_module, "_global_parameter_registration_hooks", None):
+        for name, param in new.items():
+            params[name] = param
+        return
+    taken = params.__dict__.keys() | params._buffers.keys() | params._modules.keys()
+    for name in new:
+        if name in taken or hasattr(type(params), name):
+            params[name] = new[name]  # let PyTorch raise its own error
+    params._parameters.update(new)
+    keys.update(dict.fromkeys(new))
 
 
 class JDLoraLayer(BaseTunerLayer):
@@ -119,8 +143,9 @@ class JDLoraLayer(BaseTunerLayer):
     # ----- adding adapters ------------------------------------------------------------------------
 
     def _jd_dtype_device(self, dtype: Optional[torch.dtype]) -> tuple[torch.dtype, torch.device]:
-        for t in list(self.jd_U.values()) + list(self.jd_sigma.values()):
-            return t.dtype, t.device  # one dtype and device per layer: its adapters share banks
+        for d in (self.jd_U, self.jd_sigma):
+            for t in d.values():
+                return t.dtype, t.device  # one dtype and device per layer: its adapters share banks
         weight = self.get_base_weight()
         if dtype is None:
             dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
@@ -176,14 +201,16 @@ class JDLoraLayer(BaseTunerLayer):
         index = torch.tensor(rows, device=device)
         bank.sigma[index] = sigma.to(dtype=dtype, device=device)
         bank.cluster_of[index] = bases.keys.index(basis)
-        for name, row in zip(names, rows):
-            if "." in name:
-                raise ValueError(f"Adapter name {name!r} contains '.', which PyTorch does not allow in names.")
-            self.jd_sigma[name] = nn.Parameter(bank.sigma[row], requires_grad=trainable)
-            self.jd_basis[name], self.r[name] = basis, r
-            if dropout:
-                self.jd_dropout[name] = dropout
-        self._jd_untied = False
+        for name in names:
+            if not isinstance(name, str) or not name or "." in name:
+                raise ValueError(f"Adapter name {name!r} cannot be a PyTorch/PEFT name (empty or containing '.').")
+        views = bank.sigma.unbind(0)
+        _insert_parameters(self.jd_sigma, {n: nn.Parameter(views[row], requires_grad=trainable)
+                                           for n, row in zip(names, rows)})
+        self.jd_basis.update(dict.fromkeys(names, basis))
+        self.r.update(dict.fromkeys(names, r))
+        if dropout:
+            self.jd_dropout.update(dict.fromkeys(names, dropout))
 
     def _jd_grow(self, bank: _SigmaBank, rows: int) -> None:
         if bank.sigma.shape[0] >= rows:
@@ -249,11 +276,9 @@ class JDLoraLayer(BaseTunerLayer):
                 return False
         return True
 
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        if not self._jd_ties_hold():  # each dict entry was converted on its own: rebuild the banks
+    def _jd_after_apply(self) -> None:
+        if not self._jd_ties_hold():  # .to() & co. converted each dict entry on its own: rebuild the banks
             self._jd_retie()
-        return out
 
     @staticmethod
     def _jd_after_load(module, incompatible_keys) -> None:
@@ -308,7 +333,13 @@ class JDLoraLayer(BaseTunerLayer):
     # ----- math ---------------------------------------------------------------------------------
 
     def get_delta_weight(self, adapter: str) -> Tensor:
-        """The dense update ``U Sigma V^T`` of ``adapter``, laid out like the base weight."""
+        """The dense update ``U Sigma V^T`` of ``adapter``, laid out like the base weight.
+
+        Zero when the adapter has no update in this layer (adapters of a collection need not adapt every
+        module), so PEFT's ``convert_to_lora`` works on any adapter.
+        """
+        if adapter not in self.jd_sigma:
+            return torch.zeros_like(self.get_base_weight())
         sigma = self.jd_sigma[adapter]
         basis = self.jd_basis[adapter]
         U, V = self.jd_U[basis], self.jd_V[basis]
@@ -368,8 +399,16 @@ class JDLoraLayer(BaseTunerLayer):
                 continue
             self._jd_grow(bank, bank.group.size)
             bases = self._jd_bases[bank.group.rank]
-            xin = x2 if x2.dtype == bases.U.dtype else x2.to(bases.U.dtype)
-            jd_lora_forward(y2, xin, bases.U, bases.V, bank.sigma, bank.cluster_of, prepared)
+            U, V, sigma = bases.U, bases.V, bank.sigma
+            y = y2
+            if U.dtype not in _KERNEL_DTYPES or y2.dtype not in _KERNEL_DTYPES:  # e.g. float64: kernels in fp32
+                U, V, sigma = U.float(), V.float(), sigma.float()
+                y = torch.zeros(y2.shape, dtype=torch.float32, device=y2.device)
+            xin = x2 if x2.dtype == U.dtype else x2.to(U.dtype)
+            with torch.autocast(x.device.type, enabled=False):  # the kernels fix their own precision
+                jd_lora_forward(y, xin, U, V, sigma, bank.cluster_of, prepared)
+            if y is not y2:
+                y2 += y.to(y2.dtype)
         return result
 
 
@@ -382,6 +421,12 @@ class Linear(nn.Module, JDLoraLayer):
         JDLoraLayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = fan_in_fan_out
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
+
+    def _apply(self, fn, *args, **kwargs):
+        # here, not on JDLoraLayer: nn.Module comes first in this class's MRO
+        out = super()._apply(fn, *args, **kwargs)
+        self._jd_after_apply()
+        return out
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Adds ``U Sigma V^T`` of the active (or given) adapters to the base weight."""

@@ -99,6 +99,9 @@ def register() -> None:
                 f"PEFT already has a method registered as {PEFT_TYPE} ({existing.__module__}.{existing.__qualname__}); "
                 "jdlora cannot register its own. Remove the other registration."
             )
+        from .peft_hooks import install
+
+        install()
         _state["done"] = True
     finally:
         _state["busy"] = False
