@@ -63,6 +63,9 @@ JD_VARIANTS = [(r, kind, C) for r in (16, 64) for kind in ("full", "diag") for C
 WORKING_SET = 240e6  # bytes all copies of an op's inputs should span (4x the H200's L2)
 MAX_COPIES = 64
 DTYPE = torch.bfloat16
+# configuration sweep: (T, D, d_out, r, sigma kind, clusters)
+SWEEP_SHAPES = [(64, 64, 4096, 64, "full", 1), (64, 64, 4096, 64, "full", 8), (256, 256, 4096, 16, "full", 8),
+                (4096, 64, 4096, 64, "full", 8)]
 
 
 # ------------------------------------------------------------------------- bgmv baseline (Punica)
@@ -202,10 +205,10 @@ def copy_bandwidth(device) -> float:
     """Device-to-device copy bandwidth, bytes read + written per second (1 GiB buffers)."""
     if device.type != "cuda":
         return float("nan")
-    a = torch.empty(2**30, dtype=torch.uint8, device=device)
+    a = torch.randn(2**28, device=device)  # 1 GiB
     b = torch.empty_like(a)
     t = time_graph([lambda: b.copy_(a)] * 5, 20, device)
-    return 2 * a.numel() / t
+    return 2 * a.numel() * a.element_size() / t
 
 
 def launch_floor(device) -> float:
@@ -375,17 +378,17 @@ def sweep(device, replays, results):
     from jdlora.kernels import launch as L
 
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    shapes = [(64, 64, 4096, 64, "full", 1), (64, 64, 4096, 64, "full", 8), (256, 256, 4096, 16, "full", 8),
-              (4096, 64, 4096, 64, "full", 8)]
-    for T, D, d_out, r, kind, C in shapes:
+    for T, D, d_out, r, kind, C in SWEEP_SHAPES:
         decode = T <= L.DECODE_MAX_TOKENS
         if decode:
             shrinks = [L.ShrinkConfig(block_m=16, block_k=bk, programs=pps * sms, num_warps=nw)
                        for bk in (64, 128, 256) for pps in (1, 2, 4) for nw in (4,)]
+            sigmas = [L.SigmaConfig(block_m=bm, num_warps=nw) for bm in (1, 2, 4) for nw in (2, 4)]
             expands = [L.ExpandConfig(block_m=16, block_n=bn, num_warps=nw) for bn in (32, 64, 128) for nw in (4,)]
         else:
             shrinks = [L.ShrinkConfig(block_m=bm, block_k=bk, programs=2 * sms, num_warps=nw, num_stages=4)
                        for bm in (32, 64, 128) for bk in (32, 64) for nw in (4, 8)]
+            sigmas = [L.SigmaConfig(block_m=bm, num_warps=nw) for bm in (16, 32) for nw in (4, 8)]
             expands = [L.ExpandConfig(block_m=bm, block_n=bn, num_warps=nw)
                        for bm in (32, 64, 128) for bn in (64, 128) for nw in (4, 8)]
         ta = token_adapters(T, D, device)
@@ -394,11 +397,10 @@ def sweep(device, replays, results):
         batches = [prepare_batch(ta) for _ in range(k)]
         X = [torch.randn(T, D_IN, device=device, dtype=DTYPE) for _ in range(k)]
         Y = [torch.randn(T, d_out, device=device, dtype=DTYPE) for _ in range(k)]
-        base_e = L.pick_configs(T, D_IN, device)[1]
-        base_s = L.pick_configs(T, D_IN, device)[0]
-        for tag, cands in (("shrink", shrinks), ("expand", expands)):
+        default = L.pick_configs(T, D_IN, device)
+        for stage, (tag, cands) in enumerate((("shrink", shrinks), ("sigma", sigmas), ("expand", expands))):
             for cfg in cands:
-                cfgs = (cfg, base_e) if tag == "shrink" else (base_s, cfg)
+                cfgs = tuple(cfg if j == stage else default[j] for j in range(3))
                 try:
                     t = time_graph([lambda i=i: L.jd_lora_forward_triton(Y[i], X[i], *probs[i], batches[i], configs=cfgs)
                                     for i in range(k)], replays, device)
@@ -426,9 +428,10 @@ def main():
                 torch=torch.__version__, triton=getattr(triton, "__version__", None), vllm=vllm_available(),
                 dtype=str(DTYPE))
     results, sweeps = [], []
-    global D_IN, D_OUTS, TOKENS, DISTINCT, WORKING_SET
+    global D_IN, D_OUTS, TOKENS, DISTINCT, WORKING_SET, SWEEP_SHAPES
     if args.smoke:
         D_IN, D_OUTS, TOKENS, DISTINCT, WORKING_SET = 64, (32,), (4, 40), (1, 3), 1
+        SWEEP_SHAPES = [(8, 4, 32, 16, "full", 2), (200, 4, 32, 16, "full", 2)]
         args.replays = 2
     if device.type == "cuda":
         meta["copy_bandwidth"] = copy_bandwidth(device)
@@ -444,8 +447,11 @@ def main():
                     if D > T:
                         continue
                     t0 = time.time()
-                    row = bench_shape(d_out, T, D, device, args.replays, results, peft_ok=D <= 64 or T <= 256)
+                    row = bench_shape(d_out, T, D, device, args.replays, results, peft_ok=D <= 64)
                     print(summary_line(row, meta), f"({time.time()-t0:.1f}s)", flush=True)
+                    if args.json:  # after every shape: a run stopped at its time limit keeps what it measured
+                        with open(args.json, "w") as f:
+                            json.dump(dict(meta=meta, results=results, sweep=sweeps), f, indent=1)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, results=results, sweep=sweeps), f, indent=1)

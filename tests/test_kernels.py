@@ -216,8 +216,8 @@ def test_one_batch_serves_layers_with_different_clusterings(backend):
         ref = dense_float64(y0, x, U, V, sigma, cluster_of, ta, 1.0)
         assert rel_err(y, ref, y0) < TOL[torch.float32]
     if backend == "triton":  # the shared scratch is left zeroed for the next layer
-        for partial, _, counters in batch._scratch.values():
-            assert not partial.any() and not counters.any()
+        for h, _ in batch._scratch.values():
+            assert not h.any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -249,10 +249,10 @@ def _named_configs():
 
     gpu = lambda c: type(c)(**{**c.__dict__, "programs": 8})  # noqa: E731
     return {
-        "interpret-decode": (L.SHRINK_INTERPRET, L.EXPAND_INTERPRET),
-        "interpret-prefill": (L.SHRINK_INTERPRET_PREFILL, L.EXPAND_INTERPRET),
-        "gpu-decode": (gpu(L.SHRINK_DECODE), L.EXPAND_DECODE),
-        "gpu-prefill": (gpu(L.SHRINK_PREFILL), L.EXPAND_PREFILL),
+        "interpret-decode": (L.SHRINK_INTERPRET, L.SIGMA_INTERPRET, L.EXPAND_INTERPRET),
+        "interpret-prefill": (L.SHRINK_INTERPRET_PREFILL, L.SIGMA_INTERPRET_PREFILL, L.EXPAND_INTERPRET),
+        "gpu-decode": (gpu(L.SHRINK_DECODE), L.SIGMA_DECODE, L.EXPAND_DECODE),
+        "gpu-prefill": (gpu(L.SHRINK_PREFILL), L.SIGMA_PREFILL, L.EXPAND_PREFILL),
     }
 
 
@@ -274,8 +274,8 @@ def test_every_named_configuration_matches_the_reference(name, diag):
         y = jd_lora_forward_triton(y0.clone(), x, U, V, sigma, cluster_of, batch, scale=0.7, configs=configs)
         ref = jd_lora_forward_reference(y0.clone(), x, U, V, sigma, cluster_of, ta, scale=0.7)
         torch.testing.assert_close(y, ref, rtol=2e-5, atol=2e-5, equal_nan=True)
-        for partial, _, counters in batch._scratch.values():
-            assert not partial.any() and not counters.any()
+        for h, _ in batch._scratch.values():
+            assert not h.any()
 
 
 def test_prepare_batch_groups_tokens_by_adapter_stably_with_unadapted_tokens_last():

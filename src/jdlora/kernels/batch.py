@@ -32,9 +32,9 @@ class JDBatch:
         sorted_adapter: ``[T]`` int32, ``token_adapter[order]``: runs of equal adapters, then -1s.
         num_tokens: ``T`` (a shape, known on the host without synchronizing).
 
-    The Triton path also keeps a small float32 scratch buffer here (``[T, r]`` plus one counter per
-    token block) which every kernel leaves zeroed, so all layers of a forward share it. Use one
-    batch per CUDA stream.
+    The Triton path also keeps two small float32 scratch buffers here (``[T, r]``); the one that
+    must start zeroed is left zeroed by every call, so all layers of a forward share them (no memset
+    launch per layer). Use one batch per CUDA stream.
     """
 
     token_adapter: Tensor
@@ -47,11 +47,11 @@ class JDBatch:
     def device(self) -> torch.device:
         return self.order.device
 
-    def scratch(self, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """``(partial [T, w] float32 zeros, sigma_out [T, w] float32, counters [T] int32 zeros)``.
+    def scratch(self, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(h [T, w] float32 zeros, g [T, w] float32)`` with ``w >= width``.
 
-        ``w >= width``; allocated on first use and grown (re-allocated) for a wider rank. The
-        shrink kernel leaves ``partial`` and ``counters`` zeroed after every call.
+        Allocated on first use and re-allocated for a wider rank. The Sigma kernel re-zeroes the
+        rows of ``h`` that the shrink kernel filled, so ``h`` is all zeros between calls.
         """
         key = str(device)
         buf = self._scratch.get(key)
@@ -60,7 +60,6 @@ class JDBatch:
             buf = (
                 torch.zeros(t, width, dtype=torch.float32, device=device),
                 torch.empty(t, width, dtype=torch.float32, device=device),
-                torch.zeros(t, dtype=torch.int32, device=device),
             )
             self._scratch[key] = buf
         return buf

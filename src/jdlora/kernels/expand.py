@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_BIG = 2147483647
+_BIG = tl.constexpr(2147483647)
 
 
 @triton.jit

@@ -1,10 +1,20 @@
-"""The Triton path of :func:`jdlora.kernels.jd_lora_forward`: configurations and the two launches.
+"""The Triton path of :func:`jdlora.kernels.jd_lora_forward`: configurations and the three launches.
+
+1. :mod:`~jdlora.kernels.shrink`: ``h = V[c]^T x`` into the batch's zeroed float32 scratch;
+2. :mod:`~jdlora.kernels.sigma`: ``g = Sigma[a] h``, re-zeroing ``h``;
+3. :mod:`~jdlora.kernels.expand`: ``y += scale * U[c] g`` in place.
+
+Why three and not one or two: a decode step needs the shrink split over d_in across the GPU (a few
+token blocks cannot fill it), so its sums meet only after a grid-wide reduction; Sigma then needs the
+whole sum, and the expand needs Sigma's result. A launch inside a CUDA graph costs about 0.7 us on
+the H200 (measured, see ``benchmarks/RESULTS.md``), less than serializing Sigma for many tokens in
+one program (what a fused "last program of the block applies Sigma" design did: one Sigma per token,
+16 tokens per block, one SM each).
 
 Configurations are picked from static shapes only (T, d_in, the GPU's multiprocessor count), never
-from tensor values, so the choice costs no host synchronization and a captured CUDA graph replays it.
-Decode-sized batches split the shrink over d_in to fill the GPU; prefill-sized ones use larger token
-blocks. The numbers below were chosen from the H200 measurements in ``benchmarks/RESULTS.md``
-(``benchmarks/kernels.py`` prints them); the interpreter ones keep CPU tests fast.
+from tensor values, so the choice costs no host synchronization and a captured CUDA graph replays
+it. The GPU numbers were chosen from the H200 sweep in ``benchmarks/RESULTS.md``
+(``python benchmarks/kernels.py --sweep``); the interpreter ones keep CPU tests fast.
 """
 
 from __future__ import annotations
@@ -17,7 +27,8 @@ import torch
 import triton
 
 from .expand import launch_expand
-from .shrink import launch_shrink_sigma
+from .shrink import launch_shrink
+from .sigma import launch_sigma
 
 
 @dataclass(frozen=True)
@@ -27,10 +38,16 @@ class ShrinkConfig:
     programs: int  # aim for about this many programs (token blocks x K slices) in all
     num_warps: int = 4
     num_stages: int = 3
-    sigma_elems: int = 8192  # BLOCK_M x SIGMA_ROWS x BLOCK_R elements per Sigma gather chunk
 
     def split_k(self, m_blocks: int, d_in: int) -> int:
         return max(1, self.programs // m_blocks)
+
+
+@dataclass(frozen=True)
+class SigmaConfig:
+    block_m: int  # tokens per program: 1 for decode (each token's Sigma in one go), >= 16 for runs
+    num_warps: int = 4
+    sigma_elems: int = 8192  # BLOCK_M x SIGMA_ROWS x BLOCK_R elements per gathered chunk
 
 
 @dataclass(frozen=True)
@@ -41,17 +58,23 @@ class ExpandConfig:
     num_stages: int = 3
 
 
-# Named configurations (GPU). Decode: T <= DECODE_MAX_TOKENS.
+Configs = tuple[ShrinkConfig, SigmaConfig, ExpandConfig]
+
+# GPU configurations. Decode: T <= DECODE_MAX_TOKENS. `programs` is PROGRAMS_PER_SM x SMs.
 DECODE_MAX_TOKENS = 128
-SHRINK_DECODE = ShrinkConfig(block_m=16, block_k=128, programs=0)  # programs: 2 x SMs, set per device
+PROGRAMS_PER_SM = 2
+SHRINK_DECODE = ShrinkConfig(block_m=16, block_k=128, programs=0)
 SHRINK_PREFILL = ShrinkConfig(block_m=64, block_k=64, programs=0, num_warps=4, num_stages=4)
+SIGMA_DECODE = SigmaConfig(block_m=1)
+SIGMA_PREFILL = SigmaConfig(block_m=16)
 EXPAND_DECODE = ExpandConfig(block_m=16, block_n=64)
 EXPAND_PREFILL = ExpandConfig(block_m=64, block_n=128, num_warps=8)
-PROGRAMS_PER_SM = 2
 
-# Under TRITON_INTERPRET=1 (CPU tests): small tiles, few K slices (still > 1, so the split path runs).
-SHRINK_INTERPRET = ShrinkConfig(block_m=16, block_k=32, programs=4, sigma_elems=4096)
+# Under TRITON_INTERPRET=1 (CPU tests): small tiles, a few K slices (so the split path runs too).
+SHRINK_INTERPRET = ShrinkConfig(block_m=16, block_k=32, programs=4)
 SHRINK_INTERPRET_PREFILL = ShrinkConfig(block_m=32, block_k=32, programs=1)
+SIGMA_INTERPRET = SigmaConfig(block_m=1)
+SIGMA_INTERPRET_PREFILL = SigmaConfig(block_m=16, sigma_elems=4096)
 EXPAND_INTERPRET = ExpandConfig(block_m=16, block_n=32)
 
 
@@ -64,22 +87,22 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def pick_configs(T: int, d_in: int, device: torch.device) -> tuple[ShrinkConfig, ExpandConfig]:
+def pick_configs(T: int, d_in: int, device: torch.device) -> Configs:
     """The configurations for a batch of T tokens (decode or prefill regime)."""
     if device.type != "cuda":
         if T <= 32:
-            return SHRINK_INTERPRET, EXPAND_INTERPRET
-        return SHRINK_INTERPRET_PREFILL, EXPAND_INTERPRET
+            return SHRINK_INTERPRET, SIGMA_INTERPRET, EXPAND_INTERPRET
+        return SHRINK_INTERPRET_PREFILL, SIGMA_INTERPRET_PREFILL, EXPAND_INTERPRET
     programs = PROGRAMS_PER_SM * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     if T <= DECODE_MAX_TOKENS:
-        return ShrinkConfig(**{**SHRINK_DECODE.__dict__, "programs": programs}), EXPAND_DECODE
-    return ShrinkConfig(**{**SHRINK_PREFILL.__dict__, "programs": programs}), EXPAND_PREFILL
+        return ShrinkConfig(**{**SHRINK_DECODE.__dict__, "programs": programs}), SIGMA_DECODE, EXPAND_DECODE
+    return ShrinkConfig(**{**SHRINK_PREFILL.__dict__, "programs": programs}), SIGMA_PREFILL, EXPAND_PREFILL
 
 
 def jd_lora_forward_triton(
-    y, x, U, V, sigma, cluster_of, batch, *, scale: float = 1.0, configs: tuple | None = None
+    y, x, U, V, sigma, cluster_of, batch, *, scale: float = 1.0, configs: Configs | None = None
 ):
-    """Two launches: shrink + Sigma into the batch's float32 scratch, then expand into y. Returns y."""
+    """Three launches (shrink, Sigma, expand) through the batch's scratch. Returns y."""
     T = x.shape[0]
     if T == 0 or U.shape[0] == 0 or cluster_of.shape[0] == 0:
         return y
@@ -88,9 +111,9 @@ def jd_lora_forward_triton(
             "the Triton path runs on CUDA tensors, or on CPU tensors only under TRITON_INTERPRET=1 "
             "(set before triton is imported); use backend='torch' on CPU"
         )
-    shrink_cfg, expand_cfg = configs or pick_configs(T, x.shape[1], x.device)
-    r = U.shape[2]
-    partial, g, counters = batch.scratch(max(16, triton.next_power_of_2(r)), x.device)
-    launch_shrink_sigma(x, V, sigma, cluster_of, batch, partial, g, counters, config=shrink_cfg)
+    shrink_cfg, sigma_cfg, expand_cfg = configs or pick_configs(T, x.shape[1], x.device)
+    h, g = batch.scratch(max(16, triton.next_power_of_2(U.shape[2])), x.device)
+    launch_shrink(x, V, cluster_of, batch, h, config=shrink_cfg)
+    launch_sigma(h, g, sigma, cluster_of, batch, exact=x.dtype == torch.float32, config=sigma_cfg)
     launch_expand(y, U, g, cluster_of, batch, scale=scale, config=expand_cfg)
     return y
