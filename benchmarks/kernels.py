@@ -420,6 +420,7 @@ def main():
     p.add_argument("--replays", type=int, default=40)
     p.add_argument("--sweep", action="store_true", help="configuration sweep only")
     p.add_argument("--smoke", action="store_true", help="tiny run on any device (checks the code runs)")
+    p.add_argument("--once", action="store_true", help="run the issue's target shape a few times, eagerly (for ncu)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -438,6 +439,16 @@ def main():
         meta["launch_in_graph"] = launch_floor(device)
         print(f"copy bandwidth {meta['copy_bandwidth']/1e12:.2f} TB/s, empty launch in a graph "
               f"{meta['launch_in_graph']*1e6:.2f} us", flush=True)
+    if args.once:  # T 64, 64 adapters, d 4096, rank 64 full, 1 and 8 clusters: per-kernel times under ncu
+        ta = token_adapters(64, 64, device)
+        for C in (1, 8):
+            U, V, sigma, cluster_of = make_jd(64, 4096, 64, 64, "full", C, device)
+            x = torch.randn(64, D_IN, device=device, dtype=DTYPE)
+            y = torch.randn(64, 4096, device=device, dtype=DTYPE)
+            batch = prepare_batch(ta)
+            for _ in range(3):
+                jd_lora_forward(y, x, U, V, sigma, cluster_of, batch, backend="triton")
+        return
     if args.sweep:
         sweep(device, args.replays, sweeps)
     else:

@@ -30,15 +30,19 @@ elsewhere; ``backend="triton"`` forces the kernels (on CPU tensors too, under
 the environment variable ``JDLORA_KERNELS=torch|triton`` overrides ``"auto"``. Triton is imported
 only when the Triton path runs, so ``import jdlora`` never imports it.
 
-Kernels (Triton path), two launches per layer, no host synchronization, CUDA-graph capturable
+Kernels (Triton path), three launches per layer, no host synchronization, CUDA-graph capturable
 (grids are sized by T and the shapes, programs with nothing to do exit early):
 
-1. :mod:`~jdlora.kernels.shrink` -- shrink + Sigma: ``g[t] = Sigma[a] V[c]^T x[t]`` for blocks of
-   tokens in adapter order, split over d_in when the batch is small (partial sums meet in a
-   float32 scratch by atomic adds; the last program of a token block applies Sigma and re-zeroes
-   the scratch). Reads x once, each cluster's V once per token block, each Sigma once per block.
-2. :mod:`~jdlora.kernels.expand` -- expand: ``y[t] += scale * U[c] g[t]`` for tiles of d_out.
-   Reads g and each present cluster's U tile once per token block, reads and writes y once.
+1. :mod:`~jdlora.kernels.shrink` -- ``h[t] = V[c]^T x[t]`` for blocks of tokens in adapter order,
+   split over d_in when the batch is small (partial sums meet in a float32 scratch by atomic adds).
+   Reads x once, each present cluster's V once per token block.
+2. :mod:`~jdlora.kernels.sigma` -- ``g[t] = Sigma[a] h[t]``: one token per program in decode (its
+   whole Sigma in one load), one dot per run of one adapter in prefill; re-zeroes the scratch, so
+   every layer of the forward reuses it without a memset.
+3. :mod:`~jdlora.kernels.expand` -- ``y[t] += scale * U[c] g[t]`` for tiles of d_out. Reads g and
+   each present cluster's U tile once per token block, reads and writes y once.
+
+:mod:`~jdlora.kernels.launch` says why three launches and holds the block-size configurations.
 
 Memory traffic that must happen (the bandwidth floor): x, y twice, the U and V of every cluster
 present, and the Sigma of every adapter present. The kernels add only the float32 ``g`` (T x r)

@@ -12,7 +12,8 @@ Grid: ``(cdiv(T, BLOCK_M), cdiv(d_out, BLOCK_N))``. Program (i, j) loads ``g`` o
 then loops over the clusters present in the block (one flat loop, pipelined): for cluster c it takes
 the rows of the block in c (others zeroed) and multiplies them by the ``[BLOCK_N, r]`` tile of U[c].
 A prefill block holds one cluster (one dot); a decode block of T <= BLOCK_M tokens in C clusters does
-C dots, and every cluster's U is read once for the whole batch.
+C dots, and every cluster's U is read once for the whole batch. With one cluster (``ONE_CLUSTER``) no
+load waits for the ``cluster_of`` lookup (the lookup only masks the store).
 
 Memory traffic per launch: y read and written once (the floor's largest term for prefill), U[c] of
 every cluster present once per token block (from L2 after the first), g (T x r float32) once per
@@ -48,6 +49,7 @@ def jd_expand_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    ONE_CLUSTER: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -55,19 +57,26 @@ def jd_expand_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_batch = offs_m < T
     adapter = tl.load(sorted_adapter_ptr + offs_m, mask=in_batch, other=-1)
+    token = tl.load(order_ptr + offs_m, mask=in_batch, other=0).to(tl.int64)
     cluster = tl.load(cluster_of_ptr + adapter, mask=adapter >= 0, other=-1).to(tl.int32)
     active = cluster >= 0
-    if tl.max(active.to(tl.int32), axis=0) > 0:
-        token = tl.load(order_ptr + offs_m, mask=in_batch, other=0).to(tl.int64)
-        offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < r
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < d_out
-        g = tl.load(
-            g_ptr + offs_m.to(tl.int64)[:, None] * stride_ws + offs_r[None, :],
-            mask=active[:, None] & r_mask[None, :],
-            other=0.0,
-        ).to(u_ptr.dtype.element_ty)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < r
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < d_out
+    g_tile = g_ptr + offs_m.to(tl.int64)[:, None] * stride_ws + offs_r[None, :]
+    y_tile = y_ptr + token[:, None] * stride_yt + offs_n[None, :] * stride_yd
+    if ONE_CLUSTER:
+        # No load waits for the cluster lookup: every row of g (rows of inactive tokens hold stale
+        # values, which stay in their own rows of the product) times U[0]; only active rows stored.
+        g = tl.load(g_tile, mask=in_batch[:, None] & r_mask[None, :], other=0.0).to(u_ptr.dtype.element_ty)
+        u_t = tl.load(u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_ud,
+                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        y_old = tl.load(y_tile, mask=in_batch[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(g, u_t, input_precision=PRECISION)
+        tl.store(y_tile, (y_old.to(tl.float32) + scale * acc).to(y_old.dtype), mask=active[:, None] & n_mask[None, :])
+    elif tl.max(active.to(tl.int32), axis=0) > 0:
+        g = tl.load(g_tile, mask=active[:, None] & r_mask[None, :], other=0.0).to(u_ptr.dtype.element_ty)
         c_lo = tl.min(tl.where(active, cluster, _BIG), axis=0)
         c_hi = tl.max(cluster, axis=0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -79,7 +88,6 @@ def jd_expand_kernel(
                 other=0.0,
             )
             acc += tl.dot(g_c, u_t, input_precision=PRECISION)
-        y_tile = y_ptr + token[:, None] * stride_yt + offs_n[None, :] * stride_yd
         y_mask = active[:, None] & n_mask[None, :]
         y_old = tl.load(y_tile, mask=y_mask, other=0.0)
         tl.store(y_tile, (y_old.to(tl.float32) + scale * acc).to(y_old.dtype), mask=y_mask)
@@ -95,7 +103,7 @@ def launch_expand(y, U, g, cluster_of, batch, *, scale: float, config) -> None:
         y, U, g, cluster_of, batch.order, batch.sorted_adapter,
         T, d_out, r, float(scale),
         y.stride(0), y.stride(1), U.stride(0), U.stride(1), U.stride(2), g.stride(0),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, ONE_CLUSTER=U.shape[0] == 1,
         PRECISION="ieee" if U.dtype.itemsize == 4 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -61,14 +61,19 @@ class ExpandConfig:
 Configs = tuple[ShrinkConfig, SigmaConfig, ExpandConfig]
 
 # GPU configurations. Decode: T <= DECODE_MAX_TOKENS. `programs` is PROGRAMS_PER_SM x SMs.
+# H200 sweep (2026-11-29, whole 3-launch op, one stage varied at a time; RESULTS.md): decode times
+# moved by < 0.3 us over block_k 64..256, 1..4 programs per SM and block_n 32..128 (latency-bound);
+# Sigma with one token per program and 4 warps was best (2 or 4 tokens per program: +1.7..5.7 us).
+# Prefill (T 4096): shrink 64x64 (4 warps) best of 12; Sigma 32 tokens/4 warps and expand 32x128
+# (4 warps) best, within 2 us of the runners-up.
 DECODE_MAX_TOKENS = 128
 PROGRAMS_PER_SM = 2
 SHRINK_DECODE = ShrinkConfig(block_m=16, block_k=128, programs=0)
 SHRINK_PREFILL = ShrinkConfig(block_m=64, block_k=64, programs=0, num_warps=4, num_stages=4)
 SIGMA_DECODE = SigmaConfig(block_m=1)
-SIGMA_PREFILL = SigmaConfig(block_m=16)
+SIGMA_PREFILL = SigmaConfig(block_m=32)
 EXPAND_DECODE = ExpandConfig(block_m=16, block_n=64)
-EXPAND_PREFILL = ExpandConfig(block_m=64, block_n=128, num_warps=8)
+EXPAND_PREFILL = ExpandConfig(block_m=32, block_n=128)
 
 # Under TRITON_INTERPRET=1 (CPU tests): small tiles, a few K slices (so the split path runs too).
 SHRINK_INTERPRET = ShrinkConfig(block_m=16, block_k=32, programs=4)
@@ -114,6 +119,6 @@ def jd_lora_forward_triton(
     shrink_cfg, sigma_cfg, expand_cfg = configs or pick_configs(T, x.shape[1], x.device)
     h, g = batch.scratch(max(16, triton.next_power_of_2(U.shape[2])), x.device)
     launch_shrink(x, V, cluster_of, batch, h, config=shrink_cfg)
-    launch_sigma(h, g, sigma, cluster_of, batch, exact=x.dtype == torch.float32, config=sigma_cfg)
+    launch_sigma(h, g, sigma, batch, exact=x.dtype == torch.float32, config=sigma_cfg)
     launch_expand(y, U, g, cluster_of, batch, scale=scale, config=expand_cfg)
     return y

@@ -14,7 +14,8 @@ clusters present in the block times the K slice in one flat loop (so Triton pipe
 rows of other clusters are masked out of the x loads, so x is read once in all, and each cluster's V
 slice once per token block. A decode batch (few token blocks) is split over d_in to fill the GPU
 (``split_k`` programs per block, partial sums added atomically into the scratch); a prefill batch
-has enough blocks and stores its sums directly (``SPLIT`` False).
+has enough blocks and stores its sums directly (``SPLIT`` False). With one cluster (``ONE_CLUSTER``)
+no load waits for the ``cluster_of`` lookup: all rows are shrunk by V[0], only active rows are stored.
 
 Memory traffic per launch: x once (``T * d_in``), V[c] of every cluster present once per token block
 (from L2 after the first block), and ``split_k * T * r`` float32 atomic adds (or ``T * r`` stores).
@@ -26,6 +27,16 @@ import triton
 import triton.language as tl
 
 _BIG = tl.constexpr(2147483647)
+
+
+@triton.jit
+def _store_h(acc, h_ptr, offs_m, offs_r, active, r, stride_h, SPLIT: tl.constexpr):
+    h_tile = h_ptr + offs_m.to(tl.int64)[:, None] * stride_h + offs_r[None, :]
+    h_mask = active[:, None] & (offs_r < r)[None, :]
+    if SPLIT:
+        tl.atomic_add(h_tile, acc, mask=h_mask, sem="relaxed")
+    else:
+        tl.store(h_tile, acc, mask=h_mask)
 
 
 @triton.jit
@@ -50,6 +61,7 @@ def jd_shrink_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     SPLIT: tl.constexpr,
+    ONE_CLUSTER: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -57,20 +69,32 @@ def jd_shrink_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_batch = offs_m < T
     adapter = tl.load(sorted_adapter_ptr + offs_m, mask=in_batch, other=-1)
+    token = tl.load(order_ptr + offs_m, mask=in_batch, other=0).to(tl.int64)
     cluster = tl.load(cluster_of_ptr + adapter, mask=adapter >= 0, other=-1).to(tl.int32)
     active = cluster >= 0
-    if tl.max(active.to(tl.int32), axis=0) > 0:  # else the whole block is unadapted here: exit
-        token = tl.load(order_ptr + offs_m, mask=in_batch, other=0).to(tl.int64)
-        offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < r
-        offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < r
+    offs_k = tl.arange(0, BLOCK_K)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, d_in)
+    x_rows = x_ptr + token[:, None] * stride_xt
+    if ONE_CLUSTER:
+        # No load waits for the cluster lookup (a decode step is a chain of dependent loads): every
+        # row of the block is shrunk by V[0], and only active rows are stored.
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            kk = k0 + offs_k
+            k_mask = kk < k_end
+            xb = tl.load(x_rows + kk[None, :] * stride_xd, mask=in_batch[:, None] & k_mask[None, :], other=0.0)
+            vb = tl.load(v_ptr + kk[:, None] * stride_vd + offs_r[None, :] * stride_vr,
+                         mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            acc += tl.dot(xb, vb, input_precision=PRECISION)
+        _store_h(acc, h_ptr, offs_m, offs_r, active, r, stride_h, SPLIT)
+    elif tl.max(active.to(tl.int32), axis=0) > 0:  # else the whole block is unadapted here: exit
         c_lo = tl.min(tl.where(active, cluster, _BIG), axis=0)
         c_hi = tl.max(cluster, axis=0)
-        k_start = pid_k * k_per_split
-        k_end = tl.minimum(k_start + k_per_split, d_in)
         n_k = tl.cdiv(k_end - k_start, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        x_rows = x_ptr + token[:, None] * stride_xt
         for it in range(0, (c_hi - c_lo + 1) * n_k):  # (cluster, K chunk) pairs, one flat loop
             c = c_lo + it // n_k
             kk = k_start + (it % n_k) * BLOCK_K + offs_k
@@ -83,12 +107,7 @@ def jd_shrink_kernel(
                 other=0.0,
             )
             acc += tl.dot(xb, vb, input_precision=PRECISION)
-        h_tile = h_ptr + offs_m.to(tl.int64)[:, None] * stride_h + offs_r[None, :]
-        h_mask = active[:, None] & r_mask[None, :]
-        if SPLIT:
-            tl.atomic_add(h_tile, acc, mask=h_mask, sem="relaxed")
-        else:
-            tl.store(h_tile, acc, mask=h_mask)
+        _store_h(acc, h_ptr, offs_m, offs_r, active, r, stride_h, SPLIT)
 
 
 def launch_shrink(x, V, cluster_of, batch, h, *, config) -> None:
@@ -105,6 +124,6 @@ def launch_shrink(x, V, cluster_of, batch, h, *, config) -> None:
         T, d_in, r, k_per_split,
         x.stride(0), x.stride(1), V.stride(0), V.stride(1), V.stride(2), h.stride(0),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(r)), SPLIT=split_k > 1,
-        PRECISION="ieee" if x.dtype.itemsize == 4 else "tf32",
+        ONE_CLUSTER=V.shape[0] == 1, PRECISION="ieee" if x.dtype.itemsize == 4 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -4,13 +4,15 @@ Math, with ``a = sorted_adapter[m]`` and ``h`` from :mod:`~jdlora.kernels.shrink
 
     g[m] = Sigma[a] h[m]          JD-Full: r x r;  JD-Diag: g[m] = sigma[a] * h[m] elementwise
 
-in float32, into ``g [T, w]`` (rows in adapter order); the rows of ``h`` it reads are set back to zero,
-so the scratch is clean for the next layer without a memset launch. Rows with ``a < 0`` or
-``cluster_of[a] < 0`` are not touched.
+in float32, into ``g [T, w]`` (rows in adapter order); the rows of ``h`` it reads are set back to zero
+(after a barrier: several threads hold copies of each element), so the scratch is clean for the next
+layer without a memset launch. Rows with ``a < 0`` are not touched; rows whose adapter has no cluster
+in this module hold ``h = 0`` (the shrink skipped them), get ``g = 0``, and the expand skips them, so
+this kernel needs no ``cluster_of`` lookup (one dependent load less).
 
 Grid: ``(cdiv(T, BLOCK_M),)``. A decode step uses ``BLOCK_M = 1``: one program per token loads that
-token's whole Sigma in one go (all loads in flight), so the latency of the step is one round trip
-however many distinct adapters the batch holds. Prefill uses ``BLOCK_M >= 16``: a block whose tokens
+token's whole Sigma (``SIGMA_ROWS`` rows at a time: all of it up to r = 64) in one go, so the latency of
+the step is one round trip however many distinct adapters the batch holds. Prefill uses ``BLOCK_M >= 16``: a block whose tokens
 share one adapter (a run) loads Sigma once and does one ``[BLOCK_M, r] x [r, r]`` dot; a block
 straddling adapters gathers each token's Sigma, ``SIGMA_ROWS`` rows at a time.
 
@@ -32,7 +34,6 @@ def jd_sigma_kernel(
     h_ptr,
     g_ptr,
     sigma_ptr,
-    cluster_of_ptr,
     sorted_adapter_ptr,
     T,
     r,
@@ -47,39 +48,59 @@ def jd_sigma_kernel(
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_batch = offs_m < T
-    adapter = tl.load(sorted_adapter_ptr + offs_m, mask=in_batch, other=-1)
-    cluster = tl.load(cluster_of_ptr + adapter, mask=adapter >= 0, other=-1)
-    active = cluster >= 0
-    if tl.max(active.to(tl.int32), axis=0) > 0:
-        offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < r
-        row = offs_m.to(tl.int64)[:, None] * stride_h
-        mask = active[:, None] & r_mask[None, :]
-        h = tl.load(h_ptr + row + offs_r[None, :], mask=mask, other=0.0)
-        tl.store(h_ptr + row + offs_r[None, :], tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), mask=mask)
-        a64 = tl.where(active, adapter, 0).to(tl.int64)
-        if SIGMA_DIAG:
-            s = tl.load(sigma_ptr + a64[:, None] * stride_sa + offs_r[None, :] * stride_si, mask=mask, other=0.0)
-            tl.store(g_ptr + row + offs_r[None, :], h * s.to(tl.float32), mask=mask)
-        else:
-            if BLOCK_M >= 16:  # tl.dot needs 16 rows
-                a_lo = tl.min(tl.where(active, adapter, _BIG), axis=0)
-                a_hi = tl.max(tl.where(active, adapter, -1), axis=0)
-                if a_lo == a_hi:  # a run of one adapter: g = h Sigma^T, one dot
-                    s_t = tl.load(  # Sigma^T as [j, i]
-                        sigma_ptr + a_lo.to(tl.int64) * stride_sa + offs_r[:, None] * stride_sj
-                        + offs_r[None, :] * stride_si,
-                        mask=r_mask[:, None] & r_mask[None, :],
-                        other=0.0,
-                    )
-                    g = tl.dot(h, s_t.to(tl.float32), input_precision=PRECISION)
-                    tl.store(g_ptr + row + offs_r[None, :], g, mask=mask)
-                else:
-                    _sigma_gather(h, a64, active, offs_r, r, sigma_ptr, stride_sa, stride_si, stride_sj, g_ptr, row, SIGMA_ROWS)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < r
+    if BLOCK_M == 1:  # decode: one token per program, its whole Sigma loaded at once
+        a = tl.load(sorted_adapter_ptr + pid_m)
+        if a >= 0:
+            row = pid_m.to(tl.int64) * stride_h
+            h = tl.load(h_ptr + row + offs_r, mask=r_mask, other=0.0)
+            s_row = sigma_ptr + a.to(tl.int64) * stride_sa
+            if SIGMA_DIAG:
+                s = tl.load(s_row + offs_r * stride_si, mask=r_mask, other=0.0)
+                tl.store(g_ptr + row + offs_r, h * s.to(tl.float32), mask=r_mask)
             else:
-                _sigma_gather(h, a64, active, offs_r, r, sigma_ptr, stride_sa, stride_si, stride_sj, g_ptr, row, SIGMA_ROWS)
+                for i0 in range(0, r, SIGMA_ROWS):
+                    offs_i = i0 + tl.arange(0, SIGMA_ROWS)
+                    i_mask = offs_i < r
+                    s2 = tl.load(s_row + offs_i[:, None] * stride_si + offs_r[None, :] * stride_sj,
+                                 mask=i_mask[:, None] & r_mask[None, :], other=0.0)
+                    tl.store(g_ptr + row + offs_i, tl.sum(s2.to(tl.float32) * h[None, :], axis=1), mask=i_mask)
+            tl.debug_barrier()  # every thread has read h (threads hold copies) before it is zeroed
+            tl.store(h_ptr + row + offs_r, tl.zeros((BLOCK_R,), dtype=tl.float32), mask=r_mask)
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        adapter = tl.load(sorted_adapter_ptr + offs_m, mask=offs_m < T, other=-1)
+        active = adapter >= 0  # rows of adapters without a cluster here hold h = 0: g = 0, never read
+        if tl.max(active.to(tl.int32), axis=0) > 0:
+            row = offs_m.to(tl.int64)[:, None] * stride_h
+            mask = active[:, None] & r_mask[None, :]
+            h = tl.load(h_ptr + row + offs_r[None, :], mask=mask, other=0.0)
+            a64 = tl.where(active, adapter, 0).to(tl.int64)
+            if SIGMA_DIAG:
+                s = tl.load(sigma_ptr + a64[:, None] * stride_sa + offs_r[None, :] * stride_si, mask=mask, other=0.0)
+                tl.store(g_ptr + row + offs_r[None, :], h * s.to(tl.float32), mask=mask)
+            else:
+                if BLOCK_M >= 16:  # tl.dot needs 16 rows
+                    a_lo = tl.min(tl.where(active, adapter, _BIG), axis=0)
+                    a_hi = tl.max(tl.where(active, adapter, -1), axis=0)
+                    if a_lo == a_hi:  # a run of one adapter: g = h Sigma^T, one dot
+                        s_t = tl.load(  # Sigma^T as [j, i]
+                            sigma_ptr + a_lo.to(tl.int64) * stride_sa + offs_r[:, None] * stride_sj
+                            + offs_r[None, :] * stride_si,
+                            mask=r_mask[:, None] & r_mask[None, :],
+                            other=0.0,
+                        )
+                        g = tl.dot(h, s_t.to(tl.float32), input_precision=PRECISION)
+                        tl.store(g_ptr + row + offs_r[None, :], g, mask=mask)
+                    else:
+                        _sigma_gather(h, a64, active, offs_r, r, sigma_ptr, stride_sa, stride_si, stride_sj, g_ptr,
+                                      row, SIGMA_ROWS)
+                else:
+                    _sigma_gather(h, a64, active, offs_r, r, sigma_ptr, stride_sa, stride_si, stride_sj, g_ptr, row,
+                                  SIGMA_ROWS)
+            tl.debug_barrier()  # every thread has read h (threads hold copies) before it is zeroed
+            tl.store(h_ptr + row + offs_r[None, :], tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), mask=mask)
 
 
 @triton.jit
@@ -100,7 +121,7 @@ def _sigma_gather(h, a64, active, offs_r, r, sigma_ptr, stride_sa, stride_si, st
         tl.store(g_ptr + row + offs_i[None, :], g_i, mask=active[:, None] & i_mask[None, :])
 
 
-def launch_sigma(h, g, sigma, cluster_of, batch, *, exact: bool, config) -> None:
+def launch_sigma(h, g, sigma, batch, *, exact: bool, config) -> None:
     """Launch :func:`jd_sigma_kernel`: ``g[m] = Sigma[a] h[m]``, then ``h[m] = 0``.
 
     ``exact``: float32 products in full precision (for float32 inputs), else tf32.
@@ -111,7 +132,7 @@ def launch_sigma(h, g, sigma, cluster_of, batch, *, exact: bool, config) -> None
     diag = sigma.dim() == 2
     sigma_rows = max(1, min(block_r, config.sigma_elems // (config.block_m * block_r)))
     jd_sigma_kernel[(triton.cdiv(T, config.block_m),)](
-        h, g, sigma, cluster_of, batch.sorted_adapter,
+        h, g, sigma, batch.sorted_adapter,
         T, r, h.stride(0), sigma.stride(0), sigma.stride(1), 0 if diag else sigma.stride(2),
         BLOCK_M=config.block_m, BLOCK_R=block_r, SIGMA_DIAG=diag, SIGMA_ROWS=sigma_rows,
         PRECISION="ieee" if exact else "tf32",
