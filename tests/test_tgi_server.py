@@ -495,3 +495,96 @@ def test_tgi_scales_plain_lora_by_its_padded_rank_after_the_first_layer_type(tgi
     for m, cols, scale in [(m_q, slice(0, HIDDEN), 2.0), (m_v, slice(HIDDEN + KV, None), 1.0)]:
         B, A = lora[f"base_model.model.{m}.lora_B.weight"], lora[f"base_model.model.{m}.lora_A.weight"]
         torch.testing.assert_close(delta[0, cols], scale * x[0] @ (B @ A).T, rtol=1e-4, atol=1e-4)
+
+
+# ----- batch metadata through TGI's own FlashCausalLMBatch: prefill, decode, filter, concatenate --------
+
+
+@pytest.fixture(scope="module")
+def flash_batch(tgi):
+    """TGI's ``FlashCausalLMBatch``. Its module imports the CUDA attention package only for ``KVCache`` and
+    ``Seqlen``; on CPU a stand-in package provides those names (the batch code paths never call them)."""
+    import importlib
+    import types
+
+    name = "text_generation_server.layers.attention"
+    if name not in sys.modules:
+        from text_generation_server.layers.attention.common import Seqlen
+
+        stub = types.ModuleType(name)
+        stub.Seqlen, stub.KVCache, stub.__path__ = Seqlen, object, []
+        sys.modules[name] = stub
+    module = importlib.import_module("text_generation_server.models.flash_causal_lm")
+    from text_generation_server.utils.speculate import set_speculate
+
+    set_speculate(0)
+    return module
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "<s>", "</s>"] + [f"w{i}" for i in range(20)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+
+
+def pb_batch(batch_id, requests, first_id):
+    from text_generation_server.pb import generate_pb2 as pb
+
+    reqs = []
+    for i, (adapter, length) in enumerate(requests):
+        text = " ".join(f"w{j % 20}" for j in range(length))
+        reqs.append(pb.Request(
+            id=first_id + i, inputs=text, input_chunks=pb.Input(chunks=[pb.InputChunk(text=text)]), truncate=64,
+            parameters=pb.NextTokenChooserParameters(temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0,
+                                                     repetition_penalty=1.0, frequency_penalty=0.0, seed=0),
+            stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=4), adapter_id=adapter,
+            blocks=[first_id + i + 1], slots=list(range(16 * (first_id + i + 1), 16 * (first_id + i + 1) + 16))))
+    return pb.Batch(id=batch_id, requests=reqs, size=len(reqs), max_tokens=16 * len(reqs), max_blocks=1)
+
+
+def test_adapter_rows_follow_tgi_batches_through_prefill_decode_filter_and_concatenate(
+        tgi, assets, punica, monkeypatch, flash_batch):
+    from text_generation_server.models.globals import set_adapter_to_index
+
+    model, index = load(tgi, assets, tgi.FakeGroup(0, 1), monkeypatch)
+    set_adapter_to_index(index)
+    registry = model.jdlora
+    row = {a: registry._row_by_id.get(a, -1) for a in index} | {"base": -1, "unknown": -1}
+    tok, cls = tiny_tokenizer(), flash_batch.FlashCausalLMBatch
+
+    def prefill(batch_id, requests, first_id):
+        batch = cls.from_pb(pb_batch(batch_id, requests, first_id), tok, torch.float32, torch.device("cpu"))
+        batch.prepare_for_prefill()
+        per_token = [a for a, n in requests for _ in range(n)]
+        assert registry.token_rows(batch.adapter_meta.adapter_indices).tolist() == [row[a] for a in per_token]
+        # what generate_token does once prefill is done (flash_causal_lm.py, "Since we are done prefilling"
+        # and "Update values"): one token, one adapter index per request
+        last = batch.cu_seqlen_prefill[1:] - 1
+        batch.prefilling, batch.prefilling_mask = False, [False] * len(batch)
+        batch.position_ids, batch.slot_indices = batch.position_ids[last] + 1, batch.slot_indices[last] + 1
+        batch.adapter_meta.adapter_indices = batch.adapter_meta.adapter_indices[last]
+        batch.input_ids = batch.input_ids[last]
+        batch.cache_lengths_tensor += batch.input_lengths_tensor
+        batch.input_lengths_tensor = torch.ones_like(batch.input_lengths_tensor)
+        segments, _ = tgi.find_segments(batch.adapter_meta.adapter_indices)
+        batch.adapter_meta.adapter_segments = torch.tensor(segments, dtype=torch.int32)
+        assert registry.token_rows(batch.adapter_meta.adapter_indices).tolist() == [row[a] for a, _ in requests]
+        assert batch.adapter_meta.adapter_set == {index.get(a, 0) for a, _ in requests}
+        return batch
+
+    first = [("org/a:math", 3), ("base", 2), ("b:chat", 4), ("plain", 2), ("unknown", 1)]
+    second = [("single", 2), ("b:law", 3), ("org/a:code", 1)]
+    b1, b2 = prefill(0, first, 0), prefill(1, second, 10)
+    kept = b1.filter([0, 2, 4])  # request ids 0, 2, 4
+    assert registry.token_rows(kept.adapter_meta.adapter_indices).tolist() == [row["org/a:math"], row["b:chat"], -1]
+    assert kept.adapter_meta.adapter_set == {index["org/a:math"], index["b:chat"], 0}
+    both = cls.concatenate([kept, b2])
+    expected = ["org/a:math", "b:chat", "unknown", "single", "b:law", "org/a:code"]
+    assert registry.token_rows(both.adapter_meta.adapter_indices).tolist() == [row[a] for a in expected]
+    assert both.adapter_meta.adapter_set == {index.get(a, 0) for a in expected}
+    data = tgi.AdapterBatchData.from_meta(both.adapter_meta, model.layer_to_adapter_weights, False, None)
+    assert data.data["k_proj"].step.rows.tolist() == [row[a] for a in expected]
