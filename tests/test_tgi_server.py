@@ -416,7 +416,7 @@ def test_jd_only_and_base_only_batches(tgi, assets, punica, monkeypatch):
 # ----- tensor parallelism: 1, 2 and 4 ranks with gloo on CPU ---------------------------------------------
 
 
-def run_tp(world: int, root: Path, env: str) -> dict:
+def run_tp(world: int, root: Path, env: str, check: str = "jd") -> dict:
     """Runs ``_tp_entry`` on ``world`` spawned processes (gloo over TCP on 127.0.0.1)."""
     import multiprocessing as mp
 
@@ -425,7 +425,7 @@ def run_tp(world: int, root: Path, env: str) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = ctx.Queue()
-    procs = [ctx.Process(target=_tp_entry, args=(rank, world, port, str(root), env, results)) for rank in range(world)]
+    procs = [ctx.Process(target=_tp_entry, args=(rank, world, port, str(root), env, results, check)) for rank in range(world)]
     for p in procs:
         p.start()
     try:
@@ -437,7 +437,7 @@ def run_tp(world: int, root: Path, env: str) -> dict:
                 p.kill()
 
 
-def _tp_entry(rank, world, port, root, env, results):
+def _tp_entry(rank, world, port, root, env, results, check="jd"):
     try:
         torch.set_num_threads(1)
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -448,6 +448,9 @@ def _tp_entry(rank, world, port, root, env, results):
         mp.setattr(tgi.adapters_lora, "punica_sgmv", helpers)
         mp.setattr(tgi.layers_lora, "punica_sgmv", helpers)
         model, index = load(tgi, assets, torch.distributed.group.WORLD, mp, env)
+        if check == "lora_row":
+            results.put((rank, _tgi_row_lora_columns(tgi, assets, model, rank, world)))
+            return
         for mode, spec in [("prefill", 0), ("decode", 0), ("decode", 1)]:
             check_layers(tgi, assets, model, index, mode, spec, rank=rank, world=world)
         results.put((rank, "ok"))
@@ -588,3 +591,44 @@ def test_adapter_rows_follow_tgi_batches_through_prefill_decode_filter_and_conca
     assert both.adapter_meta.adapter_set == {index.get(a, 0) for a in expected}
     data = tgi.AdapterBatchData.from_meta(both.adapter_meta, model.layer_to_adapter_weights, False, None)
     assert data.data["k_proj"].step.rows.tolist() == [row[a] for a in expected]
+
+
+def _tgi_row_lora_columns(tgi, assets, model, rank, world):
+    """Output columns of o_proj where TGI's plain-LoRA update (rank 16: no padding at 2 ranks) landed."""
+    data = tgi.AdapterBatchData.from_meta(make_meta(tgi, [1, 1]), model.layer_to_adapter_weights, False, None)
+    x = torch.randn(2, HIDDEN, generator=torch.Generator().manual_seed(5))
+    a, b = rank * HIDDEN // world, (rank + 1) * HIDDEN // world
+    o = model.model.model.layers[0].self_attn.o_proj
+    out = o(x[:, a:b].contiguous(), data)
+    m = module_name(0, "self_attn.o_proj")
+    base = x @ assets.base[f"{m}.weight"].T
+    lora = json.loads((assets.root / "lora16" / "adapter_config.json").read_text())
+    from safetensors.torch import load_file
+
+    w = load_file(assets.root / "lora16" / "adapter_model.safetensors")
+    delta = x @ (lora["lora_alpha"] / lora["r"] * w[f"base_model.model.{m}.lora_B.weight"]
+                 @ w[f"base_model.model.{m}.lora_A.weight"]).T
+    with_update = ((out - base - delta).abs().max(0).values < 1e-4).nonzero().flatten()
+    return [int(with_update.min()), int(with_update.max()) + 1] if len(with_update) else []
+
+
+@pytest.mark.slow
+def test_tgi_row_parallel_lora_adds_each_ranks_slice_only(assets):
+    """TGI 3.3.7's ``TensorParallelAdapterRowLinear`` adds, on rank k, only columns [k*d/n, (k+1)*d/n) of the
+    LoRA update to the already all-reduced output, so ranks disagree for plain LoRA on o_proj/down_proj with
+    ``--num-shard`` > 1. JD-LoRA applies the full update on every rank (test above); this records TGI's."""
+    g = torch.Generator().manual_seed(9)
+    folder = assets.root / "lora16"
+    folder.mkdir(exist_ok=True)
+    weights = {}
+    for l in range(NLAYERS):
+        for s in ("self_attn.o_proj",):
+            d_out, d_in = SHAPES[s]
+            weights[f"base_model.model.{module_name(l, s)}.lora_A.weight"] = torch.randn(16, d_in, generator=g) / 8
+            weights[f"base_model.model.{module_name(l, s)}.lora_B.weight"] = torch.randn(d_out, 16, generator=g) / 8
+    save_file(weights, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 16, "lora_alpha": 16, "target_modules": ["o_proj"], "fan_in_fan_out": False,
+        "base_model_name_or_path": None}))
+    out = run_tp(2, assets.root, f"lora16={folder}", check="lora_row")
+    assert out == {0: [0, HIDDEN // 2], 1: [HIDDEN // 2, HIDDEN]}, out
