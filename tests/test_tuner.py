@@ -452,6 +452,33 @@ def test_push_to_hub_and_load_from_the_hub(hub, base, full, ids):
     assert close(logits(one, ids), logits(whole, ids), 0)
 
 
+def test_a_loaded_collection_converts_back_to_the_same_collection(base, collection):
+    back = to_collection(load_collection(fresh(base), collection))
+    assert back.adapter_names == collection.adapter_names and back.sigma_kind == collection.sigma_kind
+    for module, entry in collection.modules.items():
+        for t in ("U", "V", "sigma", "cluster", "sq_norms", "residuals"):
+            assert torch.equal(getattr(back.modules[module].compression, t), getattr(entry.compression, t)), t
+        assert torch.equal(back.modules[module].adapter_ids, entry.adapter_ids)
+
+
+@pytest.mark.filterwarnings("ignore:Found missing adapter keys")
+def test_lora_models_save_and_load_as_before(base, lora_folders, tmp_path):
+    lora = PeftModel.from_pretrained(fresh(base), lora_folders[0])
+    lora.load_adapter(lora_folders[1], adapter_name="second")
+    lora.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "second" / "adapter_config.json").is_file()
+    assert not (tmp_path / "collection.json").exists()
+
+
+def test_the_mixed_batch_example_runs():
+    script = Path(__file__).parents[1] / "examples" / "mixed_batch_generate.py"
+    run = subprocess.run([sys.executable, str(script), "--max-new-tokens", "4"], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("(same as alone: True)") == 4
+
+
 # ----- bad inputs -------------------------------------------------------------------------------
 
 

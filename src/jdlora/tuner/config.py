@@ -150,7 +150,8 @@ class JDLoraConfig(PeftConfig):
 class _Runtime:
     """What a config knows at runtime only: an in-memory collection to load (``collection``, with
     ``adapter_names``), a collection to take bases from (``bases``), and where ``from_pretrained`` found
-    the config (``source``); ``bulk`` marks members of a bulk-loaded collection. Shared, not copied, by ``copy.deepcopy`` (PEFT deep-copies configs)."""
+    the config (``source``); ``bulk`` marks members of a bulk-loaded collection. Shared, not copied, by
+    ``copy.deepcopy`` (PEFT deep-copies configs)."""
 
     def __init__(self):
         self.collection = None

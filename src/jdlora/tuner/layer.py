@@ -167,8 +167,8 @@ class JDLoraLayer(BaseTunerLayer):
         r = U.shape[1]
         bank = self._jd_bases.get(r)
         if bank is None:
-            empty_u = torch.zeros(0, self.out_features, r, dtype=dtype, device=device)
-            bank = self._jd_bases[r] = _BasesBank(empty_u, torch.zeros(0, self.in_features, r, dtype=dtype, device=device))
+            bank = self._jd_bases[r] = _BasesBank(torch.zeros(0, self.out_features, r, dtype=dtype, device=device),
+                                                  torch.zeros(0, self.in_features, r, dtype=dtype, device=device))
         slot = bank.keys.index(None) if None in bank.keys else len(bank.keys)
         if slot >= bank.U.shape[0]:
             bank.U, bank.V = _grown(bank.U, slot + 1), _grown(bank.V, slot + 1)
@@ -181,7 +181,7 @@ class JDLoraLayer(BaseTunerLayer):
 
     def add_sigmas(self, group: AdapterGroup, names: list[str], rows: list[int], sigma: Tensor, basis: str,
                    *, trainable: bool = False, dropout: float = 0.0) -> None:
-        """Adds adapters ``names`` (rows ``rows`` of ``group``) with Sigmas ``sigma [k, r, r] | [k, r]`` on ``basis``."""
+        """Adds adapters ``names`` (rows ``rows`` of ``group``), Sigmas ``sigma [k, r, r] | [k, r]``, on ``basis``."""
         self._jd_retie_if_needed()
         r = group.rank
         bases = self._jd_bases.get(r)
@@ -288,7 +288,8 @@ class JDLoraLayer(BaseTunerLayer):
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Moves this layer's JD-LoRA tensors to the base layer's device (all at once: they share banks)."""
         target = device if device is not None else self.get_base_weight().device
-        if any(p.device != target for p in self.jd_sigma.values()) or any(b.device != target for b in self.jd_U.values()):
+        tensors = list(self.jd_sigma.values()) + list(self.jd_U.values())
+        if any(t.device != target for t in tensors):
             for d in (self.jd_sigma, self.jd_U, self.jd_V):
                 d.to(target)
             self._jd_untied = True

@@ -152,7 +152,7 @@ class JDLoraModel(BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """An adapter's own tensors are its Sigmas (``<module>.jd_sigma``); bases are saved once, with the collection."""
+        """An adapter's own tensors: its Sigmas (``<module>.jd_sigma``). Bases are saved once, with the collection."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         return {k: v for k, v in selected.items() if k.endswith(f".jd_sigma.{adapter_name}")}
 

@@ -44,7 +44,7 @@ def install() -> None:
 
 
 def _is_jdlora(model) -> bool:
-    return str(getattr(model, "peft_type", "")) in (registration.PEFT_TYPE, f"PeftType.{registration.PEFT_TYPE}")
+    return getattr(model, "peft_type", None) == registration.PEFT_TYPE
 
 
 def _wrap_save_pretrained(original):
@@ -89,7 +89,7 @@ def _wrap_load_adapter(original):
         if config is None:
             hub_kwargs, _ = self._split_kwargs(kwargs)
             config = JDLoraConfig.from_pretrained(model_id, adapters=kwargs.get("adapters"), **hub_kwargs)
-            if not config.is_collection_root:
+            if not isinstance(config, JDLoraConfig) or not config.is_collection_root:
                 return original(self, model_id, adapter_name, *args, **kwargs)
             config.inference_mode = not is_trainable
             self.add_adapter(adapter_name, config, low_cpu_mem_usage=kwargs.get("low_cpu_mem_usage", False),
