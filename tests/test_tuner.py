@@ -22,6 +22,7 @@ from jdlora.errors import IncompatibleAdaptersError, UnknownAdapterError, Unknow
 from jdlora.synthetic import llama_modules, save_adapters, synthetic_adapters
 from jdlora.tuner import JDLoraConfig, JDLoraModel, UnknownAdapterNameError, load_collection, to_collection
 from jdlora.tuner.layer import JDLoraLayer
+from jdlora.tuner.mixed import MixedBatch
 from jdlora.tuner.registration import check_peft_version
 
 SRC = Path(jdlora.__file__).parent
@@ -337,6 +338,11 @@ def test_the_adapter_path_compiles_without_graph_breaks(base, full):
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         assert close(compiled(x), layer(x))
+        # the mixed-batch path too, once the batch's rows are prepared (once per forward, outside the layers)
+        batch = MixedBatch([full.adapter_names[1], "__base__"])
+        expected = layer(x, adapter_names=batch)
+        mixed = torch.compile(lambda t: layer(t, adapter_names=batch), fullgraph=True, backend="aot_eager")
+        assert close(mixed(x), expected)
 
 
 # ----- training ---------------------------------------------------------------------------------
