@@ -345,6 +345,22 @@ def test_the_adapter_path_compiles_without_graph_breaks(base, full):
         assert close(mixed(x), expected)
 
 
+def test_gpt2_conv1d_layers_are_adapted_too():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)).eval()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    model = get_peft_model(fresh(gpt2), JDLoraConfig(r=4, target_modules=["c_attn", "c_proj"], init_weights=False))
+    model.eval()
+    assert model.peft_config["default"].fan_in_fan_out  # set for Conv1D, which stores (fan_in, fan_out)
+    out = logits(model, ids)
+    assert not close(out, logits(gpt2, ids), 1e-2)
+    mixed = logits(model, ids, adapter_names=["default", "__base__"])
+    assert close(mixed[:1], out[:1]) and close(mixed[1:], logits(gpt2, ids)[1:])
+    assert close(logits(copy.deepcopy(model).merge_and_unload(), ids), out)
+
+
 # ----- training ---------------------------------------------------------------------------------
 
 
