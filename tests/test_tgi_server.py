@@ -632,3 +632,14 @@ def test_tgi_row_parallel_lora_adds_each_ranks_slice_only(assets):
         "base_model_name_or_path": None}))
     out = run_tp(2, assets.root, f"lora16={folder}", check="lora_row")
     assert out == {0: [0, HIDDEN // 2], 1: [HIDDEN // 2, HIDDEN]}, out
+
+
+def test_download_step_accepts_a_collection_and_still_refuses_other_folders(tgi, assets, tmp_path):
+    """``text-generation-server download-weights <id>`` first calls ``utils.weight_files``; a collection has
+    no top-level weights, so TGI alone would fail the launcher's download step."""
+    from text_generation_server import utils
+
+    files = utils.weight_files(str(assets.root / "coll_a"), None, ".safetensors")
+    assert files == [str(assets.root / "coll_a" / "collection.json")]
+    with pytest.raises(FileNotFoundError):
+        utils.weight_files(str(tmp_path), None, ".safetensors")

@@ -28,6 +28,7 @@ import functools
 import inspect
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 from ._log import logger
 
@@ -81,12 +82,14 @@ def _collection_files(model_id: str, revision) -> list[str] | None:
         return None
     from jdlora.collection import JDLoraCollection
 
-    collection = JDLoraCollection.from_pretrained(str(model_id), revision=revision)
+    collection = JDLoraCollection.from_pretrained(str(model_id), revision=revision)  # downloads and checks all
     logger.info(f"JD-LoRA collection {model_id}: {len(collection)} adapters downloaded and verified")
-    from jdlora.format.load import _Fetcher  # the same resolution as the loader: local folder or Hub cache
+    local = Path(str(model_id))
+    if local.is_dir():
+        return [str(local / "collection.json")]
+    from huggingface_hub import hf_hub_download
 
-    fetch = _Fetcher(str(model_id), revision, None, False, None)
-    return [str(fetch.manifest())]
+    return [hf_hub_download(str(model_id), "collection.json", revision=revision)]
 
 
 # ----- utils.adapter.load_module_map: dispatch by peft_type ----------------------------------------
@@ -133,8 +136,6 @@ def _resolve_single(registry: JDRegistry, adapter_id: str, adapter_path, revisio
 
 
 def _single_adapter_source(location: str, config: dict):
-    from pathlib import Path
-
     folder = Path(location)
     if not folder.is_dir():
         raise ValueError(
