@@ -381,3 +381,27 @@ def test_cuda_graph_capture_and_replay_with_new_adapters(T):
         for (U, V, sigma, cluster_of, y0), y in zip(layers, y_static):
             ref = factored_float64(y0, x_static, U, V, sigma, cluster_of, ta_static, 1.0)
             assert rel_err(y, ref, y0) < 1e-2
+
+
+def test_reference_keeps_its_precision_under_autocast_and_in_float64():
+    """Called from an autocast region (PEFT layers under torch.autocast) or with float64 inputs."""
+    gen = torch.Generator().manual_seed(123)
+    T, d_in, d_out, r, C, n = 9, 24, 20, 8, 2, 5
+    x = torch.randn(T, d_in, generator=gen, dtype=torch.float64)
+    U = torch.randn(C, d_out, r, generator=gen, dtype=torch.float64)
+    V = torch.randn(C, d_in, r, generator=gen, dtype=torch.float64)
+    sigma = torch.randn(n, r, r, generator=gen, dtype=torch.float64)
+    cluster_of = torch.tensor([0, 1, 1, -1, 0])
+    ta = torch.tensor([0, 1, 2, 3, 4, -1, 4, 0, 2])
+    y64 = jd_lora_forward(torch.zeros(T, d_out, dtype=torch.float64), x, U, V, sigma, cluster_of, ta)
+    dense = torch.zeros(T, d_out, dtype=torch.float64)
+    for t, a in enumerate(ta.tolist()):
+        if a >= 0 and cluster_of[a] >= 0:
+            c = int(cluster_of[a])
+            dense[t] = U[c] @ sigma[a] @ V[c].T @ x[t]
+    assert torch.allclose(y64, dense, rtol=1e-12, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y32 = jd_lora_forward(torch.zeros(T, d_out), x.float(), U.float(), V.float(), sigma.float(), cluster_of, ta)
+    assert y32.dtype == torch.float32 and torch.allclose(y32.double(), dense, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="fp64: torch backend only"):
+        jd_lora_forward(torch.zeros(T, d_out, dtype=torch.float64), x, U, V, sigma, cluster_of, ta, backend="triton")

@@ -102,9 +102,9 @@ def jd_lora_forward(
     """
     if not isinstance(batch, JDBatch):
         batch = prepare_batch(batch)
-    _check_inputs(y, x, U, V, sigma, cluster_of, batch)
     if backend == "auto":
         backend = os.environ.get("JDLORA_KERNELS") or ("triton" if x.is_cuda else "torch")
+    _check_inputs(y, x, U, V, sigma, cluster_of, batch, allow_float64=backend == "torch")
     if backend == "torch":
         return jd_lora_forward_reference(y, x, U, V, sigma, cluster_of, batch.token_adapter, scale=scale)
     if backend == "triton":
@@ -114,7 +114,9 @@ def jd_lora_forward(
     raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
 
 
-def _check_inputs(y, x, U, V, sigma, cluster_of, batch: JDBatch) -> None:
+def _check_inputs(y, x, U, V, sigma, cluster_of, batch: JDBatch, *, allow_float64: bool = False) -> None:
+    floats = _FLOATS + ((torch.float64,) if allow_float64 else ())
+
     def fail(msg: str):
         raise ValueError(f"jd_lora_forward: {msg}")
 
@@ -135,10 +137,11 @@ def _check_inputs(y, x, U, V, sigma, cluster_of, batch: JDBatch) -> None:
         fail(f"sigma must be [n={n}, r={r}, r] (full) or [n, r] (diagonal), got {tuple(sigma.shape)}")
     if batch.num_tokens != T:
         fail(f"the batch has {batch.num_tokens} tokens but x has {T} rows")
-    if x.dtype not in _FLOATS or U.dtype != x.dtype or V.dtype != x.dtype:
-        fail(f"x, U and V must share one dtype among fp16/bf16/fp32, got {x.dtype}, {U.dtype}, {V.dtype}")
-    if y.dtype not in _FLOATS or sigma.dtype not in _FLOATS:
-        fail(f"y and sigma must be fp16/bf16/fp32, got {y.dtype} and {sigma.dtype}")
+    names = "fp16/bf16/fp32" + ("/fp64 (fp64: torch backend only)" if allow_float64 else " (fp64: torch backend only)")
+    if x.dtype not in floats or U.dtype != x.dtype or V.dtype != x.dtype:
+        fail(f"x, U and V must share one dtype among {names}, got {x.dtype}, {U.dtype}, {V.dtype}")
+    if y.dtype not in floats or sigma.dtype not in floats:
+        fail(f"y and sigma must be {names}, got {y.dtype} and {sigma.dtype}")
     devices = {t.device for t in (y, x, U, V, sigma, cluster_of, batch.order)}
     if len(devices) != 1:
         fail(f"all tensors must be on one device, got {sorted(map(str, devices))}")

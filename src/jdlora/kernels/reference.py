@@ -5,7 +5,7 @@ For tokens ``x [T, d_in]`` where token t uses adapter ``a = token_adapter[t]`` i
 
     y[t] += scale * U[c] @ Sigma[a] @ V[c].T @ x[t]        (skipped when a < 0 or c < 0)
 
-Numbers: every product is taken in float32 from the inputs upcast (products of fp16/bf16 values are
+Numbers: every product is taken in float32 (float64 when any input is float64) from the inputs upcast (products of fp16/bf16 values are
 exact in float32, so this is "fp32 accumulation"), and ``y[t]`` becomes
 ``(float32(y[t]) + delta[t])`` rounded once to y's dtype. Rows of skipped tokens are left exactly as
 they were.
@@ -29,8 +29,18 @@ __all__ = ["jd_lora_forward_reference", "jd_lora_delta_reference"]
 def jd_lora_delta_reference(
     x: Tensor, U: Tensor, V: Tensor, sigma: Tensor, cluster_of: Tensor, token_adapter: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """``(delta [T, d_out] float32, active [T] bool)``: the update before scaling, and which rows get it."""
+    """``(delta [T, d_out] float32, active [T] bool)``: the update before scaling, and which rows get it.
+
+    Autocast is switched off inside: the reference fixes its own precision (float32, or float64 when an
+    input is float64), whatever context it is called from.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _delta(x, U, V, sigma, cluster_of, token_adapter)
+
+
+def _delta(x, U, V, sigma, cluster_of, token_adapter):
     T = x.shape[0]
+    acc = torch.float64 if torch.float64 in (x.dtype, U.dtype, V.dtype, sigma.dtype) else torch.float32
     C, r = U.shape[0], U.shape[2]
     a = token_adapter.long()
     has_adapter = a >= 0
@@ -42,16 +52,16 @@ def jd_lora_delta_reference(
     active = c >= 0
     c_safe = torch.where(active, c, torch.zeros_like(c))
 
-    h_all = torch.einsum("ti,cir->tcr", x.float(), V.float())  # [T, C, r]
+    h_all = torch.einsum("ti,cir->tcr", x.to(acc), V.to(acc))  # [T, C, r]
     h = h_all.gather(1, c_safe.view(T, 1, 1).expand(T, 1, r)).squeeze(1)  # [T, r]
     if sigma.dim() == 2:  # JD-Diag: Sigma_a = diag(sigma[a])
-        g = h * sigma.float()[a_safe]
+        g = h * sigma.to(acc)[a_safe]
     else:  # JD-Full
-        g = torch.bmm(sigma.float()[a_safe], h.unsqueeze(2)).squeeze(2)
+        g = torch.bmm(sigma.to(acc)[a_safe], h.unsqueeze(2)).squeeze(2)
     g = g * active.unsqueeze(1)
-    g_slots = torch.zeros(T, C, r, dtype=torch.float32, device=x.device)
+    g_slots = torch.zeros(T, C, r, dtype=acc, device=x.device)
     g_slots.scatter_(1, c_safe.view(T, 1, 1).expand(T, 1, r), g.unsqueeze(1))
-    delta = torch.einsum("tcr,cor->to", g_slots, U.float())  # [T, d_out]
+    delta = torch.einsum("tcr,cor->to", g_slots, U.to(acc))  # [T, d_out]
     return delta, active
 
 
@@ -70,6 +80,6 @@ def jd_lora_forward_reference(
     if x.shape[0] == 0:
         return y
     delta, active = jd_lora_delta_reference(x, U, V, sigma, cluster_of, token_adapter)
-    updated = (y.float() + scale * delta).to(y.dtype)
+    updated = (y.to(delta.dtype) + scale * delta).to(y.dtype)
     y.copy_(torch.where(active.unsqueeze(1), updated, y))
     return y
