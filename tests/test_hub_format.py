@@ -153,3 +153,16 @@ def test_publish_and_load_example_runs(hub, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Loaded ['synthetic-00000']" in run.stdout and "Loaded 6 adapters" in run.stdout
     assert (tmp_path / "synthetic-00000-lora" / "adapter_model.safetensors").is_file()
+
+
+def test_a_network_failure_during_push_is_a_push_error(hub, collection, monkeypatch):
+    import huggingface_hub.constants as hfc
+
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(hfc, "ENDPOINT", dead)
+    with pytest.raises(PushError, match="nothing was uploaded"):
+        collection.push_to_hub(REPO, progress=False)

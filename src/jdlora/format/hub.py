@@ -45,6 +45,7 @@ def push_collection(
     from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.hf_api import RepoFile
 
+    network_errors = _network_errors()
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -56,8 +57,8 @@ def push_collection(
             for f in api.list_repo_tree(repo_id, recursive=True, revision=head)
             if isinstance(f, RepoFile)
         }
-    except HfHubHTTPError as err:
-        raise PushError(f"Preparing the push to {repo_id}: {err}") from err
+    except (HfHubHTTPError, *network_errors) as err:
+        raise PushError(f"Preparing the push to {repo_id} failed ({err}); nothing was uploaded.") from err
 
     with tempfile.TemporaryDirectory(prefix="jdlora-push-") as tmp:
         root = Path(tmp)
@@ -82,10 +83,23 @@ def push_collection(
                 repo_id, operations, commit_message=message, commit_description=commit_description,
                 revision=revision, create_pr=create_pr, parent_commit=head,
             )
-        except HfHubHTTPError as err:
+        except (HfHubHTTPError, *network_errors) as err:
             raise PushError(
                 f"The commit to {repo_id} failed ({err}); the repo is unchanged. Retry the push."
             ) from err
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level errors of the HTTP client huggingface_hub uses (httpx in 1.x, httpx2 in 2.x)."""
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError]
+    for client in ("httpx", "httpx2"):
+        try:
+            errors.append(importlib.import_module(client).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
 
 
 def git_blob_id(path: Path) -> str:
