@@ -82,7 +82,13 @@ def residuals(stack: LoraStack, U: Tensor, V: Tensor, sigma: Tensor) -> Tensor:
 
 def subspace_change(old: Tensor, new: Tensor) -> float:
     """``||new - old old^T new||_F / ||new||_F`` for orthonormal ``old`` (one half of equation 19)."""
-    return (torch.linalg.norm(new - old @ (old.T @ new)) / torch.linalg.norm(new)).item()
+    return _subspace_change(old, new).item()
+
+
+def _subspace_change(old: Tensor, new: Tensor) -> Tensor:
+    """:func:`subspace_change` as a tensor (no host sync); batched over leading dimensions."""
+    diff = new - old @ (old.transpose(-2, -1) @ new)
+    return torch.linalg.vector_norm(diff, dim=(-2, -1)) / torch.linalg.vector_norm(new, dim=(-2, -1))
 
 
 def orthonormalize(X: Tensor) -> Tensor:
@@ -184,9 +190,10 @@ def _jd_full_iterate(
     AV = stack.times_A(V)
     sigma = stack.times_Bt(U).transpose(1, 2) @ AV
     best = (U, V, sigma)
-    history = [_relative_error_full(sigma, total)]
+    history = [_relative_error_full((sigma.square().sum() / total).item())]
     converged = False
     # Four GEMMs over all adapters per iteration (A V, B^T U and the two sums); everything else is r x r.
+    # One host sync per iteration: the objective and the subspace change travel together.
     for _ in range(max_iter):
         if solver == "qr":  # equations 14-17
             U_new = orthonormalize(stack.sum_B(AV @ sigma.transpose(1, 2)))
@@ -196,11 +203,12 @@ def _jd_full_iterate(
             U_new = _top_eigenvectors(stack.B @ AV, rank)
             BtU = stack.times_Bt(U_new)
             V_new = _top_eigenvectors(stack.A.transpose(1, 2) @ BtU, rank)
-        change = max(subspace_change(U, U_new), subspace_change(V, V_new))
+        change = torch.maximum(_subspace_change(U, U_new), _subspace_change(V, V_new))
         U, V = U_new, V_new
         AV = stack.times_A(V)
         sigma = BtU.transpose(1, 2) @ AV  # equation 6
-        history.append(_relative_error_full(sigma, total))
+        kept, change = torch.stack([sigma.square().sum() / total, change.to(total.dtype)]).tolist()
+        history.append(_relative_error_full(kept))
         if history[-1] <= min(history[:-1]):
             best = (U, V, sigma)
         if change < tol or _stalled(history, ftol):
@@ -221,9 +229,10 @@ def _top_eigenvectors(X: Tensor, rank: int) -> Tensor:
     return vectors[:, -rank:].flip(1)
 
 
-def _relative_error_full(sigma: Tensor, total: Tensor) -> float:
-    # With orthonormal U, V and optimal Sigma the error is 1 - sum ||Sigma_i||^2 / sum ||dW_i||^2.
-    return max(0.0, 1.0 - (sigma.square().sum() / total).item())
+def _relative_error_full(kept: float) -> float:
+    # With orthonormal U, V and optimal Sigma the error is 1 - sum ||Sigma_i||^2 / sum ||dW_i||^2;
+    # ``kept`` is the ratio of the sums.
+    return max(0.0, 1.0 - kept)
 
 
 def jd_diag(
@@ -276,14 +285,15 @@ def _jd_diag_iterate(
         V_new = torch.linalg.solve(_ridge((U_new.T @ U_new) * outer), V_new.T).T
         U_new = U_new / U_new.norm(dim=0).clamp_min(torch.finfo(U_new.dtype).tiny)
         V_new = V_new / V_new.norm(dim=0).clamp_min(torch.finfo(V_new.dtype).tiny)
-        change = max(
-            subspace_change(orthonormalize(U), orthonormalize(U_new)),
-            subspace_change(orthonormalize(V), orthonormalize(V_new)),
+        change = torch.maximum(
+            _subspace_change(orthonormalize(U), orthonormalize(U_new)),
+            _subspace_change(orthonormalize(V), orthonormalize(V_new)),
         )
         U, V = U_new, V_new
         s = sigma_diag(stack, U, V)
         res = residuals(stack, U, V, s)
-        history.append((res.sum() / total).item())
+        error, change = torch.stack([res.sum() / total, change]).tolist()  # one host sync per iteration
+        history.append(error)
         if history[-1] <= min(history[:-1]):
             best = (U, V, s, res)
         if change < tol or _stalled(history, ftol):
