@@ -11,6 +11,10 @@ few directions. Each synthetic adapter mixes, per module,
 with its own random magnitude and its own random generator. Weights are generated on demand, one
 module at a time, from ``(seed, adapter, module)``, so a collection of any size costs no memory
 until it is read, and reading it twice gives the same numbers.
+
+With ``device`` (e.g. ``"cuda"``), the weights are generated on that device by its own random
+generator (much faster for large collections) and returned there. The numbers then differ from the
+CPU's (another generator), but are the same on every run on that kind of device.
 """
 
 from __future__ import annotations
@@ -48,13 +52,14 @@ def mistral_7b_modules() -> dict[str, tuple[int, int]]:
 class _Pools:
     """Orthonormal shared directions per (module, pool), cached: they are the same for every adapter."""
 
-    def __init__(self, seed: int, shared_rank: int):
-        self.seed, self.shared_rank = seed, shared_rank
+    def __init__(self, seed: int, shared_rank: int, device: torch.device):
+        self.seed, self.shared_rank, self.device = seed, shared_rank, device
 
     @lru_cache(maxsize=256)  # noqa: B019 - one instance per collection, bounded
     def get(self, module: str, pool: int, d: int) -> Tensor:
-        gen = torch.Generator().manual_seed(_seed_of(self.seed, "pool", module, pool))
-        return torch.linalg.qr(torch.randn(d, self.shared_rank, generator=gen)).Q.T.contiguous()  # [s, d]
+        gen = torch.Generator(self.device).manual_seed(_seed_of(self.seed, "pool", module, pool))
+        pool_ = torch.randn(d, self.shared_rank, generator=gen, device=self.device)
+        return torch.linalg.qr(pool_).Q.T.contiguous()  # [s, d]
 
 
 class SyntheticAdapter:
@@ -69,7 +74,7 @@ class SyntheticAdapter:
         self.modules = {m: (rank, d_out, d_in) for m, (d_out, d_in) in modules.items()}
         self.origin = {"synthetic": {"seed": seed, "index": index, "group": group}}
         self._pools, self._sharing, self._noise, self._seed = pools, sharing, noise, seed
-        gen = torch.Generator().manual_seed(_seed_of(seed, "magnitude", index))
+        gen = torch.Generator().manual_seed(_seed_of(seed, "magnitude", index))  # CPU: one number
         # Trained adapters differ in norm; normalization in the JD is there for that.
         self._magnitude = math.exp(0.5 * torch.randn(1, generator=gen).item())
 
@@ -79,17 +84,17 @@ class SyntheticAdapter:
     def read_module(self, module: str, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """``(A [r, d_in], B [d_out, r])`` of ``module``, generated from ``(seed, adapter, module)``."""
         _, d_out, d_in = self.modules[module]
-        gen = torch.Generator().manual_seed(_seed_of(self._seed, "adapter", self.index, module))
+        gen = torch.Generator(self._pools.device).manual_seed(_seed_of(self._seed, "adapter", self.index, module))
         A = self._mix(gen, module, d_in, transpose=False)
         B = self._mix(gen, module, d_out, transpose=True) * (0.02 * self._magnitude)
         return A.to(dtype), B.to(dtype)
 
     def _mix(self, gen: torch.Generator, module: str, d: int, transpose: bool) -> Tensor:
-        r, s = self.rank, self._pools.shared_rank
-        glob = torch.randn(r, s, generator=gen) @ self._pools.get(module + ("B" if transpose else "A"), -1, d)
-        group = torch.randn(r, s, generator=gen) @ self._pools.get(module + ("B" if transpose else "A"), self.group, d)
-        own = torch.randn(r, d, generator=gen) / math.sqrt(d) * math.sqrt(s)
-        noise = torch.randn(r, d, generator=gen) / math.sqrt(d) * math.sqrt(s)
+        r, s, dev = self.rank, self._pools.shared_rank, self._pools.device
+        glob = torch.randn(r, s, generator=gen, device=dev) @ self._pools.get(module + ("B" if transpose else "A"), -1, d)
+        group = torch.randn(r, s, generator=gen, device=dev) @ self._pools.get(module + ("B" if transpose else "A"), self.group, d)
+        own = torch.randn(r, d, generator=gen, device=dev) / math.sqrt(d) * math.sqrt(s)
+        noise = torch.randn(r, d, generator=gen, device=dev) / math.sqrt(d) * math.sqrt(s)
         shared = self._sharing
         out = math.sqrt(shared / 2) * (glob + group) + math.sqrt(1 - shared) * own + self._noise * noise
         return out.T if transpose else out
@@ -107,6 +112,7 @@ def synthetic_adapters(
     noise: float = 0.05,
     seed: int = 0,
     base_model: str = SYNTHETIC_BASE_MODEL,
+    device: torch.device | str | None = None,
 ) -> list[SyntheticAdapter]:
     """A synthetic collection of ``n`` LoRA adapters.
 
@@ -121,12 +127,15 @@ def synthetic_adapters(
         noise: entry-wise noise relative to the signal.
         seed: everything is a function of this seed.
         base_model: the ``base_model_name_or_path`` the adapters claim.
+        device: where weights are generated and returned (default CPU). Generating on a GPU is much
+            faster for large collections; the numbers differ between devices (each device's random
+            generator), but are deterministic on each.
     """
     if not 0 <= sharing <= 1:
         raise ValueError(f"sharing must be in [0, 1], got {sharing}.")
     modules = modules or llama_modules(4, 256, 64)
     ranks = [rank] * n if isinstance(rank, int) else [rank[i % len(rank)] for i in range(n)]
-    pools = _Pools(seed, shared_rank)
+    pools = _Pools(seed, shared_rank, torch.device(device or "cpu"))
     return [
         SyntheticAdapter(i, modules, ranks[i], alpha or 2 * ranks[i], i % max(groups, 1), pools, sharing, noise,
                          seed, base_model)
@@ -140,7 +149,7 @@ def save_adapters(adapters: Sequence[SyntheticAdapter], root: str | Path) -> lis
 
     paths = []
     for adapter in adapters:
-        tensors = {m: adapter.read_module(m) for m in adapter.modules}
+        tensors = {m: tuple(t.cpu() for t in adapter.read_module(m)) for m in adapter.modules}
         paths.append(write_lora_folder(
             Path(root) / adapter.name, tensors, r=adapter.rank, lora_alpha=adapter.alpha,
             base_model=adapter.base_model,
