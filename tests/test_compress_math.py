@@ -270,3 +270,108 @@ def test_choose_clusters_takes_fewest_below_target():
     assert points[0].saved_ratio > points[-1].saved_ratio
     with pytest.warns(UserWarning, match="No cluster count reaches"):
         chosen, _ = choose_clusters(stack, ranks, 1, target=1e-9, tol=1e-6)
+
+
+def _cluster_reference(stack, rank, assignment, bases, **options):
+    """The per-cluster loop of jd_cluster: one jd_full per cluster, started from its bases."""
+    from jdlora.compress.jd import effective_rank
+
+    results = []
+    for j, (U, V) in enumerate(bases):
+        sub = stack.subset((assignment == j).nonzero().flatten())
+        init = (U, V) if effective_rank(sub, rank) == U.shape[1] else None
+        results.append(jd_full(sub, rank, init=init, **options))
+    return results
+
+
+def test_batched_cluster_iterations_match_per_cluster_jd():
+    from jdlora.compress.clustering import _jd_full_clusters
+
+    # min(d) = 12 and r_max = 4: every cluster of 2+ adapters is solved in full coordinates by both paths.
+    ranks = [4, 4, 3, 4, 2, 4, 4, 1, 4, 4, 3, 4, 4, 2, 4, 4]
+    stack = random_stack(16, 14, 12, ranks, seed=21, shared=2)
+    rank = 5
+    single = jd_full(stack, rank, tol=1e-8, ftol=0, max_iter=300)
+    # Uneven sizes (8, 4, 2, 1 adapters); cluster 3 holds one rank-3 adapter: stacked rank 3 < r.
+    assignment = torch.tensor([0, 1, 0, 0, 1, 0, 2, 0, 0, 1, 3, 0, 1, 2, 0, 0])
+    bases = [(single.U, single.V)] * 4
+    options = dict(tol=1e-8, ftol=1e-12, max_iter=300)
+    batched = _jd_full_clusters(stack, rank, assignment, bases, seed=0, **options)
+    reference = _cluster_reference(stack, rank, assignment, bases, **options)
+    assert [r.rank for r in batched] == [r.rank for r in reference] == [5, 5, 5, 3]
+    for b, r in zip(batched, reference):
+        total = r.residuals.sum().clamp_min(1e-300)
+        assert len(b.history) == len(r.history) and b.converged == r.converged
+        assert torch.allclose(torch.tensor(b.history), torch.tensor(r.history), rtol=1e-9, atol=1e-12)
+        assert math.isclose(b.residuals.sum().item(), r.residuals.sum().item(), rel_tol=1e-9, abs_tol=1e-12)
+        assert torch.allclose(b.residuals, r.residuals, atol=1e-6 * total.item() + 1e-12)
+        # Never worse than the start; the history never increases.
+        assert b.history[-1] <= b.history[0] + 1e-12
+        assert all(y <= x + 1e-12 for x, y in zip(b.history, b.history[1:]))
+        assert torch.allclose(b.U.T @ b.U, torch.eye(b.rank, dtype=F64), atol=1e-10)
+    # A cluster whose previous bases had a lower rank (it was tiny, now it has grown) restarts per cluster.
+    grown = torch.tensor([0, 1, 0, 0, 1, 0, 2, 0, 0, 1, 3, 0, 1, 2, 3, 3])
+    bases = [(b.U, b.V) for b in batched]
+    again = _jd_full_clusters(stack, rank, grown, bases, seed=0, **options)
+    ref_again = _cluster_reference(stack, rank, grown, bases, **options)
+    for b, r in zip(again, ref_again):
+        assert math.isclose(b.residuals.sum().item(), r.residuals.sum().item(), rel_tol=1e-9, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_batched_clustered_jd_matches_per_cluster_path(seed):
+    ranks = [4, 4, 3, 4, 2, 4, 4, 1, 4, 4, 3, 4, 4, 2]
+    stack = random_stack(14, 14, 12, ranks, seed=seed, shared=2)
+    single = jd_cluster(stack, 5, 1, tol=1e-8, ftol=0, max_iter=300)
+    for k in (3, 6):
+        loop = jd_cluster(stack, 5, k, tol=1e-8, ftol=1e-12, max_iter=300, seed=seed, batched=False)
+        joint = jd_cluster(stack, 5, k, tol=1e-8, ftol=1e-12, max_iter=300, seed=seed, batched=True)
+        assert torch.equal(loop.assignment, joint.assignment) and loop.rounds == joint.rounds
+        assert set(joint.assignment.tolist()) == set(range(k))
+        assert math.isclose(loop.residuals.sum().item(), joint.residuals.sum().item(), rel_tol=1e-9)
+        assert torch.allclose(torch.tensor(loop.history), torch.tensor(joint.history), rtol=1e-9)
+        assert joint.residuals.sum() <= single.residuals.sum() * (1 + 1e-9)
+        assert all(b <= a * (1 + 1e-9) for a, b in zip(joint.history, joint.history[1:]))
+        dense = stack.dense()
+        U, V = joint.U[joint.assignment], joint.V[joint.assignment]
+        recon = U @ joint.sigma @ V.transpose(1, 2)
+        assert torch.allclose(joint.residuals, (dense - recon).square().sum(dim=(1, 2)), rtol=1e-8,
+                              atol=1e-12 * dense.square().sum().item())
+
+
+def test_batched_clustered_jd_with_an_emptied_cluster():
+    from jdlora.compress.clustering import _fill_empty_clusters, _jd_full_clusters
+
+    stack = random_stack(12, 14, 12, 4, seed=22, shared=2)
+    single = jd_full(stack, 5, tol=1e-8, ftol=0, max_iter=300)
+    options = dict(tol=1e-8, ftol=1e-12, max_iter=300)
+    bases = [(single.U, single.V)] * 3
+    first = _jd_full_clusters(stack, 5, torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 2]), bases, seed=0, **options)
+    bases = [(r.U, r.V) for r in first]
+    # Reassignment emptied cluster 2: it is re-seeded with the worst-reconstructed adapter (one
+    # rank-4 adapter: stacked rank 4 < r, solved per cluster), the other clusters jointly.
+    emptied = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1])
+    assignment = _fill_empty_clusters(emptied, 3, first, stack, bases, "full")
+    assert torch.bincount(assignment, minlength=3).tolist()[2] == 1
+    batched = _jd_full_clusters(stack, 5, assignment, bases, seed=0, **options)
+    reference = _cluster_reference(stack, 5, assignment, bases, **options)
+    assert [r.rank for r in batched] == [r.rank for r in reference] == [5, 5, 4]
+    for b, r in zip(batched, reference):
+        assert math.isclose(b.residuals.sum().item(), r.residuals.sum().item(), rel_tol=1e-9, abs_tol=1e-12)
+        assert b.history[-1] <= b.history[0] + 1e-12
+
+
+def test_synthetic_adapters_on_a_device_are_deterministic():
+    from jdlora.synthetic import llama_modules, synthetic_adapters
+
+    modules = llama_modules(1, 32, 16, ("q_proj",))
+    module = next(iter(modules))
+    default = synthetic_adapters(3, modules, rank=4)[2].read_module(module)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        first = synthetic_adapters(3, modules, rank=4, device=device)[2].read_module(module)
+        second = synthetic_adapters(3, modules, rank=4, device=device)[2].read_module(module)
+        assert all(t.device.type == device for t in first)
+        assert all(torch.equal(x, y) for x, y in zip(first, second))
+    cpu = synthetic_adapters(3, modules, rank=4, device="cpu")[2].read_module(module)
+    assert all(torch.equal(x, y) for x, y in zip(default, cpu))

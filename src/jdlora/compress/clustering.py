@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .jd import JDResult, Solver, effective_rank, jd_diag, jd_full, range_init
+from .jd import JDResult, Solver, _subspace_change, effective_rank, jd_diag, jd_full, orthonormalize
 from .stack import LoraStack
 
 SigmaKind = Literal["full", "diag"]
@@ -71,6 +71,7 @@ def jd_cluster(
     max_iter: int = 100,
     max_rounds: int = 20,
     seed: int = 0,
+    batched: bool | None = None,
 ) -> ClusterResult:
     """Clustered JD (Appendix A.3).
 
@@ -91,6 +92,11 @@ def jd_cluster(
         sigma, solver, tol, ftol, max_iter: as for :func:`jd`.
         max_rounds: cap on the assignment/JD alternations.
         seed: seed of the random initializations and of k-means.
+        batched: run the JD-Full QR iterations of all clusters at once (:func:`_jd_full_clusters`)
+            instead of one cluster after the other. Default: on CUDA only, where the per-cluster
+            loop is bound by kernel launches and host syncs; on the CPU the per-cluster loop (which
+            solves each cluster in the span of its own factors) is faster. JD-Diag and the eigen
+            solver always run per cluster.
     """
     n = stack.n
     clusters = max(1, min(clusters, n))
@@ -107,15 +113,22 @@ def jd_cluster(
     assignment = kmeans(features / features.norm(dim=1, keepdim=True).clamp_min(1e-30), clusters, seed=seed)
     bases = [(single.U, single.V)] * clusters
     results: list[JDResult | None] = [None] * clusters
+    if batched is None:
+        batched = stack.A.is_cuda
+    batched = batched and sigma == "full" and solver == "qr"
     rounds = 0
     for rounds in range(1, max_rounds + 1):
         assignment = _fill_empty_clusters(assignment, clusters, results, stack, bases, sigma)
-        for j in range(clusters):
-            members = (assignment == j).nonzero().flatten()
-            sub = stack.subset(members)
-            init = bases[j] if effective_rank(sub, rank) == bases[j][0].shape[1] else None
-            results[j] = jd(sub, rank, init=init, **options)
-            bases[j] = (results[j].U, results[j].V)
+        if batched:
+            results = _jd_full_clusters(stack, rank, assignment, bases, tol=tol, ftol=ftol, max_iter=max_iter,
+                                        seed=seed)
+        else:
+            for j in range(clusters):
+                members = (assignment == j).nonzero().flatten()
+                sub = stack.subset(members)
+                init = bases[j] if effective_rank(sub, rank) == bases[j][0].shape[1] else None
+                results[j] = jd(sub, rank, init=init, **options)
+        bases = [(res.U, res.V) for res in results]
         history.append(sum(r.residuals.sum() for r in results).item() / total.item())
         errors = assignment_errors(stack, bases, sigma)
         new_assignment = errors.argmin(dim=1)
@@ -126,6 +139,164 @@ def jd_cluster(
             break
         assignment = new_assignment
     return _gather(stack, results, assignment, rank, sigma, history, rounds)
+
+
+def _jd_full_clusters(
+    stack: LoraStack,
+    rank: int,
+    assignment: Tensor,
+    bases: list[tuple[Tensor, Tensor]],
+    *,
+    tol: float,
+    ftol: float,
+    max_iter: int,
+    seed: int,
+) -> list[JDResult]:
+    """One JD-Full (QR solver) per cluster, the iterations of all clusters run together.
+
+    The same math per cluster as :func:`~jdlora.compress.jd._jd_full_iterate` started from
+    ``bases[j]``: equations 14-17 in Gauss-Seidel order, each cluster stopping on its own equation
+    19 or ftol test (a stopped cluster's bases no longer change), keeping its best iterate (never
+    worse than its start), at most ``max_iter`` iterations. Per iteration: the bases of each
+    adapter's cluster are gathered (``U[assignment]``, ``[n, d, r]``), the products ``A_i V_c(i)``
+    and ``B_i^T U_c(i)`` are batched GEMMs, the per-cluster sums ``sum_{i in C_j} B_i X_i`` are
+    batched GEMMs summed with ``index_add_``, the QR factorizations are batched over clusters, and
+    the stop flags of all clusters reach the host in one sync.
+
+    Unlike :func:`~jdlora.compress.jd.jd_full`, the clusters are solved in the full coordinates
+    (not in the span of each cluster's factors), so the starting point is ``bases[j]`` itself
+    rather than its projection on that span; the iterates after the first are the same subspaces.
+
+    A cluster that cannot use the common rank (stacked rank below it: Proposition 1, it is already
+    lossless at a lower rank) or whose previous bases have another rank runs the per-cluster
+    :func:`jd_full` as before.
+
+    Returns:
+        One :class:`JDResult` per cluster, its sigma and residuals ordered like
+        ``(assignment == j).nonzero()``.
+    """
+    C = len(bases)
+    device = stack.A.device
+    counts = torch.bincount(assignment, minlength=C)
+    row_rank = (stack.A.abs().amax(dim=2) > 0).sum(dim=1)
+    cluster_rank = torch.zeros(C, dtype=row_rank.dtype, device=device).index_add_(0, assignment, row_rank)
+    counts_list, ranks_list = torch.stack([counts, cluster_rank]).tolist()  # one sync per call
+    order = torch.argsort(assignment, stable=True)
+    offsets = [0]
+    for c in counts_list:
+        offsets.append(offsets[-1] + c)
+    members = [order[offsets[j]:offsets[j + 1]] for j in range(C)]
+    effective = [max(1, min(rank, stack.d_out, stack.d_in, k)) for k in ranks_list]
+    common = max(effective)
+    joint = [j for j in range(C) if effective[j] == common and bases[j][0].shape[1] == common]
+    results: list[JDResult | None] = [None] * C
+    for j in range(C):
+        if j not in joint:
+            sub = stack.subset(members[j])
+            init = bases[j] if effective[j] == bases[j][0].shape[1] else None
+            results[j] = jd_full(sub, rank, solver="qr", tol=tol, ftol=ftol, max_iter=max_iter, init=init,
+                                 seed=seed)
+    if not joint:
+        return results
+    # The jointly solved clusters, renumbered 0..J-1, and their adapters.
+    J = len(joint)
+    remap = torch.full((C,), -1, dtype=torch.long, device=device)
+    remap[torch.tensor(joint, device=device)] = torch.arange(J, device=device)
+    rows = torch.cat([members[j] for j in joint])
+    sub = stack.subset(rows)
+    a = remap[assignment[rows]]
+    U = torch.stack([bases[j][0] for j in joint])  # [J, d_out, r]
+    V = torch.stack([bases[j][1] for j in joint])
+    out = _iterate_clusters(sub, a, U, V, tol=tol, ftol=ftol, max_iter=max_iter)
+    start = 0
+    for jj, j in enumerate(joint):
+        stop = start + counts_list[j]
+        results[j] = JDResult(out.U[jj], out.V[jj], out.sigma[start:stop], out.residuals[start:stop],
+                              out.history[jj], out.converged[jj])
+        start = stop
+    return results
+
+
+@dataclass
+class _Batched:
+    U: Tensor
+    V: Tensor
+    sigma: Tensor
+    residuals: Tensor
+    history: list[list[float]]
+    converged: list[bool]
+
+
+def _iterate_clusters(
+    stack: LoraStack, a: Tensor, U: Tensor, V: Tensor, *, tol: float, ftol: float, max_iter: int
+) -> _Batched:
+    """The batched QR iteration of :func:`_jd_full_clusters`; ``a[i]`` is adapter i's cluster in ``[0, J)``."""
+    J = U.shape[0]
+    A, Bt = stack.A, stack.Bt  # [n, r_max, d_in], [n, r_max, d_out]
+    B, At = Bt.transpose(1, 2), A.transpose(1, 2)
+
+    def cluster_sum(X: Tensor) -> Tensor:  # sum_{i in C_j} X_i for X [n, ...] -> [J, ...]
+        return torch.zeros((J, *X.shape[1:]), dtype=X.dtype, device=X.device).index_add_(0, a, X)
+
+    total = cluster_sum(stack.sq_norms())  # [J]
+    AV = torch.bmm(A, V[a])
+    BtU = torch.bmm(Bt, U[a])
+    sigma = BtU.transpose(1, 2) @ AV
+
+    def relative_error(sigma: Tensor) -> Tensor:  # [J], float64 as in _jd_full_iterate
+        kept = cluster_sum(sigma.square().sum(dim=(1, 2))) / total
+        return (1.0 - kept.double()).clamp_min(0.0)
+
+    error = relative_error(sigma)
+    best_error = error
+    best_U, best_V, best_sigma = U, V, sigma
+    active = torch.ones(J, dtype=torch.bool, device=U.device)
+    errors, actives = [error], [active]
+    for _ in range(max_iter):
+        U_new = orthonormalize(cluster_sum(torch.bmm(B, AV @ sigma.transpose(1, 2))))  # equations 14, 16
+        U_new = torch.where(active[:, None, None], U_new, U)
+        BtU = torch.bmm(Bt, U_new[a])
+        Y = BtU @ (BtU.transpose(1, 2) @ AV)
+        V_new = orthonormalize(cluster_sum(torch.bmm(At, Y)))  # equations 15, 17
+        V_new = torch.where(active[:, None, None], V_new, V)
+        change = torch.maximum(_subspace_change(U, U_new), _subspace_change(V, V_new))
+        U, V = U_new, V_new
+        AV = torch.bmm(A, V[a])
+        sigma = BtU.transpose(1, 2) @ AV  # equation 6
+        previous = error
+        error = torch.where(active, relative_error(sigma), previous)
+        improved = active & (error <= best_error)
+        best_error = torch.where(improved, error, best_error)
+        best_U = torch.where(improved[:, None, None], U, best_U)
+        best_V = torch.where(improved[:, None, None], V, best_V)
+        best_sigma = torch.where(improved[a][:, None, None], sigma, best_sigma)
+        drop = previous - error
+        stop = active & ((change < tol) | ((drop >= 0) & (drop < ftol)))
+        errors.append(error)
+        active = active & ~stop
+        actives.append(active)
+        if not bool(active.any()):  # the one host sync of the iteration
+            break
+    # Histories: the start, then every iteration up to and including the one each cluster stopped at.
+    err_rows = torch.stack(errors).T.tolist()
+    act_rows = torch.stack(actives).T.tolist()
+    history, converged = [], []
+    for e, alive in zip(err_rows, act_rows):
+        steps = alive.index(False) if False in alive else len(alive) - 1
+        history.append(e[: steps + 1])
+        converged.append(False in alive)
+    res = _cluster_residuals(stack, a, best_U, best_V, best_sigma)
+    return _Batched(best_U, best_V, best_sigma, res, history, converged)
+
+
+def _cluster_residuals(stack: LoraStack, a: Tensor, U: Tensor, V: Tensor, sigma: Tensor) -> Tensor:
+    """:func:`~jdlora.compress.jd.residuals` with the bases of each adapter's cluster."""
+    Ua, Va = U[a], V[a]
+    P = torch.bmm(stack.Bt, Ua).transpose(1, 2) @ torch.bmm(stack.A, Va)
+    cross = (P * sigma).sum(dim=(1, 2))
+    gu, gv = U.transpose(1, 2) @ U, V.transpose(1, 2) @ V
+    quad = ((gu[a] @ sigma @ gv[a]) * sigma).sum(dim=(1, 2))
+    return (stack.sq_norms() - 2 * cross + quad).clamp_min(0)
 
 
 def assignment_errors(stack: LoraStack, bases: list[tuple[Tensor, Tensor]], sigma: SigmaKind) -> Tensor:
