@@ -7,7 +7,7 @@ k and v 1024 x 4096: 96 modules), ``synthetic_adapters(n, mistral_7b_modules(), 
 - Up to ``--max-folders`` (100) adapters, the collection is written as real PEFT folders (the
   writing is not timed) and ``jdlora.compress`` reads it back through the streaming reader of
   :mod:`jdlora.sources`: the time includes opening, hashing (sha256 of each weights file, for the
-  manifest) and reading, from the page cache since the files were just written.
+  manifest) and reading (from the page cache, when the files were just written).
 - Beyond, the synthetic adapter objects are passed themselves: they generate each module's factors
   on demand (1000 adapters would be about 38 GB of safetensors), so the time includes generation.
 
@@ -131,9 +131,10 @@ class Breakdown:
     Stages: ``read`` (``read_module``: safetensors reads, or generation of synthetic factors),
     ``stack`` (``LoraStack.from_factors``, including the copy to the device), ``jd`` (every JD call
     of :func:`jdlora.compress.clustering.jd_cluster`: the single-cluster start and each cluster's JD
-    per round), ``assign`` (cluster reassignment errors), ``kmeans``, ``hash`` (sha256 of each
-    weights file for the manifest). On CUDA each timer synchronizes, so these numbers are honest
-    there too (at the price of a few synchronizations).
+    per round, or one batched call for all clusters per round where the library batches them;
+    iterations are counted per cluster), ``assign`` (cluster reassignment errors), ``kmeans``,
+    ``hash`` (sha256 of each weights file for the manifest). On CUDA each timer synchronizes, so
+    these numbers are honest there too (at the price of a few synchronizations).
     """
 
     def __init__(self, cuda: bool):
@@ -193,6 +194,9 @@ class Breakdown:
         self._wrap(LoraStack, "from_factors", "stack", sync=True)
         # jd_cluster looks these up as module globals at call time.
         self._wrap(clustering, "jd", "jd", sync=True, on_result=count_iterations)
+        if "_jd_full_clusters" in vars(clustering):  # the JD of all clusters batched (default on CUDA)
+            self._wrap(clustering, "_jd_full_clusters", "jd", sync=True,
+                       on_result=lambda results: [count_iterations(r) for r in results])
         self._wrap(clustering, "assignment_errors", "assign", sync=True)
         self._wrap(clustering, "kmeans", "kmeans", sync=True)
         return self
@@ -385,10 +389,11 @@ def breakdown_table(results: list[dict]) -> str:
     for r in results:
         sec = r["stage_seconds"]
         other = r["seconds"] - sum(sec.get(s, 0.0) for s in stages)
-        row = [str(r["n"]), r["config"], f"{r['seconds']:.1f}", f"{sec.get('read', 0):.1f}", f"{sec.get('hash', 0):.1f}",
-               f"{sec.get('stack', 0):.1f}", f"{sec.get('jd', 0):.1f}", str(r["stage_calls"].get("jd", 0)),
-               str(r["jd_iterations"]), f"{sec.get('assign', 0):.1f}", f"{sec.get('kmeans', 0):.1f}", f"{other:.1f}",
-               f"{r['rounds_mean']:.1f}/{r['rounds_max']}", f"{r['cpu_seconds'] / r['seconds']:.2f}"]
+        row = [str(r["n"]), r["config"], f"{r['seconds']:.1f}", f"{sec.get('read', 0):.1f}",
+               f"{sec.get('hash', 0):.1f}", f"{sec.get('stack', 0):.1f}", f"{sec.get('jd', 0):.1f}",
+               str(r["stage_calls"].get("jd", 0)), str(r["jd_iterations"]), f"{sec.get('assign', 0):.1f}",
+               f"{sec.get('kmeans', 0):.1f}", f"{other:.1f}", f"{r['rounds_mean']:.1f}/{r['rounds_max']}",
+               f"{r['cpu_seconds'] / r['seconds']:.2f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -403,7 +408,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--modules", type=int, default=None, help="only the first N modules (quick runs)")
     parser.add_argument("--max-folders", type=int, default=100,
                         help="collections up to this size are read from PEFT folders on disk (default 100)")
-    parser.add_argument("--keep-folders", action="store_true", help="keep the written PEFT folders")
+    parser.add_argument("--keep-folders", action="store_true",
+                        help="keep the PEFT folders (a later run with the same --workdir reuses them)")
     parser.add_argument("--json", default=None, help="write the raw results here (updated after every run)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads in each run (default: torch's default, the core count)")
@@ -457,17 +463,26 @@ def main(argv=None) -> int:
         if folder_sizes:
             need = max(folder_sizes)
             root = Path(args.workdir or tempfile.mkdtemp(prefix="jdlora-adapters-")) / f"adapters-{len(modules)}m"
-            root.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(root).free
-            if folder_bytes(need, modules) * 1.1 > free:
-                raise SystemExit(f"Writing {need} adapters needs about {fmt_gib(folder_bytes(need, modules))} GiB, "
-                                 f"but {root} has {fmt_gib(free)} GiB free.")
-            print(f"Writing {need} PEFT folders ({fmt_gib(folder_bytes(need, modules))} GiB) to {root} ...", flush=True)
-            # Adapter i of synthetic_adapters(n) does not depend on n, so the first n folders of the
-            # largest collection are the collection of size n.
-            info = in_subprocess("write", dict(n=need, modules=args.modules, root=str(root)))
+            marker = root / "WRITTEN.json"  # written last: the folders are complete and match these settings
+            expected = dict(modules=len(modules), lora_rank=LORA_RANK, seed=SEED)
+            done = json.loads(marker.read_text()) if marker.exists() else {}
+            if done.get("n", 0) >= need and all(done.get(k) == v for k, v in expected.items()):
+                print(f"Reusing the {done['n']} PEFT folders in {root}", flush=True)
+            else:
+                root.mkdir(parents=True, exist_ok=True)
+                marker.unlink(missing_ok=True)
+                free = shutil.disk_usage(root).free
+                if folder_bytes(need, modules) * 1.1 > free:
+                    raise SystemExit(f"Writing {need} adapters needs about {fmt_gib(folder_bytes(need, modules))} "
+                                     f"GiB, but {root} has {fmt_gib(free)} GiB free.")
+                print(f"Writing {need} PEFT folders ({fmt_gib(folder_bytes(need, modules))} GiB) to {root} ...",
+                      flush=True)
+                # Adapter i of synthetic_adapters(n) does not depend on n, so the first n folders of the
+                # largest collection are the collection of size n.
+                info = in_subprocess("write", dict(n=need, modules=args.modules, root=str(root)))
+                marker.write_text(json.dumps(dict(expected, n=need)) + "\n")
+                print(f"  written in {info['seconds']:.0f} s", flush=True)
             written = need
-            print(f"  written in {info['seconds']:.0f} s", flush=True)
         for n in sizes:
             for config in configs:
                 rank, clusters = config_settings(config, n)
