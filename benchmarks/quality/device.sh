@@ -7,7 +7,8 @@
 set -euo pipefail
 W=gpu_assets/work
 mkdir -p "$W"
-export PYTHONPATH=src:.
+# JDLORA_SRC: another copy of the library (e.g. a git archive of HEAD while the tree has work in progress)
+export PYTHONPATH=${JDLORA_SRC:-src}:.
 case "$1" in
   part1)
     cp gpu_assets/gguf1/part00 "$W/" && ls -la "$W" ;;
