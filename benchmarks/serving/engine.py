@@ -1,0 +1,220 @@
+"""The serving loop shared by every configuration: arrivals, FIFO batching, static batches, greedy decode.
+
+:class:`Server` serves the base model, multi-LoRA and JD-LoRA with the same loop, so only the
+adapter path differs. A path has ``max_adapters`` (the scheduler's limit on distinct adapters per
+batch, None for none), ``begin_batch(adapters)`` (e.g. swap adapters in), ``forward(**model_inputs)
+-> logits``, ``counters()`` (adapter loads and evictions so far) and ``reset()``.
+
+Per batch (static batching): prompts left-padded to the longest, one prefill forward with
+``logits_to_keep=1`` (no full-vocabulary logits for the prompt), then greedy decode with the model's
+own key/value cache (``DynamicCache``) until every request has ``new_tokens`` tokens, calling the
+model's forward directly (not ``generate``). Next tokens stay on the device; the batch's only host
+synchronization is reading its tokens at the end (with ``profile``, every phase is also
+synchronized, so its timer measures the device's work rather than the host's enqueueing).
+
+Arrivals are replayed on the wall clock: a request can join a batch only after its arrival time. When
+fewer than ``max_batch`` requests wait and more are coming, the server waits for more until the
+oldest waiting request has waited ``max_wait`` seconds (the usual dynamic-batching window), so a
+saturated server does not start with a batch of one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .scheduler import FifoScheduler
+from .workload import Request
+
+
+class BasePath:
+    """The base model alone: no adapters (the ceiling of every other configuration)."""
+
+    kind = "base"
+    max_adapters = None
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def begin_batch(self, adapters: Sequence[int]) -> None:
+        pass
+
+    def forward(self, **inputs) -> Tensor:
+        return self.model(**inputs).logits
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+    def reset(self) -> None:
+        pass
+
+    def close(self) -> nn.Module:
+        return self.model
+
+
+class PhaseTimer:
+    """Seconds per phase; with ``sync``, the device is synchronized around each phase."""
+
+    def __init__(self, sync: bool):
+        self.sync = sync
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        if self.sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.seconds[phase] += time.perf_counter() - start
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name of the key/value cache argument: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
+    inner = getattr(model, "model", model)
+    return "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"
+
+
+def new_cache(config):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+@dataclass
+class Server:
+    """What every run shares: the device, the model's config and the batch limits.
+
+    Attributes:
+        device: where the model runs. config: the model's config (for its cache).
+        max_batch: most requests per batch. new_tokens: tokens generated per request.
+        max_wait: seconds the oldest waiting request may wait for a fuller batch.
+        profile: synchronize the device around every phase, so phase timers measure device work.
+        cache_arg: the model's cache argument (see :func:`cache_argument`).
+    """
+
+    device: torch.device
+    config: object
+    max_batch: int
+    new_tokens: int = 10
+    max_wait: float = 0.05
+    profile: bool = False
+    cache_arg: str = "cache"
+    pad_id: int = 0
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **kwargs) -> Server:
+        device = next(model.parameters()).device
+        return cls(device=device, config=model.config, cache_arg=cache_argument(model), **kwargs)
+
+    def generate(self, path, prompts: Sequence[Sequence[int]], timer: PhaseTimer | None = None) -> list[list[int]]:
+        """Greedy ``new_tokens`` tokens for each prompt with ``path`` (whose batch is already begun)."""
+        timer = timer or PhaseTimer(False)
+        rows, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(rows, width, dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every row's last token is in the last column
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        common = {"use_cache": True, "logits_to_keep": 1, self.cache_arg: new_cache(self.config)}
+        with timer("prefill"):
+            logits = path.forward(input_ids=ids, attention_mask=mask, position_ids=position, **common)
+            token = logits[:, -1].argmax(-1)
+        out = [token]
+        position = position[:, -1:]
+        with timer("decode"):
+            for _ in range(self.new_tokens - 1):
+                mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+                position = position + 1
+                logits = path.forward(input_ids=token[:, None], attention_mask=mask, position_ids=position, **common)
+                token = logits[:, -1].argmax(-1)
+                out.append(token)
+        return torch.stack(out, dim=1).tolist()  # the batch's one host synchronization
+
+    def serve(self, path, requests: Sequence[Request], *, time_limit: float | None = None,
+              clock: Callable[[], float] = time.perf_counter, sleep: Callable[[float], None] = time.sleep) -> dict:
+        """Serves ``requests`` (arrival times in seconds from now), fills in their results, returns the stats.
+
+        Throughput is requests served over the wall time from the first arrival to the last completion.
+        With ``time_limit``, no batch but the first starts after that many seconds: the stats then cover
+        the requests served (``truncated``), so a configuration that crawls cannot eat the study's time.
+        """
+        scheduler = FifoScheduler(self.max_batch, path.max_adapters)
+        pending = deque(sorted(requests, key=lambda r: r.arrival))
+        sync = self.profile and self.device.type == "cuda"
+        timer = PhaseTimer(sync)
+        sizes, distinct = [], []
+        before = path.counters()
+        idle = 0.0
+        t0 = clock()
+        truncated = False
+        while pending or len(scheduler):
+            now = clock() - t0
+            if time_limit is not None and sizes and now > time_limit:
+                truncated = True
+                break
+            with timer("schedule"):
+                while pending and pending[0].arrival <= now:
+                    scheduler.add([pending.popleft()])
+            wait_until = None
+            if not len(scheduler):
+                wait_until = pending[0].arrival
+            elif pending and len(scheduler) < self.max_batch and now < scheduler.waiting[0].arrival + self.max_wait:
+                wait_until = min(pending[0].arrival, scheduler.waiting[0].arrival + self.max_wait)
+            if wait_until is not None:
+                sleep(max(0.0, wait_until - now))
+                idle += clock() - t0 - now
+                continue
+            with timer("schedule"):
+                batch = scheduler.next_batch()
+            start = clock() - t0
+            adapters = [r.adapter for r in batch]
+            with timer("swap"):
+                path.begin_batch(adapters)
+            tokens = self.generate(path, [r.prompt for r in batch], timer)
+            finish = clock() - t0
+            for request, toks in zip(batch, tokens):
+                request.start, request.finish, request.tokens = start, finish, toks
+            sizes.append(len(batch))
+            distinct.append(len(set(adapters)))
+        served = [r for r in requests if r.finish is not None]
+        wall = max(r.finish for r in served) - min(r.arrival for r in requests)
+        after = path.counters()
+        served_tokens = sum(len(r.tokens) for r in served)
+        return {
+            "requests": len(served),
+            "requests_offered": len(requests),
+            "truncated": truncated,
+            "tokens": served_tokens,
+            "wall_s": wall,
+            "requests_per_s": len(served) / wall,
+            "tokens_per_s": served_tokens / wall,
+            "batches": len(sizes),
+            "mean_batch": sum(sizes) / len(sizes),
+            "mean_distinct_adapters": sum(distinct) / len(distinct),
+            "max_distinct_adapters": max(distinct),
+            "loads": after.get("loads", 0) - before.get("loads", 0),
+            "evictions": after.get("evictions", 0) - before.get("evictions", 0),
+            "swap_s": timer.seconds["swap"],
+            "prefill_s": timer.seconds["prefill"],
+            "decode_s": timer.seconds["decode"],
+            "schedule_s": timer.seconds["schedule"],
+            "idle_s": idle,
+            "mean_latency_s": sum(r.finish - r.arrival for r in served) / len(served),
+            "timers": "cuda-synchronized" if sync else "host (enqueue time; one device sync per batch)",
+        }

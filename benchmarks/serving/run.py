@@ -1,0 +1,412 @@
+"""Serving throughput of JD-LoRA against standard multi-LoRA: the paper's Figures 1 and 4 (issue 8).
+
+Usage::
+
+    PYTHONPATH=src python -m benchmarks.serving.run --out DIR                 # the study, on one GPU
+    PYTHONPATH=src python -m benchmarks.serving.run --out DIR --device cpu --tiny   # smoke run
+
+Set-up (paper section 6.3 and Appendix E, on one H200 instead of an H100):
+
+- **Model**: Mistral-7B's shapes (transformers ``MistralConfig``: hidden 4096, 32 layers, 32 heads,
+  8 key/value heads, intermediate 14336, vocabulary 32000, no sliding window), **random bf16
+  weights** (no checkpoint is needed: throughput does not depend on the values), SDPA attention.
+- **Adapters**: rank-16 LoRA (alpha 32) on q, k and v of every layer (96 modules), 4 to 1,024
+  unique adapters. Synthetic: random A and B (values do not matter for throughput).
+- **Requests**: ``--requests`` per run (default 256) for adapters drawn uniformly at random, Poisson
+  arrivals at ``--rate`` per second (default 1000: far above the server's capacity, so the measured
+  throughput is its capacity), 10 generated tokens each (greedy, no early stop). Prompts: the paper
+  used Shakespeare sonnets; without a dataset here they are random token ids with sonnet-like
+  lengths (normal, mean 130, sd 12, clipped to 100-160 tokens). Every configuration at one
+  collection size gets the same requests (same arrivals, prompts and adapters).
+- **Serving loop** (:mod:`.engine`), the same for every configuration: FIFO scheduler with at most
+  ``--max-batch`` (64) requests per batch and, for multi-LoRA, at most K distinct adapters per
+  batch (requests whose adapter would exceed K wait, as in vLLM's scheduler); a 50 ms batching
+  window while the queue is short; static batches: left padding, prefill with ``logits_to_keep=1``,
+  greedy decode with transformers' ``DynamicCache``, the model's forward called directly.
+  Throughput = requests / (last completion - first arrival).
+- **Configurations**:
+  1. *base model* alone (the ceiling);
+  2. *multi-LoRA* (:mod:`.multilora`): K adapter slots on the GPU, every adapter in pinned host
+     memory, least-recently-used swapping, the gathered segmented LoRA kernel
+     (:func:`jdlora.kernels.jd_lora_forward`, one slot per "cluster"). K matches JD-LoRA's memory
+     by Appendix E (:mod:`.settings`; ``--k-rule formula``, the default, is ``ceil(Params_JD /
+     Params_baseline)``; ``paper`` uses the paper's table, which differs at 256, 512 and 1,024
+     adapters by one slot). Slots start empty in each run (first loads are counted as loads).
+  3. *JD-LoRA* (:mod:`.jd`): the compressed collection fully resident, through jdlora's PEFT tuner
+     (bulk ``load_collection``, ``adapter_names`` per batch row; Triton kernels on CUDA), with the
+     paper's setting per size (Appendix E: JD-Full rank 16 for 4 and 8 adapters, 32 for 16, 64 for
+     32 and 64; rank 16 with 7, 10 and 25 clusters for 128, 256 and 512; rank 64 with 7 clusters for
+     1,024). **The collection is synthetic**: exactly the shapes compression would produce
+     (orthonormal bases per module and cluster, a full Sigma per adapter, balanced random clusters),
+     random values, because compressing 1,024 Mistral-sized adapters costs minutes of GPU time and
+     throughput does not depend on the values. Bases and Sigmas are bf16 on the GPU.
+  4. *multi-LoRA, all resident* (without the memory cap only): K = the number of adapters, all
+     loaded before the run: what multi-LoRA does when memory is no constraint.
+- **Memory**: runs with the paper's cap (``--memory-cap-gib``, 32 GiB like 40% of an 80 GB H100,
+  through ``torch.cuda.set_per_process_memory_fraction``: the model takes 13.5 GiB, 1,024
+  uncompressed adapters would take another 18 GiB) and without it (the H200's 141 GB).
+- **Order and time**: Figure 1 first (capped: base, multi-LoRA and JD per size; JD also uncapped),
+  then the uncapped multi-LoRA runs, then Figure 4's other (setting, size) pairs at
+  ``--grid-sizes`` (default 16, 128 and 1,024; JD vs multi-LoRA with the K matched to that
+  setting). A run stops starting new batches after ``--run-limit`` seconds (its throughput then
+  covers the requests it finished, marked ``*``), and a run or group that would end after
+  ``--time-budget`` seconds from the start is skipped and listed as skipped. Each adapter path's
+  first run starts with warm-up batches (Triton compilation; not timed).
+- **Timers**: without ``--profile``, the swap, prefill and decode times are host time (the device
+  is synchronized once per batch); with it, every phase is synchronized and timed on the device's
+  clock (throughput then includes the synchronizations).
+
+What it does not model: the model runs eagerly (no CUDA graphs, no continuous batching), so a decode
+step may be bound by the host's kernel launches, and each adapted layer adds the same kind of host work on both adapter
+paths (three Triton launches and a little Python per layer and step; the JD path also goes through
+PEFT's per-forward hooks). vLLM, which the paper used, captures decode in CUDA graphs.
+
+Writes into ``--out``: ``results.json`` (setup and every run, after each run), ``results.md`` (the
+table), ``figure1.png`` (throughput relative to the base model against unique adapters, JD-LoRA vs
+multi-LoRA) and ``figure4.png`` (JD-LoRA / memory-matched multi-LoRA throughput against unique
+adapters, one line per compression setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import report
+from .engine import BasePath, Server
+from .jd import JDPath, synthetic_collection
+from .model import adapted_modules, build_model, model_config
+from .multilora import LoraStore, MultiLoraPath
+from .settings import FIGURE4_SETTINGS, PAPER_SETTINGS, SIZES, JDSetting, slots_for
+from .workload import SONNET_LENGTH, make_requests
+
+GIB = 2**30
+
+
+@dataclass
+class Group:
+    """Runs sharing one adapter path, built once (a collection loaded, slots allocated)."""
+
+    path: str  # "base", "multi-lora", "multi-lora-all", "jd"
+    adapters: int = 0
+    setting: JDSetting | None = None
+    slots: int | None = None
+    memories: list[str] = field(default_factory=list)
+    figure1: bool = True
+
+
+def plan(args, memories: list[str]) -> list[Group]:
+    """Every group in priority order: Figure 1, then the uncapped baselines, then Figure 4's grid."""
+    primary = memories[0]
+    groups = [Group("base", memories=list(memories))]
+    for n in args.sizes:
+        setting = PAPER_SETTINGS[n][0]
+        k = slots_for(n, setting, args.k_rule)
+        groups.append(Group("multi-lora", n, setting, k, [primary]))
+        groups.append(Group("jd", n, setting, None, list(memories)))
+    for n in args.sizes:
+        if primary != "uncapped" and "uncapped" in memories:
+            groups.append(Group("multi-lora", n, PAPER_SETTINGS[n][0], slots_for(n, PAPER_SETTINGS[n][0], args.k_rule),
+                                ["uncapped"]))
+        if "uncapped" in memories:
+            groups.append(Group("multi-lora-all", n, None, n, ["uncapped"]))
+    seen = {(g.adapters, g.slots) for g in groups if g.path == "multi-lora" and primary in g.memories}
+    for n in args.grid_sizes:
+        for setting in FIGURE4_SETTINGS:
+            if setting == PAPER_SETTINGS.get(n, (None,))[0] or setting.clusters >= n:
+                continue
+            k = slots_for(n, setting, args.k_rule)
+            if (n, k) not in seen:
+                seen.add((n, k))
+                groups.append(Group("multi-lora", n, setting, k, [primary], figure1=False))
+            groups.append(Group("jd", n, setting, None, [primary], figure1=False))
+    return groups
+
+
+class Study:
+    """Runs the plan and writes the results; see the module docstring."""
+
+    def __init__(self, args):
+        self.args = args
+        self.t0 = time.perf_counter()
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(args.device)
+        self.cuda = self.device.type == "cuda"
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.memories = (["capped", "uncapped"] if self.cuda and args.memory_cap_gib else ["uncapped"])
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        start = time.perf_counter()
+        self.config = model_config(tiny=args.tiny)
+        self.model = build_model(self.config, self.device, self.dtype, seed=args.seed)
+        self.modules = adapted_modules(self.config)
+        self.server = Server.for_model(self.model, max_batch=args.max_batch, new_tokens=args.new_tokens,
+                                       max_wait=args.max_wait, profile=args.profile)
+        self.store: LoraStore | None = None
+        self.seconds: dict[str, dict[str, float]] = {}  # path kind -> set-up, warm-up and run of its last run
+        self.results = {"setup": self._setup(time.perf_counter() - start), "runs": []}
+
+    # ----- bookkeeping --------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def _setup(self, init_s: float) -> dict:
+        a = self.args
+        versions = {"python": platform.python_version(), "torch": torch.__version__}
+        for name in ("transformers", "peft", "triton"):
+            try:
+                versions[name] = __import__(name).__version__
+            except ImportError:
+                versions[name] = None
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent).stdout.strip() or None
+        except OSError:
+            commit = None
+        c = self.config
+        return {
+            "model": "tiny Mistral (random)" if a.tiny else "Mistral-7B shapes (random bf16 weights)",
+            "model_config": {k: getattr(c, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                        "num_key_value_heads", "intermediate_size", "vocab_size")},
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.cuda else platform.processor() or "CPU",
+            "device_memory_gib": (torch.cuda.get_device_properties(self.device).total_memory / GIB
+                                  if self.cuda else None),
+            "memory_cap_gib": a.memory_cap_gib if "capped" in self.memories else None,
+            "memories": self.memories,
+            "adapted_modules": len(self.modules),
+            "lora_rank": 16,
+            "requests_per_run": a.requests,
+            "max_batch": a.max_batch,
+            "new_tokens": a.new_tokens,
+            "arrival_rate_per_s": a.rate,
+            "max_wait_s": a.max_wait,
+            "prompt_lengths": dict(zip(("mean", "std", "min", "max"), SONNET_LENGTH)),
+            "sizes": list(a.sizes),
+            "grid_sizes": list(a.grid_sizes),
+            "k_rule": a.k_rule,
+            "run_limit_s": a.run_limit,
+            "time_budget_s": a.time_budget,
+            "profile": a.profile,
+            "seed": a.seed,
+            "model_init_s": init_s,
+            "versions": versions,
+            "commit": commit,
+            "command": " ".join(sys.argv),
+        }
+
+    def write(self) -> None:
+        self.results["elapsed_s"] = self.elapsed()
+        skipped = [r for r in self.results["runs"] if r.get("skipped")]
+        self.results["skipped_note"] = (f"{len(skipped)} run(s) skipped by the time budget "
+                                        f"({self.args.time_budget:g} s)." if skipped else "")
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=1))
+        (self.out / "results.md").write_text(report.markdown(self.results))
+
+    def figures(self) -> None:
+        report.figure1(self.results, self.out / "figure1.png")
+        report.figure4(self.results, self.out / "figure4.png")
+
+    # ----- running --------------------------------------------------------------------------------
+
+    def set_memory(self, memory: str) -> None:
+        if not self.cuda:
+            return
+        gc.collect()
+        torch.cuda.empty_cache()  # cached blocks count against the cap
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        fraction = self.args.memory_cap_gib * GIB / total if memory == "capped" else 1.0
+        torch.cuda.set_per_process_memory_fraction(min(1.0, fraction), self.device)
+
+    def lora_store(self) -> LoraStore:
+        if self.store is None:  # one store for the largest collection; smaller ones use its first rows
+            n = max([*self.args.sizes, *self.args.grid_sizes])
+            self.store = LoraStore(self.modules, n, dtype=self.dtype, pin=self.cuda, fill_device=self.device,
+                                   seed=self.args.seed)
+        return self.store
+
+    def build(self, group: Group):
+        if group.path == "base":
+            return BasePath(self.model), 0
+        if group.path == "jd":
+            # drawn on the device (fast QR), kept on the host: the loaded model holds on to the collection
+            collection = synthetic_collection(self.modules, group.adapters, group.setting, device=self.device,
+                                              seed=self.args.seed).to("cpu")
+            nbytes = sum((c.compression.U.numel() + c.compression.V.numel() + c.compression.sigma.numel())
+                         for c in collection.modules.values()) * self.dtype.itemsize
+            return JDPath(self.model, collection, dtype=self.dtype), nbytes
+        store = self.lora_store()
+        path = MultiLoraPath(self.model, store, group.slots, self.device)
+        if group.path == "multi-lora-all":
+            path.preload(range(group.adapters))
+        nbytes = sum(t.numel() * t.element_size() for t in (*path.cache.U, *path.cache.V, path.cache.staging))
+        return path, nbytes
+
+    def warm_up(self, path, adapters: int) -> None:
+        """One batch of each shape class the Triton kernels compile for, then the path's state is reset.
+
+        Triton specializes on the token count (1, a multiple of 16, other) and the kernels pick a
+        decode or prefill configuration (up to 128 tokens or more), so a first batch of a new class
+        inside a timed run would compile there. Every class appears here: prefill of 101, 112, 144
+        and 393 tokens, decode of 1, 3, 16 and ``max_batch`` tokens.
+        """
+        limit = min(max(adapters, 1), path.max_adapters or adapters or 1)
+        short = Server(**{**self.server.__dict__, "new_tokens": 2})
+        for rows, width in ((1, 101), (1, 112), (1, 144), (3, 131), (16, 130), (self.args.max_batch, 130)):
+            path.begin_batch([i % limit for i in range(rows)])
+            short.generate(path, [[5] * width] * rows)
+        path.reset()
+
+    def run(self, group: Group, path, memory: str, warm: bool) -> dict:
+        record = self._record(group, memory)
+        self.set_memory(memory)
+        start = time.perf_counter()
+        if warm and self.cuda:  # (on the CPU the kernels' torch reference runs: nothing to compile)
+            self.warm_up(path, group.adapters)
+        record["warmup_s"] = time.perf_counter() - start
+        requests = make_requests(self.args.requests, max(group.adapters, 1), rate=self.args.rate,
+                                 vocab_size=self.config.vocab_size, seed=self.args.seed)
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        record["stats"] = self.server.serve(path, requests, time_limit=self.args.run_limit)
+        if self.cuda:
+            record["peak_gib"] = torch.cuda.max_memory_reserved() / GIB
+        last = self.seconds.setdefault(group.path, {})
+        last["run"] = time.perf_counter() - start
+        if warm:
+            last["warm-up"] = record["warmup_s"]
+        return record
+
+    def _record(self, group: Group, memory: str) -> dict:
+        record = {"memory": memory, "path": group.path, "adapters": group.adapters,
+                  "setting": group.setting.label if group.setting else None, "slots": group.slots,
+                  "figure1": group.figure1}
+        if group.path == "jd":  # the multi-LoRA run with the same memory
+            record["matched_slots"] = slots_for(group.adapters, group.setting, self.args.k_rule)
+        return record
+
+    def guess(self, kind: str, *, setup: bool, warm: bool) -> float:
+        """Seconds the next run of this kind will take, from the last one (0 before any run)."""
+        last = self.seconds.get(kind) or {}
+        run = last.get("run", max((s["run"] for s in self.seconds.values()), default=0.0))
+        return run + (last.get("warm-up", 0.0) if warm else 0.0) + (last.get("setup", 0.0) if setup else 0.0)
+
+    def fits(self, seconds: float) -> bool:
+        return self.elapsed() + seconds <= self.args.time_budget
+
+    def run_group(self, group: Group) -> None:
+        """Builds the group's path, runs it under each of its memory modes, records runs, errors and skips."""
+        path, recorded = None, []
+        if self.fits(self.guess(group.path, setup=True, warm=True)):
+            try:
+                start = time.perf_counter()
+                self.set_memory(group.memories[0])
+                path, nbytes = self.build(group)
+                setup = time.perf_counter() - start
+                for i, memory in enumerate(group.memories):
+                    if i and not self.fits(self.guess(group.path, setup=False, warm=False)):
+                        break
+                    record = self.run(group, path, memory, warm=i == 0)
+                    self.seconds[group.path]["setup"] = setup
+                    record.update(setup_s=setup, adapter_gib=nbytes / GIB)
+                    recorded.append(record)
+                    self.results["runs"].append(record)
+                    self._log(record)
+                    self.write()
+            except Exception as error:  # e.g. out of memory: record it, go on with the next group
+                traceback.print_exc()
+                message = f"{type(error).__name__}: {str(error)[:200]}"
+                for memory in group.memories[len(recorded):]:
+                    self.results["runs"].append({**self._record(group, memory), "error": message})
+                    recorded.append(None)
+            finally:
+                if path is not None:
+                    path.close()
+                del path
+                gc.collect()
+                if self.cuda:
+                    torch.cuda.empty_cache()
+        for memory in group.memories[len(recorded):]:
+            self.results["runs"].append({**self._record(group, memory), "skipped": "time budget"})
+        self.write()
+
+    def _log(self, record: dict) -> None:
+        s = record["stats"]
+        print(f"[{self.elapsed():6.1f} s] {record['memory']:>8} {record['path']:>14} n={record['adapters']:<5} "
+              f"{record['setting'] or '':>9} K={record['slots'] or '-':<5} {s['requests_per_s']:8.2f} req/s "
+              f"batches {s['batches']:3d} mean {s['mean_batch']:5.1f} loads {s['loads']:5d}"
+              + (" (time limit)" if s["truncated"] else ""), flush=True)
+
+    def main(self) -> None:
+        groups = plan(self.args, self.memories)
+        print(f"[{self.elapsed():6.1f} s] model ready on {self.results['setup']['device_name']}; "
+              f"{len(groups)} groups planned", flush=True)
+        for group in groups:
+            self.run_group(group)
+        self.set_memory("uncapped")
+        self.write()
+        self.figures()
+        print(f"[{self.elapsed():6.1f} s] wrote {self.out}/results.json, results.md, figure1.png, figure4.png",
+              flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for results.json, results.md, figure1.png, figure4.png")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="a tiny random Mistral (CPU smoke runs)")
+    p.add_argument("--sizes", type=_ints, help=f"collection sizes for Figure 1 (default {','.join(map(str, SIZES))})")
+    p.add_argument("--grid-sizes", type=_ints, help="sizes at which Figure 4 tries every compression setting "
+                   "(default 16,128,1024; tiny: 16; empty: none)")
+    p.add_argument("--requests", type=int, help="requests per run (default 256; tiny: 48)")
+    p.add_argument("--max-batch", type=int, help="requests per batch (default 64; tiny: 8)")
+    p.add_argument("--new-tokens", type=int, default=10)
+    p.add_argument("--rate", type=float, default=1000.0, help="mean arrivals per second (Poisson)")
+    p.add_argument("--max-wait", type=float, default=0.05, help="batching window in seconds")
+    p.add_argument("--k-rule", choices=("formula", "paper"), default="formula",
+                   help="multi-LoRA slots: Appendix E's ceil formula, or the paper's table")
+    p.add_argument("--memory-cap-gib", type=float, default=32.0, help="GPU memory cap (0: uncapped runs only)")
+    p.add_argument("--run-limit", type=float, default=20.0, help="seconds after which a run starts no new batch")
+    p.add_argument("--time-budget", type=float, default=400.0,
+                   help="seconds from the start after which no run starts (the rest is listed as skipped)")
+    p.add_argument("--profile", action="store_true", help="synchronize the device around every phase")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    tiny_defaults = {"sizes": (4, 32, 128, 1024), "grid_sizes": (16,), "requests": 48, "max_batch": 8}
+    gpu_defaults = {"sizes": SIZES, "grid_sizes": (16, 128, 1024), "requests": 256, "max_batch": 64}
+    for key, value in (tiny_defaults if args.tiny else gpu_defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = [n for n in args.sizes if n not in PAPER_SETTINGS]
+    if unknown:
+        p.error(f"--sizes must be among the paper's sizes {list(PAPER_SETTINGS)}, got {unknown}")
+    return args
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def main(argv=None) -> None:
+    Study(parse_args(argv)).main()
+
+
+if __name__ == "__main__":
+    main()
