@@ -13,7 +13,9 @@ case "$1" in
   part1)
     cp gpu_assets/gguf1/part00 "$W/" && ls -la "$W" ;;
   zoo)
-    python -c "import gguf" 2>/dev/null || pip install -q --no-deps gpu_assets/wheels/gguf-*.whl
+    python -c "import gguf" 2>/dev/null || python -m pip install -q --no-deps gpu_assets/wheels/gguf-*.whl || true
+    # a pure-python wheel also imports as a zip file
+    python -c "import gguf" 2>/dev/null || export PYTHONPATH=$PYTHONPATH:$(ls gpu_assets/wheels/gguf-*.whl)
     cat "$W/part00" gpu_assets/gguf2/part01 > "$W/smollm2.gguf"
     python -m benchmarks.quality.run convert --gguf "$W/smollm2.gguf" --model-dir "$W/smollm2"
     python -m benchmarks.quality.run zoo --model-dir "$W/smollm2" --zoo-dir "$W/zoo" 2>&1 | tee "$OUT/zoo.log"
