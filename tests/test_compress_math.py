@@ -375,3 +375,133 @@ def test_synthetic_adapters_on_a_device_are_deterministic():
         assert all(torch.equal(x, y) for x, y in zip(first, second))
     cpu = synthetic_adapters(3, modules, rank=4, device="cpu")[2].read_module(module)
     assert all(torch.equal(x, y) for x, y in zip(default, cpu))
+
+
+def test_cholesky_qr2_matches_householder_and_flags_breakdown():
+    from jdlora.compress.jd import _cholesky_qr2, orthonormalize
+
+    gen = torch.Generator().manual_seed(30)
+    X = torch.randn(3, 50, 6, generator=gen, dtype=F64) @ torch.diag(torch.logspace(0, -4, 6, dtype=F64))
+    Q, ok = _cholesky_qr2(X)
+    assert ok.all()
+    assert torch.allclose(Q.mT @ Q, torch.eye(6, dtype=F64).expand(3, 6, 6), atol=1e-12)
+    H = torch.linalg.qr(X).Q
+    assert torch.allclose(H @ (H.mT @ Q), Q, atol=1e-10)  # the same column space
+    # Float32 with a condition number of 1e3 still gives orthonormal columns.
+    Q32, ok32 = _cholesky_qr2(X[..., :4].float() @ torch.diag(torch.tensor([1.0, 1e-1, 1e-2, 1e-3])))
+    assert ok32.all() and torch.allclose(Q32.mT @ Q32, torch.eye(4).expand(3, 4, 4), atol=1e-5)
+    # A rank-deficient matrix (a repeated column) is flagged; orthonormalize falls back to Householder.
+    bad = X.clone()
+    bad[1, :, 5] = bad[1, :, 0]
+    _, ok_bad = _cholesky_qr2(bad)
+    assert ok_bad.tolist() == [True, False, True]
+    Qb = orthonormalize(bad)
+    assert torch.allclose(Qb.mT @ Qb, torch.eye(6, dtype=F64).expand(3, 6, 6), atol=1e-12)
+
+
+@pytest.mark.parametrize("duplicated", [False, True])
+def test_qr_iterations_with_cholesky_qr_match_householder(duplicated):
+    from jdlora.compress.jd import _qr_iterations, range_init
+
+    stack = random_stack(9, 30, 26, 3, seed=31, shared=2)
+    if duplicated:  # stacked rank 3 behind 27 non-padding rows: every X of rank 3 < r, Cholesky breaks down
+        stack = LoraStack(stack.A[:1].expand(9, -1, -1), Bt=stack.Bt[:1].expand(9, -1, -1))
+    U, V = range_init(random_stack(9, 30, 26, 3, seed=32), 5)
+    k = stack.n * stack.r_max
+    runs = [
+        _qr_iterations(stack.A.reshape(1, k, 26), stack.Bt.reshape(1, k, 30), 3, U[None], V[None],
+                       stack.sq_norms()[None], tol=1e-10, ftol=0, max_iter=60, cholesky=cholesky)
+        for cholesky in (False, True)
+    ]
+    assert len(runs[0].history[0]) == len(runs[1].history[0])
+    assert torch.allclose(torch.tensor(runs[0].history[0]), torch.tensor(runs[1].history[0]), atol=1e-10)
+    assert torch.allclose(runs[0].residuals, runs[1].residuals, atol=1e-10 * stack.sq_norms().sum().item())
+    assert torch.isfinite(runs[1].U).all() and torch.isfinite(runs[1].sigma).all()
+
+
+def test_warm_started_jd_reduces_to_the_span_after_probing():
+    from jdlora.compress.jd import _jd_full_iterate
+
+    # k = 6 * 2 = 12 <= d / 2: solved in the span, after a few iterations in the full coordinates.
+    stack = random_stack(6, 40, 32, 2, seed=33, shared=1)
+    gen = torch.Generator().manual_seed(3)
+    init = (torch.linalg.qr(torch.randn(40, 4, generator=gen, dtype=F64)).Q,
+            torch.linalg.qr(torch.randn(32, 4, generator=gen, dtype=F64)).Q)
+    probed = jd_full(stack, 4, tol=1e-12, ftol=0, max_iter=40, init=init)
+    full = _jd_full_iterate(stack, 4, "qr", 1e-12, 0, 40, init)
+    assert len(probed.history) == len(full.history)
+    assert torch.allclose(torch.tensor(probed.history), torch.tensor(full.history), rtol=1e-9, atol=1e-12)
+    assert relative_dense_error(stack, probed.U, probed.V, probed.sigma) == pytest.approx(probed.history[-1], abs=1e-9)
+
+
+@pytest.mark.parametrize("sigma", ["full", "diag"])
+def test_assignment_errors_in_chunks_match_per_cluster_errors(sigma, monkeypatch):
+    import importlib
+
+    from jdlora.compress import sigma_diag
+
+    # `import jdlora.compress.clustering as ...` fails: the attribute jdlora.compress is the function.
+    clustering = importlib.import_module("jdlora.compress.clustering")
+
+    stack = random_stack(7, 16, 12, [3, 2, 3, 1, 3, 3, 2], seed=34)
+    gen = torch.Generator().manual_seed(2)
+    bases = [(torch.linalg.qr(torch.randn(16, r, generator=gen, dtype=F64)).Q,
+              torch.linalg.qr(torch.randn(12, r, generator=gen, dtype=F64)).Q) for r in (4, 4, 2)]
+    whole = assignment_errors(stack, bases, sigma)
+    monkeypatch.setattr(clustering, "_CHUNK_ELEMENTS", 1)  # one adapter per chunk
+    assert torch.allclose(assignment_errors(stack, bases, sigma), whole, rtol=1e-10, atol=1e-12)
+    dense = stack.dense()
+    for j, (U, V) in enumerate(bases):
+        S = U.T @ dense @ V if sigma == "full" else torch.diag_embed(sigma_diag(stack, U, V))
+        expected = (dense - U @ S @ V.T).square().sum(dim=(1, 2))
+        assert torch.allclose(whole[:, j], expected, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_clustered_jd_with_settling_rounds_and_kept_last_moves(batched, monkeypatch):
+    import importlib
+
+    clustering = importlib.import_module("jdlora.compress.clustering")
+    kept = []
+    keep = clustering._keep_last_moves
+
+    def spy(stack, result, new_assignment, sigma, total):
+        kept.append(int((new_assignment != result.assignment).sum()))
+        return keep(stack, result, new_assignment, sigma, total)
+
+    monkeypatch.setattr(clustering, "_keep_last_moves", spy)
+    # 60 adapters: settling rounds are on (settle_moves * n >= 1); stop_moves = 0.1 stops with up to
+    # 6 adapters still moving, whose moves are kept.
+    stack = random_stack(60, 24, 20, 3, seed=0, shared=3)
+    single = jd_cluster(stack, 4, 1)
+    exact = jd_cluster(stack, 4, 6, settle_factor=1, stop_moves=0, batched=batched)
+    fast = jd_cluster(stack, 4, 6, stop_moves=0.1, batched=batched)
+    assert kept[-1] > 0 and fast.history[1] != exact.history[1]  # both features were exercised
+    assert fast.history[-1] <= exact.history[-1] * 1.05
+    dense = stack.dense()
+    for result in (exact, fast):
+        assert set(result.assignment.tolist()) == set(range(6))
+        assert result.residuals.sum() <= single.residuals.sum() * (1 + 1e-9)
+        assert all(b <= a * (1 + 1e-9) for a, b in zip(result.history, result.history[1:]))
+        U, V = result.U[result.assignment], result.V[result.assignment]
+        recon = U @ result.sigma @ V.transpose(1, 2)
+        errors = (dense - recon).square().sum(dim=(1, 2))
+        assert torch.allclose(result.residuals, errors, rtol=1e-8, atol=1e-12 * dense.square().sum().item())
+        assert result.history[-1] == pytest.approx((errors.sum() / dense.square().sum()).item(), rel=1e-9)
+    # After the kept moves, every adapter sits in the cluster that reconstructs it best.
+    best = assignment_errors(stack, list(zip(fast.U, fast.V)), "full").min(dim=1).values
+    assert torch.allclose(fast.residuals, best, rtol=1e-8, atol=1e-12 * dense.square().sum().item())
+
+
+def test_stack_caches_follow_subsets_and_scaling():
+    stack = random_stack(5, 12, 10, [2, 3, 1, 3, 2], seed=36)
+    norms, rows = stack.sq_norms(), stack.row_counts()
+    assert rows.tolist() == [2, 3, 1, 3, 2]
+    index = torch.tensor([4, 1, 2])
+    sub = stack.subset(index)
+    fresh = LoraStack(stack.A[index], Bt=stack.Bt[index])
+    assert torch.allclose(sub.sq_norms(), fresh.sq_norms(), rtol=1e-12) and torch.equal(sub.row_counts(), rows[index])
+    factors = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5], dtype=F64)
+    scaled = stack.scaled(factors)
+    assert torch.allclose(scaled.sq_norms(), LoraStack(scaled.A, Bt=scaled.Bt).sq_norms(), rtol=1e-12)
+    assert torch.allclose(norms * factors.square(), scaled.sq_norms())

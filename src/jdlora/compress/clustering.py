@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .jd import JDResult, Solver, _subspace_change, effective_rank, jd_diag, jd_full, orthonormalize
+from .jd import JDResult, Solver, _qr_iterations, effective_rank, jd_diag, jd_full, residuals, sigma_diag, sigma_full
 from .stack import LoraStack
 
 SigmaKind = Literal["full", "diag"]
@@ -72,18 +72,32 @@ def jd_cluster(
     max_rounds: int = 20,
     seed: int = 0,
     batched: bool | None = None,
+    settle_factor: float = 100.0,
+    settle_moves: float = 0.05,
+    stop_moves: float = 0.005,
 ) -> ClusterResult:
     """Clustered JD (Appendix A.3).
 
     Initialization: JD of all adapters with one pair of bases, then k-means on the Sigma_i. Then
-    alternate (1) a JD per cluster and (2) reassigning each adapter to the cluster whose bases
-    reconstruct it best (with its optimal Sigma), until no assignment changes, a round lowers the
-    relative error by less than ``ftol``, or ``max_rounds``.
+    alternate (1) a JD per cluster (Step 1) and (2) reassigning each adapter to the cluster whose
+    bases reconstruct it best, with its optimal Sigma (Step 2), until the assignment settles.
 
     Unlike the paper (random bases per cluster), each cluster's JD starts from the bases it had: the
     single-cluster bases in the first round. Every step then only lowers the objective, so the
     result is never worse than the single-cluster JD of the same rank. A cluster left empty is
     re-seeded with the adapter that is currently reconstructed worst.
+
+    Rounds come in two phases, which only decide how much work each JD does:
+
+    - While more than ``settle_moves * n`` adapters change cluster per round (k-means on the single
+      JD's Sigma_i typically leaves most adapters in the wrong cluster), the per-cluster JDs run with
+      ``tol`` and ``ftol`` multiplied by ``settle_factor``: a few iterations each, as their clusters
+      are about to change anyway. None below ``1 / settle_moves`` adapters.
+    - Then with ``tol`` and ``ftol``, until at most ``stop_moves * n`` adapters change cluster (0 for
+      n below ``1 / stop_moves``), a round lowers the relative error by less than ``ftol``, or
+      ``max_rounds`` (whose last round is never a settling one). The changes of the last
+      reassignment are kept (each lowers its adapter's error under the final bases) unless they
+      would empty a cluster.
 
     Args:
         stack: the module's updates.
@@ -94,9 +108,11 @@ def jd_cluster(
         seed: seed of the random initializations and of k-means.
         batched: run the JD-Full QR iterations of all clusters at once (:func:`_jd_full_clusters`)
             instead of one cluster after the other. Default: on CUDA only, where the per-cluster
-            loop is bound by kernel launches and host syncs; on the CPU the per-cluster loop (which
-            solves each cluster in the span of its own factors) is faster. JD-Diag and the eigen
-            solver always run per cluster.
+            loop is bound by kernel launches and host syncs; on the CPU the per-cluster loop (where
+            each cluster stops on its own and may be solved in the span of its own factors) is
+            faster. JD-Diag and the eigen solver always run per cluster.
+        settle_factor: tolerance factor of the settling rounds (1 disables them).
+        settle_moves, stop_moves: fractions of n that end the settling rounds and the rounds.
     """
     n = stack.n
     clusters = max(1, min(clusters, n))
@@ -116,18 +132,22 @@ def jd_cluster(
     if batched is None:
         batched = stack.A.is_cuda
     batched = batched and sigma == "full" and solver == "qr"
+    errors = None
+    settling = settle_factor > 1 and settle_moves * n >= 1
     rounds = 0
     for rounds in range(1, max_rounds + 1):
-        assignment = _fill_empty_clusters(assignment, clusters, results, stack, bases, sigma)
+        assignment = _fill_empty_clusters(assignment, clusters, results, stack, bases, sigma, errors=errors)
+        settling = settling and rounds < max_rounds
+        factor = settle_factor if settling else 1.0
+        round_tol, round_ftol = tol * factor, ftol * factor
         if batched:
-            results = _jd_full_clusters(stack, rank, assignment, bases, tol=tol, ftol=ftol, max_iter=max_iter,
-                                        seed=seed)
+            results = _jd_full_clusters(stack, rank, assignment, bases, tol=round_tol, ftol=round_ftol,
+                                        max_iter=max_iter, seed=seed)
         else:
             for j in range(clusters):
-                members = (assignment == j).nonzero().flatten()
-                sub = stack.subset(members)
+                sub = stack.subset((assignment == j).nonzero().flatten())
                 init = bases[j] if effective_rank(sub, rank) == bases[j][0].shape[1] else None
-                results[j] = jd(sub, rank, init=init, **options)
+                results[j] = jd(sub, rank, init=init, **dict(options, tol=round_tol, ftol=round_ftol))
         bases = [(res.U, res.V) for res in results]
         history.append(sum(r.residuals.sum() for r in results).item() / total.item())
         errors = assignment_errors(stack, bases, sigma)
@@ -135,10 +155,43 @@ def jd_cluster(
         # Keep ties with the current cluster, so the loop cannot cycle between equal choices.
         current = errors.gather(1, assignment[:, None]).squeeze(1)
         new_assignment = torch.where(current <= errors.min(dim=1).values, assignment, new_assignment)
-        if torch.equal(new_assignment, assignment) or history[-2] - history[-1] < ftol:
+        moved = int((new_assignment != assignment).sum())
+        stalled = history[-2] - history[-1] < round_ftol
+        if settling:
+            settling = moved > settle_moves * n and not stalled
+        elif moved <= stop_moves * n or stalled or rounds == max_rounds:
             break
         assignment = new_assignment
-    return _gather(stack, results, assignment, rank, sigma, history, rounds)
+    else:
+        new_assignment = assignment
+    result = _gather(stack, results, assignment, rank, sigma, history, rounds)
+    return _keep_last_moves(stack, result, new_assignment, sigma, total)
+
+
+def _keep_last_moves(stack: LoraStack, result: ClusterResult, new_assignment: Tensor, sigma: SigmaKind,
+                     total: Tensor) -> ClusterResult:
+    """Moves the adapters whose last reassignment (Step 2) was not followed by a JD round.
+
+    Each such adapter gets its optimal Sigma in its new cluster, whose bases reconstruct it better,
+    so the objective only drops; the last history entry is updated to include it. Skipped when a
+    cluster would be left empty.
+    """
+    moved = (new_assignment != result.assignment).nonzero().flatten()
+    if len(moved) == 0:
+        return result
+    C = result.U.shape[0]
+    if bool((torch.bincount(new_assignment, minlength=C) == 0).any()):
+        return result
+    sigmas, res = result.sigma.clone(), result.residuals.clone()
+    for j in new_assignment[moved].unique().tolist():
+        rows = moved[new_assignment[moved] == j]
+        sub = stack.subset(rows)
+        U, V = result.U[j], result.V[j]
+        sig = sigma_full(sub, U, V) if sigma == "full" else sigma_diag(sub, U, V)
+        sigmas[rows] = sig
+        res[rows] = residuals(sub, U, V, sig)
+    history = result.history[:-1] + [(res.sum() / total).item()]
+    return ClusterResult(result.U, result.V, sigmas, new_assignment, res, history, result.rounds)
 
 
 def _jd_full_clusters(
@@ -154,14 +207,12 @@ def _jd_full_clusters(
 ) -> list[JDResult]:
     """One JD-Full (QR solver) per cluster, the iterations of all clusters run together.
 
-    The same math per cluster as :func:`~jdlora.compress.jd._jd_full_iterate` started from
-    ``bases[j]``: equations 14-17 in Gauss-Seidel order, each cluster stopping on its own equation
-    19 or ftol test (a stopped cluster's bases no longer change), keeping its best iterate (never
-    worse than its start), at most ``max_iter`` iterations. Per iteration: the bases of each
-    adapter's cluster are gathered (``U[assignment]``, ``[n, d, r]``), the products ``A_i V_c(i)``
-    and ``B_i^T U_c(i)`` are batched GEMMs, the per-cluster sums ``sum_{i in C_j} B_i X_i`` are
-    batched GEMMs summed with ``index_add_``, the QR factorizations are batched over clusters, and
-    the stop flags of all clusters reach the host in one sync.
+    The same math per cluster as :func:`~jdlora.compress.jd.jd_full` started from ``bases[j]``
+    (:func:`~jdlora.compress.jd._qr_iterations`: equations 14-17 in Gauss-Seidel order, each cluster
+    stopping on its own equation 19 or ftol test, keeping its best iterate, at most ``max_iter``
+    iterations). The adapters are laid out cluster by cluster, each cluster's stack zero-padded to
+    the largest cluster's size (``[J, m_max * r_max, d]``), so that every product of an iteration is
+    one batched GEMM over the clusters: no gathered copies of the bases per adapter, no scatter-adds.
 
     Unlike :func:`~jdlora.compress.jd.jd_full`, the clusters are solved in the full coordinates
     (not in the span of each cluster's factors), so the starting point is ``bases[j]`` itself
@@ -178,140 +229,93 @@ def _jd_full_clusters(
     C = len(bases)
     device = stack.A.device
     counts = torch.bincount(assignment, minlength=C)
-    row_rank = (stack.A.abs().amax(dim=2) > 0).sum(dim=1)
+    row_rank = stack.row_counts()
     cluster_rank = torch.zeros(C, dtype=row_rank.dtype, device=device).index_add_(0, assignment, row_rank)
     counts_list, ranks_list = torch.stack([counts, cluster_rank]).tolist()  # one sync per call
-    order = torch.argsort(assignment, stable=True)
-    offsets = [0]
-    for c in counts_list:
-        offsets.append(offsets[-1] + c)
-    members = [order[offsets[j]:offsets[j + 1]] for j in range(C)]
     effective = [max(1, min(rank, stack.d_out, stack.d_in, k)) for k in ranks_list]
     common = max(effective)
     joint = [j for j in range(C) if effective[j] == common and bases[j][0].shape[1] == common]
     results: list[JDResult | None] = [None] * C
     for j in range(C):
         if j not in joint:
-            sub = stack.subset(members[j])
+            sub = stack.subset((assignment == j).nonzero().flatten())
             init = bases[j] if effective[j] == bases[j][0].shape[1] else None
             results[j] = jd_full(sub, rank, solver="qr", tol=tol, ftol=ftol, max_iter=max_iter, init=init,
                                  seed=seed)
     if not joint:
         return results
-    # The jointly solved clusters, renumbered 0..J-1, and their adapters.
+    # The jointly solved clusters, renumbered 0..J-1, their adapters laid out cluster by cluster.
     J = len(joint)
     remap = torch.full((C,), -1, dtype=torch.long, device=device)
     remap[torch.tensor(joint, device=device)] = torch.arange(J, device=device)
-    rows = torch.cat([members[j] for j in joint])
-    sub = stack.subset(rows)
-    a = remap[assignment[rows]]
+    a = remap[assignment]
+    rows = (a >= 0).nonzero().flatten()
+    rows = rows[torch.argsort(a[rows], stable=True)]  # cluster by cluster, each in index order
+    a = a[rows]
+    sizes = [counts_list[j] for j in joint]
+    m = max(sizes)
+    starts = torch.tensor([0, *sizes[:-1]], device=device).cumsum(0)
+    slot = torch.arange(len(rows), device=device) - starts[a]
+    r_max = stack.r_max
+    A = stack.A.new_zeros(J, m, r_max, stack.d_in)
+    A[a, slot] = stack.A[rows]
+    Bt = stack.Bt.new_zeros(J, m, r_max, stack.d_out)
+    Bt[a, slot] = stack.Bt[rows]
+    sq_norms = stack.A.new_zeros(J, m)
+    sq_norms[a, slot] = stack.subset(rows).sq_norms()
     U = torch.stack([bases[j][0] for j in joint])  # [J, d_out, r]
     V = torch.stack([bases[j][1] for j in joint])
-    out = _iterate_clusters(sub, a, U, V, tol=tol, ftol=ftol, max_iter=max_iter)
-    start = 0
+    out = _qr_iterations(A.reshape(J, m * r_max, stack.d_in), Bt.reshape(J, m * r_max, stack.d_out), r_max, U, V,
+                         sq_norms, tol=tol, ftol=ftol, max_iter=max_iter)
     for jj, j in enumerate(joint):
-        stop = start + counts_list[j]
-        results[j] = JDResult(out.U[jj], out.V[jj], out.sigma[start:stop], out.residuals[start:stop],
+        size = sizes[jj]
+        results[j] = JDResult(out.U[jj], out.V[jj], out.sigma[jj, :size], out.residuals[jj, :size],
                               out.history[jj], out.converged[jj])
-        start = stop
     return results
 
 
-@dataclass
-class _Batched:
-    U: Tensor
-    V: Tensor
-    sigma: Tensor
-    residuals: Tensor
-    history: list[list[float]]
-    converged: list[bool]
-
-
-def _iterate_clusters(
-    stack: LoraStack, a: Tensor, U: Tensor, V: Tensor, *, tol: float, ftol: float, max_iter: int
-) -> _Batched:
-    """The batched QR iteration of :func:`_jd_full_clusters`; ``a[i]`` is adapter i's cluster in ``[0, J)``."""
-    J = U.shape[0]
-    A, Bt = stack.A, stack.Bt  # [n, r_max, d_in], [n, r_max, d_out]
-    B, At = Bt.transpose(1, 2), A.transpose(1, 2)
-
-    def cluster_sum(X: Tensor) -> Tensor:  # sum_{i in C_j} X_i for X [n, ...] -> [J, ...]
-        return torch.zeros((J, *X.shape[1:]), dtype=X.dtype, device=X.device).index_add_(0, a, X)
-
-    total = cluster_sum(stack.sq_norms())  # [J]
-    AV = torch.bmm(A, V[a])
-    BtU = torch.bmm(Bt, U[a])
-    sigma = BtU.transpose(1, 2) @ AV
-
-    def relative_error(sigma: Tensor) -> Tensor:  # [J], float64 as in _jd_full_iterate
-        kept = cluster_sum(sigma.square().sum(dim=(1, 2))) / total
-        return (1.0 - kept.double()).clamp_min(0.0)
-
-    error = relative_error(sigma)
-    best_error = error
-    best_U, best_V, best_sigma = U, V, sigma
-    active = torch.ones(J, dtype=torch.bool, device=U.device)
-    errors, actives = [error], [active]
-    for _ in range(max_iter):
-        U_new = orthonormalize(cluster_sum(torch.bmm(B, AV @ sigma.transpose(1, 2))))  # equations 14, 16
-        U_new = torch.where(active[:, None, None], U_new, U)
-        BtU = torch.bmm(Bt, U_new[a])
-        Y = BtU @ (BtU.transpose(1, 2) @ AV)
-        V_new = orthonormalize(cluster_sum(torch.bmm(At, Y)))  # equations 15, 17
-        V_new = torch.where(active[:, None, None], V_new, V)
-        change = torch.maximum(_subspace_change(U, U_new), _subspace_change(V, V_new))
-        U, V = U_new, V_new
-        AV = torch.bmm(A, V[a])
-        sigma = BtU.transpose(1, 2) @ AV  # equation 6
-        previous = error
-        error = torch.where(active, relative_error(sigma), previous)
-        improved = active & (error <= best_error)
-        best_error = torch.where(improved, error, best_error)
-        best_U = torch.where(improved[:, None, None], U, best_U)
-        best_V = torch.where(improved[:, None, None], V, best_V)
-        best_sigma = torch.where(improved[a][:, None, None], sigma, best_sigma)
-        drop = previous - error
-        stop = active & ((change < tol) | ((drop >= 0) & (drop < ftol)))
-        errors.append(error)
-        active = active & ~stop
-        actives.append(active)
-        if not bool(active.any()):  # the one host sync of the iteration
-            break
-    # Histories: the start, then every iteration up to and including the one each cluster stopped at.
-    err_rows = torch.stack(errors).T.tolist()
-    act_rows = torch.stack(actives).T.tolist()
-    history, converged = [], []
-    for e, alive in zip(err_rows, act_rows):
-        steps = alive.index(False) if False in alive else len(alive) - 1
-        history.append(e[: steps + 1])
-        converged.append(False in alive)
-    res = _cluster_residuals(stack, a, best_U, best_V, best_sigma)
-    return _Batched(best_U, best_V, best_sigma, res, history, converged)
-
-
-def _cluster_residuals(stack: LoraStack, a: Tensor, U: Tensor, V: Tensor, sigma: Tensor) -> Tensor:
-    """:func:`~jdlora.compress.jd.residuals` with the bases of each adapter's cluster."""
-    Ua, Va = U[a], V[a]
-    P = torch.bmm(stack.Bt, Ua).transpose(1, 2) @ torch.bmm(stack.A, Va)
-    cross = (P * sigma).sum(dim=(1, 2))
-    gu, gv = U.transpose(1, 2) @ U, V.transpose(1, 2) @ V
-    quad = ((gu[a] @ sigma @ gv[a]) * sigma).sum(dim=(1, 2))
-    return (stack.sq_norms() - 2 * cross + quad).clamp_min(0)
-
-
 def assignment_errors(stack: LoraStack, bases: list[tuple[Tensor, Tensor]], sigma: SigmaKind) -> Tensor:
-    """``[n, C]``: ``min_Sigma ||B_i A_i - U_j Sigma V_j^T||^2`` for every adapter and cluster (Step 2)."""
+    """``[n, C]``: ``min_Sigma ||B_i A_i - U_j Sigma V_j^T||^2`` for every adapter and cluster (Step 2).
+
+    The bases of all clusters are concatenated (``[d, C * r]``), so the products with the factors are
+    two GEMMs over all adapters and clusters at once (``B_i^T [U_1 .. U_C]`` and
+    ``A_i [V_1 .. V_C]``, in chunks of adapters to bound memory); the rest is r x r per pair:
+
+    - full Sigma, orthonormal bases: ``||dW_i||^2 - ||U_j^T dW_i V_j||^2`` (equation 6);
+    - diagonal Sigma: ``||dW_i||^2 - c^T G^{-1} c`` with ``c = diag(U_j^T dW_i V_j)`` and
+      ``G = U_j^T U_j o V_j^T V_j`` (Appendix A.1, case 2).
+
+    Bases of a lower rank than the others are padded with zero columns (which project nothing).
+    """
     norms = stack.sq_norms()
-    columns = []
-    for U, V in bases:
-        P = stack.project(U, V)
-        if sigma == "full":  # orthonormal U, V: error = ||dW||^2 - ||U^T dW V||^2
-            columns.append(norms - P.square().sum(dim=(1, 2)))
-        else:  # error = ||dW||^2 - c^T G^{-1} c with c = diag(U^T dW V), G = U^T U o V^T V
-            c = P.diagonal(dim1=1, dim2=2)
-            gram = (U.T @ U) * (V.T @ V)
-            columns.append(norms - (c * torch.linalg.solve(gram, c.T).T).sum(dim=1))
-    return torch.stack(columns, dim=1).clamp_min(0)
+    C = len(bases)
+    ranks = [U.shape[1] for U, _ in bases]
+    r = max(ranks)
+    U_all = torch.cat([_pad_columns(U, r) for U, _ in bases], dim=1)  # [d_out, C * r]
+    V_all = torch.cat([_pad_columns(V, r) for _, V in bases], dim=1)
+    grams = [(U.T @ U) * (V.T @ V) for U, V in bases] if sigma == "diag" else []
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, stack.r_max * C * r))
+    kept = []
+    for start in range(0, stack.n, chunk):
+        part = stack.subset(slice(start, start + chunk))
+        c = part.n
+        BtU = part.times_Bt(U_all).reshape(c, stack.r_max, C, r)
+        AV = part.times_A(V_all).reshape(c, stack.r_max, C, r)
+        if sigma == "full":
+            P = torch.einsum("nkcr,nkcs->ncrs", BtU, AV)  # U_j^T B_i A_i V_j
+            kept.append(P.square().sum(dim=(2, 3)))
+        else:
+            d = (BtU * AV).sum(dim=1)  # [c, C, r]: diag(U_j^T B_i A_i V_j)
+            cols = []
+            for j, gram in enumerate(grams):
+                dj = d[:, j, : ranks[j]]
+                cols.append((dj * torch.linalg.solve(gram, dj.T).T).sum(dim=1))
+            kept.append(torch.stack(cols, dim=1))
+    return (norms[:, None] - torch.cat(kept)).clamp_min(0)
+
+
+# Bound on the elements of one chunk's products with the concatenated bases in assignment_errors.
+_CHUNK_ELEMENTS = 2**25
 
 
 def kmeans(x: Tensor, k: int, *, seed: int = 0, iterations: int = 50) -> Tensor:
@@ -330,24 +334,37 @@ def kmeans(x: Tensor, k: int, *, seed: int = 0, iterations: int = 50) -> Tensor:
     for _ in range(iterations):
         dist = torch.cdist(x, centres)
         labels_new = dist.argmin(dim=1)
-        for j in range(k):
-            if not (labels_new == j).any():
-                far = dist.gather(1, labels_new[:, None]).squeeze(1).argmax()
-                labels_new[far] = j
-        if labels is not None and torch.equal(labels_new, labels):
+        counts = torch.bincount(labels_new, minlength=k)
+        same = torch.zeros((), dtype=torch.bool, device=x.device) if labels is None else (labels_new == labels).all()
+        # One host sync per iteration: whether a cluster is empty and whether the labels changed.
+        empty, same = torch.stack([(counts == 0).any(), same]).tolist()
+        if empty:
+            for j in range(k):
+                if not (labels_new == j).any():
+                    far = dist.gather(1, labels_new[:, None]).squeeze(1).argmax()
+                    labels_new[far] = j
+            counts = torch.bincount(labels_new, minlength=k)
+            same = labels is not None and torch.equal(labels_new, labels)
+        if same:
             break
         labels = labels_new
-        centres = torch.stack([x[labels == j].mean(dim=0) for j in range(k)])
+        centres = torch.zeros_like(centres).index_add_(0, labels, x) / counts[:, None].to(x.dtype)
     return labels
 
 
-def _fill_empty_clusters(assignment, clusters, results, stack, bases, sigma) -> Tensor:
-    """Moves the worst-reconstructed adapter of a multi-member cluster into each empty cluster."""
+def _fill_empty_clusters(assignment, clusters, results, stack, bases, sigma, errors=None) -> Tensor:
+    """Moves the worst-reconstructed adapter of a multi-member cluster into each empty cluster.
+
+    ``errors``: :func:`assignment_errors` for ``bases`` when the caller has them already.
+    """
     assignment = assignment.clone()
+    if not bool((torch.bincount(assignment, minlength=clusters) == 0).any()):  # the usual case: one sync
+        return assignment
     for j in range(clusters):
         if (assignment == j).any():
             continue
-        errors = assignment_errors(stack, [bases[c] for c in range(clusters)], sigma)
+        if errors is None:
+            errors = assignment_errors(stack, [bases[c] for c in range(clusters)], sigma)
         own = errors.gather(1, assignment[:, None]).squeeze(1)
         counts = torch.bincount(assignment, minlength=clusters)
         movable = counts[assignment] > 1
@@ -364,8 +381,11 @@ def _gather(stack, results, assignment, rank, sigma, history, rounds) -> Cluster
     shape = (stack.n, r, r) if sigma == "full" else (stack.n, r)
     sigmas = torch.zeros(shape, dtype=stack.A.dtype, device=stack.A.device)
     res_all = torch.zeros(stack.n, dtype=stack.A.dtype, device=stack.A.device)
+    counts = torch.bincount(assignment, minlength=len(results)).tolist()
+    order = torch.argsort(assignment, stable=True)  # cluster by cluster, each in index order
+    starts = [sum(counts[:j]) for j in range(len(results))]
     for j, res in enumerate(results):
-        members = (assignment == j).nonzero().flatten()
+        members = order[starts[j]:starts[j] + counts[j]]
         k = res.rank
         if sigma == "full":
             sigmas[members, :k, :k] = res.sigma

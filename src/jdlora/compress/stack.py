@@ -13,6 +13,24 @@ import torch
 from torch import Tensor
 
 
+def times(M: Tensor, X: Tensor) -> Tensor:
+    """``M @ X`` for a tall ``M [..., k, d]`` and a thin ``X [..., d, r]``, computed as ``(X^T M^T)^T``.
+
+    The same product; with r small, BLAS runs this layout faster on a CPU (MKL, one core, k = 16000,
+    d = 4096, r = 16: 44 ms against 50 ms).
+    """
+    return (X.mT @ M.mT).mT
+
+
+def times_transposed(M: Tensor, Y: Tensor) -> Tensor:
+    """``M^T @ Y`` for a tall ``M [..., k, d]`` and a thin ``Y [..., k, r]``, computed as ``(Y^T M)^T``.
+
+    The same product; with r small, BLAS runs this layout much faster on a CPU (MKL, one core,
+    k = 16000, d = 4096, r = 16: 36 ms against 53 ms).
+    """
+    return (Y.mT @ M).mT
+
+
 class LoraStack:
     """n updates ``dW_i = B_i A_i`` of one module, zero-padded to a common rank ``r_max``.
 
@@ -29,9 +47,12 @@ class LoraStack:
     A: Tensor
     Bt: Tensor
 
-    def __init__(self, A: Tensor, B: Tensor | None = None, *, Bt: Tensor | None = None):
+    def __init__(self, A: Tensor, B: Tensor | None = None, *, Bt: Tensor | None = None,
+                 sq_norms: Tensor | None = None, rows: Tensor | None = None):
         self.A = A.contiguous()
         self.Bt = (B.transpose(1, 2) if Bt is None else Bt).contiguous()
+        self._sq_norms = sq_norms  # computed on first use; subsets and scaled copies inherit it
+        self._rows = rows  # likewise for row_counts()
 
     @property
     def B(self) -> Tensor:
@@ -40,19 +61,19 @@ class LoraStack:
 
     def times_A(self, V: Tensor) -> Tensor:
         """``A_i V`` for every adapter, ``[n, r_max, r]``."""
-        return (self.A.reshape(-1, self.d_in) @ V).reshape(self.n, self.r_max, -1)
+        return times(self.A.reshape(-1, self.d_in), V).reshape(self.n, self.r_max, -1)
 
     def times_Bt(self, U: Tensor) -> Tensor:
         """``B_i^T U`` for every adapter, ``[n, r_max, r]``."""
-        return (self.Bt.reshape(-1, self.d_out) @ U).reshape(self.n, self.r_max, -1)
+        return times(self.Bt.reshape(-1, self.d_out), U).reshape(self.n, self.r_max, -1)
 
     def sum_B(self, X: Tensor) -> Tensor:
         """``sum_i B_i X_i`` for ``X [n, r_max, r]``, ``[d_out, r]``."""
-        return self.Bt.reshape(-1, self.d_out).T @ X.reshape(-1, X.shape[-1])
+        return times_transposed(self.Bt.reshape(-1, self.d_out), X.reshape(-1, X.shape[-1]))
 
     def sum_At(self, Y: Tensor) -> Tensor:
         """``sum_i A_i^T Y_i`` for ``Y [n, r_max, r]``, ``[d_in, r]``."""
-        return self.A.reshape(-1, self.d_in).T @ Y.reshape(-1, Y.shape[-1])
+        return times_transposed(self.A.reshape(-1, self.d_in), Y.reshape(-1, Y.shape[-1]))
 
     @classmethod
     def from_factors(
@@ -100,17 +121,29 @@ class LoraStack:
         return self.A.shape[1]
 
     def sq_norms(self) -> Tensor:
-        """``||B_i A_i||_F^2 = <B_i^T B_i, A_i A_i^T>`` for every adapter, ``[n]``."""
-        gram_b = self.Bt @ self.B
-        gram_a = self.A @ self.A.transpose(1, 2)
-        return (gram_b * gram_a).sum(dim=(1, 2))
+        """``||B_i A_i||_F^2 = <B_i^T B_i, A_i A_i^T>`` for every adapter, ``[n]`` (computed once)."""
+        if self._sq_norms is None:
+            gram_b = self.Bt @ self.B
+            gram_a = self.A @ self.A.transpose(1, 2)
+            self._sq_norms = (gram_b * gram_a).sum(dim=(1, 2))
+        return self._sq_norms
+
+    def row_counts(self) -> Tensor:
+        """``[n]`` rows of each ``A_i`` that are not zero padding (computed once): its rank bound r_i."""
+        if self._rows is None:
+            self._rows = self.A.ne(0).any(dim=2).sum(dim=1)
+        return self._rows
 
     def scaled(self, factors: Tensor) -> LoraStack:
         """The stack with ``dW_i`` multiplied by ``factors[i]`` (used for normalization)."""
-        return LoraStack(self.A, Bt=self.Bt * factors.to(self.Bt)[:, None, None])
+        factors = factors.to(self.Bt)
+        norms = None if self._sq_norms is None else self._sq_norms * factors.square()
+        return LoraStack(self.A, Bt=self.Bt * factors[:, None, None], sq_norms=norms, rows=self._rows)
 
-    def subset(self, index: Tensor) -> LoraStack:
-        return LoraStack(self.A[index], Bt=self.Bt[index])
+    def subset(self, index: Tensor | slice) -> LoraStack:
+        norms = None if self._sq_norms is None else self._sq_norms[index]
+        rows = None if self._rows is None else self._rows[index]
+        return LoraStack(self.A[index], Bt=self.Bt[index], sq_norms=norms, rows=rows)
 
     def project(self, U: Tensor, V: Tensor) -> Tensor:
         """``U^T B_i A_i V`` for every adapter, ``[n, r, r]``: the optimal full Sigma (equation 6)."""
