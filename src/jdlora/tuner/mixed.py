@@ -37,7 +37,10 @@ class MixedBatch:
             if all(r < 0 for r in rows):
                 self._cache[key] = None
             else:
-                per_row = torch.tensor(rows, dtype=torch.int32)
-                token_rows: Tensor = per_row.repeat_interleave(tokens_per_row).to(device)
+                token_rows: Tensor = torch.tensor(rows, dtype=torch.int32).repeat_interleave(tokens_per_row)
+                if device.type == "cuda":  # pinned + non_blocking: the host does not wait for the GPU's queue
+                    token_rows = token_rows.pin_memory().to(device, non_blocking=True)
+                else:
+                    token_rows = token_rows.to(device)
                 self._cache[key] = prepare_batch(token_rows)
         return self._cache[key]
