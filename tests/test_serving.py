@@ -312,3 +312,25 @@ def test_the_study_runs_end_to_end_on_the_cpu(tmp_path):
     assert k[4] == 2 and k[128] == 8
     assert "| uncapped | 128 | JD-LoRA | 7c r16 | (8) |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "figure1.png").stat().st_size > 10_000 and (tmp_path / "figure4.png").stat().st_size > 10_000
+
+
+def test_merge_fills_skipped_runs_and_keeps_one_base_measurement():
+    from benchmarks.serving.report import base_throughput, markdown, merge
+
+    def run(path, adapters, setting, rps=None, memory="capped"):
+        r = {"memory": memory, "path": path, "adapters": adapters, "setting": setting}
+        if rps is None:
+            return {**r, "skipped": "time budget"}
+        stats = dict(requests_per_s=rps, tokens_per_s=10 * rps, batches=1, mean_batch=1.0, mean_distinct_adapters=1.0,
+                     loads=0, evictions=0, swap_s=0.0, prefill_s=0.0, decode_s=0.0, schedule_s=0.0, wall_s=1.0)
+        return {**r, "stats": stats}
+
+    setup = {"memories": ["capped"], "command": "a"}
+    first = {"setup": setup, "runs": [run("base", 0, None, 100.0), run("jd", 1024, "7c r64")]}
+    second = {"setup": {**setup, "command": "b"}, "runs": [run("base", 0, None, 120.0), run("jd", 1024, "7c r64", 90.0)]}
+    merged = merge([first, second])
+    assert len(merged["runs"]) == 2
+    assert base_throughput(merged["runs"], "capped") == 100.0  # the first part's base is kept
+    jd = next(r for r in merged["runs"] if r["path"] == "jd")
+    assert jd["stats"]["requests_per_s"] == 90.0  # the skipped run was filled
+    assert "| 0.90 |" in markdown(merged)

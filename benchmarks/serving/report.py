@@ -149,3 +149,45 @@ def figure4(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
+
+
+def merge(parts: list[dict]) -> dict:
+    """One study from several runs of the command (e.g. sizes split over device calls).
+
+    The first part's setup is kept (the others must match it but for sizes and budgets); a measured
+    run of a later part replaces a skipped or failed run of the same group, and each part's base-model
+    runs are kept only where no earlier part measured one, so every "vs base" uses one base measurement.
+    """
+    key = ("memory", "path", "adapters", "setting")
+    merged = {"setup": dict(parts[0]["setup"]), "runs": [], "parts": [p["setup"].get("command") for p in parts]}
+    for part in parts:
+        for run in part["runs"]:
+            same = next((i for i, r in enumerate(merged["runs"]) if all(r.get(k) == run.get(k) for k in key)), None)
+            if same is None:
+                merged["runs"].append(run)
+            elif "stats" not in merged["runs"][same] and "stats" in run:
+                merged["runs"][same] = run
+    return merged
+
+
+def main(argv=None) -> None:
+    """``python -m benchmarks.serving.report --out DIR a/results.json [b/results.json ...]``: merged table and figures."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--out", required=True)
+    p.add_argument("results", nargs="+")
+    args = p.parse_args(argv)
+    results = merge([json.loads(Path(f).read_text()) for f in args.results])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown(results))
+    figure1(results, out / "figure1.png")
+    figure4(results, out / "figure4.png")
+    print(f"wrote {out}/results.json, results.md, figure1.png, figure4.png")
+
+
+if __name__ == "__main__":
+    main()

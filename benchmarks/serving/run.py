@@ -5,6 +5,14 @@ Usage::
     PYTHONPATH=src python -m benchmarks.serving.run --out DIR                 # the study, on one GPU
     PYTHONPATH=src python -m benchmarks.serving.run --out DIR --device cpu --tiny   # smoke run
 
+The whole study takes longer than one 10-minute device call at the default batch size; split it by
+collection size (``--sizes``, ``--grid-sizes``) into several calls and merge their results::
+
+    ... run --out A --sizes 4,8,16,32,64,128 --grid-sizes ""
+    ... run --out B --sizes 256,512,1024 --grid-sizes ""
+    ... run --out C --sizes 1024 --grid-sizes 16,128,1024
+    python -m benchmarks.serving.report --out DIR A/results.json B/results.json C/results.json
+
 Set-up (paper section 6.3 and Appendix E, on one H200 instead of an H100):
 
 - **Model**: Mistral-7B's shapes (transformers ``MistralConfig``: hidden 4096, 32 layers, 32 heads,
@@ -12,14 +20,14 @@ Set-up (paper section 6.3 and Appendix E, on one H200 instead of an H100):
   weights** (no checkpoint is needed: throughput does not depend on the values), SDPA attention.
 - **Adapters**: rank-16 LoRA (alpha 32) on q, k and v of every layer (96 modules), 4 to 1,024
   unique adapters. Synthetic: random A and B (values do not matter for throughput).
-- **Requests**: ``--requests`` per run (default 256) for adapters drawn uniformly at random, Poisson
+- **Requests**: ``--requests`` per run (default 1,024) for adapters drawn uniformly at random, Poisson
   arrivals at ``--rate`` per second (default 1000: far above the server's capacity, so the measured
   throughput is its capacity), 10 generated tokens each (greedy, no early stop). Prompts: the paper
   used Shakespeare sonnets; without a dataset here they are random token ids with sonnet-like
   lengths (normal, mean 130, sd 12, clipped to 100-160 tokens). Every configuration at one
   collection size gets the same requests (same arrivals, prompts and adapters).
 - **Serving loop** (:mod:`.engine`), the same for every configuration: FIFO scheduler with at most
-  ``--max-batch`` (64) requests per batch and, for multi-LoRA, at most K distinct adapters per
+  ``--max-batch`` (256, vLLM's default ``max_num_seqs``) requests per batch and, for multi-LoRA, at most K distinct adapters per
   batch (requests whose adapter would exceed K wait, as in vLLM's scheduler); a 50 ms batching
   window while the queue is short; static batches: left padding, prefill with ``logits_to_keep=1``,
   greedy decode with transformers' ``DynamicCache``, the model's forward called directly.
@@ -51,7 +59,8 @@ Set-up (paper section 6.3 and Appendix E, on one H200 instead of an H100):
   setting). A run stops starting new batches after ``--run-limit`` seconds (its throughput then
   covers the requests it finished, marked ``*``), and a run or group that would end after
   ``--time-budget`` seconds from the start is skipped and listed as skipped. Each adapter path's
-  first run starts with warm-up batches (Triton compilation; not timed).
+  first run starts with warm-up batches (Triton compilation; not timed), and the process starts with
+  one untimed run of the base model.
 - **Timers**: without ``--profile``, the swap, prefill and decode times are host time (the device
   is synchronized once per batch); with it, every phase is synchronized and timed on the device's
   clock (throughput then includes the synchronizations).
@@ -390,8 +399,8 @@ def parse_args(argv=None):
     p.add_argument("--sizes", type=_ints, help=f"collection sizes for Figure 1 (default {','.join(map(str, SIZES))})")
     p.add_argument("--grid-sizes", type=_ints, help="sizes at which Figure 4 tries every compression setting "
                    "(default 16,128,1024; tiny: 16; empty: none)")
-    p.add_argument("--requests", type=int, help="requests per run (default 256; tiny: 48)")
-    p.add_argument("--max-batch", type=int, help="requests per batch (default 64; tiny: 8)")
+    p.add_argument("--requests", type=int, help="requests per run (default 1024; tiny: 48)")
+    p.add_argument("--max-batch", type=int, help="requests per batch (default 256; tiny: 8)")
     p.add_argument("--new-tokens", type=int, default=10)
     p.add_argument("--rate", type=float, default=1000.0, help="mean arrivals per second (Poisson)")
     p.add_argument("--max-wait", type=float, default=0.05, help="batching window in seconds")
@@ -406,7 +415,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     tiny_defaults = {"sizes": (4, 32, 128, 1024), "grid_sizes": (16,), "requests": 48, "max_batch": 8}
-    gpu_defaults = {"sizes": SIZES, "grid_sizes": (16, 128, 1024), "requests": 256, "max_batch": 64}
+    gpu_defaults = {"sizes": SIZES, "grid_sizes": (16, 128, 1024), "requests": 1024, "max_batch": 256}
     for key, value in (tiny_defaults if args.tiny else gpu_defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
