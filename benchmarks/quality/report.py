@@ -120,11 +120,19 @@ def plot_figure3(study: dict, path: Path) -> Path:
     markers = {10: "o", 50: "s", 100: "^"}
     colors = {"JD-Full": "tab:blue", "JD-Diag": "tab:orange", "auto": "tab:green", "SVD": "tab:purple",
               "TIES": "tab:red"}
+    off_chart = []
     for run in study["runs"]:
         rl, _ = relative(run["scores"], study["lora"], "rouge_l")
+        if run["error"] > 1:  # TIES: one update for all, errors of several times the update itself
+            off_chart.append(f"{run['method']} n={run['n']}: error {run['error']:.1f}, {rl:.2f}")
+            continue
         family = next((k for k in colors if run["method"].startswith(k)), "JD-Full")
         ax.scatter(run["error"], rl, marker=markers.get(run["n"], "x"), color=colors[family], s=36,
                    label=f"{family}" if run["n"] == study["sizes"][-1] else None)
+    if off_chart:
+        ax.text(0.98, 0.02, "off the chart:\n" + "\n".join(off_chart), transform=ax.transAxes, ha="right",
+                va="bottom", fontsize=7, color="tab:red")
+    ax.set_xlim(0, 1)
     ax.axvline(0.5, color="gray", lw=0.8, ls="--")
     ax.axhline(0.99, color="gray", lw=0.8, ls=":")
     ax.set_xlabel("reconstruction error (mean relative, per adapter)")
@@ -140,21 +148,22 @@ def plot_figure3(study: dict, path: Path) -> Path:
     return path
 
 
-def plot_figure5(study: dict, path: Path) -> Path:
-    """Error against parameters saved on the middle module (the paper's Figure 5)."""
+def plot_figure5(study: dict, path: Path, sigma: str = "full") -> Path:
+    """Error against parameters saved on the middle module, one line per rank over cluster counts (Figure 5)."""
     from jdlora.compress.settings import SweepPoint
     from jdlora.plots import plot_sweep
 
     f5 = study["figure5"]
-    points = [SweepPoint(**p) for p in f5["points"]]
-    return plot_sweep(points, path, title=f"Figure 5 (our zoo): {f5['module']}, n = {f5['n']}")
+    points = [SweepPoint(**p) for p in f5["points"] if p["sigma"] == sigma]
+    return plot_sweep(points, path, title=f"Figure 5 (our zoo), JD-{sigma.capitalize()}: {f5['module']}, n = {f5['n']}")
 
 
 def write_report(zoo: dict, study: dict, out_dir: Path) -> str:
-    """Writes ``report.md``, ``figure3.png`` and ``figure5.png`` into ``out_dir``; returns the markdown."""
+    """Writes ``report.md``, ``figure3.png``, ``figure5.png`` (JD-Full) and ``figure5_diag.png`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_figure3(study, out_dir / "figure3.png")
     plot_figure5(study, out_dir / "figure5.png")
+    plot_figure5(study, out_dir / "figure5_diag.png", "diag")
     learned = sum(lo["rouge_l"] >= LEARNED for lo in study["lora"])
     better = sum(lo["rouge_l"] > b["rouge_l"] + 0.05 for lo, b in zip(study["lora"], study["base"]))
     sim = study["similarity"]
