@@ -61,6 +61,11 @@ class _Pools:
         pool_ = torch.randn(d, self.shared_rank, generator=gen, device=self.device)
         return torch.linalg.qr(pool_).Q.T.contiguous()  # [s, d]
 
+    @lru_cache(maxsize=256)  # noqa: B019
+    def pair(self, module: str, group: int, d: int) -> Tensor:
+        """``[2s, d]``: the global pool over group ``group``'s pool."""
+        return torch.cat([self.get(module, -1, d), self.get(module, group, d)])
+
 
 class SyntheticAdapter:
     """One synthetic LoRA; implements the adapter-source interface of :mod:`jdlora.sources`."""
@@ -90,13 +95,18 @@ class SyntheticAdapter:
         return A.to(dtype), B.to(dtype)
 
     def _mix(self, gen: torch.Generator, module: str, d: int, transpose: bool) -> Tensor:
+        """``r`` directions: shared ones (global and group pools) plus the adapter's own and noise.
+
+        In one draw and one GEMM (generation is launch-bound on a GPU): the shared part is
+        ``randn(r, 2s) @ [global pool; group pool]``, and the own part and the noise, both Gaussian,
+        add up to one Gaussian of the summed variance.
+        """
         r, s, dev = self.rank, self._pools.shared_rank, self._pools.device
-        glob = torch.randn(r, s, generator=gen, device=dev) @ self._pools.get(module + ("B" if transpose else "A"), -1, d)
-        group = torch.randn(r, s, generator=gen, device=dev) @ self._pools.get(module + ("B" if transpose else "A"), self.group, d)
-        own = torch.randn(r, d, generator=gen, device=dev) / math.sqrt(d) * math.sqrt(s)
-        noise = torch.randn(r, d, generator=gen, device=dev) / math.sqrt(d) * math.sqrt(s)
-        shared = self._sharing
-        out = math.sqrt(shared / 2) * (glob + group) + math.sqrt(1 - shared) * own + self._noise * noise
+        side = module + ("B" if transpose else "A")
+        draw = torch.randn(r, 2 * s + d, generator=gen, device=dev)
+        own = math.sqrt((1 - self._sharing + self._noise**2) * s / d)
+        out = torch.addmm(draw[:, 2 * s:], draw[:, : 2 * s], self._pools.pair(side, self.group, d),
+                          beta=own, alpha=math.sqrt(self._sharing / 2))
         return out.T if transpose else out
 
 
