@@ -22,7 +22,7 @@ from jdlora.errors import (
     UnknownModuleError,
     UnsafeAdapterError,
 )
-from jdlora.sources import LoraAdapter, open_adapter, open_adapters, write_lora_folder
+from jdlora.sources import open_adapter, open_adapters, write_lora_folder
 
 DATA = (Path(__file__).parents[1] / ".." / "shared" / "data").resolve() / "gemma3-270m-it-adapters"
 REAL = {  # folder: (rank, alpha, target modules), from shared/data/README.md
