@@ -120,3 +120,17 @@ import torch as _torch_for_kernels  # noqa: E402
 if not _torch_for_kernels.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # ===================================================================================== end of kernels block
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is fastest, and several spin for seconds on a busy machine.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

