@@ -127,15 +127,11 @@ def force_orth(kind: str):
 
 
 def load_stacks(n: int, modules: dict, device: str):
-    from jdlora.compress import LoraStack
+    from jdlora.pipeline import read_stack
     from jdlora.synthetic import synthetic_adapters
 
     adapters = synthetic_adapters(n, modules, rank=16, seed=0, device=device)
-    stacks = {}
-    for name in modules:
-        stacks[name] = LoraStack.from_factors([a.read_module(name) for a in adapters],
-                                              [a.scaling(name) for a in adapters], device=device)
-    return stacks
+    return {name: read_stack(adapters, name, device=device)[0] for name in modules}
 
 
 def compress(stack, args, batched):

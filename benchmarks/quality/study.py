@@ -28,6 +28,7 @@ import jdlora
 from jdlora.compress import LoraStack, compress_module
 from jdlora.compress.baselines import svd_per_adapter, ties_merge
 from jdlora.compress.settings import sweep
+from jdlora import pipeline
 from jdlora.pipeline import middle_module, natural_key
 from jdlora.sources import open_adapters
 
@@ -59,9 +60,8 @@ def methods_for(n: int) -> list[Method]:
 
 
 def read_stack(adapters, module: str, device) -> LoraStack:
-    """One module of every adapter, scaling folded into B."""
-    return LoraStack.from_factors([a.read_module(module) for a in adapters], [a.scaling(module) for a in adapters],
-                                  device=device)
+    """One module of every adapter (the zoo's adapters all have every module), scaling folded into B."""
+    return pipeline.read_stack(adapters, module, device=device)[0]
 
 
 def jd_factors(collection: jdlora.JDLoraCollection) -> dict[str, tuple[Tensor, Tensor]]:

@@ -218,19 +218,15 @@ def cmd_tune(args) -> int:
 
     from .compress import auto_rank, sweep
     from .compress.settings import cluster_counts
-    from .pipeline import middle_module, natural_key
+    from .pipeline import middle_module, natural_key, read_stack
     from .plots import plot_sweep
     from .sources import open_adapters
 
     sources = open_adapters(args.sources, allow_pickle=args.allow_pickle, token=args.token)
     module_names = sorted({m for s in sources for m in s.modules}, key=natural_key)
     module = middle_module(module_names, sources)
-    ids = [i for i, s in enumerate(sources) if module in s.modules]
-    from .compress import LoraStack
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    stack = LoraStack.from_factors([sources[i].read_module(module) for i in ids],
-                                   [sources[i].scaling(module) for i in ids], device=device)
+    stack, ids = read_stack(sources, module, device=device)
     ranks_in = [sources[i].modules[module][0] for i in ids]
     n = stack.n
     ranks = sorted({int(r) for r in args.ranks.split(",")} | {auto_rank(n)})

@@ -92,11 +92,7 @@ def compress(
                      max_rounds=max_rounds, seed=seed)
 
     def load(module: str) -> tuple[LoraStack, list[int], list[int]]:
-        ids = [i for i, s in enumerate(sources) if module in s.modules]
-        stack = LoraStack.from_factors(
-            [sources[i].read_module(module) for i in ids], [sources[i].scaling(module) for i in ids],
-            dtype=dtype, device=device,
-        )
+        stack, ids = read_stack(sources, module, dtype=dtype, device=device)
         return stack, ids, [sources[i].modules[module][0] for i in ids]
 
     sweep: list[SweepPoint] = []
@@ -120,6 +116,15 @@ def compress(
                     max_iter=max_iter, max_rounds=max_rounds, target_error=target_error, seed=seed,
                     dtype=str(dtype).removeprefix("torch."))
     return JDLoraCollection(common_base_model(sources), infos, modules, sigma, settings, sweep)
+
+
+def read_stack(sources: Sequence, module: str, *, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> tuple[LoraStack, list[int]]:
+    """``module`` of every source that has it, stacked with each LoRA scaling folded into B; and their indices."""
+    ids = [i for i, s in enumerate(sources) if module in s.modules]
+    stack = LoraStack.from_factors([sources[i].read_module(module) for i in ids],
+                                   [sources[i].scaling(module) for i in ids], dtype=dtype, device=device)
+    return stack, ids
 
 
 def common_base_model(sources: Sequence) -> str | None:
@@ -172,12 +177,10 @@ def add_adapters(collection: JDLoraCollection, adapters: Sequence, *, allow_pick
     _check_fits_collection(collection, sources)
     start = len(collection.adapters)
     for module, entry in collection.modules.items():
-        ids = [i for i, s in enumerate(sources) if module in s.modules]
-        if not ids:
+        if not any(module in s.modules for s in sources):
             continue
         c = entry.compression
-        stack = LoraStack.from_factors([sources[i].read_module(module) for i in ids],
-                                       [sources[i].scaling(module) for i in ids], dtype=c.U.dtype, device=c.U.device)
+        stack, ids = read_stack(sources, module, dtype=c.U.dtype, device=c.U.device)
         sigma, cluster, residuals = project_onto_bases(stack, c.U, c.V, collection.sigma_kind)
         c.sigma = torch.cat([c.sigma, sigma.to(c.sigma)])
         c.cluster = torch.cat([c.cluster, cluster.to(c.cluster)])
