@@ -134,9 +134,8 @@ def evaluate_method(model, tokenizer, result: dict, tests, **kw) -> list[dict]:
     if "deltas" in result:
         with merged(model, result["deltas"]):
             return score(model, tokenizer, tests, None, **kw)
-    device = next(model.parameters()).device
-    factors = {m: (a.to(device, torch.bfloat16 if device.type == "cuda" else a.dtype),
-                   b.to(device, torch.bfloat16 if device.type == "cuda" else b.dtype))
+    param = next(model.parameters())  # the factors in the model's dtype (bf16 on a GPU)
+    factors = {m: (a.to(param.device, param.dtype), b.to(param.device, param.dtype))
                for m, (a, b) in result["factors"].items()}
     bank = LoraBank(factors)
     with bank.attached(model):
@@ -180,17 +179,18 @@ def random_like(stack: LoraStack, generator: torch.Generator) -> LoraStack:
 def trained_vs_random(adapters, modules: Sequence[str], sizes: Sequence[int], ranks: Sequence[int], device,
                       seed: int = 0) -> list[dict]:
     """Mean per-adapter relative error of JD-Full, trained adapters against random ones (Appendix G.9)."""
-    rows = []
     g = torch.Generator().manual_seed(seed)
+    rows = []
     for n in sizes:
-        for r in ranks:
-            errs = {"trained": [], "random": []}
-            for m in modules:
-                stack = read_stack(adapters[:n], m, device)
-                errs["trained"].append(compress_module(stack, r).mean_adapter_error)
-                errs["random"].append(compress_module(random_like(stack, g), r).mean_adapter_error)
-            rows.append(dict(n=n, rank=r, trained=sum(errs["trained"]) / len(modules),
-                             random=sum(errs["random"]) / len(modules)))
+        errs = {r: {"trained": [], "random": []} for r in ranks}
+        for m in modules:  # one read and one random draw per module, compressed at every rank
+            stack = read_stack(adapters[:n], m, device)
+            rand = random_like(stack, g)
+            for r in ranks:
+                errs[r]["trained"].append(compress_module(stack, r).mean_adapter_error)
+                errs[r]["random"].append(compress_module(rand, r).mean_adapter_error)
+        rows += [dict(n=n, rank=r, trained=sum(e["trained"]) / len(modules), random=sum(e["random"]) / len(modules))
+                 for r, e in errs.items()]
     return rows
 
 
