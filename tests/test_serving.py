@@ -307,7 +307,7 @@ def test_the_study_runs_end_to_end_on_the_cpu(tmp_path):
     assert (tmp_path / "figure1.png").stat().st_size > 10_000 and (tmp_path / "figure4.png").stat().st_size > 10_000
 
 
-def test_merge_fills_skipped_runs_and_keeps_one_base_measurement():
+def test_merge_fills_skipped_runs_and_compares_each_run_with_its_own_calls_base():
     from benchmarks.serving.report import base_throughput, markdown, merge
 
     def run(path, adapters, setting, rps=None, memory="capped"):
@@ -326,4 +326,5 @@ def test_merge_fills_skipped_runs_and_keeps_one_base_measurement():
     assert base_throughput(merged["runs"], "capped") == 100.0  # the first part's base is kept
     jd = next(r for r in merged["runs"] if r["path"] == "jd")
     assert jd["stats"]["requests_per_s"] == 90.0  # the skipped run was filled
-    assert "| 0.90 |" in markdown(merged)
+    assert jd["base_requests_per_s"] == 120.0  # ... and is compared with the base model of its own call
+    assert "| 0.75 |" in markdown(merged) and "| 0.90 |" not in markdown(merged)

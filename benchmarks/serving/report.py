@@ -24,6 +24,12 @@ def base_throughput(runs: list[dict], memory: str) -> float | None:
     return base["stats"]["requests_per_s"] if base else None
 
 
+def relative_to_base(run: dict, runs: list[dict]) -> float | None:
+    """Throughput over the base model's, measured in the same device call where :func:`merge` recorded it."""
+    base = run.get("base_requests_per_s") or base_throughput(runs, run["memory"])
+    return run["stats"]["requests_per_s"] / base if base else None
+
+
 def markdown(results: dict) -> str:
     """One table of every run (measured, failed or skipped): by memory mode, collection size, path."""
     runs = results["runs"]
@@ -44,8 +50,8 @@ def markdown(results: dict) -> str:
             lines.append(where + f"| {run.get('error') or run.get('skipped')} |" + " |" * 13)
             continue
         s = run["stats"]
-        base = base_throughput(runs, run["memory"])
-        rel = f"{s['requests_per_s'] / base:.2f}" if base else "-"
+        rel = relative_to_base(run, runs)
+        rel = f"{rel:.2f}" if rel else "-"
         truncated = "*" if s.get("truncated") else ""
         peak = f"{run['peak_gib']:.1f}" if "peak_gib" in run else "-"
         lines.append(
@@ -79,7 +85,7 @@ def figure1(results: dict, path: Path) -> None:
         if not base:
             continue
         for kind in ("jd", "multi-lora", "multi-lora-all"):
-            points = sorted((r["adapters"], r["stats"]["requests_per_s"] / base, r) for r in runs
+            points = sorted((r["adapters"], relative_to_base(r, results["runs"]), r) for r in runs
                             if r["path"] == kind and r["memory"] == memory)
             if not points:
                 continue
@@ -156,12 +162,17 @@ def merge(parts: list[dict]) -> dict:
 
     The first part's setup is kept (the others must match it but for sizes and budgets); a measured
     run of a later part replaces a skipped or failed run of the same group, and each part's base-model
-    runs are kept only where no earlier part measured one, so every "vs base" uses one base measurement.
+    runs are kept only where no earlier part measured one. Every run remembers the base model's
+    throughput of its own part (``base_requests_per_s``): the base model varies by several percent
+    from one device call to the next, so "vs base" compares runs of one call.
     """
     key = ("memory", "path", "adapters", "setting")
     merged = {"setup": dict(parts[0]["setup"]), "runs": [], "parts": [p["setup"].get("command") for p in parts]}
     for part in parts:
+        bases = {m: base_throughput(part["runs"], m) for m in ("capped", "uncapped")}
         for run in part["runs"]:
+            if "stats" in run and not run.get("base_requests_per_s") and bases.get(run["memory"]):
+                run = {**run, "base_requests_per_s": bases[run["memory"]]}
             same = next((i for i, r in enumerate(merged["runs"]) if all(r.get(k) == run.get(k) for k in key)), None)
             if same is None:
                 merged["runs"].append(run)
