@@ -17,6 +17,8 @@ adapters in the batch, D in 1, 8, 64, 256 (D <= T). Rows, per shape:
   ``Sigma = scaling * I`` (tokens sorted by adapter, tensor-core tiles per segment);
 - ``jd-*``: ``jd_lora_forward`` (Triton), rank 16 and 64, full and diagonal Sigma, 1 and 8 clusters;
   ``ref-*``: the same through the torch reference; ``base+jd-*``: base GEMM then JD in one graph;
+  ``base+jd-ovl-*``: ``jd_lora_linear`` (shrink and Sigma on a side stream beside the base GEMM,
+  then the expand);
 - ``floor-*``: the JD bandwidth floor: x once, y read and written, the bases of the clusters present
   and the Sigma of the adapters present, over the measured device-to-device copy bandwidth.
 
@@ -51,7 +53,7 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-from jdlora.kernels import jd_lora_forward, jd_lora_forward_reference, prepare_batch
+from jdlora.kernels import jd_lora_forward, jd_lora_forward_reference, jd_lora_linear, prepare_batch
 
 D_IN = 4096
 D_OUTS = (4096, 1024)
@@ -247,8 +249,8 @@ def make_jd(T, d_out, D, r, kind, C, device):
     return U, V, sigma, cluster_of
 
 
-def bench_shape(d_out, T, D, device, replays, results, variants=JD_VARIANTS, peft_ok=True):
-    """Every row for one (d_out, T, D)."""
+def bench_shape(d_out, T, D, device, replays, results, variants=JD_VARIANTS, peft_ok=True, baselines=True):
+    """Every row for one (d_out, T, D); ``baselines=False``: only base, JD and base + JD."""
     row = dict(d_in=D_IN, d_out=d_out, tokens=T, distinct=D)
     x_bytes, y_bytes = 2 * T * D_IN, 2 * T * d_out
     ta = token_adapters(T, D, device)
@@ -265,7 +267,23 @@ def bench_shape(d_out, T, D, device, replays, results, variants=JD_VARIANTS, pef
     X, Y = xs(k), ys(k)
     row["base"] = time_graph([lambda i=i: torch.matmul(X[i], W[i].t(), out=Y[i]) for i in range(k)], replays, device)
 
-    # standard multi-LoRA, rank 16, D adapters
+    if baselines:
+        bench_baselines(row, d_out, T, D, ta, device, replays, peft_ok)
+    bench_jd(row, d_out, T, D, ta, device, replays, variants, references=baselines)
+    results.append(row)
+    return row
+
+
+def bench_baselines(row, d_out, T, D, ta, device, replays, peft_ok):
+    """Standard multi-LoRA at rank 16: bgmv, sgmv, PEFT's loop (captured) and PEFT itself."""
+    x_bytes, y_bytes = 2 * T * D_IN, 2 * T * d_out
+
+    def xs(k):
+        return [torch.randn(T, D_IN, device=device, dtype=DTYPE) for _ in range(k)]
+
+    def ys(k):
+        return [torch.randn(T, d_out, device=device, dtype=DTYPE) for _ in range(k)]
+
     r = LORA_RANK
     k = copies_for(2 * D * r * (D_IN + d_out) + x_bytes + y_bytes)
     A = [torch.randn(D, r, D_IN, device=device, dtype=DTYPE) / D_IN**0.5 for _ in range(k)]
@@ -295,7 +313,16 @@ def bench_shape(d_out, T, D, device, replays, results, variants=JD_VARIANTS, pef
     if peft_ok:
         row.update(bench_peft(A[0], B[0], X, ta, d_out, device, replays))
 
-    # JD: Triton, torch reference, base + JD
+
+def bench_jd(row, d_out, T, D, ta, device, replays, variants, references=True):
+    """JD through the kernels (and the torch reference); base + JD serial and overlapped (rank 64, full)."""
+
+    def xs(k):
+        return [torch.randn(T, D_IN, device=device, dtype=DTYPE) for _ in range(k)]
+
+    def ys(k):
+        return [torch.randn(T, d_out, device=device, dtype=DTYPE) for _ in range(k)]
+
     for r, kind, C in variants:
         name = f"r{r}-{kind}-c{C}"
         C_present = min(C, D)
@@ -308,10 +335,11 @@ def bench_shape(d_out, T, D, device, replays, results, variants=JD_VARIANTS, pef
         row[f"jd-{name}"] = time_graph(
             [lambda i=i: jd_lora_forward(Y[i], X[i], *probs[i], batches[i], backend="triton") for i in range(k)],
             replays, device)
-        kr = min(k, 4)
-        row[f"ref-{name}"] = time_graph(
-            [lambda i=i: jd_lora_forward(Y[i], X[i], *probs[i], batches[i], backend="torch") for i in range(kr)],
-            max(5, replays // 4), device)
+        if references:
+            kr = min(k, 4)
+            row[f"ref-{name}"] = time_graph(
+                [lambda i=i: jd_lora_forward(Y[i], X[i], *probs[i], batches[i], backend="torch") for i in range(kr)],
+                max(5, replays // 4), device)
         if r == 64 and kind == "full":
             k2 = copies_for(fb + 2 * d_out * D_IN)
             W2 = [torch.randn(d_out, D_IN, device=device, dtype=DTYPE) / D_IN**0.5 for _ in range(k2)]
@@ -324,10 +352,11 @@ def bench_shape(d_out, T, D, device, replays, results, variants=JD_VARIANTS, pef
                 jd_lora_forward(Y2[i], X2[i], *probs2[i], b2[i], backend="triton")
 
             row[f"base+jd-{name}"] = time_graph([lambda i=i: both(i) for i in range(k2)], replays, device)
+            row[f"base+jd-ovl-{name}"] = time_graph(
+                [lambda i=i: jd_lora_linear(X2[i], W2[i], None, *probs2[i], b2[i], backend="triton") for i in range(k2)],
+                replays, device)
             del W2, probs2, b2, X2, Y2
         del probs, batches, X, Y
-    results.append(row)
-    return row
 
 
 def bench_peft(A, B, X, ta, d_out, device, replays) -> dict:
@@ -420,6 +449,8 @@ def main():
     p.add_argument("--replays", type=int, default=40)
     p.add_argument("--sweep", action="store_true", help="configuration sweep only")
     p.add_argument("--smoke", action="store_true", help="tiny run on any device (checks the code runs)")
+    p.add_argument("--linear", action="store_true",
+                   help="only base, JD r64 full and base + JD (serial and overlapped): the layer-level comparison")
     p.add_argument("--once", action="store_true", help="run the issue's target shape a few times, eagerly (for ncu)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -449,6 +480,9 @@ def main():
             for _ in range(3):
                 jd_lora_forward(y, x, U, V, sigma, cluster_of, batch, backend="triton")
         return
+    if args.linear:
+        meta["eager_per_call"] = eager_per_call(device, calls=500 if device.type == "cuda" else 2)
+        print("eager per call (us):", {k: round(v * 1e6, 1) for k, v in meta["eager_per_call"].items()}, flush=True)
     if args.sweep:
         sweep(device, args.replays, sweeps)
     else:
@@ -458,7 +492,11 @@ def main():
                     if D > T:
                         continue
                     t0 = time.time()
-                    row = bench_shape(d_out, T, D, device, args.replays, results, peft_ok=D <= 64)
+                    if args.linear:
+                        row = bench_shape(d_out, T, D, device, args.replays, results, baselines=False,
+                                          variants=[(64, "full", 1), (64, "full", 8)])
+                    else:
+                        row = bench_shape(d_out, T, D, device, args.replays, results, peft_ok=D <= 64)
                     print(summary_line(row, meta), f"({time.time()-t0:.1f}s)", flush=True)
                     if args.json:  # after every shape: a run stopped at its time limit keeps what it measured
                         with open(args.json, "w") as f:
@@ -470,11 +508,45 @@ def main():
         print(table(results, meta))
 
 
+def eager_per_call(device, calls: int = 500) -> dict:
+    """Wall seconds per call without a CUDA graph (host launch work included), T 64, D 64, r64 full, c1,
+    d_out ``D_OUTS[0]``.
+
+    ``serial``: ``F.linear`` then ``jd_lora_forward``; ``overlap``: ``jd_lora_linear`` (two stream
+    switches more); ``base``: ``F.linear`` alone.
+    """
+    ta = token_adapters(64, 64, device)
+    U, V, sigma, cluster_of = make_jd(64, D_OUTS[0], 64, 64, "full", 1, device)
+    x = torch.randn(64, D_IN, device=device, dtype=DTYPE)
+    W = torch.randn(D_OUTS[0], D_IN, device=device, dtype=DTYPE) / D_IN**0.5
+    batch = prepare_batch(ta)
+
+    def serial():
+        jd_lora_forward(torch.nn.functional.linear(x, W), x, U, V, sigma, cluster_of, batch, backend="triton")
+
+    ops = {"base": lambda: torch.nn.functional.linear(x, W), "serial": serial,
+           "overlap": lambda: jd_lora_linear(x, W, None, U, V, sigma, cluster_of, batch, backend="triton")}
+    out = {}
+    for name, op in ops.items():
+        for _ in range(20):
+            op()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            op()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out[name] = (time.perf_counter() - t0) / calls
+    return out
+
+
 def summary_line(row, meta) -> str:
     us = lambda k: f"{row[k]*1e6:.1f}" if k in row else "-"  # noqa: E731
     return (f"d_out={row['d_out']} T={row['tokens']} D={row['distinct']}: base {us('base')} bgmv {us('bgmv')} "
             f"sgmv {us('sgmv')} peft {us('peft')} loop {us('peft-loop')} | jd r64-full-c1 {us('jd-r64-full-c1')} "
-            f"c8 {us('jd-r64-full-c8')} base+jd {us('base+jd-r64-full-c1')} ref {us('ref-r64-full-c1')}")
+            f"c8 {us('jd-r64-full-c8')} base+jd {us('base+jd-r64-full-c1')} ovl {us('base+jd-ovl-r64-full-c1')} "
+            f"c8 {us('base+jd-r64-full-c8')} ovl {us('base+jd-ovl-r64-full-c8')} ref {us('ref-r64-full-c1')}")
 
 
 def table(results, meta) -> str:
@@ -482,7 +554,7 @@ def table(results, meta) -> str:
     bw = meta.get("copy_bandwidth", float("nan"))
     cols = ["base", "peft", "peft-loop", "bgmv", "sgmv"] + [f"jd-{r}" for r in ("r16-full-c1", "r64-full-c1",
             "r64-full-c8", "r64-diag-c1", "r64-diag-c8", "r16-full-c8")] + ["ref-r64-full-c1", "base+jd-r64-full-c1",
-            "base+jd-r64-full-c8"]
+            "base+jd-r64-full-c8", "base+jd-ovl-r64-full-c1", "base+jd-ovl-r64-full-c8"]
     lines = ["| d_out | T | D | " + " | ".join(cols) + " | floor r64-full-c1 | floor r64-full-c8 |",
              "|" + "---|" * (len(cols) + 5)]
     for row in results:

@@ -14,6 +14,7 @@ API::
 
     batch = prepare_batch(token_adapter)           # once per forward; reused by every layer
     jd_lora_forward(y, x, U, V, sigma, cluster_of, batch, scale=1.0)   # in place, returns y
+    y = jd_lora_linear(x, W, b, U, V, sigma, cluster_of, batch)     # base linear + JD in one call
 
     x [T, d_in], y [T, d_out]          any strides (rows of a flattened [B, S, d] tensor are fine)
     U [C, d_out, r], V [C, d_in, r]    x, U, V: one dtype among float16, bfloat16, float32
@@ -43,6 +44,8 @@ Kernels (Triton path), three launches per layer, no host synchronization, CUDA-g
    each present cluster's U tile once per token block, reads and writes y once.
 
 :mod:`~jdlora.kernels.launch` says why three launches and holds the block-size configurations.
+:func:`jd_lora_linear` runs the same three launches around the base layer's GEMM: shrink and Sigma
+on a side stream beside the GEMM (they only read x), the expand into the GEMM's output after it.
 
 Memory traffic that must happen (the bandwidth floor): x, y twice, the U and V of every cluster
 present, and the Sigma of every adapter present. The kernels add only the float32 ``g`` (T x r)
@@ -60,7 +63,7 @@ from torch import Tensor
 from .batch import JDBatch, prepare_batch
 from .reference import jd_lora_forward_reference
 
-__all__ = ["JDBatch", "prepare_batch", "jd_lora_forward", "jd_lora_forward_reference"]
+__all__ = ["JDBatch", "prepare_batch", "jd_lora_forward", "jd_lora_linear", "jd_lora_forward_reference"]
 
 Backend = Literal["auto", "triton", "torch"]
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -114,19 +117,69 @@ def jd_lora_forward(
     raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
 
 
+def jd_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    U: Tensor,
+    V: Tensor,
+    sigma: Tensor,
+    cluster_of: Tensor,
+    batch: JDBatch | Tensor,
+    *,
+    scale: float = 1.0,
+    backend: Backend = "auto",
+    overlap: bool = True,
+) -> Tensor:
+    """``y = x W^T + b`` and, per token, ``+ scale * U[c] Sigma[a] V[c]^T x[t]``: an adapted linear.
+
+    Same numbers as ``jd_lora_forward(F.linear(x, W, b), x, ...)``. On CUDA with ``overlap=True``
+    the JD shrink and Sigma launches run on a side stream beside the base GEMM (both only read
+    ``x``), and the expand adds into the GEMM's output afterwards, so the GEMM hides part of the
+    adapter's latency; inside a captured CUDA graph the two branches stay parallel.
+
+    Args:
+        x: ``[T, d_in]``. weight: ``[d_out, d_in]`` (``nn.Linear.weight``), x's dtype. bias: ``[d_out]`` or None.
+        U, V, sigma, cluster_of, batch, scale, backend: as in :func:`jd_lora_forward`.
+        overlap: run shrink and Sigma beside the GEMM (CUDA only; otherwise one after the other).
+
+    Returns:
+        A new ``[T, d_out]`` tensor.
+    """
+    if not isinstance(batch, JDBatch):
+        batch = prepare_batch(batch)
+    d_out = U.shape[1] if U.dim() == 3 else -1
+    if weight.shape != (d_out, x.shape[-1]) or weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"jd_lora_linear: weight must be [d_out={d_out}, d_in={x.shape[-1]}] in {x.dtype} on "
+                         f"{x.device} (U's d_out, x's d_in), got {tuple(weight.shape)} {weight.dtype} on {weight.device}")
+    if backend == "auto":
+        backend = os.environ.get("JDLORA_KERNELS") or ("triton" if x.is_cuda else "torch")
+    _check_inputs(None, x, U, V, sigma, cluster_of, batch, allow_float64=backend == "torch")
+    if backend == "torch":
+        y = torch.nn.functional.linear(x, weight, bias)
+        return jd_lora_forward_reference(y, x, U, V, sigma, cluster_of, batch.token_adapter, scale=scale)
+    if backend == "triton":
+        from .launch import jd_lora_linear_triton  # imports triton
+
+        return jd_lora_linear_triton(x, weight, bias, U, V, sigma, cluster_of, batch, scale=scale, overlap=overlap)
+    raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+
+
 def _check_inputs(y, x, U, V, sigma, cluster_of, batch: JDBatch, *, allow_float64: bool = False) -> None:
+    """Shapes, dtypes and devices of :func:`jd_lora_forward`'s inputs (``y=None``: no output given)."""
     floats = _FLOATS + ((torch.float64,) if allow_float64 else ())
 
     def fail(msg: str):
         raise ValueError(f"jd_lora_forward: {msg}")
 
-    if x.dim() != 2 or y.dim() != 2:
-        fail(f"x and y must be 2-D [T, d] (flatten leading dims first), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.dim() != 2 or (y is not None and y.dim() != 2):
+        fail(f"x and y must be 2-D [T, d] (flatten leading dims first), got {tuple(x.shape)}"
+             + (f" and {tuple(y.shape)}" if y is not None else ""))
     if U.dim() != 3 or V.dim() != 3:
         fail(f"U and V must be [C, d, r], got {tuple(U.shape)} and {tuple(V.shape)}")
     T, d_in = x.shape
     C, d_out, r = U.shape
-    if y.shape != (T, d_out):
+    if y is not None and y.shape != (T, d_out):
         fail(f"y must be [T={T}, d_out={d_out}], got {tuple(y.shape)}")
     if V.shape != (C, d_in, r):
         fail(f"V must be [C={C}, d_in={d_in}, r={r}] to match x and U, got {tuple(V.shape)}")
@@ -140,8 +193,8 @@ def _check_inputs(y, x, U, V, sigma, cluster_of, batch: JDBatch, *, allow_float6
     names = "fp16/bf16/fp32" + ("/fp64 (fp64: torch backend only)" if allow_float64 else " (fp64: torch backend only)")
     if x.dtype not in floats or U.dtype != x.dtype or V.dtype != x.dtype:
         fail(f"x, U and V must share one dtype among {names}, got {x.dtype}, {U.dtype}, {V.dtype}")
-    if y.dtype not in floats or sigma.dtype not in floats:
-        fail(f"y and sigma must be {names}, got {y.dtype} and {sigma.dtype}")
-    devices = {t.device for t in (y, x, U, V, sigma, cluster_of, batch.order)}
+    if (y is not None and y.dtype not in floats) or sigma.dtype not in floats:
+        fail(f"y and sigma must be {names}, got {getattr(y, 'dtype', None)} and {sigma.dtype}")
+    devices = {t.device for t in (y, x, U, V, sigma, cluster_of, batch.order) if t is not None}
     if len(devices) != 1:
         fail(f"all tensors must be on one device, got {sorted(map(str, devices))}")

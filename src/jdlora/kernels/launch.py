@@ -104,6 +104,53 @@ def pick_configs(T: int, d_in: int, device: torch.device) -> Configs:
     return ShrinkConfig(**{**SHRINK_PREFILL.__dict__, "programs": programs}), SIGMA_PREFILL, EXPAND_PREFILL
 
 
+@functools.lru_cache(maxsize=None)
+def _side_stream(device_index: int) -> torch.cuda.Stream:
+    """One stream per GPU for the JD shrink and Sigma launches that overlap the base GEMM."""
+    return torch.cuda.Stream(device=device_index)
+
+
+def jd_lora_linear_triton(
+    x, weight, bias, U, V, sigma, cluster_of, batch, *, scale: float = 1.0, overlap: bool = True,
+    configs: Configs | None = None,
+):
+    """``y = x W^T + b`` plus the JD update, with the shrink and Sigma launches beside the base GEMM.
+
+    The shrink and Sigma read only ``x``, so on CUDA (``overlap=True``) they run on a side stream
+    while the base GEMM runs on the caller's stream; the expand, which adds into the GEMM's output,
+    waits for both. A captured CUDA graph keeps the two branches. The side stream waits for the
+    caller's stream first, so consecutive layers sharing ``batch``'s scratch never race.
+    """
+    T = x.shape[0]
+    if T == 0 or U.shape[0] == 0 or cluster_of.shape[0] == 0:
+        return torch.nn.functional.linear(x, weight, bias)
+    if not (x.is_cuda or _interpreting()):
+        raise RuntimeError(
+            "the Triton path runs on CUDA tensors, or on CPU tensors only under TRITON_INTERPRET=1 "
+            "(set before triton is imported); use backend='torch' on CPU"
+        )
+    shrink_cfg, sigma_cfg, expand_cfg = configs or pick_configs(T, x.shape[1], x.device)
+    h, g = batch.scratch(max(16, triton.next_power_of_2(U.shape[2])), x.device)
+
+    def shrink_and_sigma():
+        launch_shrink(x, V, cluster_of, batch, h, config=shrink_cfg)
+        launch_sigma(h, g, sigma, batch, exact=x.dtype == torch.float32, config=sigma_cfg)
+
+    if overlap and x.is_cuda:
+        main = torch.cuda.current_stream(x.device)
+        side = _side_stream(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            shrink_and_sigma()
+        y = torch.nn.functional.linear(x, weight, bias)
+        main.wait_stream(side)
+    else:
+        shrink_and_sigma()
+        y = torch.nn.functional.linear(x, weight, bias)
+    launch_expand(y, U, g, cluster_of, batch, scale=scale, config=expand_cfg)
+    return y
+
+
 def jd_lora_forward_triton(
     y, x, U, V, sigma, cluster_of, batch, *, scale: float = 1.0, configs: Configs | None = None
 ):
