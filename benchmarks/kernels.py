@@ -451,6 +451,8 @@ def main():
     p.add_argument("--smoke", action="store_true", help="tiny run on any device (checks the code runs)")
     p.add_argument("--linear", action="store_true",
                    help="only base, JD r64 full and base + JD (serial and overlapped): the layer-level comparison")
+    p.add_argument("--host", action="store_true",
+                   help="profile the host side of eager jd_lora_forward calls (cProfile, top functions)")
     p.add_argument("--once", action="store_true", help="run the issue's target shape a few times, eagerly (for ncu)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -479,6 +481,9 @@ def main():
             batch = prepare_batch(ta)
             for _ in range(3):
                 jd_lora_forward(y, x, U, V, sigma, cluster_of, batch, backend="triton")
+        return
+    if args.host:
+        profile_host(device)
         return
     if args.linear:
         meta["eager_per_call"] = eager_per_call(device, calls=500 if device.type == "cuda" else 2)
@@ -539,6 +544,29 @@ def eager_per_call(device, calls: int = 500) -> dict:
             torch.cuda.synchronize()
         out[name] = (time.perf_counter() - t0) / calls
     return out
+
+
+def profile_host(device) -> None:
+    """Where the host time of an eager ``jd_lora_forward`` goes (T 64, D 64, r64 full, c1): cProfile."""
+    calls = 300 if device.type == "cuda" else 2
+    import cProfile
+    import pstats
+
+    ta = token_adapters(64, 64, device)
+    U, V, sigma, cluster_of = make_jd(64, D_OUTS[0], 64, 64, "full", 1, device)
+    x = torch.randn(64, D_IN, device=device, dtype=DTYPE)
+    y = torch.randn(64, D_OUTS[0], device=device, dtype=DTYPE)
+    batch = prepare_batch(ta)
+    for _ in range(20):
+        jd_lora_forward(y, x, U, V, sigma, cluster_of, batch, backend="triton")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        jd_lora_forward(y, x, U, V, sigma, cluster_of, batch, backend="triton")
+    prof.disable()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 def summary_line(row, meta) -> str:
