@@ -8,7 +8,8 @@ On CPU: TGI's attention and punica kernels are CUDA-only, so the tests drive TGI
 (``get_model_with_lora_adapters`` with ``get_model`` replaced by a two-layer model built from TGI's own
 layers and ``Weights`` loader), TGI's batch data (``AdapterBatchData.from_meta``) and TGI's adapter layers
 (``TensorParallelMultiAdapterLinear``, ``TensorParallelAdapterRowLinear``). Plain LoRA runs through TGI's
-non-vectorized path with punica's pure-Python helpers (rank padding, orientation) reproduced below.
+non-vectorized path with punica's pure-Python helpers (rank padding, orientation) reproduced in
+``integrations/tgi/scripts/tgi_standins.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import torch
 from safetensors.torch import save_file
 
 from test_tgi import NLAYERS, SHAPES, TGI_SRC, module_name, random_collection  # noqa: F401  (sys.path too)
+
+sys.path.insert(0, str(TGI_SRC.parent / "scripts"))
+from tgi_standins import PunicaHelpers  # noqa: E402  (punica's pure-Python helpers, shared with graph_warmup_check.py)
 
 TGI_SERVER = os.environ.get("JDLORA_TGI_SERVER") or os.environ.get("TGI_SERVER_PATH")
 pytestmark = pytest.mark.skipif(
@@ -68,32 +72,6 @@ def import_tgi() -> SimpleNamespace:
     status = jdlora_tgi.status()
     assert status["hook_active"] and all(v for v in status["modules"].values() if v is not None), status
     return SimpleNamespace(**locals())
-
-
-class PunicaHelpers:
-    """punica-sgmv's pure-Python helpers as TGI uses them (TGI 2.4 ``utils/sgmv.py``); no CUDA kernels, so
-    ``can_vectorize`` is False (MAX_RANK_CUSTOM = -1) and TGI takes its per-adapter torch path."""
-
-    MIN_SGMV_RANK, SGMV_BLOCK_SIZE, BGMV_MAX_RANK, MAX_RANK_CUSTOM, MIN_RANK_CUSTOM = 8, 16, 64, -1, 16
-
-    def pad_rank(self, t, dim, world_size):
-        min_rank = self.MIN_SGMV_RANK * world_size
-        current = t.size(dim)
-        target = min_rank if current <= min_rank else (current + 15) // 16 * 16
-        if current == target:
-            return t
-        pad = [0, 0] * t.dim()
-        pad[(t.dim() - dim - 1) * 2 + 1] = target - current
-        return torch.nn.functional.pad(t, tuple(pad))
-
-    def use_cutlass_shrink(self, rank):
-        return rank < self.MIN_RANK_CUSTOM
-
-    def orient_for_rank(self, t, rank):
-        return t.transpose(0, 1) if self.MIN_RANK_CUSTOM <= rank <= self.MAX_RANK_CUSTOM else t
-
-    def get_tmp_tensors(self, *args):
-        return None, None
 
 
 @pytest.fixture
