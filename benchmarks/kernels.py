@@ -241,6 +241,11 @@ def jd_floor_bytes(T, d_out, r, kind, C_present, D, itemsize=2) -> int:
     return itemsize * (T * D_IN + 2 * T * d_out + C_present * (D_IN + d_out) * r + D * sig)
 
 
+def random_rows(T, d, k, device) -> list:
+    """``k`` random ``[T, d]`` inputs or outputs (one per copy of an op in a timed graph)."""
+    return [torch.randn(T, d, device=device, dtype=DTYPE) for _ in range(k)]
+
+
 def make_jd(T, d_out, D, r, kind, C, device):
     U = torch.randn(C, d_out, r, device=device, dtype=DTYPE) / r**0.5
     V = torch.randn(C, D_IN, r, device=device, dtype=DTYPE) / D_IN**0.5
@@ -255,16 +260,10 @@ def bench_shape(d_out, T, D, device, replays, results, variants=JD_VARIANTS, pef
     x_bytes, y_bytes = 2 * T * D_IN, 2 * T * d_out
     ta = token_adapters(T, D, device)
 
-    def xs(k):
-        return [torch.randn(T, D_IN, device=device, dtype=DTYPE) for _ in range(k)]
-
-    def ys(k):
-        return [torch.randn(T, d_out, device=device, dtype=DTYPE) for _ in range(k)]
-
     # base GEMM
     k = copies_for(2 * d_out * D_IN + x_bytes + y_bytes)
     W = [torch.randn(d_out, D_IN, device=device, dtype=DTYPE) / D_IN**0.5 for _ in range(k)]
-    X, Y = xs(k), ys(k)
+    X, Y = random_rows(T, D_IN, k, device), random_rows(T, d_out, k, device)
     row["base"] = time_graph([lambda i=i: torch.matmul(X[i], W[i].t(), out=Y[i]) for i in range(k)], replays, device)
 
     if baselines:
@@ -278,17 +277,11 @@ def bench_baselines(row, d_out, T, D, ta, device, replays, peft_ok):
     """Standard multi-LoRA at rank 16: bgmv, sgmv, PEFT's loop (captured) and PEFT itself."""
     x_bytes, y_bytes = 2 * T * D_IN, 2 * T * d_out
 
-    def xs(k):
-        return [torch.randn(T, D_IN, device=device, dtype=DTYPE) for _ in range(k)]
-
-    def ys(k):
-        return [torch.randn(T, d_out, device=device, dtype=DTYPE) for _ in range(k)]
-
     r = LORA_RANK
     k = copies_for(2 * D * r * (D_IN + d_out) + x_bytes + y_bytes)
     A = [torch.randn(D, r, D_IN, device=device, dtype=DTYPE) / D_IN**0.5 for _ in range(k)]
     B = [torch.randn(D, d_out, r, device=device, dtype=DTYPE) / r**0.5 for _ in range(k)]
-    X, Y = xs(k), ys(k)
+    X, Y = random_rows(T, D_IN, k, device), random_rows(T, d_out, k, device)
     tas = ta.to(torch.int32)
     if triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         row["bgmv"] = time_graph([lambda i=i: bgmv_lora(Y[i], X[i], A[i], B[i], tas, 2.0) for i in range(k)],
@@ -317,12 +310,6 @@ def bench_baselines(row, d_out, T, D, ta, device, replays, peft_ok):
 def bench_jd(row, d_out, T, D, ta, device, replays, variants, references=True):
     """JD through the kernels (and the torch reference); base + JD serial and overlapped (rank 64, full)."""
 
-    def xs(k):
-        return [torch.randn(T, D_IN, device=device, dtype=DTYPE) for _ in range(k)]
-
-    def ys(k):
-        return [torch.randn(T, d_out, device=device, dtype=DTYPE) for _ in range(k)]
-
     for r, kind, C in variants:
         name = f"r{r}-{kind}-c{C}"
         C_present = min(C, D)
@@ -331,7 +318,7 @@ def bench_jd(row, d_out, T, D, ta, device, replays, variants, references=True):
         k = copies_for(fb)
         probs = [make_jd(T, d_out, D, r, kind, C, device) for _ in range(k)]
         batches = [prepare_batch(ta) for _ in range(k)]
-        X, Y = xs(k), ys(k)
+        X, Y = random_rows(T, D_IN, k, device), random_rows(T, d_out, k, device)
         row[f"jd-{name}"] = time_graph(
             [lambda i=i: jd_lora_forward(Y[i], X[i], *probs[i], batches[i], backend="triton") for i in range(k)],
             replays, device)
@@ -345,7 +332,7 @@ def bench_jd(row, d_out, T, D, ta, device, replays, variants, references=True):
             W2 = [torch.randn(d_out, D_IN, device=device, dtype=DTYPE) / D_IN**0.5 for _ in range(k2)]
             probs2 = probs[:k2] + [make_jd(T, d_out, D, r, kind, C, device) for _ in range(k2 - len(probs[:k2]))]
             b2 = [prepare_batch(ta) for _ in range(k2)]
-            X2, Y2 = xs(k2), ys(k2)
+            X2, Y2 = random_rows(T, D_IN, k2, device), random_rows(T, d_out, k2, device)
 
             def both(i):
                 torch.matmul(X2[i], W2[i].t(), out=Y2[i])

@@ -104,6 +104,14 @@ def pick_configs(T: int, d_in: int, device: torch.device) -> Configs:
     return ShrinkConfig(**{**SHRINK_PREFILL.__dict__, "programs": programs}), SIGMA_PREFILL, EXPAND_PREFILL
 
 
+def _check_device(x) -> None:
+    if not (x.is_cuda or _interpreting()):
+        raise RuntimeError(
+            "the Triton path runs on CUDA tensors, or on CPU tensors only under TRITON_INTERPRET=1 "
+            "(set before triton is imported); use backend='torch' on CPU"
+        )
+
+
 @functools.lru_cache(maxsize=None)
 def _side_stream(device_index: int) -> torch.cuda.Stream:
     """One stream per GPU for the JD shrink and Sigma launches that overlap the base GEMM."""
@@ -124,11 +132,7 @@ def jd_lora_linear_triton(
     T = x.shape[0]
     if T == 0 or U.shape[0] == 0 or cluster_of.shape[0] == 0:
         return torch.nn.functional.linear(x, weight, bias)
-    if not (x.is_cuda or _interpreting()):
-        raise RuntimeError(
-            "the Triton path runs on CUDA tensors, or on CPU tensors only under TRITON_INTERPRET=1 "
-            "(set before triton is imported); use backend='torch' on CPU"
-        )
+    _check_device(x)
     shrink_cfg, sigma_cfg, expand_cfg = configs or pick_configs(T, x.shape[1], x.device)
     h, g = batch.scratch(max(16, triton.next_power_of_2(U.shape[2])), x.device)
 
@@ -158,11 +162,7 @@ def jd_lora_forward_triton(
     T = x.shape[0]
     if T == 0 or U.shape[0] == 0 or cluster_of.shape[0] == 0:
         return y
-    if not (x.is_cuda or _interpreting()):
-        raise RuntimeError(
-            "the Triton path runs on CUDA tensors, or on CPU tensors only under TRITON_INTERPRET=1 "
-            "(set before triton is imported); use backend='torch' on CPU"
-        )
+    _check_device(x)
     shrink_cfg, sigma_cfg, expand_cfg = configs or pick_configs(T, x.shape[1], x.device)
     h, g = batch.scratch(max(16, triton.next_power_of_2(U.shape[2])), x.device)
     launch_shrink(x, V, cluster_of, batch, h, config=shrink_cfg)
