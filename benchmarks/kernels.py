@@ -53,7 +53,7 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-from jdlora.kernels import jd_lora_forward, jd_lora_forward_reference, jd_lora_linear, prepare_batch
+from jdlora.kernels import jd_lora_forward, jd_lora_linear, prepare_batch
 
 D_IN = 4096
 D_OUTS = (4096, 1024)
@@ -439,7 +439,7 @@ def main():
     p.add_argument("--linear", action="store_true",
                    help="only base, JD r64 full and base + JD (serial and overlapped): the layer-level comparison")
     p.add_argument("--host", action="store_true",
-                   help="profile the host side of eager jd_lora_forward calls (cProfile, top functions)")
+                   help="eager wall time per call, and a profile of the host side of jd_lora_forward (cProfile)")
     p.add_argument("--once", action="store_true", help="run the issue's target shape a few times, eagerly (for ncu)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -470,6 +470,8 @@ def main():
                 jd_lora_forward(y, x, U, V, sigma, cluster_of, batch, backend="triton")
         return
     if args.host:
+        per_call = eager_per_call(device, calls=500 if device.type == "cuda" else 2)
+        print("eager per call (us):", {k: round(v * 1e6, 1) for k, v in per_call.items()}, flush=True)
         profile_host(device)
         return
     if args.linear:

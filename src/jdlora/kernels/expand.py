@@ -25,6 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .sizes import block_rank, cdiv
+
 _BIG = tl.constexpr(2147483647)
 
 
@@ -97,8 +99,8 @@ def launch_expand(y, U, g, cluster_of, batch, *, scale: float, config) -> None:
     """Launch :func:`jd_expand_kernel`: ``y[order[m]] += scale * U[c] g[m]`` in place."""
     T, d_out = y.shape
     r = U.shape[2]
-    block_r = max(16, triton.next_power_of_2(r))
-    grid = (triton.cdiv(T, config.block_m), triton.cdiv(d_out, config.block_n))
+    block_r = block_rank(r)
+    grid = (cdiv(T, config.block_m), cdiv(d_out, config.block_n))
     jd_expand_kernel[grid](
         y, U, g, cluster_of, batch.order, batch.sorted_adapter,
         T, d_out, r, float(scale),

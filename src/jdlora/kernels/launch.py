@@ -19,16 +19,17 @@ it. The GPU numbers were chosen from the H200 sweep in ``benchmarks/RESULTS.md``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from .expand import launch_expand
 from .shrink import launch_shrink
 from .sigma import launch_sigma
+from .sizes import block_rank
 
 
 @dataclass(frozen=True)
@@ -87,21 +88,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def pick_configs(T: int, d_in: int, device: torch.device) -> Configs:
     """The configurations for a batch of T tokens (decode or prefill regime)."""
     if device.type != "cuda":
         if T <= 32:
             return SHRINK_INTERPRET, SIGMA_INTERPRET, EXPAND_INTERPRET
         return SHRINK_INTERPRET_PREFILL, SIGMA_INTERPRET_PREFILL, EXPAND_INTERPRET
-    programs = PROGRAMS_PER_SM * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    if T <= DECODE_MAX_TOKENS:
-        return ShrinkConfig(**{**SHRINK_DECODE.__dict__, "programs": programs}), SIGMA_DECODE, EXPAND_DECODE
-    return ShrinkConfig(**{**SHRINK_PREFILL.__dict__, "programs": programs}), SIGMA_PREFILL, EXPAND_PREFILL
+    return _gpu_configs(T <= DECODE_MAX_TOKENS, device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_configs(decode: bool, device_index: int) -> Configs:
+    programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device_index).multi_processor_count
+    if decode:
+        return dataclasses.replace(SHRINK_DECODE, programs=programs), SIGMA_DECODE, EXPAND_DECODE
+    return dataclasses.replace(SHRINK_PREFILL, programs=programs), SIGMA_PREFILL, EXPAND_PREFILL
 
 
 def _check_device(x) -> None:
@@ -134,7 +135,7 @@ def jd_lora_linear_triton(
         return torch.nn.functional.linear(x, weight, bias)
     _check_device(x)
     shrink_cfg, sigma_cfg, expand_cfg = configs or pick_configs(T, x.shape[1], x.device)
-    h, g = batch.scratch(max(16, triton.next_power_of_2(U.shape[2])), x.device)
+    h, g = batch.scratch(block_rank(U.shape[2]), x.device)
 
     def shrink_and_sigma():
         launch_shrink(x, V, cluster_of, batch, h, config=shrink_cfg)
@@ -164,7 +165,7 @@ def jd_lora_forward_triton(
         return y
     _check_device(x)
     shrink_cfg, sigma_cfg, expand_cfg = configs or pick_configs(T, x.shape[1], x.device)
-    h, g = batch.scratch(max(16, triton.next_power_of_2(U.shape[2])), x.device)
+    h, g = batch.scratch(block_rank(U.shape[2]), x.device)
     launch_shrink(x, V, cluster_of, batch, h, config=shrink_cfg)
     launch_sigma(h, g, sigma, batch, exact=x.dtype == torch.float32, config=sigma_cfg)
     launch_expand(y, U, g, cluster_of, batch, scale=scale, config=expand_cfg)

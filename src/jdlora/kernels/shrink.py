@@ -26,6 +26,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .sizes import block_rank, cdiv
+
 _BIG = tl.constexpr(2147483647)
 
 
@@ -115,15 +117,15 @@ def launch_shrink(x, V, cluster_of, batch, h, *, config) -> None:
     T, d_in = x.shape
     r = V.shape[2]
     block_m, block_k = config.block_m, config.block_k
-    m_blocks = triton.cdiv(T, block_m)
-    split_k = max(1, min(config.split_k(m_blocks, d_in), triton.cdiv(d_in, block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(d_in, split_k), block_k) * block_k
-    split_k = triton.cdiv(d_in, k_per_split)
+    m_blocks = cdiv(T, block_m)
+    split_k = max(1, min(config.split_k(m_blocks, d_in), cdiv(d_in, block_k)))
+    k_per_split = cdiv(cdiv(d_in, split_k), block_k) * block_k
+    split_k = cdiv(d_in, k_per_split)
     jd_shrink_kernel[(m_blocks, split_k)](
         x, V, cluster_of, batch.order, batch.sorted_adapter, h,
         T, d_in, r, k_per_split,
         x.stride(0), x.stride(1), V.stride(0), V.stride(1), V.stride(2), h.stride(0),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(r)), SPLIT=split_k > 1,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_rank(r), SPLIT=split_k > 1,
         ONE_CLUSTER=V.shape[0] == 1, PRECISION="ieee" if x.dtype.itemsize == 4 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

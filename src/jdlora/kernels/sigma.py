@@ -26,6 +26,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .sizes import block_rank, cdiv
+
 _BIG = tl.constexpr(2147483647)
 
 
@@ -128,10 +130,10 @@ def launch_sigma(h, g, sigma, batch, *, exact: bool, config) -> None:
     """
     T = batch.num_tokens
     r = sigma.shape[1]
-    block_r = max(16, triton.next_power_of_2(r))
+    block_r = block_rank(r)
     diag = sigma.dim() == 2
     sigma_rows = max(1, min(block_r, config.sigma_elems // (config.block_m * block_r)))
-    jd_sigma_kernel[(triton.cdiv(T, config.block_m),)](
+    jd_sigma_kernel[(cdiv(T, config.block_m),)](
         h, g, sigma, batch.sorted_adapter,
         T, r, h.stride(0), sigma.stride(0), sigma.stride(1), 0 if diag else sigma.stride(2),
         BLOCK_M=config.block_m, BLOCK_R=block_r, SIGMA_DIAG=diag, SIGMA_ROWS=sigma_rows,

@@ -406,8 +406,8 @@ class JDLoraLayer(BaseTunerLayer):
                 U, V, sigma = U.float(), V.float(), sigma.float()
                 y = torch.zeros(y2.shape, dtype=torch.float32, device=y2.device)
             xin = x2 if x2.dtype == U.dtype else x2.to(U.dtype)
-            with torch.autocast(x.device.type, enabled=False):  # the kernels fix their own precision
-                jd_lora_forward(y, xin, U, V, sigma, bank.cluster_of, prepared)
+            # no autocast guard needed: the kernels and the torch reference fix their own precision
+            jd_lora_forward(y, xin, U, V, sigma, bank.cluster_of, prepared)
             if y is not y2:
                 y2 += y.to(y2.dtype)
         return result
