@@ -346,6 +346,19 @@ def test_real_sizes_match_float64_on_gpu(dtype):
         assert rel_err(y, y_ref.double(), y0) < bound
 
 
+def captured(forward) -> "torch.cuda.CUDAGraph":
+    """``forward()`` run once on a side stream (compiles and warms up), then captured in a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        forward()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        forward()
+    return g
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need the GPU")
 @pytest.mark.parametrize("T", [1, 64, 1024])
 def test_cuda_graph_capture_and_replay_with_new_adapters(T):
@@ -365,14 +378,7 @@ def test_cuda_graph_capture_and_replay_with_new_adapters(T):
             y.copy_(y0)
             jd_lora_forward(y, x_static, U, V, sigma, cluster_of, batch)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        forward()  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        forward()
+    g = captured(forward)
     for _ in range(3):
         ta_static.copy_(torch.randint(-1, n, (T,), device="cuda"))
         x_static.copy_(torch.randn(T, d, device="cuda"))
@@ -453,17 +459,11 @@ def test_linear_overlapped_on_a_side_stream_matches_serial_eager_and_in_a_graph(
         batch = prepare_batch(ta_static)
         y_static.copy_(jd_lora_linear(x_static, W, None, U, V, sigma, cluster_of, batch, overlap=overlap))
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        forward()
-        serial = jd_lora_linear(x_static, W, None, U, V, sigma, cluster_of, prepare_batch(ta_static), overlap=False)
-        base = torch.nn.functional.linear(x_static, W)
-        assert rel_err(y_static, serial.double(), base) < 1e-2  # split-K atomics: sums in any order
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        forward()
+    forward()
+    serial = jd_lora_linear(x_static, W, None, U, V, sigma, cluster_of, prepare_batch(ta_static), overlap=False)
+    base = torch.nn.functional.linear(x_static, W)
+    assert rel_err(y_static, serial.double(), base) < 1e-2  # split-K atomics: sums in any order
+    g = captured(forward)
     for _ in range(3):
         ta_static.copy_(torch.randint(-1, n, (T,), device="cuda"))
         x_static.copy_(torch.randn(T, d, device="cuda"))

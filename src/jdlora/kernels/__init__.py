@@ -103,18 +103,12 @@ def jd_lora_forward(
         y = base_linear(x)
         jd_lora_forward(y, x, U, V, sigma, cluster_of, batch)
     """
-    if not isinstance(batch, JDBatch):
-        batch = prepare_batch(batch)
-    if backend == "auto":
-        backend = os.environ.get("JDLORA_KERNELS") or ("triton" if x.is_cuda else "torch")
-    _check_inputs(y, x, U, V, sigma, cluster_of, batch, allow_float64=backend == "torch")
+    batch, backend = _prepare(y, x, U, V, sigma, cluster_of, batch, backend)
     if backend == "torch":
         return jd_lora_forward_reference(y, x, U, V, sigma, cluster_of, batch.token_adapter, scale=scale)
-    if backend == "triton":
-        from .launch import jd_lora_forward_triton  # imports triton
+    from .launch import jd_lora_forward_triton  # imports triton
 
-        return jd_lora_forward_triton(y, x, U, V, sigma, cluster_of, batch, scale=scale)
-    raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    return jd_lora_forward_triton(y, x, U, V, sigma, cluster_of, batch, scale=scale)
 
 
 def jd_lora_linear(
@@ -146,23 +140,29 @@ def jd_lora_linear(
     Returns:
         A new ``[T, d_out]`` tensor.
     """
-    if not isinstance(batch, JDBatch):
-        batch = prepare_batch(batch)
     d_out = U.shape[1] if U.dim() == 3 else -1
     if weight.shape != (d_out, x.shape[-1]) or weight.dtype != x.dtype or weight.device != x.device:
         raise ValueError(f"jd_lora_linear: weight must be [d_out={d_out}, d_in={x.shape[-1]}] in {x.dtype} on "
                          f"{x.device} (U's d_out, x's d_in), got {tuple(weight.shape)} {weight.dtype} on {weight.device}")
-    if backend == "auto":
-        backend = os.environ.get("JDLORA_KERNELS") or ("triton" if x.is_cuda else "torch")
-    _check_inputs(None, x, U, V, sigma, cluster_of, batch, allow_float64=backend == "torch")
+    batch, backend = _prepare(None, x, U, V, sigma, cluster_of, batch, backend)
     if backend == "torch":
         y = torch.nn.functional.linear(x, weight, bias)
         return jd_lora_forward_reference(y, x, U, V, sigma, cluster_of, batch.token_adapter, scale=scale)
-    if backend == "triton":
-        from .launch import jd_lora_linear_triton  # imports triton
+    from .launch import jd_lora_linear_triton  # imports triton
 
-        return jd_lora_linear_triton(x, weight, bias, U, V, sigma, cluster_of, batch, scale=scale, overlap=overlap)
-    raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    return jd_lora_linear_triton(x, weight, bias, U, V, sigma, cluster_of, batch, scale=scale, overlap=overlap)
+
+
+def _prepare(y, x, U, V, sigma, cluster_of, batch, backend: Backend) -> tuple[JDBatch, str]:
+    """The batch (prepared if given as ``token_adapter``) and the backend that runs, after checking the inputs."""
+    if not isinstance(batch, JDBatch):
+        batch = prepare_batch(batch)
+    if backend == "auto":
+        backend = os.environ.get("JDLORA_KERNELS") or ("triton" if x.is_cuda else "torch")
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    _check_inputs(y, x, U, V, sigma, cluster_of, batch, allow_float64=backend == "torch")
+    return batch, backend
 
 
 def _check_inputs(y, x, U, V, sigma, cluster_of, batch: JDBatch, *, allow_float64: bool = False) -> None:
