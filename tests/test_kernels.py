@@ -455,9 +455,9 @@ def test_linear_overlapped_on_a_side_stream_matches_serial_eager_and_in_a_graph(
     x_static = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
     y_static = torch.empty(T, d_out, device="cuda", dtype=torch.bfloat16)
 
-    def forward(overlap=True):
+    def forward():
         batch = prepare_batch(ta_static)
-        y_static.copy_(jd_lora_linear(x_static, W, None, U, V, sigma, cluster_of, batch, overlap=overlap))
+        y_static.copy_(jd_lora_linear(x_static, W, None, U, V, sigma, cluster_of, batch, overlap=True))
 
     forward()
     serial = jd_lora_linear(x_static, W, None, U, V, sigma, cluster_of, prepare_batch(ta_static), overlap=False)

@@ -81,8 +81,7 @@ def figure1(results: dict, path: Path) -> None:
     styles = {"capped": "-", "uncapped": "--"}
     colors = {"jd": "tab:blue", "multi-lora": "tab:orange", "multi-lora-all": "tab:green"}
     for memory in ("capped", "uncapped"):
-        base = base_throughput(results["runs"], memory)
-        if not base:
+        if not base_throughput(results["runs"], memory):  # no base run in this memory mode: nothing to plot against
             continue
         for kind in ("jd", "multi-lora", "multi-lora-all"):
             points = sorted((r["adapters"], relative_to_base(r, results["runs"]), r) for r in runs
