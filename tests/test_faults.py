@@ -481,6 +481,16 @@ def test_a_missing_local_path_fails_at_once_without_the_hub(ws, monkeypatch):
     assert time.perf_counter() - start < 5
 
 
+def test_an_id_that_is_no_folder_with_the_hub_unreachable_says_both(ws, monkeypatch):
+    import huggingface_hub.constants as hfc
+
+    monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", True)  # as good as unreachable, without the client's retries
+    with pytest.raises(CollectionFormatError, match="'cbad/nope' is not a local folder .* Hub is unreachable"):
+        load("cbad/nope")  # it used to say "cbad/nope has no collection.json"
+    with pytest.raises(AdapterFormatError, match="no local folder .*cbad.*Hub is unreachable"):
+        jdlora.compress(["cbad/nope"], progress=False)
+
+
 def test_origins_name_folders_never_local_paths(ws, capsys):
     text = "".join(p.read_text() for p in (ws / "coll").glob("*") if p.is_file())
     assert str(ws) not in text and "/adapters/a0" not in text
@@ -517,5 +527,13 @@ def test_a_model_that_lacks_a_module_of_the_collection_says_so(ws):
 
     config = LlamaConfig(hidden_size=48, intermediate_size=32, num_hidden_layers=1, num_attention_heads=3,
                          num_key_value_heads=1, vocab_size=16)
-    with pytest.raises(UnknownModuleError, match=r"The model has no module 'model\.layers\.1\.self_attn\.[qkv]_proj', which the collection"):
+    lacking = r"The model has no module 'model\.layers\.1\.self_attn\.[qkv]_proj', which the collection"
+    with pytest.raises(UnknownModuleError, match=lacking):
         PeftModel.from_pretrained(LlamaForCausalLM(config), "coll")
+
+
+def test_docs_list_every_fault_of_the_table():
+    """docs/safety.md shows users this table: a row added here must be added there."""
+    rows = {line.split("|")[1].strip() for line in (Path(__file__).parents[1] / "docs" / "safety.md").read_text()
+            .splitlines() if line.startswith("| ")}
+    assert [f.fault for f in FAULTS if f.fault not in rows] == []
