@@ -137,8 +137,11 @@ def _compress_kwargs(args) -> dict:
 
 
 def cmd_compress(args) -> int:
+    from .format.save import check_save_target
     from .pipeline import compress
 
+    if args.out:  # refuse a target that is not a collection now, not after minutes of compression
+        check_save_target(args.out)
     start = time.perf_counter()
     collection = compress(args.sources, allow_pickle=args.allow_pickle, token=args.token, **_compress_kwargs(args))
     _print_collection(collection, time.perf_counter() - start)
@@ -187,7 +190,7 @@ def cmd_inspect(args) -> int:
     print(_table(["adapter", "modules", f"cluster ({modules[mid]['name'] if modules else '-'})", "error", "source"],
                  [[a["name"], sum(c is not None for c in a["clusters"]),
                    "-" if a["clusters"][mid] is None else a["clusters"][mid], f"{a['error']:.4f}",
-                   a.get("origin", {}).get("repo_id") or a.get("origin", {}).get("path") or "-"] for a in shown]))
+                   a.get("origin", {}).get("repo_id") or a.get("origin", {}).get("folder") or "-"] for a in shown]))
     if len(shown) < len(adapters):
         print(f"... and {len(adapters) - len(shown)} more (--all)")
     return 0

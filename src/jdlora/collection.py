@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .compress import ModuleCompression, SweepPoint
 from .compress.settings import original_parameters, saved_ratio
-from .errors import UnknownAdapterError
+from .errors import UnknownAdapterError, UnknownModuleError
 
 
 def safe_adapter_name(name: str) -> str:
@@ -32,10 +32,13 @@ class AdapterInfo:
 
     Attributes:
         name: unique name in the collection (the PEFT adapter name it loads under).
-        origin: where it came from: ``{"path": ...}`` or ``{"repo_id", "revision", "subfolder"}``,
-            plus ``"sha256"`` of its original weights file when known.
+        origin: where it came from: ``{"folder": <folder name>}`` or ``{"repo_id", "revision", "subfolder"}``,
+            plus ``"sha256"`` of its original weights file when known. Saved and published, so it never
+            holds a local path.
         rank: its LoRA rank. alpha: its LoRA alpha. use_rslora: whether its scaling was alpha/sqrt(r).
         module_ranks: ``{module: r_i}`` (ranks can differ per module through ``rank_pattern``).
+        local_folder: run-time only (never saved): the local folder it was compressed from, which
+            :func:`jdlora.recompress` re-opens in the same process.
     """
 
     name: str
@@ -44,6 +47,7 @@ class AdapterInfo:
     alpha: float | None = None
     use_rslora: bool = False
     module_ranks: dict[str, int] = field(default_factory=dict)
+    local_folder: Path | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -119,15 +123,26 @@ class JDLoraCollection:
 
     # ----- reconstruction -------------------------------------------------------------------------
 
+    def module(self, module: str) -> CollectionModule:
+        """One module's entry; raises :class:`~jdlora.errors.UnknownModuleError` listing close matches."""
+        try:
+            return self.modules[module]
+        except KeyError:
+            raise UnknownModuleError(module, self.modules, where="the collection") from None
+
     def sigma(self, name: str, module: str) -> Tensor | None:
         """Sigma of adapter ``name`` in ``module`` (``[r, r]`` or ``[r]``), None if it lacks the module."""
-        entry = self.modules[module]
+        entry = self.module(module)
         row = entry.row_of(self.index(name))
         return None if row is None else entry.compression.sigma[row]
 
     def delta_weight(self, name: str, module: str) -> Tensor | None:
-        """Dense reconstructed update ``U_c Sigma_i V_c^T`` (d_out x d_in) of one adapter and module."""
-        entry = self.modules[module]
+        """Dense reconstructed update ``U_c Sigma_i V_c^T`` (d_out x d_in) of one adapter and module.
+
+        Raises:
+            UnknownAdapterError, UnknownModuleError: a name the collection does not have (close matches listed).
+        """
+        entry = self.module(module)
         row = entry.row_of(self.index(name))
         return None if row is None else entry.compression.delta_weight(row)
 
@@ -262,6 +277,7 @@ class JDLoraCollection:
         adapter joins, per module, the cluster whose bases reconstruct it best. Warns when an adapter's
         error exceeds the collection's target (``settings["target_error"]``): then run
         :func:`jdlora.recompress`. Keyword arguments go to :func:`jdlora.sources.open_adapters`.
+        All or nothing: when any adapter fails (a bad file, NaN, a shape), the collection is unchanged.
 
         Returns:
             ``{name: relative error}`` of each added adapter.
@@ -271,19 +287,26 @@ class JDLoraCollection:
         return add_adapters(self, adapters, **kwargs)
 
     def remove_adapters(self, names: Sequence[str]) -> None:
-        """Removes adapters (their Sigma rows); the shared bases stay as they are."""
+        """Removes adapters (their Sigma rows); the shared bases stay as they are.
+
+        All or nothing: an unknown name raises :class:`~jdlora.errors.UnknownAdapterError` and nothing is removed.
+        """
         if isinstance(names, str):
             names = [names]
-        drop = {self.index(name) for name in names}
+        drop = {self.index(name) for name in names}  # every name checked before anything changes
         keep = [i for i in range(len(self.adapters)) if i not in drop]
         new_index = torch.full((len(self.adapters),), -1, dtype=torch.long)
         new_index[keep] = torch.arange(len(keep))
-        for entry in self.modules.values():
+        updates = {}
+        for module, entry in self.modules.items():
             rows = new_index[entry.adapter_ids.cpu()] >= 0
             c = entry.compression
-            c.sigma, c.cluster = c.sigma[rows], c.cluster[rows]
-            c.sq_norms, c.residuals = c.sq_norms[rows], c.residuals[rows]
-            entry.adapter_ids = new_index[entry.adapter_ids.cpu()[rows]]
+            updates[module] = (dict(sigma=c.sigma[rows], cluster=c.cluster[rows], sq_norms=c.sq_norms[rows],
+                                    residuals=c.residuals[rows]), new_index[entry.adapter_ids.cpu()[rows]])
+        for module, (fields, ids) in updates.items():  # only assignments from here on: nothing can fail halfway
+            for attr, value in fields.items():
+                setattr(self.modules[module].compression, attr, value)
+            self.modules[module].adapter_ids = ids
         self.modules = {m: e for m, e in self.modules.items() if len(e.adapter_ids)}
         self.adapters = [self.adapters[i] for i in keep]
 

@@ -6,9 +6,11 @@ peak memory grows with the number of adapters times one module, not with the num
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal
 
@@ -19,8 +21,8 @@ from .collection import AdapterInfo, CollectionModule, JDLoraCollection, safe_ad
 from .compress import LoraStack, auto_rank, choose_clusters, compress_module, project_onto_bases
 from .compress.clustering import SigmaKind
 from .compress.jd import Solver
-from .compress.settings import DEFAULT_TARGET_ERROR, SweepPoint
-from .errors import AdapterFormatError, IncompatibleAdaptersError
+from .compress.settings import DEFAULT_TARGET_ERROR, SweepPoint, check_rank
+from .errors import AdapterFormatError, IncompatibleAdaptersError, NonFiniteWeightsError, SettingsError
 from .sources import check_compatible, open_adapter, open_adapters
 
 
@@ -80,14 +82,20 @@ def compress(
         ```
     """
     if sigma not in ("full", "diag"):
-        raise ValueError(f"sigma must be 'full' or 'diag', got {sigma!r}.")
+        raise SettingsError(f"sigma={sigma!r} is not allowed: pass sigma='full' (JD-Full) or sigma='diag' (JD-Diag).")
+    rank, clusters = check_rank(rank, "rank"), check_rank(clusters, "clusters")
+    if isinstance(adapters, (str, os.PathLike)):
+        raise SettingsError(f"adapters={str(adapters)!r} is one path: pass a list of adapters, e.g. [{str(adapters)!r}].")
+    if not (adapters := list(adapters)):
+        raise SettingsError("No adapters to compress: pass a list of PEFT LoRA folders or Hub repo ids "
+                            "(e.g. jdlora.compress(['./lora-a', './lora-b'])).")
     sources = open_adapters(adapters, allow_pickle=allow_pickle, token=token)
     _check_unique_names(sources)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     module_names = sorted({m for s in sources for m in s.modules}, key=natural_key)
     if not module_names:
-        raise ValueError("The adapters have no LoRA modules in common or otherwise: nothing to compress.")
+        raise AdapterFormatError("The adapters have no LoRA modules: nothing to compress.")
     jd_kwargs = dict(sigma=sigma, normalize=normalize, solver=solver, tol=tol, ftol=ftol, max_iter=max_iter,
                      max_rounds=max_rounds, seed=seed)
 
@@ -108,6 +116,8 @@ def compress(
     for module in tqdm(module_names, desc="Compressing modules", unit="module", disable=not progress):
         stack, ids, _ = load(module)
         result = compress_module(stack, rank, clusters, **jd_kwargs)
+        check_finite(module, [sources[i].name for i in ids], result.sq_norms, result.residuals, result.sigma,
+                     result.U, result.V)
         modules[module] = CollectionModule(_to_cpu(result), torch.tensor(ids))
         del stack
 
@@ -125,6 +135,25 @@ def read_stack(sources: Sequence, module: str, *, dtype: torch.dtype = torch.flo
     stack = LoraStack.from_factors([sources[i].read_module(module) for i in ids],
                                    [sources[i].scaling(module) for i in ids], dtype=dtype, device=device)
     return stack, ids
+
+
+def check_finite(module: str, names: Sequence[str], sq_norms: torch.Tensor, residuals: torch.Tensor,
+                 *tensors: torch.Tensor) -> None:
+    """Refuses a module's result unless every number is finite, naming the adapters at fault.
+
+    Inputs are checked as they are read, but an update can still overflow (huge but finite factors), and
+    a NaN would then be saved silently as an error of ``nan``.
+    """
+    bad = ~(torch.isfinite(sq_norms) & torch.isfinite(residuals))
+    if bool(bad.any()) or not all(bool(torch.isfinite(t).all()) for t in tensors):
+        culprits = [n for n, b in zip(names, bad.tolist()) if b]
+        raise NonFiniteWeightsError(
+            f"Module {module}: the compression is not finite (NaN or Inf), because of "
+            + (f"adapter(s) {', '.join(map(repr, culprits[:5]))}, whose update overflows" if culprits
+               else "values too large for the dtype")
+            + ". Their weights are corrupted or absurdly large: check or leave out those adapters"
+            + (", or compress in float64." if not culprits else ".")
+        )
 
 
 def common_base_model(sources: Sequence) -> str | None:
@@ -176,18 +205,30 @@ def add_adapters(collection: JDLoraCollection, adapters: Sequence, *, allow_pick
     _check_unique_names(sources)
     _check_fits_collection(collection, sources)
     start = len(collection.adapters)
+    # Every new row is computed first and the collection changed only once all of them exist, so a failure
+    # (a NaN in the last module, a bad file) leaves the collection exactly as it was.
+    updates = {}
     for module, entry in collection.modules.items():
         if not any(module in s.modules for s in sources):
             continue
         c = entry.compression
         stack, ids = read_stack(sources, module, dtype=c.U.dtype, device=c.U.device)
         sigma, cluster, residuals = project_onto_bases(stack, c.U, c.V, collection.sigma_kind)
-        c.sigma = torch.cat([c.sigma, sigma.to(c.sigma)])
-        c.cluster = torch.cat([c.cluster, cluster.to(c.cluster)])
-        c.sq_norms = torch.cat([c.sq_norms, stack.sq_norms().to(c.sq_norms)])
-        c.residuals = torch.cat([c.residuals, residuals.to(c.residuals)])
-        entry.adapter_ids = torch.cat([entry.adapter_ids, torch.tensor(ids, dtype=torch.long) + start])
-    collection.adapters.extend(_adapter_infos(sources))
+        sq_norms = stack.sq_norms()
+        check_finite(module, [sources[i].name for i in ids], sq_norms, residuals, sigma)
+        updates[module] = dict(
+            sigma=torch.cat([c.sigma, sigma.to(c.sigma)]), cluster=torch.cat([c.cluster, cluster.to(c.cluster)]),
+            sq_norms=torch.cat([c.sq_norms, sq_norms.to(c.sq_norms)]),
+            residuals=torch.cat([c.residuals, residuals.to(c.residuals)]),
+            adapter_ids=torch.cat([entry.adapter_ids, torch.tensor(ids, dtype=torch.long) + start]),
+        )
+    infos = _adapter_infos(sources)
+    for module, fields in updates.items():  # only assignments from here on
+        entry = collection.modules[module]
+        entry.adapter_ids = fields.pop("adapter_ids")
+        for attr, value in fields.items():
+            setattr(entry.compression, attr, value)
+    collection.adapters.extend(infos)
     errors = collection.adapter_errors()
     added = {info.name: errors[info.name] for info in collection.adapters[start:]}
     target = collection.settings.get("target_error", DEFAULT_TARGET_ERROR)
@@ -225,34 +266,68 @@ def _check_fits_collection(collection: JDLoraCollection, sources: Sequence) -> N
         check_compatible([anchor, *sources])
 
 
-def recompress(collection: JDLoraCollection, new_adapters: Sequence = (), **overrides) -> JDLoraCollection:
+def recompress(collection: JDLoraCollection, new_adapters: Sequence = (), *,
+               adapters_dir: str | os.PathLike | None = None, **overrides) -> JDLoraCollection:
     """Compresses the collection's original adapters and ``new_adapters`` again, from scratch.
 
-    The originals are re-opened from each adapter's recorded origin (local path, or Hub repo id at its
-    recorded revision). Settings default to the collection's; ``overrides`` replace them (e.g.
-    ``clusters="auto"``).
+    The originals are re-opened from each adapter's recorded origin: a Hub adapter from its repo id at its
+    recorded revision; a local one from the folder it was compressed from (in the same process), else from
+    ``adapters_dir / <its folder name>`` (origins record folder names, never local paths). A re-opened
+    adapter must have the sha256 its origin records. Settings default to the collection's; ``overrides``
+    replace them (e.g. ``clusters="auto"``).
 
     Raises:
-        AdapterFormatError: an original cannot be opened again (pass it in ``new_adapters`` instead).
+        AdapterFormatError: an original cannot be found (pass ``adapters_dir``, or pass it in ``new_adapters``
+            after removing it), or its weights changed since it was compressed.
+
+    Example:
+        ```python
+        >>> collection = JDLoraCollection.from_pretrained("./my-collection")
+        >>> fresh = jdlora.recompress(collection, ["./new-lora"], adapters_dir="./adapters")
+        ```
     """
     specs = []
     for info in collection.adapters:
         origin = info.origin
-        if "path" in origin:
-            specs.append(open_adapter(origin["path"], name=info.name))
-        elif "repo_id" in origin:
-            specs.append(open_adapter(origin["repo_id"], name=info.name, revision=origin.get("revision"),
-                                      subfolder=origin.get("subfolder"), token=overrides.get("token")))
+        if "repo_id" in origin:
+            spec = open_adapter(origin["repo_id"], name=info.name, revision=origin.get("revision"),
+                                subfolder=origin.get("subfolder"), token=overrides.get("token"))
+        elif "folder" in origin:
+            spec = open_adapter(_original_folder(info, adapters_dir), name=info.name)
         else:
             raise AdapterFormatError(
-                f"Adapter {info.name!r} has no path or Hub origin to re-open (origin: {origin}). "
+                f"Adapter {info.name!r} has no folder or Hub origin to re-open (origin: {origin}). "
                 "Remove it, or recompress from the original adapters with jdlora.compress()."
             )
+        if origin.get("sha256") and spec.sha256 != origin["sha256"]:
+            raise AdapterFormatError(
+                f"Adapter {info.name!r}: {spec.weights_file} has sha256 {spec.sha256[:12]}..., but the adapter was "
+                f"compressed from weights with sha256 {origin['sha256'][:12]}...: it is another adapter, or it changed. "
+                "Pass the right adapters_dir, or remove_adapters() it and pass the new one in new_adapters."
+            )
+        specs.append(spec)
     keys = ("rank", "clusters", "sigma", "normalize", "solver", "tol", "ftol", "max_iter", "max_rounds",
             "target_error", "seed")
     settings = {k: collection.settings[k] for k in keys if k in collection.settings}
     settings.update(overrides)
     return compress([*specs, *new_adapters], **settings)
+
+
+def _original_folder(info: AdapterInfo, adapters_dir: str | os.PathLike | None) -> Path:
+    """Where a local original is: the folder it was read from in this process, else under ``adapters_dir``."""
+    if adapters_dir is None and info.local_folder is not None and info.local_folder.is_dir():
+        return info.local_folder
+    folder = info.origin["folder"]
+    if adapters_dir is None:
+        raise AdapterFormatError(
+            f"Adapter {info.name!r} was compressed from a local folder named {folder!r}; the collection records only "
+            "that name (never a local path). Pass adapters_dir=, the folder that holds it."
+        )
+    path = Path(adapters_dir) / folder
+    if not path.is_dir():
+        raise AdapterFormatError(f"Adapter {info.name!r}: no folder {path} (its origin records the folder name "
+                                 f"{folder!r}). Pass the adapters_dir that holds it.")
+    return path
 
 
 def _adapter_infos(sources: Sequence) -> list[AdapterInfo]:
@@ -261,6 +336,7 @@ def _adapter_infos(sources: Sequence) -> list[AdapterInfo]:
             name=safe_adapter_name(s.name), origin=dict(s.origin), rank=getattr(s, "rank", None),
             alpha=getattr(s, "alpha", None), use_rslora=bool(getattr(s, "use_rslora", False)),
             module_ranks={m: shape[0] for m, shape in s.modules.items()},
+            local_folder=getattr(s, "folder", None) if "folder" in s.origin else None,
         )
         for s in sources
     ]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import operator
 import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+
+from ..errors import SettingsError
 
 from .clustering import SigmaKind
 from .module import ModuleCompression, compress_module
@@ -15,6 +18,24 @@ DEFAULT_TARGET_ERROR = 0.5
 # Section 6.4: JD-Full alone up to this many adapters, clustering beyond.
 MAX_ADAPTERS_WITHOUT_CLUSTERS = 100
 CLUSTERED_RANK = 16
+
+
+def check_rank(value, name: str = "rank") -> int | str:
+    """``value`` as an int if it is a whole number >= 1, or ``"auto"``; used for ``rank`` and ``clusters``.
+
+    Raises:
+        SettingsError: anything else (0, -1, "16", 2.5, True), naming the argument and what it accepts.
+    """
+    if isinstance(value, str) and value == "auto":
+        return value
+    try:
+        number = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise SettingsError(f"{name}={value!r} is not allowed: pass a whole number >= 1 (e.g. {name}=16, not "
+                            f"{name}='16') or {name}='auto'.")
+    return number
 
 
 def auto_rank(num_adapters: int) -> int:

@@ -72,8 +72,8 @@ def _source(origin: dict) -> str:
         rev = origin.get("revision")
         sub = f"/{origin['subfolder']}" if origin.get("subfolder") else ""
         return f"[{origin['repo_id']}](https://huggingface.co/{origin['repo_id']}){sub}" + (f" @ `{rev[:7]}`" if rev else "")
-    if "path" in origin:
-        return f"local `{str(origin['path']).rstrip('/').rsplit('/', 1)[-1]}`"
+    if "folder" in origin:
+        return f"local `{origin['folder']}`"
     if "synthetic" in origin:
         return "synthetic"
     return "-"

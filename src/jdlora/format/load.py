@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from ..collection import AdapterInfo, CollectionModule, JDLoraCollection
 from ..compress import ModuleCompression, SweepPoint
 from ..errors import CollectionFormatError, CollectionIntegrityError, UnknownAdapterError
-from .layout import ADAPTER_WEIGHTS, MANIFEST, read_manifest, sha256_file, sigma_tensor_key
+from ..sources import looks_local
+from .layout import ADAPTER_WEIGHTS, MANIFEST, read_manifest, resolve_inside, sha256_file, sigma_tensor_key
 
 
 def load_collection(
@@ -68,7 +69,7 @@ def load_collection(
     if not whole:
         patterns += [f"{entries[i]['subfolder']}/*" for i in selected]
     root = fetch.files(patterns)
-    checked = _Checked(root, verify)
+    checked = _Checked(root, verify, fetch.jail(root))
 
     modules = {}
     per_adapter = {} if whole else {i: _read_adapter_folder(root, entries[i], checked) for i in selected}
@@ -145,11 +146,12 @@ def _check_shapes(module: dict, U, V, sigma, ids, sigma_kind: str) -> None:
 class _Checked:
     """Loads safetensors files under a root, checking each against its manifest sha256 once."""
 
-    def __init__(self, root: Path, verify: bool):
-        self.root, self.verify = root, verify
+    def __init__(self, root: Path, verify: bool, jail: Path):
+        self.root, self.verify, self.jail = root, verify, jail
 
     def load(self, rel: str, sha256: str | None, *, with_metadata: bool = False):
-        path = self.root / rel
+        # read_manifest checked the text of every path; this also refuses links that lead outside.
+        path = resolve_inside(self.root, rel, f"{self.root / MANIFEST}", self.jail)
         if not path.is_file():
             raise CollectionFormatError(f"{path} is missing: the collection is incomplete (the manifest lists it).")
         if self.verify and sha256 and (actual := sha256_file(path)) != sha256:
@@ -173,10 +175,27 @@ class _Fetcher:
     """Gives local paths for a folder or a Hub repo; on the Hub, downloads only the files asked for."""
 
     def __init__(self, path_or_repo_id, revision, token, force_download, cache_dir):
-        self.local = Path(path_or_repo_id) if Path(path_or_repo_id).is_dir() else None
+        local = Path(path_or_repo_id).expanduser()
+        if local.is_dir():
+            self.local = local
+        elif local.exists():
+            raise CollectionFormatError(f"{local} is a file; pass the collection's folder (the one holding {MANIFEST}) "
+                                        "or a Hub repo id.")
+        elif looks_local(path_or_repo_id):
+            raise CollectionFormatError(
+                f"No collection folder at {local.absolute()}: it does not exist (and {str(path_or_repo_id)!r} is a "
+                "local path, not a Hub repo id like 'org/name'). Check the path."
+            )
+        else:
+            self.local = None
         self.repo_id, self.revision, self.token = str(path_or_repo_id), revision, token
         self.force_download, self.cache_dir = force_download, cache_dir
         self.commit: str | None = None
+
+    def jail(self, root: Path) -> Path:
+        """The folder no file may leave: the collection's root, or for the Hub the repo's cache folder
+        (``.../models--org--name``), since the snapshot's files are links into its ``blobs/``."""
+        return root if self.local is not None else root.parents[1]
 
     def manifest(self) -> Path:
         if self.local is not None:
@@ -196,15 +215,31 @@ class _Fetcher:
         return Path(self._hub(snapshot_download, allow_patterns=patterns, revision=self.commit))
 
     def _hub(self, fn, **kwargs):
-        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HfHubHTTPError,
+            HFValidationError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
 
+        neither = f"{self.repo_id!r} is not a local folder ({Path(self.repo_id).absolute()} does not exist)"
         try:
             return fn(repo_id=self.repo_id, token=self.token, force_download=self.force_download,
                       cache_dir=self.cache_dir, **kwargs)
         except RepositoryNotFoundError as err:
             raise CollectionFormatError(
-                f"{self.repo_id!r} is neither a local folder nor a Hub repo you can access (private repos need a token)."
+                f"{neither}, nor a Hub repo you can access (private repos need a token)."
             ) from err
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:  # before EntryNotFoundError: a subclass
+            raise CollectionFormatError(
+                f"{neither}, and the Hub is unreachable (or HF_HUB_OFFLINE is set), so it could not be looked up as a "
+                "repo id. Check the path, or the network and HF_ENDPOINT."
+            ) from err
+        except HFValidationError as err:
+            raise CollectionFormatError(f"{neither}, nor a valid Hub repo id ({err}).") from err
         except RevisionNotFoundError as err:
             raise CollectionFormatError(f"Revision {kwargs.get('revision')!r} not found in {self.repo_id}.") from err
         except EntryNotFoundError as err:

@@ -221,7 +221,7 @@ def check_modules(model: nn.Module, modules, where: str) -> dict[str, nn.Module]
     for name in modules:
         if name not in found:
             linear = [n for n, m in found.items() if isinstance(m, (nn.Linear, Conv1D, JDLoraLayer))]
-            raise UnknownModuleError(name, linear, where=where)
+            raise UnknownModuleError(name, linear, where=where, missing_in="the model")
         out[name] = found[name]
     return out
 
