@@ -453,6 +453,26 @@ def test_a_collection_written_by_to_collection_loads_every_adapter_with_from_pre
         one.load_adapter(tmp_path, adapter_name="all")  # loading into it again
 
 
+def test_a_bulk_loaded_collection_saves_each_adapter_in_peft_layout(base, full, ids, tmp_path):
+    model = load_collection(fresh(base), full)
+    names = full.adapter_names[:3]
+    with pytest.raises(ValueError, match="has no weights"):
+        model.save_pretrained(tmp_path, selected_adapters=["default"])
+    model.save_pretrained(tmp_path, selected_adapters=names)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(names)  # "default": no weights
+    saved = json.loads((tmp_path / names[0] / "adapter_config.json").read_text())
+    assert saved["bases_in_weights"] and not saved["collection"] and not (tmp_path / "adapter_config.json").exists()
+    # exactly the modules the adapter adapts (o_proj of layer 1 only), so loading it reports no missing keys
+    assert sorted(saved["target_modules"]) == sorted(m for m in full.modules if full.modules[m].row_of(0) is not None)
+    loaded = PeftModel.from_pretrained(fresh(base), tmp_path / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        loaded.load_adapter(tmp_path / name, adapter_name=name)
+    mixed = ["__base__"] + names[:2]
+    assert close(logits(loaded, ids, adapter_names=mixed), logits(model, ids, adapter_names=mixed), 1e-6)
+    layer = loaded.base_model.model.get_submodule(Q0)
+    assert len(layer.jd_U) == len({layer.jd_basis[n] for n in names})  # equal bases are shared again
+
+
 def test_a_collection_saved_by_jdlora_format_loads_with_peft(base, full, ids, tmp_path):
     full.save_pretrained(tmp_path / "c", progress=False)
     model = PeftModel.from_pretrained(fresh(base), tmp_path / "c", adapter_name=full.adapter_names[1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import warnings
 from functools import partial
@@ -20,11 +21,11 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..errors import UnknownAdapterError
+from ..errors import IncompatibleAdaptersError, UnknownAdapterError
 from ..format.layout import PEFT_PREFIX, SIGMA_KEY, U_KEY, V_KEY
 from . import bases as jd_bases
 from .bulk import inject_collection
-from .config import JDLoraConfig
+from .config import JDLoraConfig, JDLoraRuntimeConfig
 from .layer import AdapterGroup, JDLoraLayer, Linear
 from .mixed import BASE, MixedBatch
 
@@ -98,6 +99,22 @@ class JDLoraModel(BaseTuner):
         for layer in self.jd_layers().values():
             present.update(layer.jd_sigma.keys())
         return [n for n in self.peft_config if n in present]
+
+    def jd_adapter_config(self, adapter_name: str) -> JDLoraConfig:
+        """A copy of the adapter's config naming exactly the modules it adapts and its rank there: what
+        ``save_pretrained`` writes for an adapter of a bulk-loaded collection (their config is shared)."""
+        layers = {n: layer for n, layer in self.jd_layers().items() if adapter_name in layer.jd_sigma}
+        ranks = {layer.r[adapter_name] for layer in layers.values()}
+        if len(ranks) > 1:
+            raise IncompatibleAdaptersError(
+                f"Adapter {adapter_name!r} has ranks {sorted(ranks)} in different modules, which one PEFT config "
+                "cannot describe; save the collection instead: jdlora.tuner.to_collection(model).save_pretrained(path)."
+            )
+        config = copy.copy(self.peft_config[adapter_name])
+        config.runtime_config = JDLoraRuntimeConfig()
+        config.target_modules = set(layers)
+        config.r = ranks.pop() if ranks else config.r
+        return config
 
     # ----- PEFT tuner contract ------------------------------------------------------------------
 
