@@ -297,3 +297,39 @@ def test_constructing_a_config_registers_and_patches_nothing(monkeypatch):
     methods = {name: getattr(PeftModel, name) for name in ("save_pretrained", "load_adapter", "push_to_hub")}
     JDLoraConfig(r=2, bases_from=None)
     assert {name: getattr(PeftModel, name) for name in methods} == methods
+
+
+def test_a_config_saved_on_its_own_keeps_its_bases_source(tmp_path):
+    JDLoraConfig(r=2, bases_from="org/collection", target_modules=["q_proj"]).save_pretrained(tmp_path)
+    loaded = JDLoraConfig.from_pretrained(tmp_path)
+    assert loaded.bases_from == "org/collection" and not loaded.bases_in_weights
+
+
+def test_the_tuner_modules_import_each_other_without_a_cycle():
+    import ast
+    from pathlib import Path
+
+    folder = Path(jdlora.__file__).parent / "tuner"
+    graph = {}
+    for path in folder.glob("*.py"):
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                edges.update([node.module] if node.module else [a.name for a in node.names])
+        graph[path.stem] = {e for e in edges if (folder / f"{e}.py").exists()}
+    graph.pop("__init__")
+    done, stack = set(), []
+
+    def visit(name):
+        assert name not in stack, f"import cycle: {' -> '.join(stack + [name])}"
+        if name in done:
+            return
+        stack.append(name)
+        for other in graph.get(name, ()):
+            visit(other)
+        stack.pop()
+        done.add(name)
+
+    for name in graph:
+        visit(name)
+    assert "_peft_compat" not in set().union(*graph.values())  # only the package's __init__ imports it

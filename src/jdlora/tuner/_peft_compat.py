@@ -242,16 +242,14 @@ def _wrap_save_pretrained(original):
                     "stands for the whole collection. Select the collection's adapters, or write the collection "
                     "format with jdlora.tuner.to_collection(model).save_pretrained(path)."
                 )
-        # adapters of a bulk load share one config that names the whole collection's modules: each is saved
-        # with its own (the modules it adapts, its rank), so that it loads on its own without missing keys
-        shared = {n: c for n, c in self.peft_config.items() if getattr(c, "runtime_config", None) is not None
-                  and c.runtime_config.bulk_member}
+        # each adapter is written with the config that describes its weights file (see jd_saved_config)
+        live = dict(self.peft_config)
         try:
-            for name, config in shared.items():
-                self.peft_config[name] = self.base_model.jd_adapter_config(name)
+            for name in bound.arguments["selected_adapters"]:
+                self.peft_config[name] = self.base_model.jd_saved_config(name)
             return original(*bound.args, **bound.kwargs)
         finally:
-            self.peft_config.update(shared)
+            self.peft_config.update(live)
 
     return save_pretrained
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -165,16 +164,6 @@ class JDLoraConfig(PeftConfig):
         out = super().to_dict()
         out.pop("runtime_config")
         return out
-
-    def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """PEFT's, with ``bases_in_weights`` set: ``PeftModel.save_pretrained`` writes the config next to the
-        adapter's weights, which carry its bases (see :meth:`JDLoraModel._get_adapter_state_dict`)."""
-        if self.collection:  # a collection root config is written by jdlora.format, not saved as an adapter
-            return super().save_pretrained(save_directory, **kwargs)
-        saved = copy.copy(self)
-        saved.bases_in_weights = True
-        saved.bases = saved.collection_root = None  # the bases now travel in the weights file
-        return super(JDLoraConfig, saved).save_pretrained(save_directory, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

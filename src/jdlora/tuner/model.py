@@ -100,20 +100,25 @@ class JDLoraModel(BaseTuner):
             present.update(layer.jd_sigma.keys())
         return [n for n in self.peft_config if n in present]
 
-    def jd_adapter_config(self, adapter_name: str) -> JDLoraConfig:
-        """A copy of the adapter's config naming exactly the modules it adapts and its rank there: what
-        ``save_pretrained`` writes for an adapter of a bulk-loaded collection (their config is shared)."""
-        layers = {n: layer for n, layer in self.jd_layers().items() if adapter_name in layer.jd_sigma}
-        ranks = {layer.r[adapter_name] for layer in layers.values()}
-        if len(ranks) > 1:
-            raise IncompatibleAdaptersError(
-                f"Adapter {adapter_name!r} has ranks {sorted(ranks)} in different modules, which one PEFT config "
-                "cannot describe; save the collection instead: jdlora.tuner.to_collection(model).save_pretrained(path)."
-            )
+    def jd_saved_config(self, adapter_name: str) -> JDLoraConfig:
+        """The config ``save_pretrained`` writes next to the adapter's weights file: ``bases_in_weights`` set
+        (the file carries the bases; see :meth:`_get_adapter_state_dict`), no reference to collection files; for
+        an adapter of a bulk load (whose config is shared by the whole collection) exactly the modules it adapts
+        and its rank there, so it loads on its own without missing keys."""
         config = copy.copy(self.peft_config[adapter_name])
         config.runtime_config = JDLoraRuntimeConfig()
-        config.target_modules = set(layers)
-        config.r = ranks.pop() if ranks else config.r
+        config.bases_in_weights = True
+        config.bases = config.collection_root = None
+        if self.peft_config[adapter_name].runtime_config.bulk_member:
+            layers = {n: layer for n, layer in self.jd_layers().items() if adapter_name in layer.jd_sigma}
+            ranks = {layer.r[adapter_name] for layer in layers.values()}
+            if len(ranks) > 1:
+                raise IncompatibleAdaptersError(
+                    f"Adapter {adapter_name!r} has ranks {sorted(ranks)} in different modules, which one PEFT config "
+                    "cannot describe; save the collection: jdlora.tuner.to_collection(model).save_pretrained(path)."
+                )
+            config.target_modules = set(layers)
+            config.r = ranks.pop() if ranks else config.r
         return config
 
     # ----- PEFT tuner contract ------------------------------------------------------------------
