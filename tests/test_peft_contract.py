@@ -259,13 +259,16 @@ def test_a_model_loaded_from_a_collection_keeps_only_what_its_layers_use():
     collection = jdlora.compress(synthetic_adapters(3, modules, rank=2, seed=0), rank=4, progress=False)
     ref = weakref.ref(collection)
     model = load_collection(base_model("llama"), collection)
-    trained = get_peft_model(base_model("llama"), JDLoraConfig(bases_from=collection))
+    bases_from = JDLoraConfig(bases_from=collection)
+    trained = get_peft_model(base_model("llama"), bases_from)
     assert all(c.runtime_config.collection is None and c.runtime_config.bases is None
                for m in (model, trained) for c in m.peft_config.values())
     del collection
     gc.collect()
     assert ref() is None  # neither model keeps the source collection alive
     assert len(model.peft_config) == 4 and len(trained.peft_config) == 1
+    with pytest.raises(ValueError, match="released"):  # reusing the config: a clear error, not random bases
+        get_peft_model(base_model("llama"), bases_from)
 
 
 # ----- the package --------------------------------------------------------------------------------------

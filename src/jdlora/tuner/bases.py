@@ -58,6 +58,11 @@ def resolve_bases(config: JDLoraConfig, targets: dict[str, tuple[int, int]]) -> 
     Bases files of a saved collection (a per-adapter config's ``bases``) are read once, together.
     ``bases_in_weights``: random placeholders, replaced when the adapter's weights are loaded.
     """
+    if config.runtime_config.released and config.runtime_config.bases is None and config.bases_from is None:
+        raise ValueError(
+            "This config's in-memory collection (`bases_from`) was released once its adapter was injected; pass the "
+            "collection again: JDLoraConfig(bases_from=collection, ...)."
+        )
     if config.bases and not config.bases_in_weights:
         bases = _from_files(config, list(targets))
     elif (config.runtime_config.bases is not None or config.bases_from is not None) and not config.bases_in_weights:

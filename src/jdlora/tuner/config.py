@@ -34,6 +34,14 @@ class JDLoraRuntimeConfig:
     """A collection root just loaded in bulk by ``PeftModel.from_pretrained``, whose ``load_adapter`` call that
     follows has nothing left to read."""
 
+    released: bool = False
+    """``collection`` or ``bases`` were dropped once the adapter was injected (see :meth:`release`)."""
+
+    def release(self) -> None:
+        """Drops the references to source collections: the layers hold what they use."""
+        self.released = self.released or self.collection is not None or self.bases is not None
+        self.collection = self.bases = None
+
     def __deepcopy__(self, memo):
         return self
 

@@ -198,19 +198,19 @@ class JDLoraModel(BaseTuner):
         collection, the bulk path (:func:`~jdlora.tuner.bulk.inject_collection`). Either way the config's
         run-time references to a source collection are dropped afterwards: the layers hold what they use."""
         config = self.peft_config[adapter_name]
-        try:
-            if config.is_collection_root:
-                config.check()
-                inject_collection(self, adapter_name, config)
-                return
-            if state_dict is None:
-                self._check_new_adapter_config(config)
-                self.__dict__["_jd_resolved"] = self._resolve_targets(model, config)
-            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                                   low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
-        finally:
-            self.__dict__.pop("_jd_resolved", None)
-            config.runtime_config.collection = config.runtime_config.bases = None
+        if config.is_collection_root:
+            config.check()
+            inject_collection(self, adapter_name, config)
+        else:
+            try:
+                if state_dict is None:
+                    self._check_new_adapter_config(config)
+                    self.__dict__["_jd_resolved"] = self._resolve_targets(model, config)
+                super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                       low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+            finally:
+                self.__dict__.pop("_jd_resolved", None)
+        config.runtime_config.release()
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """JD-LoRA tensors of a layer share banks, so a layer has one dtype: float32 when the base is
