@@ -246,7 +246,8 @@ def _wrap_save_pretrained(original):
         live = dict(self.peft_config)
         try:
             for name in bound.arguments["selected_adapters"]:
-                self.peft_config[name] = self.base_model.jd_saved_config(name)
+                if name in live:  # (PEFT names the unknown ones)
+                    self.peft_config[name] = self.base_model.jd_saved_config(name)
             return original(*bound.args, **bound.kwargs)
         finally:
             self.peft_config.update(live)
