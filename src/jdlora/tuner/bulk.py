@@ -2,8 +2,8 @@
 
 - :func:`load_collection`: a :class:`~jdlora.JDLoraCollection` into a model (or a PeftModel); this is
   also what ``PeftModel.from_pretrained(base, "org/collection")`` runs (via ``JDLoraModel.inject_adapter``).
-- :func:`to_collection`: the adapters of a model back into a collection (``save_pretrained`` writes it
-  in the collection format).
+- :func:`to_collection`: the adapters of a model back into a collection (its ``save_pretrained`` and
+  ``PeftModel.push_to_hub`` write the collection format; ``PeftModel.save_pretrained`` writes PEFT's layout).
 
 Per layer, the bulk path adds each cluster's bases once and every Sigma of the module in one indexed
 write into the layer's Sigma bank, then registers each adapter's Sigma as a view of its row.
@@ -17,7 +17,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-
 from transformers.pytorch_utils import Conv1D
 
 from ..collection import AdapterInfo, CollectionModule, JDLoraCollection
