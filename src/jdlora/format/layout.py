@@ -21,8 +21,15 @@ OWNED_FILES = (MANIFEST, PEFT_CONFIG, CARD)
 OWNED_DIRS = (BASES_DIR, SIGMA_DIR, ADAPTERS_DIR)
 # The Hub recommends at most 10,000 entries per folder: beyond that, adapter folders are sharded.
 ADAPTERS_PER_FOLDER = 10_000
+# The PEFT method: its PeftType member, registered name, parameter prefix and state-dict key names.
 PEFT_TYPE = "JDLORA"
+PEFT_METHOD = "jdlora"
+PEFT_PREFIX = "jd_"
 SIGMA_KEY = "jd_sigma"
+U_KEY = "jd_U"
+V_KEY = "jd_V"
+# Tensor names inside a bases file (bases/<module>/<cluster>.safetensors).
+BASES_TENSORS = ("U", "V")
 
 
 def bases_path(module: str, cluster: int) -> str:

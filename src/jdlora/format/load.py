@@ -15,7 +15,9 @@ from ..collection import AdapterInfo, CollectionModule, JDLoraCollection
 from ..compress import ModuleCompression, SweepPoint
 from ..errors import CollectionFormatError, CollectionIntegrityError, UnknownAdapterError
 from ..sources import looks_local
-from .layout import ADAPTER_WEIGHTS, MANIFEST, read_manifest, resolve_inside, sha256_file, sigma_tensor_key
+from .layout import (
+    ADAPTER_WEIGHTS, BASES_TENSORS, MANIFEST, check_relative_path, read_manifest, resolve_inside, sha256_file, sigma_tensor_key,
+)
 
 
 def load_collection(
@@ -246,3 +248,36 @@ class _Fetcher:
             raise CollectionFormatError(f"{self.repo_id} has no {MANIFEST}: not a jdlora collection.") from err
         except HfHubHTTPError as err:
             raise CollectionFormatError(f"Downloading from {self.repo_id} failed: {err}") from err
+
+
+def load_bases_files(
+    path_or_repo_id: str | os.PathLike,
+    files: dict[str, dict],
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    verify: bool = True,
+    force_download: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module: (U, V)}`` from bases files of a collection, checked against their sha256.
+
+    ``files`` is ``{module: {"path": "bases/<module>/<cluster>.safetensors", "sha256": ...}}`` with paths
+    relative to the collection root ``path_or_repo_id`` (as a per-adapter ``adapter_config.json`` lists
+    them). On the Hub only these files are downloaded. This is the reader the PEFT tuner uses to load one
+    adapter of a collection on its own.
+    """
+    for module, entry in files.items():  # before anything is downloaded or opened
+        rel = entry.get("path") if isinstance(entry, dict) else None
+        check_relative_path(rel, f"the adapter config's bases of module {module}")
+    fetch = _Fetcher(path_or_repo_id, revision, token, force_download, cache_dir)
+    fetch.commit = revision
+    root = fetch.files(sorted({entry["path"] for entry in files.values()}))
+    checked = _Checked(root, verify, fetch.jail(root))
+    out = {}
+    for module, entry in files.items():
+        tensors = checked.load(entry["path"], entry.get("sha256"))
+        if any(key not in tensors for key in BASES_TENSORS):
+            raise CollectionFormatError(f"{root / entry['path']} lacks the tensors {' and '.join(BASES_TENSORS)}.")
+        out[module] = (tensors[BASES_TENSORS[0]], tensors[BASES_TENSORS[1]])
+    return out
