@@ -232,6 +232,30 @@ def overflowing_compress(ws: Path):
     return jdlora.compress([Overflowing(sources[0]), *sources[1:]], rank=2, progress=False)
 
 
+def tiny_llama(layers: int = 2):
+    """A random Llama with the shapes of MODULES (hidden 48, key/value 16)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=32, num_hidden_layers=layers,
+                                        num_attention_heads=3, num_key_value_heads=1, vocab_size=16))
+
+
+def peft_load(*args, **kwargs):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(tiny_llama(), *args, **kwargs)
+
+
+def adapter_config_bases(rel: str) -> Callable[[Path], None]:
+    """Points every bases entry of adapters/a0/adapter_config.json (what a PEFT subfolder load reads) at ``rel``."""
+    def setup(ws: Path) -> None:
+        path = ws / "coll" / "adapters" / "a0" / "adapter_config.json"
+        config = json.loads(path.read_text())
+        config["bases"] = {m: dict(entry, path=rel) for m, entry in config["bases"].items()}
+        path.write_text(json.dumps(config))
+    return setup
+
+
 def nothing(ws: Path) -> None:
     pass
 
@@ -300,6 +324,10 @@ FAULTS = [
     Fault("origin folder ../elsewhere",
           lambda: load(), ["inspect", "coll"],
           UnsafePathError, "folder '../elsewhere'", setup=manifest_edit(first_adapter("origin", {"folder": "../elsewhere"}))),
+    Fault("adapter config bases path ../victim-lora/... (PEFT subfolder load)",
+          lambda: peft_load("coll", subfolder="adapters/a0"), None,
+          UnsafePathError, "'../victim-lora/adapter_model.safetensors'",
+          setup=adapter_config_bases("../victim-lora/adapter_model.safetensors")),
     Fault("in-memory adapter name ../../victim-lora, saved",
           lambda: with_renamed_adapter("../../victim-lora").save_pretrained("coll"), None,
           UnsafePathError, "adapter name '../../victim-lora'"),
@@ -523,13 +551,10 @@ def test_recompress_finds_local_originals_by_folder_name_and_checks_their_sha256
 
 def test_a_model_that_lacks_a_module_of_the_collection_says_so(ws):
     from peft import PeftModel
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=48, intermediate_size=32, num_hidden_layers=1, num_attention_heads=3,
-                         num_key_value_heads=1, vocab_size=16)
     lacking = r"The model has no module 'model\.layers\.1\.self_attn\.[qkv]_proj', which the collection"
     with pytest.raises(UnknownModuleError, match=lacking):
-        PeftModel.from_pretrained(LlamaForCausalLM(config), "coll")
+        PeftModel.from_pretrained(tiny_llama(layers=1), "coll")
 
 
 def test_docs_list_every_fault_of_the_table():
