@@ -23,6 +23,7 @@ __all__ = [
     "CollectionFormatError",
     "CollectionIntegrityError",
     "PushError",
+    "InvalidSettingsError",
 ]
 
 
@@ -138,4 +139,12 @@ class PushError(JDLoraError):
 
     The commit is atomic: either every file landed or none did. The message says which step failed
     (creating the repo, listing it, or the commit) and keeps the server's error as the cause.
+    """
+
+
+class InvalidSettingsError(JDLoraError, ValueError):
+    """A compression setting is out of range (a rank of 0, an unknown Sigma kind, a negative tolerance, ...).
+
+    Raised when :class:`~jdlora.compress.CompressionSettings` is built, before any adapter is read; the
+    message names the setting, the value given and what is accepted.
     """
