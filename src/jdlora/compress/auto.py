@@ -25,6 +25,10 @@ from .settings import CompressionSettings, SigmaKind
 from .stack import LoraStack
 
 
+# Tolerances of the search's trials, relative to the final compression's.
+SEARCH_TOL_FACTOR = 10.0
+
+
 def original_parameters(ranks: Iterable[int], d_out: int, d_in: int) -> int:
     """Parameters of the uncompressed LoRAs of one module: ``sum_i r_i (d_out + d_in)``."""
     return sum(ranks) * (d_out + d_in)
@@ -196,21 +200,33 @@ def choose_settings(
     ladder = rank_ladder(stack) if settings.rank == "auto" else [settings.rank]
     budget = original_parameters(ranks, stack.d_out, stack.d_in)
     target, q = settings.target_error, settings.error_quantile
+    # Each trial needs its error to a few percent, not to the final tolerance: the search runs with looser
+    # ones (its errors are then slightly higher than the final compression's, erring on the safe side).
+    trial_settings = settings.replace(tol=settings.tol * SEARCH_TOL_FACTOR, ftol=settings.ftol * SEARCH_TOL_FACTOR)
     points: list[SweepPoint] = []
     tried: dict[tuple, SweepPoint] = {}
 
     def evaluate(kind: SigmaKind, clusters: int, rank: int) -> SweepPoint:
         key = (kind, min(clusters, stack.n), rank)
         if key not in tried:
-            tried[key] = evaluate_setting(stack, ranks, settings.replace(rank=rank, clusters=clusters,
-                                                                         sigma_kind=kind))[0]
+            tried[key] = evaluate_setting(stack, ranks, trial_settings.replace(rank=rank, clusters=clusters,
+                                                                               sigma_kind=kind))[0]
             points.append(tried[key])
             if progress is not None:
                 progress.update(1)
         return tried[key]
 
-    def passes(p: SweepPoint) -> bool:
-        return p.quantile_error <= target
+    def passes(p: SweepPoint | None) -> bool:
+        return p is not None and p.quantile_error <= target
+
+    def check(kind: SigmaKind, clusters: int, rank: int) -> SweepPoint | None:
+        """The point, or None when it cannot pass: JD-Diag's optimum is never below JD-Full's at the same
+        rank and clusters (``U diag(s) V^T`` is ``Q_U (R_U diag(s) R_V^T) Q_V^T``, a full Sigma on orthonormal
+        bases), nor is a lower rank's; so a diagonal setting is skipped where JD-Full failed."""
+        if kind == "diag" and any(p.sigma_kind == "full" and p.clusters == min(clusters, stack.n) and
+                                  p.rank >= rank and not passes(p) for p in points):
+            return None
+        return evaluate(kind, clusters, rank)
 
     best: SweepPoint | None = None
 
@@ -226,27 +242,37 @@ def choose_settings(
         for clusters in counts:
             if not affordable(kind, clusters, ladder[0]):
                 break  # costs only grow with the cluster count
-            i = 0 if ceiling is None else ceiling
-            while i > 0 and not affordable(kind, clusters, ladder[i]):
-                i -= 1
-            p = evaluate(kind, clusters, ladder[i])
-            if passes(p):  # downwards while the ranks pass
+            if ceiling is None:  # bisect the affordable part of the ladder for the smallest passing rank
+                top = 0
+                while top + 1 < len(ladder) and affordable(kind, clusters, ladder[top + 1]):
+                    top += 1
+                lo, hi, p = 0, top, None
+                while lo <= hi:
+                    mid = (lo + hi) // 2
+                    trial = check(kind, clusters, ladder[mid])
+                    if passes(trial):
+                        i, p, hi = mid, trial, mid - 1
+                    else:
+                        lo = mid + 1
+                if p is None:
+                    continue
+            else:  # downwards from the rank that passed with fewer clusters, while the ranks pass
+                i = ceiling
+                while i > 0 and not affordable(kind, clusters, ladder[i]):
+                    i -= 1
+                p = check(kind, clusters, ladder[i])
+                if not passes(p):
+                    continue
                 while i > 0:
-                    lower = evaluate(kind, clusters, ladder[i - 1])
+                    lower = check(kind, clusters, ladder[i - 1])
                     if not passes(lower):
                         break
                     i, p = i - 1, lower
-            else:  # upwards until one passes or the budget ends
-                while not passes(p) and i + 1 < len(ladder) and affordable(kind, clusters, ladder[i + 1]):
-                    i += 1
-                    p = evaluate(kind, clusters, ladder[i])
-                if not passes(p):
-                    continue
             ceiling = i
             if i > 0:  # one refinement between the failing rank below and this one
                 mid = (ladder[i - 1] + ladder[i]) // 2
                 if ladder[i - 1] < mid < ladder[i] and affordable(kind, clusters, mid):
-                    finer = evaluate(kind, clusters, mid)
+                    finer = check(kind, clusters, mid)
                     if passes(finer):
                         p = finer
             if best is None or p.cost() < best.cost():
