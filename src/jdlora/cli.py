@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a synthetic LoRA collection, compress it with automatic settings "
                                    "and print the summary.")
     p.add_argument("--adapters", type=int, default=64, help="number of synthetic adapters (default 64)")
-    p.add_argument("--layers", type=int, default=8, help="layers of the synthetic model (default 8)")
+    p.add_argument("--layers", type=int, default=4, help="layers of the synthetic model (default 4)")
     p.add_argument("--hidden", type=int, default=512, help="hidden size of the synthetic model (default 512)")
     p.add_argument("--plot", default=None, help="also save the tuning sweep plot to this PNG")
     p.add_argument("--seed", type=int, default=0)

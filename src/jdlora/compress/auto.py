@@ -197,7 +197,9 @@ def choose_settings(
     """
     kinds: list[SigmaKind] = ["full", "diag"] if settings.sigma_kind == "auto" else [settings.sigma_kind]
     counts = cluster_counts(stack.n) if settings.clusters == "auto" else [settings.clusters]
-    ladder = rank_ladder(stack) if settings.rank == "auto" else [settings.rank]
+    ladder = rank_ladder(stack)
+    if settings.rank != "auto":  # ranks beyond what the module can use are that rank (Proposition 1)
+        ladder = [min(settings.rank, ladder[-1])]
     budget = original_parameters(ranks, stack.d_out, stack.d_in)
     target, q = settings.target_error, settings.error_quantile
     # Each trial needs its error to a few percent, not to the final tolerance: the search runs with looser
@@ -279,6 +281,9 @@ def choose_settings(
                 best = p
             if i == 0:
                 break  # the lowest rank passes: more clusters only cost more
+    if not points:  # even the fewest clusters store more than the LoRAs at the rank asked for: try it anyway
+        forced = check(kinds[0], counts[0], ladder[0] if len(ladder) == 1 else ladder[-1])
+        best = forced if passes(forced) else None
     where = f" on {module}" if module else ""
     if best is not None:
         chosen, met = best, True
@@ -286,16 +291,16 @@ def choose_settings(
                   f"{_which(q)} adapter error is <= {target} ({chosen.quantile_error:.3f}; "
                   f"{chosen.saved_ratio:.1%} of the parameters saved, {chosen.token_work:,} multiply-adds per "
                   "token per module).")
-    elif points:
+        if chosen.saved_ratio <= 0:
+            reason += " It stores more parameters than the LoRAs: serving them uncompressed is cheaper."
+    else:
         chosen, met = min(points, key=lambda p: (p.quantile_error, p.cost())), False
         reason = (f"No setting storing fewer parameters than the LoRAs keeps the {_which(q)} adapter error"
-                  f"{where} under {target} (best: {chosen.quantile_error:.3f} with {chosen.label()}, "
+                  f"{where} at most {target} (best tried: {chosen.quantile_error:.3f} with {chosen.label()}, "
                   f"{chosen.saved_ratio:.1%} saved; {len(points)} settings tried). Using it. To keep the "
                   f"skills, serve these adapters uncompressed (or as per-adapter SVD), or accept "
                   f"target_error={math.ceil(chosen.quantile_error * 100) / 100:.2f}.")
         warnings.warn(reason, stacklevel=3)
-    else:
-        raise ValueError("No setting to try: the cluster count and rank leave nothing within the budget.")
     resolved = settings.replace(rank=chosen.rank, clusters=chosen.clusters, sigma_kind=chosen.sigma_kind)
     choice = AutoChoice(module=module, target_error=target, error_quantile=q, met=met, reason=reason,
                         tried=len(points))
