@@ -533,3 +533,24 @@ def test_stack_caches_follow_subsets_and_scaling():
     scaled = stack.scaled(factors)
     assert torch.allclose(scaled.sq_norms(), LoraStack(scaled.A, Bt=scaled.Bt).sq_norms(), rtol=1e-12)
     assert torch.allclose(norms * factors.square(), scaled.sq_norms())
+
+
+def test_small_modules_compress_on_one_thread_and_the_thread_count_comes_back():
+    from jdlora.compress.threads import SINGLE_THREAD_ELEMENTS, threads_for
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        small = random_stack(4, 16, 16, 2, seed=0)
+        with threads_for(small) as used:
+            assert used == 1 and torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        # Large enough products keep every thread (zero factors: nothing is computed here).
+        d = SINGLE_THREAD_ELEMENTS // (2 * 16)
+        large = LoraStack(torch.zeros(1, 16, d), Bt=torch.zeros(1, 16, d))
+        with threads_for(large) as used:
+            assert used == 2
+        compress_module(small, CS(rank=2))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
