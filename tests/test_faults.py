@@ -355,7 +355,7 @@ FAULTS = [
           ["compress", *INPUTS, "--clusters", "0"], SettingsError, "clusters=0 is not allowed"),
     Fault("no adapters", lambda: jdlora.compress([], progress=False), None, SettingsError, "No adapters to compress"),
     Fault('sigma="dense"', lambda: jdlora.compress(INPUTS, sigma="dense", progress=False), None,
-          SettingsError, "sigma='dense' is not allowed"),
+          SettingsError, "sigma_kind='dense' is not allowed"),
     Fault("delta_weight of a module the collection lacks",
           lambda: load().delta_weight("a0", "model.layers.0.self_attn.q_prj"), None,
           UnknownModuleError, "Unknown module 'model.layers.0.self_attn.q_prj' in the collection. Did you mean"),

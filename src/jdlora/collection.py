@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .compress import ModuleCompression, SweepPoint
-from .compress.settings import original_parameters, saved_ratio
+from .compress import AutoChoice, CompressionSettings, ModuleCompression, SweepPoint
+from .compress.auto import original_parameters, saved_ratio
 from .errors import UnknownAdapterError, UnknownModuleError
 
 
@@ -79,8 +79,10 @@ class JDLoraCollection:
         adapters: one :class:`AdapterInfo` per adapter, in collection order.
         modules: ``{module name: CollectionModule}``, in model order.
         sigma_kind: ``"full"`` or ``"diag"``.
-        settings: the compression settings used (rank, clusters, normalize, solver, ...).
-        sweep: the settings tried by the automatic choice (section 6.4), if any.
+        settings: the :class:`~jdlora.compress.CompressionSettings` used, the automatic choices
+            resolved (an integer rank and cluster count, ``"full"`` or ``"diag"``).
+        sweep: the settings tried by the automatic choice, if any.
+        choice: what the automatic choice picked and why (:class:`~jdlora.compress.AutoChoice`), if any.
     """
 
     def __init__(
@@ -89,15 +91,19 @@ class JDLoraCollection:
         adapters: list[AdapterInfo],
         modules: dict[str, CollectionModule],
         sigma_kind: str,
-        settings: dict | None = None,
+        settings: CompressionSettings | dict | None = None,
         sweep: list[SweepPoint] | None = None,
+        choice: AutoChoice | None = None,
     ):
         self.base_model = base_model
         self.adapters = adapters
         self.modules = modules
         self.sigma_kind = sigma_kind
-        self.settings = dict(settings or {})
-        self.sweep = list(sweep or [])
+        if not isinstance(settings, CompressionSettings):  # a manifest's dict, or an older version's
+            settings = CompressionSettings.from_dict({"sigma_kind": sigma_kind, **(settings or {})})
+        self.settings = settings
+        self.sweep = [p if isinstance(p, SweepPoint) else SweepPoint.from_dict(p) for p in sweep or []]
+        self.choice = AutoChoice.from_dict(choice) if isinstance(choice, dict) else choice
         # Where it was loaded from ({"path_or_repo_id", "revision"}), if it was.
         self.source: dict | None = None
 
@@ -107,7 +113,7 @@ class JDLoraCollection:
     def __repr__(self) -> str:
         return (
             f"JDLoraCollection(adapters={len(self)}, modules={len(self.modules)}, sigma={self.sigma_kind!r}, "
-            f"rank={self.settings.get('rank')}, clusters={self.settings.get('clusters')}, error={self.error:.4f})"
+            f"rank={self.settings.rank}, clusters={self.settings.clusters}, error={self.error:.4f})"
         )
 
     @property
@@ -275,7 +281,7 @@ class JDLoraCollection:
 
         This is the paper's "serve new LoRAs compressed right away" path: no recompression. Each new
         adapter joins, per module, the cluster whose bases reconstruct it best. Warns when an adapter's
-        error exceeds the collection's target (``settings["target_error"]``): then run
+        error exceeds the collection's target (``settings.target_error``): then run
         :func:`jdlora.recompress`. Keyword arguments go to :func:`jdlora.sources.open_adapters`.
         All or nothing: when any adapter fails (a bad file, NaN, a shape), the collection is unchanged.
 
@@ -331,6 +337,8 @@ class JDLoraCollection:
         errors = sorted(self.adapter_errors().items(), key=lambda kv: -kv[1])
         if errors:
             lines.append("worst adapters      " + ", ".join(f"{n} {e:.3f}" for n, e in errors[:5]))
+        if self.choice is not None:
+            lines.append("automatic choice    " + self.choice.reason)
         return "\n".join(lines)
 
 

@@ -167,8 +167,10 @@ class TargetExistsError(JDLoraError, FileExistsError):
 
 
 class SettingsError(JDLoraError, ValueError):
-    """A compression argument is out of range: a rank or cluster count below 1 or not an integer, no
-    adapters at all, an unknown Sigma kind. The message names the argument and the values it accepts."""
+    """A compression setting or argument is out of range: a rank or cluster count below 1 or not an integer,
+    an unknown Sigma kind, a negative tolerance, no adapters at all. Raised when
+    :class:`~jdlora.compress.CompressionSettings` is built (before any adapter is read) or by ``compress``;
+    the message names the argument, the value given and what is accepted."""
 
 
 class PushError(JDLoraError):
@@ -177,3 +179,4 @@ class PushError(JDLoraError):
     The commit is atomic: either every file landed or none did. The message says which step failed
     (creating the repo, listing it, or the commit) and keeps the server's error as the cause.
     """
+

@@ -12,64 +12,45 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from .collection import AdapterInfo, CollectionModule, JDLoraCollection, safe_adapter_name
-from .compress import LoraStack, auto_rank, choose_clusters, compress_module, project_onto_bases
-from .compress.clustering import SigmaKind
-from .compress.jd import Solver
-from .compress.settings import DEFAULT_TARGET_ERROR, SweepPoint, check_rank
+from .compress import CompressionSettings, LoraStack, choose_settings, compress_module, project_onto_bases
+from .compress.auto import AutoChoice, SweepPoint
 from .errors import AdapterFormatError, IncompatibleAdaptersError, NonFiniteWeightsError, SettingsError
 from .sources import check_compatible, open_adapter, open_adapters
 
 
 def compress(
     adapters: Sequence,
-    rank: int | Literal["auto"] = "auto",
-    clusters: int | Literal["auto"] = 1,
-    sigma: SigmaKind = "full",
+    settings: CompressionSettings | None = None,
     *,
-    normalize: bool = True,
-    solver: Solver = "qr",
-    tol: float = 1e-3,
-    ftol: float = 1e-5,
-    max_iter: int = 100,
-    max_rounds: int = 20,
-    target_error: float = DEFAULT_TARGET_ERROR,
     device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
     allow_pickle: bool = False,
     token: str | None = None,
     progress: bool = True,
+    **overrides,
 ) -> JDLoraCollection:
     """Compresses a collection of LoRA adapters jointly (Compress then Serve, arXiv 2407.00066).
 
     Args:
         adapters: local PEFT LoRA folders, Hub repo ids (``"org/name"`` or ``"org/name@revision"``),
             or opened adapters (:class:`~jdlora.sources.LoraAdapter`, synthetic adapters, ...).
-        rank: rank r of the shared bases, or ``"auto"`` (section 6.4: about n/2 + 7 up to 100 adapters,
-            16 beyond).
-        clusters: number of clusters per module, or ``"auto"``: the fewest of 1, 2, 4, ... whose error on
-            a middle module is below ``target_error`` (section 6.4).
-        sigma: ``"full"`` (JD-Full, r x r Sigma per adapter) or ``"diag"`` (JD-Diag, r values).
-        normalize: scale every update to unit norm before the JD (each adapter weighs the same; the
-            norms are folded back into Sigma). Off: the pooled error is minimized.
-        solver: JD-Full solver: ``"qr"`` (Appendix A.2) or ``"eigen"`` (Appendix A.1).
-        tol: tolerance of the convergence criterion (equation 19). ftol: also stop a JD (or the
-            clustering rounds) when an iteration lowers the relative error by less than this.
-        max_iter: iterations per JD.
-        max_rounds: cap on clustering rounds (Appendix A.3).
-        target_error: error target of the automatic cluster choice.
+        settings: a :class:`~jdlora.compress.CompressionSettings` (default: every choice automatic).
         device: where to compute; default CUDA when available, else CPU. Results live on the CPU.
-        dtype: float32 (default) or float64.
-        seed: seed of every random choice; the same inputs and seed give the same result.
         allow_pickle: accept adapters stored as pickle ``.bin`` files (unsafe: only for trusted files).
         token: Hub token for private repos.
         progress: show a progress bar.
+        **overrides: fields of :class:`~jdlora.compress.CompressionSettings` that replace those of
+            ``settings`` (``rank=16``, ``clusters=4``, ``sigma_kind="diag"``, ``dtype=torch.float64``, ...).
+
+    With ``rank``, ``clusters`` or ``sigma_kind`` left ``"auto"`` (the default), they are chosen on a
+    middle module (:func:`~jdlora.compress.choose_settings`): the cheapest setting (parameters stored,
+    then work per token) whose worst adapter's relative error is at most ``target_error`` (0.05,
+    calibrated on our quality study, docs/quality.md); the collection's :attr:`choice` says what was
+    chosen and why, or that nothing met the target and what it would take.
 
     Returns:
         The compressed collection, with errors per module and per adapter and parameter counts.
@@ -81,9 +62,7 @@ def compress(
         >>> print(collection.summary())
         ```
     """
-    if sigma not in ("full", "diag"):
-        raise SettingsError(f"sigma={sigma!r} is not allowed: pass sigma='full' (JD-Full) or sigma='diag' (JD-Diag).")
-    rank, clusters = check_rank(rank, "rank"), check_rank(clusters, "clusters")
+    settings = (settings or CompressionSettings()).replace(**overrides)
     if isinstance(adapters, (str, os.PathLike)):
         raise SettingsError(f"adapters={str(adapters)!r} is one path: pass a list of adapters, e.g. [{str(adapters)!r}].")
     if not (adapters := list(adapters)):
@@ -96,36 +75,31 @@ def compress(
     module_names = sorted({m for s in sources for m in s.modules}, key=natural_key)
     if not module_names:
         raise AdapterFormatError("The adapters have no LoRA modules: nothing to compress.")
-    jd_kwargs = dict(sigma=sigma, normalize=normalize, solver=solver, tol=tol, ftol=ftol, max_iter=max_iter,
-                     max_rounds=max_rounds, seed=seed)
 
     def load(module: str) -> tuple[LoraStack, list[int], list[int]]:
-        stack, ids = read_stack(sources, module, dtype=dtype, device=device)
+        stack, ids = read_stack(sources, module, dtype=settings.dtype, device=device)
         return stack, ids, [sources[i].modules[module][0] for i in ids]
 
     sweep: list[SweepPoint] = []
-    if rank == "auto" or clusters == "auto":
+    choice: AutoChoice | None = None
+    if settings.is_auto:
         middle = middle_module(module_names, sources)
         stack, _, ranks = load(middle)
-        rank = auto_rank(stack.n) if rank == "auto" else rank
-        if clusters == "auto":
-            clusters, sweep = choose_clusters(stack, ranks, rank, target=target_error, **jd_kwargs)
+        with tqdm(desc=f"Choosing settings on {middle}", unit="setting", disable=not progress) as bar:
+            settings, choice, sweep = choose_settings(stack, ranks, settings, module=middle, progress=bar)
         del stack
 
     modules = {}
     for module in tqdm(module_names, desc="Compressing modules", unit="module", disable=not progress):
         stack, ids, _ = load(module)
-        result = compress_module(stack, rank, clusters, **jd_kwargs)
+        result = compress_module(stack, settings)
         check_finite(module, [sources[i].name for i in ids], result.sq_norms, result.residuals, result.sigma,
                      result.U, result.V)
         modules[module] = CollectionModule(_to_cpu(result), torch.tensor(ids))
         del stack
 
     infos = _adapter_infos(sources)
-    settings = dict(rank=rank, clusters=clusters, sigma=sigma, normalize=normalize, solver=solver, tol=tol, ftol=ftol,
-                    max_iter=max_iter, max_rounds=max_rounds, target_error=target_error, seed=seed,
-                    dtype=str(dtype).removeprefix("torch."))
-    return JDLoraCollection(common_base_model(sources), infos, modules, sigma, settings, sweep)
+    return JDLoraCollection(common_base_model(sources), infos, modules, settings.sigma_kind, settings, sweep, choice)
 
 
 def read_stack(sources: Sequence, module: str, *, dtype: torch.dtype = torch.float32,
@@ -231,7 +205,7 @@ def add_adapters(collection: JDLoraCollection, adapters: Sequence, *, allow_pick
     collection.adapters.extend(infos)
     errors = collection.adapter_errors()
     added = {info.name: errors[info.name] for info in collection.adapters[start:]}
-    target = collection.settings.get("target_error", DEFAULT_TARGET_ERROR)
+    target = collection.settings.target_error
     worse = {name: e for name, e in added.items() if e > target}
     if worse:
         warnings.warn(
@@ -273,8 +247,9 @@ def recompress(collection: JDLoraCollection, new_adapters: Sequence = (), *,
     The originals are re-opened from each adapter's recorded origin: a Hub adapter from its repo id at its
     recorded revision; a local one from the folder it was compressed from (in the same process), else from
     ``adapters_dir / <its folder name>`` (origins record folder names, never local paths). A re-opened
-    adapter must have the sha256 its origin records. Settings default to the collection's; ``overrides``
-    replace them (e.g. ``clusters="auto"``).
+    adapter must have the sha256 its origin records. Settings are the collection's
+    (:attr:`~jdlora.JDLoraCollection.settings`, its dtype included); ``overrides`` replace them (e.g.
+    ``clusters="auto"``); ``token`` goes to the Hub.
 
     Raises:
         AdapterFormatError: an original cannot be found (pass ``adapters_dir``, or pass it in ``new_adapters``
@@ -306,11 +281,8 @@ def recompress(collection: JDLoraCollection, new_adapters: Sequence = (), *,
                 "Pass the right adapters_dir, or remove_adapters() it and pass the new one in new_adapters."
             )
         specs.append(spec)
-    keys = ("rank", "clusters", "sigma", "normalize", "solver", "tol", "ftol", "max_iter", "max_rounds",
-            "target_error", "seed")
-    settings = {k: collection.settings[k] for k in keys if k in collection.settings}
-    settings.update(overrides)
-    return compress([*specs, *new_adapters], **settings)
+    token = overrides.pop("token", None)
+    return compress([*specs, *new_adapters], collection.settings.replace(**overrides), token=token)
 
 
 def _original_folder(info: AdapterInfo, adapters_dir: str | os.PathLike | None) -> Path:

@@ -81,7 +81,9 @@ def load_collection(
         if whole:
             tensors = checked.load(module["sigma"]["path"], module["sigma"].get("sha256"))
             ids, cluster = tensors["adapter_index"].long(), tensors["cluster"].long()
-            sigma, sq_norm, residual = tensors["sigma"], tensors["sq_norm"], tensors["residual"]
+            sigma = tensors["sigma"]
+            # "sq_norm" / "residual": the names before jdlora 0.1.1 (same values).
+            sq_norm, residual = tensors.get("sq_norms", tensors.get("sq_norm")), tensors.get("residuals", tensors.get("residual"))
             used = list(range(module["clusters"]))
         else:
             rows = [i for i in selected if entries[i]["clusters"][m_index] is not None]
@@ -91,8 +93,8 @@ def load_collection(
             ids = torch.tensor([new_index[i] for i in rows], dtype=torch.long)
             cluster = torch.tensor([used.index(entries[i]["clusters"][m_index]) for i in rows], dtype=torch.long)
             sigma = torch.stack([per_adapter[i]["sigma"][name] for i in rows])
-            sq_norm = torch.tensor([per_adapter[i]["sq_norm"][name] for i in rows])
-            residual = torch.tensor([per_adapter[i]["residual"][name] for i in rows])
+            sq_norm = torch.tensor([per_adapter[i]["sq_norms"][name] for i in rows])
+            residual = torch.tensor([per_adapter[i]["residuals"][name] for i in rows])
         bases = [checked.load(module["bases"][c]["path"], module["bases"][c].get("sha256")) for c in used]
         U = torch.stack([b["U"] for b in bases])
         V = torch.stack([b["V"] for b in bases])
@@ -104,9 +106,9 @@ def load_collection(
                     use_rslora=a.get("use_rslora", False), module_ranks=a.get("module_ranks", {}))
         for a in (entries[i] for i in selected)
     ]
-    sweep = [SweepPoint(**p) for p in manifest.get("sweep", [])]
+    sweep = [SweepPoint.from_dict(p) for p in manifest.get("sweep", [])]
     collection = JDLoraCollection(manifest.get("base_model"), infos, modules, manifest["sigma"],
-                                  manifest.get("settings", {}), sweep)
+                                  manifest.get("settings", {}), sweep, manifest.get("choice"))
     collection.source = {"path_or_repo_id": str(path_or_repo_id), "revision": fetch.commit}
     return collection
 
@@ -125,10 +127,10 @@ def _read_adapter_folder(root: Path, entry: dict, checked: _Checked) -> dict:
     sigma = {k.removeprefix("base_model.model.").removesuffix(suffix): v for k, v in tensors.items()}
     try:
         norms = json.loads(metadata["jdlora"])
-        sq_norm, residual = norms["sq_norms"], norms["residuals"]
+        sq_norms, residuals = norms["sq_norms"], norms["residuals"]
     except (KeyError, TypeError, json.JSONDecodeError) as err:
         raise CollectionFormatError(f"{root / rel}: missing or malformed jdlora metadata ({err}).") from err
-    return {"sigma": sigma, "sq_norm": sq_norm, "residual": residual}
+    return {"sigma": sigma, "sq_norms": sq_norms, "residuals": residuals}
 
 
 def _check_shapes(module: dict, U, V, sigma, ids, sigma_kind: str) -> None:

@@ -170,7 +170,7 @@ def write_collection_files(collection: JDLoraCollection, root: Path, *, progress
         rel = sigma_path(module)
         _save(root / rel, {
             "sigma": c.sigma, "adapter_index": ids, "cluster": c.cluster.long(),
-            "sq_norm": c.sq_norms.float(), "residual": c.residuals.float(),
+            "sq_norms": c.sq_norms.float(), "residuals": c.residuals.float(),
         })
         modules_out.append({
             "name": module, "d_out": c.U.shape[1], "d_in": c.V.shape[1], "rank": c.rank,
@@ -212,7 +212,8 @@ def write_collection_files(collection: JDLoraCollection, root: Path, *, progress
         "jdlora_version": __version__,
         "base_model": collection.base_model,
         "sigma": collection.sigma_kind,
-        "settings": collection.settings,
+        "settings": collection.settings.to_dict(),
+        "choice": collection.choice.to_dict() if collection.choice else None,
         "parameter_counts": collection.parameter_counts(),
         "error": collection.error,
         "mean_adapter_error": collection.mean_adapter_error,
