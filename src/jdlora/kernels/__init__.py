@@ -61,6 +61,7 @@ import torch
 from torch import Tensor
 
 from .batch import JDBatch, prepare_batch
+from .ops import jd_lora_forward_op
 from .reference import jd_lora_forward_reference
 
 __all__ = ["JDBatch", "prepare_batch", "jd_lora_forward", "jd_lora_linear", "jd_lora_forward_reference"]
@@ -104,6 +105,9 @@ def jd_lora_forward(
         jd_lora_forward(y, x, U, V, sigma, cluster_of, batch)
     """
     batch, backend = _prepare(y, x, U, V, sigma, cluster_of, batch, backend)
+    if torch.compiler.is_compiling():  # one graph node (jdlora.kernels.ops), not a trace into Triton's launcher
+        _op_forward(y, x, U, V, sigma, cluster_of, batch, scale, backend)
+        return y
     if backend == "torch":
         return jd_lora_forward_reference(y, x, U, V, sigma, cluster_of, batch.token_adapter, scale=scale)
     from .launch import jd_lora_forward_triton  # imports triton
@@ -145,12 +149,21 @@ def jd_lora_linear(
         raise ValueError(f"jd_lora_linear: weight must be [d_out={d_out}, d_in={x.shape[-1]}] in {x.dtype} on "
                          f"{x.device} (U's d_out, x's d_in), got {tuple(weight.shape)} {weight.dtype} on {weight.device}")
     batch, backend = _prepare(None, x, U, V, sigma, cluster_of, batch, backend)
+    if torch.compiler.is_compiling():  # the graph orders the GEMM and the op; no side stream here
+        y = torch.nn.functional.linear(x, weight, bias)
+        _op_forward(y, x, U, V, sigma, cluster_of, batch, scale, backend)
+        return y
     if backend == "torch":
         y = torch.nn.functional.linear(x, weight, bias)
         return jd_lora_forward_reference(y, x, U, V, sigma, cluster_of, batch.token_adapter, scale=scale)
     from .launch import jd_lora_linear_triton  # imports triton
 
     return jd_lora_linear_triton(x, weight, bias, U, V, sigma, cluster_of, batch, scale=scale, overlap=overlap)
+
+
+def _op_forward(y, x, U, V, sigma, cluster_of, batch: JDBatch, scale: float, backend: str) -> None:
+    jd_lora_forward_op(y, x, U, V, sigma, cluster_of, batch.row_adapter, batch.order, batch.sorted_adapter,
+                       batch.tokens_per_row, float(scale), backend)
 
 
 def _prepare(y, x, U, V, sigma, cluster_of, batch, backend: Backend) -> tuple[JDBatch, str]:

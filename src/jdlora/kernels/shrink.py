@@ -50,6 +50,7 @@ def jd_shrink_kernel(
     sorted_adapter_ptr,
     h_ptr,
     T,
+    tpr,
     d_in,
     r,
     k_per_split,
@@ -70,8 +71,9 @@ def jd_shrink_kernel(
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_batch = offs_m < T
-    adapter = tl.load(sorted_adapter_ptr + offs_m, mask=in_batch, other=-1)
-    token = tl.load(order_ptr + offs_m, mask=in_batch, other=0).to(tl.int64)
+    slot = offs_m // tpr  # the row of token m of the sorted order (tpr == 1: Triton folds this away)
+    adapter = tl.load(sorted_adapter_ptr + slot, mask=in_batch, other=-1)
+    token = tl.load(order_ptr + slot, mask=in_batch, other=0).to(tl.int64) * tpr + offs_m % tpr
     cluster = tl.load(cluster_of_ptr + adapter, mask=adapter >= 0, other=-1).to(tl.int32)
     active = cluster >= 0
     offs_r = tl.arange(0, BLOCK_R)
@@ -123,7 +125,7 @@ def launch_shrink(x, V, cluster_of, batch, h, *, config) -> None:
     split_k = cdiv(d_in, k_per_split)
     jd_shrink_kernel[(m_blocks, split_k)](
         x, V, cluster_of, batch.order, batch.sorted_adapter, h,
-        T, d_in, r, k_per_split,
+        T, batch.tokens_per_row, d_in, r, k_per_split,
         x.stride(0), x.stride(1), V.stride(0), V.stride(1), V.stride(2), h.stride(0),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_rank(r), SPLIT=split_k > 1,
         ONE_CLUSTER=V.shape[0] == 1, PRECISION="ieee" if x.dtype.itemsize == 4 else "tf32",
