@@ -16,6 +16,7 @@ the layer and the banks are rebuilt from the dicts (the source of truth) before 
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Optional
 
@@ -118,6 +119,9 @@ class JDLoraLayer(BaseTunerLayer):
     """JD-LoRA on one layer; see the module docstring for how the weights are stored."""
 
     adapter_layer_names = ("jd_sigma",)
+    # The model's MixedBatch (JDLoraModel sets it once and activates it per call): a layer reads the
+    # batch from here rather than from a per-call forward hook, so compiled graphs see one object.
+    _jd_mixed: Optional[MixedBatch] = None
     other_param_names = ("jd_U", "jd_V", "jd_basis", "r", "jd_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs):
@@ -367,7 +371,7 @@ class JDLoraLayer(BaseTunerLayer):
         adapter_names = kwargs.get("adapter_names")
         if adapter_names is None:
             return
-        if len(x) != len(adapter_names):
+        if len(x) != len(adapter_names):  # a MixedBatch's len is a number it keeps, not its list of names
             raise ValueError(
                 "Length of `adapter_names` should be the same as the number of inputs, but got "
                 f"{len(adapter_names)} and {len(x)} respectively."
@@ -389,7 +393,7 @@ class JDLoraLayer(BaseTunerLayer):
             return result
         self._jd_retie_if_needed()
         batch = adapter_names if isinstance(adapter_names, MixedBatch) else MixedBatch(adapter_names)
-        tokens_per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
+        tokens_per_row = math.prod(x.shape[1:-1])  # [B, S, d]: S; [B, d]: 1 (static shapes: no recompile per mix)
         if not result.is_contiguous():
             result = result.contiguous()
         y2 = result.view(-1, result.shape[-1])
@@ -456,6 +460,9 @@ class Linear(nn.Module, JDLoraLayer):
                 self.get_base_weight().sub_(self.get_delta_weight(adapter))
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        mixed = self._jd_mixed
+        if kwargs.get("adapter_names") is None and mixed is not None and mixed.active:
+            kwargs["adapter_names"] = mixed  # the model's batch for this call (JDLoraModel._enable_peft_forward_hooks)
         self._check_forward_args(x, *args, **kwargs)
         adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
