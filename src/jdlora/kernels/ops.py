@@ -12,12 +12,12 @@ pattern vLLM uses for its LoRA kernels (``direct_register_custom_op`` with ``mut
 (``torch.compiler.is_compiling()``) and calls the launcher directly in eager mode (a custom op's
 dispatch costs host time that eager callers would pay per layer).
 
-Scratch: the kernels need a zeroed float32 ``[T, r]`` buffer that they leave zeroed. A batch built
-outside the op keeps it (:class:`~jdlora.kernels.JDBatch`); here, where the batch is rebuilt from its
-tensors at every call, one scratch per device and token count is kept for the process, allocated
-the first time it is needed. Run a shape once before capturing it in a CUDA graph (the usual warm-up;
-``torch.compile``'s CUDA graphs warm up before recording) so the buffer is not taken from the graph's
-pool; kernels of one device and token count must not run on two streams at once.
+Scratch: the kernels need a zeroed float32 ``[T, r]`` buffer. A batch built outside the op keeps one
+for all layers (:class:`~jdlora.kernels.JDBatch`, kept zeroed by the kernels); here each call takes a
+fresh one (one small memset per layer). Keeping one for the process would be cheaper, but inside
+``torch.compile``'s CUDA graphs every allocation of the op comes from the graphs' memory pool, whose
+state the graph trees reset between recordings: a buffer that outlives the call could be handed out
+again while still in use.
 """
 
 from __future__ import annotations
@@ -29,9 +29,6 @@ from .batch import JDBatch
 from .reference import jd_lora_forward_reference
 
 __all__ = ["jd_lora_forward_op"]
-
-_SCRATCH: dict[tuple[str, int], dict] = {}  # (device, T) -> a JDBatch's scratch dict, shared by every call
-
 
 @torch.library.custom_op("jdlora::jd_lora_forward_", mutates_args=("y",))
 def jd_lora_forward_op(
@@ -49,9 +46,7 @@ def jd_lora_forward_op(
     backend: str,
 ) -> None:
     """``y += scale * U[c] Sigma[a] V[c]^T x`` per token; ``backend`` is ``"triton"`` or ``"torch"`` (checked by the caller)."""
-    T = x.shape[0]
-    scratch = _SCRATCH.setdefault((str(x.device), T), {})
-    batch = JDBatch(row_adapter, order, sorted_adapter, tokens_per_row, scratch)
+    batch = JDBatch(row_adapter, order, sorted_adapter, tokens_per_row)  # its scratch: allocated per call
     if backend == "torch":
         jd_lora_forward_reference(y, x, U, V, sigma, cluster_of, batch.token_adapter, scale=scale)
         return
