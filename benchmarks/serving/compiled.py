@@ -15,6 +15,8 @@ one process beside the others:
 - *base, compiled, one cache*: one ``StaticCache`` passed to every call and reset in between (what a
   server does: the recorded graph replays);
 - *base, eager*: ``disable_compile=True`` with a dynamic cache;
+- *prefill*: the eager prompt forward and first token alone (``max_new_tokens=1``), so that
+  ``(wall - prefill) / (new - 1)`` is the time of one decode step;
 - the same three with JD-LoRA (:mod:`.jd`'s synthetic collection at the paper's setting for the size,
   loaded by jdlora's tuner, bf16), ``adapter_names`` with ``--batch`` adapters drawn at random every call
   (distinct ones when the collection has enough): a new mix every call.
@@ -92,10 +94,17 @@ def run_paths(model, ids, args, device, mixes=None) -> dict:
         with torch.no_grad():
             model.generate(input_ids=ids, disable_compile=True, **common, **extra())
 
+    def prefill():  # the prompt's forward and the first token only: what the decode steps add comes on top
+        with torch.no_grad():
+            model.generate(input_ids=ids, disable_compile=True, max_new_tokens=1, do_sample=False, **extra())
+
     out = {}
-    for name, call, warm in (("eager", eager, 1), ("compiled", compiled, args.warmup), ("compiled_one_cache", one_cache, args.warmup)):
+    paths = {"eager": (eager, 1), "compiled": (compiled, args.warmup), "compiled_one_cache": (one_cache, args.warmup),
+             "prefill": (prefill, 1)}
+    for name in args.paths.split(","):
+        call, warm = paths[name]
         out[name] = timed_calls(call, device, warm, args.reps)
-        out[name]["tok_s"] = ids.shape[0] * args.new / out[name]["median_s"]
+        out[name]["tok_s"] = ids.shape[0] * (1 if name == "prefill" else args.new) / out[name]["median_s"]
         print(f"  {name}: {out[name]['median_s'] * 1e3:.1f} ms  {out[name]['tok_s']:.0f} tok/s  "
               f"(warm-up {out[name]['warmup_s']:.1f} s, graphs {out[name]['graphs_warmup']} then {out[name]['graphs_timed']})",
               flush=True)
@@ -113,6 +122,7 @@ def main() -> None:
     p.add_argument("--sizes", default="64,1024")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--paths", default="eager,compiled,compiled_one_cache,prefill")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -151,7 +161,7 @@ def main() -> None:
         torch._dynamo.reset()  # the next collection has other shapes: a fresh compile either way
     base = results["runs"]["base"]
     print("\n| path | " + " | ".join(k for k in results["runs"]) + " |")
-    for kind in ("eager", "compiled", "compiled_one_cache"):
+    for kind in base:
         cells = [f"{r[kind]['tok_s']:.0f} tok/s ({r[kind]['tok_s'] / base[kind]['tok_s']:.2f}x)"
                  for r in results["runs"].values()]
         print(f"| {kind} | " + " | ".join(cells) + " |")
