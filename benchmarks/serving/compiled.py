@@ -104,6 +104,15 @@ def run_paths(model, ids, args, device, mixes=None) -> dict:
     for name in args.paths.split(","):
         call, warm = paths[name]
         out[name] = timed_calls(call, device, warm, args.reps)
+        if args.profile and device.type == "cuda":  # where one more call's device time goes, by kernel
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                call()
+                sync(device)
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+            print(table, flush=True)
+            out[name]["profile"] = table
         out[name]["tok_s"] = ids.shape[0] * (1 if name == "prefill" else args.new) / out[name]["median_s"]
         print(f"  {name}: {out[name]['median_s'] * 1e3:.1f} ms  {out[name]['tok_s']:.0f} tok/s  "
               f"(warm-up {out[name]['warmup_s']:.1f} s, graphs {out[name]['graphs_warmup']} then {out[name]['graphs_timed']})",
@@ -122,6 +131,7 @@ def main() -> None:
     p.add_argument("--sizes", default="64,1024")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="profile one more call of each path (torch.profiler)")
     p.add_argument("--paths", default="eager,compiled,compiled_one_cache,prefill")
     args = p.parse_args()
     device = torch.device(args.device)
