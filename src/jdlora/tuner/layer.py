@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils.other import transpose
 from torch import Tensor, nn
 
-from .mixed import MixedBatch, jd_lora_forward
+from .mixed import MixedBatch, jd_lora_forward, mark_static
 
 
 class AdapterGroup:
@@ -380,6 +380,17 @@ class JDLoraLayer(BaseTunerLayer):
             raise ValueError(
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
             )
+
+    def _jd_mark_static(self) -> None:
+        """Marks the banks as tensors at fixed addresses for ``torch.compile`` (as transformers marks its
+        static cache): a graph reads them as inputs, and CUDA graphs would otherwise copy every input
+        that is not a parameter or buffer into their own memory at each replay (all bases and Sigmas,
+        per step). A bank that is replaced (grown, moved) is marked anew; graphs then record again."""
+        self._jd_retie_if_needed()
+        banks = [t for b in self._jd_bases.values() for t in (b.U, b.V)]
+        banks += [t for b in self._jd_banks.values() for t in (b.sigma, b.cluster_of)]
+        for t in banks:
+            mark_static(t)
 
     def _mixed_batch_forward(self, x: Tensor, *args: Any, adapter_names, **kwargs: Any) -> Tensor:
         """Each row of the batch with its own adapter: one gathered JD product per adapter group.

@@ -101,6 +101,13 @@ class MixedBatch:
         return _rows_batch(rows, device, pinned=True)
 
 
+def mark_static(t: torch.Tensor) -> None:
+    """Tells ``torch.compile`` that ``t`` keeps its address (no copy into CUDA graphs' memory per replay;
+    no guard on the address: a replaced tensor is re-recorded, not recompiled)."""
+    if getattr(t, "_dynamo_static_input_type", None) is None:
+        torch._dynamo.mark_static_address(t, guard=False)
+
+
 def _to_device(rows, device: torch.device):
     if device.type == "cuda":  # pinned + non_blocking: the host does not wait for the GPU's queue
         return rows.pin_memory().to(device, non_blocking=True)
@@ -110,6 +117,9 @@ def _to_device(rows, device: torch.device):
 def _rows_batch(rows: list[int], device: torch.device, *, pinned: bool) -> JDBatch | None:
     if all(r < 0 for r in rows):
         return None
-    if pinned:
-        return prepare_batch(_to_device(torch.tensor(rows, dtype=torch.int32), device))
-    return prepare_batch(torch.tensor(rows, dtype=torch.int32, device=device))
+    if not pinned:  # inside a compiled region: plain tensors of the graph
+        return prepare_batch(torch.tensor(rows, dtype=torch.int32, device=device))
+    batch = prepare_batch(_to_device(torch.tensor(rows, dtype=torch.int32), device))
+    for t in (batch.row_adapter, batch.order, batch.sorted_adapter):  # updated in place by MixedBatch.update
+        mark_static(t)
+    return batch

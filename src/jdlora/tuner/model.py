@@ -192,6 +192,7 @@ class JDLoraModel(BaseTuner):
                 if module.__dict__.get("_jd_mixed") is not (per_input if module in in_encoder else batch):
                     module._jd_mixed = per_input if module in in_encoder else batch
                 devices.update(bank.sigma.device for bank in module._jd_banks.values())
+                module._jd_mark_static()
             elif isinstance(module, AuxiliaryTrainingWrapper):
                 names = list(adapter_names) if module in in_encoder else rows
                 handles.append(module.register_forward_pre_hook(partial(_inject_adapter_names, names=names),
