@@ -22,7 +22,14 @@ API::
     cluster_of [n], token_adapter [T]  int32 or int64; -1 = none. Indices must be < n and < C
                                        (not checked: checking would synchronize with the host)
 
-``batch`` may also be the raw ``token_adapter`` tensor (then :func:`prepare_batch` runs per call).
+``batch`` may also be the raw ``token_adapter`` tensor (then :func:`prepare_batch` runs per call). A batch
+of rows of S tokens each (a ``[B, S, d]`` input flattened) is ``prepare_batch(row_adapter)`` once and
+``batch.with_tokens_per_row(S)`` per forward: one sort of the rows serves prefill and decode.
+
+torch.compile: under ``torch.compile`` both functions put one custom-op node in the graph
+(``torch.ops.jdlora.jd_lora_forward_``, :mod:`~jdlora.kernels.ops`, mutating ``y``), so dynamo never traces
+into Triton's launcher; ``fullgraph=True`` works and CUDA graphs (``mode="reduce-overhead"``) replay the
+kernels. In eager mode they call the launcher directly (no custom-op dispatch per call).
 Numbers: float32 accumulation throughout; :mod:`jdlora.kernels.reference` defines them.
 
 Dispatch: ``backend="auto"`` runs the Triton kernels on CUDA tensors and the torch reference
