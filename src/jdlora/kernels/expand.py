@@ -1,9 +1,11 @@
 """Triton kernel: expand by the cluster's U and accumulate into y in place (one launch).
 
-Math, for every token of the batch in adapter order, with ``a = sorted_adapter[m]``,
+Math, for every token of the batch in adapter order, with ``a = sorted_adapter[m // S]``,
 ``c = cluster_of[a]`` and ``g`` from :mod:`~jdlora.kernels.shrink`::
 
-    y[order[m]] += scale * U[c] g[m]          (d_out, float32 accumulation, one rounding of y)
+    y[t(m)] += scale * U[c] g[m]          (d_out, float32 accumulation, one rounding of y)
+
+with ``t(m) = order[m // S] * S + m % S`` for rows of S = ``tokens_per_row`` tokens (see :mod:`~jdlora.kernels.shrink`).
 
 ``g`` is rounded to the dtype of U before the product (as vLLM/Punica round their shrink output), then
 the product accumulates in float32. Rows with ``a < 0`` or ``c < 0`` are neither read nor written.

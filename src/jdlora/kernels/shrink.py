@@ -1,12 +1,14 @@
 """Triton kernel: shrink by each token's cluster basis V (launch 1 of 3).
 
 Math, for every token of the batch in adapter order (``order``, ``sorted_adapter`` of a
-:class:`~jdlora.kernels.JDBatch`), with ``a = sorted_adapter[m]`` and ``c = cluster_of[a]``::
+:class:`~jdlora.kernels.JDBatch`), with ``a = sorted_adapter[m // S]`` and ``c = cluster_of[a]``::
 
-    h[m] = V[c]^T x[order[m]]            (r, float32 accumulation)
+    h[m] = V[c]^T x[t(m)]                (r, float32 accumulation)
 
 into the batch's float32 scratch ``h [T, w]`` (rows in adapter order), which is all zeros on entry and
 which the Sigma kernel re-zeroes after reading it. Rows with ``a < 0`` or ``c < 0`` are not touched.
+For rows of S = ``tokens_per_row`` tokens, token m of the sorted order is ``t(m) = order[m // S] * S + m % S``
+(S = 1: rows are tokens), so one sort of the rows serves prefill and decode.
 
 Grid: ``(cdiv(T, BLOCK_M), split_k)``. Program (i, k) takes tokens ``[i*BLOCK_M, (i+1)*BLOCK_M)`` of the
 sorted order and the slice ``[k*k_per_split, (k+1)*k_per_split)`` of d_in. Its loop runs over the

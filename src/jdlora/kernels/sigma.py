@@ -1,6 +1,6 @@
 """Triton kernel: apply each token's Sigma to its shrunk vector (launch 2 of 3).
 
-Math, with ``a = sorted_adapter[m]`` and ``h`` from :mod:`~jdlora.kernels.shrink`::
+Math, with ``a = sorted_adapter[m // S]`` and ``h`` from :mod:`~jdlora.kernels.shrink`::
 
     g[m] = Sigma[a] h[m]          JD-Full: r x r;  JD-Diag: g[m] = sigma[a] * h[m] elementwise
 
