@@ -35,7 +35,7 @@ Numbers: float32 accumulation throughout; :mod:`jdlora.kernels.reference` define
 Dispatch: ``backend="auto"`` runs the Triton kernels on CUDA tensors and the torch reference
 elsewhere; ``backend="triton"`` forces the kernels (on CPU tensors too, under
 ``TRITON_INTERPRET=1``, which is how CPU CI tests them), ``backend="torch"`` forces the reference;
-the environment variable ``JDLORA_KERNELS=torch|triton`` overrides ``"auto"``. Triton is imported
+the environment variable ``JDLORA_KERNELS=torch|triton`` (read when this module is imported) overrides ``"auto"``. Triton is imported
 only when the Triton path runs, so ``import jdlora`` never imports it.
 
 Kernels (Triton path), three launches per layer, no host synchronization, CUDA-graph capturable
@@ -76,6 +76,8 @@ __all__ = ["JDBatch", "prepare_batch", "jd_lora_forward", "jd_lora_linear", "jd_
 Backend = Literal["auto", "triton", "torch"]
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _INTS = (torch.int32, torch.int64)
+# Read once, at import: a lookup per call cost more host time than the rest of the dispatch.
+_ENV_BACKEND = os.environ.get("JDLORA_KERNELS")
 
 
 def jd_lora_forward(
@@ -89,6 +91,7 @@ def jd_lora_forward(
     *,
     scale: float = 1.0,
     backend: Backend = "auto",
+    check: bool = True,
 ) -> Tensor:
     """In place ``y[t] += scale * U[c] Sigma[a] V[c]^T x[t]`` for a batch mixing adapters.
 
@@ -101,6 +104,8 @@ def jd_lora_forward(
         batch: :func:`prepare_batch` of ``token_adapter [T]``, or that tensor itself.
         scale: multiplies the update.
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+        check: check shapes, dtypes and devices (a few microseconds of host time per call). A caller that
+            built the tensors itself and checked them once (the PEFT tuner's layers) passes False.
 
     Returns:
         ``y``.
@@ -111,7 +116,7 @@ def jd_lora_forward(
         y = base_linear(x)
         jd_lora_forward(y, x, U, V, sigma, cluster_of, batch)
     """
-    batch, backend = _prepare(y, x, U, V, sigma, cluster_of, batch, backend)
+    batch, backend = _prepare(y, x, U, V, sigma, cluster_of, batch, backend, check)
     if torch.compiler.is_compiling():  # one graph node (jdlora.kernels.ops), not a trace into Triton's launcher
         _op_forward(y, x, U, V, sigma, cluster_of, batch, scale, backend)
         return y
@@ -173,15 +178,16 @@ def _op_forward(y, x, U, V, sigma, cluster_of, batch: JDBatch, scale: float, bac
                        batch.tokens_per_row, float(scale), backend)
 
 
-def _prepare(y, x, U, V, sigma, cluster_of, batch, backend: Backend) -> tuple[JDBatch, str]:
+def _prepare(y, x, U, V, sigma, cluster_of, batch, backend: Backend, check: bool = True) -> tuple[JDBatch, str]:
     """The batch (prepared if given as ``token_adapter``) and the backend that runs, after checking the inputs."""
     if not isinstance(batch, JDBatch):
         batch = prepare_batch(batch)
     if backend == "auto":
-        backend = os.environ.get("JDLORA_KERNELS") or ("triton" if x.is_cuda else "torch")
+        backend = _ENV_BACKEND or ("triton" if x.is_cuda else "torch")
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    _check_inputs(y, x, U, V, sigma, cluster_of, batch, allow_float64=backend == "torch")
+    if check:
+        _check_inputs(y, x, U, V, sigma, cluster_of, batch, allow_float64=backend == "torch")
     return batch, backend
 
 

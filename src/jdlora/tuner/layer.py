@@ -371,7 +371,8 @@ class JDLoraLayer(BaseTunerLayer):
         adapter_names = kwargs.get("adapter_names")
         if adapter_names is None:
             return
-        if len(x) != len(adapter_names):  # a MixedBatch's len is a number it keeps, not its list of names
+        # x.shape[0], not len(x) (slower); a MixedBatch's len is a number it keeps, not its list of names
+        if x.shape[0] != len(adapter_names):
             raise ValueError(
                 "Length of `adapter_names` should be the same as the number of inputs, but got "
                 f"{len(adapter_names)} and {len(x)} respectively."
@@ -421,8 +422,10 @@ class JDLoraLayer(BaseTunerLayer):
                 U, V, sigma = U.float(), V.float(), sigma.float()
                 y = torch.zeros(y2.shape, dtype=torch.float32, device=y2.device)
             xin = x2 if x2.dtype == U.dtype else x2.to(U.dtype)
-            # no autocast guard needed: the kernels and the torch reference fix their own precision
-            jd_lora_forward(y, xin, U, V, sigma, bank.cluster_of, prepared)
+            # no autocast guard needed: the kernels and the torch reference fix their own precision.
+            # No per-call checks: the banks are this layer's own (shapes fixed when adapters are added),
+            # x fits them (the base layer would have refused it), the batch is the model's.
+            jd_lora_forward(y, xin, U, V, sigma, bank.cluster_of, prepared, check=False)
             if y is not y2:
                 y2 += y.to(y2.dtype)
         return result
