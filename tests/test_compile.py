@@ -88,7 +88,9 @@ def peft_model():
 
 def generate(model, ids, names, **kwargs):
     with torch.no_grad():
-        return model.generate(input_ids=ids, adapter_names=names, max_new_tokens=4, do_sample=False, **kwargs)
+        # min_new_tokens: no early stop at EOS (a row alone would end shorter than its padded batch row)
+        return model.generate(input_ids=ids, adapter_names=names, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                              **kwargs)
 
 
 def test_generate_with_a_static_cache_compiles_once_for_every_mix_of_adapters(peft_model):

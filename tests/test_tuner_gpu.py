@@ -61,7 +61,7 @@ def test_compiled_generate_with_a_static_cache_matches_eager_for_every_mix():
     model = load_collection(LlamaForCausalLM(config).eval(), collection).to("cuda")
     ids = torch.randint(1, 512, (4, 12), generator=torch.Generator().manual_seed(2)).cuda()
     names = collection.adapter_names
-    kwargs = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
     graphs = []
     for mix in ([names[0], names[5], "__base__", names[11]], [names[3], names[3], names[7], "__base__"],
                 ["__base__", names[1], names[9], names[2]]):
