@@ -236,8 +236,8 @@ def test_jd_collections_and_plain_lora_load_side_by_side_dispatched_by_peft_type
 def test_start_up_log_reports_jd_memory(tgi, assets, punica, monkeypatch):
     from loguru import logger
 
-    lines = []
-    sink = logger.add(lines.append, level="INFO", format="{message}")
+    lines = []  # a sink made like TGI's (cli.serve): only records named under text_generation_server pass
+    sink = logger.add(lines.append, level="INFO", format="{message}", filter="text_generation_server")
     try:
         load(tgi, assets, tgi.FakeGroup(0, 1), monkeypatch)
     finally:

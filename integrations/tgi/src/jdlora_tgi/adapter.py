@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple, Type
 
 import torch
-from loguru import logger
 from text_generation_server.adapters.config import AdapterConfig
 from text_generation_server.adapters.weights import AdapterBatchMetadata, AdapterWeights, BatchAdapterWeights
 
+from ._log import logger
 from .naming import JDSource
 from .registry import JDRegistry, StepRows
 from .sharding import ShardSpec
