@@ -178,6 +178,7 @@ def prepare_jd_weights(
         if weight_name not in module_map:
             continue
         (module, entry), key_name = module_map[weight_name]["jd_sigma"]
+        spec.check(config.adapter_id, module)
         if table is None:
             table = registry.table(layer_type, nlayers, spec)
             table.device, table.dtype = _device_of(layer), dtype
