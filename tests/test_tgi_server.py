@@ -425,6 +425,13 @@ def _tp_entry(rank, world, port, root, env, results, check="jd"):
         mp = pytest.MonkeyPatch()
         mp.setattr(tgi.adapters_lora, "punica_sgmv", helpers)
         mp.setattr(tgi.layers_lora, "punica_sgmv", helpers)
+        if check == "refused":  # start-up must stop with jdlora_tgi's error on every rank
+            from jdlora_tgi.sharding import UnsupportedShardingError
+
+            with pytest.raises(UnsupportedShardingError) as refused:
+                load(tgi, assets, torch.distributed.group.WORLD, mp, env)
+            results.put((rank, f"refused: {refused.value}"))
+            return
         model, index = load(tgi, assets, torch.distributed.group.WORLD, mp, env)
         if check == "lora_row":
             results.put((rank, _tgi_row_lora_columns(tgi, assets, model, rank, world)))
@@ -447,6 +454,25 @@ def test_tensor_parallel_jd_layers_match_the_unsharded_result(assets, world):
     env = f"org/a={assets.root / 'coll_a'},b={assets.root / 'coll_b'},single={assets.root / 'coll_a/adapters/math'}"
     out = run_tp(world, assets.root, env)
     assert out == {r: "ok" for r in range(world)}, "\n".join(f"rank {r}: {v}" for r, v in sorted(out.items()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_fused_qkv_proj_collection_is_refused_on_every_rank(assets, world):
+    """A collection adapting the fused ``qkv_proj`` (phi3) loaded through TGI's own loop on ``world`` gloo
+    ranks: TGI maps ``(layer, "qkv_proj")`` to the q/k/v layer, whose rank-local output is [q_r; k_r; v_r]; the
+    backend refuses instead of updating the wrong rows."""
+    qkv = "self_attn.qkv_proj"
+    root = assets.root / "coll_qkv"
+    if not root.exists():
+        shapes = {qkv: (HIDDEN + 2 * KV, HIDDEN)}
+        random_collection(["math", "code"], [qkv], rank=4, clusters=1, seed=5, shapes=shapes).save_pretrained(
+            root, progress=False)
+    out = run_tp(world, assets.root, f"phi={root}", check="refused")
+    assert set(out) == set(range(world))
+    for rank, line in out.items():
+        assert line.startswith("refused: ") and "'phi:" in line and "qkv_proj" in line and "--num-shard 1" in line, \
+            (rank, line)
 
 
 # ----- TGI's own LoRA issues this backend does not change (documented in docs/tgi.md) -----------------
