@@ -35,11 +35,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "integrations" / "tgi" / "scripts"
 TGI_PYTHON = os.environ.get("JDLORA_TGI_PYTHON")
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not TGI_PYTHON or not (Path(TGI_PYTHON).parent / "text-generation-server").exists(),
     reason="set JDLORA_TGI_PYTHON to the python of a TGI 3.3.7 environment (integrations/tgi/scripts/"
            "build_tgi_cpu_env.sh) to run TGI's real server end to end",
-)
+)]
 
 LLAMA = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
          "num_key_value_heads": 1, "head_dim": 64, "vocab_size": 64, "max_position_embeddings": 256}
