@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,7 +45,7 @@ LLAMA = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "
 LOGIT_SCALE = 6.0  # lm_head gain: peaked distributions, so that bfloat16 rarely turns a greedy choice
 MARGIN = 0.25  # a server token may trail the reference's argmax by this much (bfloat16 near-ties)
 LOGPROB_TOL = 0.25  # |server logprob - reference logprob| (bfloat16 weights and activations)
-START_TIMEOUT = 600
+START_TIMEOUT = 300  # seconds for the server to start (about 30 s here)
 
 
 # ----- assets: a tiny flash llama, two collections, a plain LoRA ---------------------------------------
@@ -57,7 +56,8 @@ def llama_modules() -> dict[str, tuple[int, int]]:
     h, kv, i = c["hidden_size"], c["num_key_value_heads"] * c["head_dim"], c["intermediate_size"]
     shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
               "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
-    return {f"model.layers.{l}.{s}": shape for l in range(c["num_hidden_layers"]) for s, shape in shapes.items()}
+    return {f"model.layers.{layer}.{s}": shape
+            for layer in range(c["num_hidden_layers"]) for s, shape in shapes.items()}
 
 
 def write_base(root: Path) -> dict[str, torch.Tensor]:
@@ -84,10 +84,11 @@ def write_base(root: Path) -> dict[str, torch.Tensor]:
 
     g = torch.Generator().manual_seed(0)
     h = c["hidden_size"]
-    weights = {f"{m}.weight": torch.randn(*shape, generator=g) / shape[1] ** 0.5 for m, shape in llama_modules().items()}
+    weights = {f"{m}.weight": torch.randn(*shape, generator=g) / shape[1] ** 0.5
+               for m, shape in llama_modules().items()}
     weights["model.embed_tokens.weight"] = torch.randn(c["vocab_size"], h, generator=g)
     weights["lm_head.weight"] = torch.randn(c["vocab_size"], h, generator=g) * LOGIT_SCALE / h ** 0.5
-    for name in ["model.norm"] + [f"model.layers.{l}.{n}" for l in range(c["num_hidden_layers"])
+    for name in ["model.norm"] + [f"model.layers.{layer}.{n}" for layer in range(c["num_hidden_layers"])
                                   for n in ("input_layernorm", "post_attention_layernorm")]:
         weights[f"{name}.weight"] = torch.ones(h)
     save_file(weights, root / "model.safetensors")
@@ -128,8 +129,9 @@ def variant_deltas(assets) -> dict[str, dict[str, torch.Tensor]]:
     config = json.loads((assets.plain / "adapter_config.json").read_text())
     tensors = load_file(assets.plain / "adapter_model.safetensors")
     scale = config["lora_alpha"] / config["r"]
-    out["plain"] = {m: scale * tensors[f"base_model.model.{m}.lora_B.weight"] @ tensors[f"base_model.model.{m}.lora_A.weight"]
-                    for m in llama_modules() if f"base_model.model.{m}.lora_A.weight" in tensors}
+    out["plain"] = {m: scale * tensors[f"{p}.lora_B.weight"] @ tensors[f"{p}.lora_A.weight"]
+                    for m, p in ((m, f"base_model.model.{m}") for m in llama_modules())
+                    if f"{p}.lora_A.weight" in tensors}
     return out
 
 
@@ -189,10 +191,11 @@ def prompt_ids(i: int, words: int) -> list[int]:
 # (request id, adapter id sent, expected reference, prompt words, max_new_tokens, prefill logprobs)
 UNKNOWN = "a:no-such-adapter"
 MIXED = [  # phase 1: base, both collections, an unknown id; three waves joining a running batch
-    (0, [(1, "", "base", 5, 6, True), (2, "a:synthetic-00000", None, 4, 3, False), (3, "a:synthetic-00001", None, 6, 7, True),
-         (4, "b:synthetic-00000", None, 3, 5, True), (5, UNKNOWN, "base", 5, 6, False), (6, "b:synthetic-00002", None, 4, 2, False)]),
-    (2, [(7, "a:synthetic-00002", None, 5, 5, True), (8, "b:synthetic-00001", None, 4, 6, False), (9, "", "base", 3, 5, False),
-         (10, "a:synthetic-00003", None, 6, 4, True)]),
+    (0, [(1, "", "base", 5, 6, True), (2, "a:synthetic-00000", None, 4, 3, False),
+         (3, "a:synthetic-00001", None, 6, 7, True), (4, "b:synthetic-00000", None, 3, 5, True),
+         (5, UNKNOWN, "base", 5, 6, False), (6, "b:synthetic-00002", None, 4, 2, False)]),
+    (2, [(7, "a:synthetic-00002", None, 5, 5, True), (8, "b:synthetic-00001", None, 4, 6, False),
+         (9, "", "base", 3, 5, False), (10, "a:synthetic-00003", None, 6, 4, True)]),
     (4, [(11, "a:synthetic-00000", None, 5, 4, False), (12, "b:synthetic-00000", None, 5, 4, True)]),
 ]
 PLAIN = [  # phase 2: plain LoRA alone (TGI + IPEX 2.8 crash on plain LoRA mixed with anything else)
@@ -220,7 +223,8 @@ def server_env(assets) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "PYTHON"))}
     env.update(ATTENTION="flashdecoding-ipex", PREFIX_CACHING="0", PREFILL_CHUNKING="0", REQUEST_LOGPROBS="1",
                LORA_ADAPTERS=assets.lora_adapters, HF_HUB_OFFLINE="1", HF_HOME=str(assets.root / "hf_home"),
-               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO / "integrations" / "tgi" / "src")]))
+               OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO / "integrations" / "tgi" / "src")]))
     return env
 
 
@@ -239,8 +243,8 @@ def served(tmp_path_factory):
     try:
         router = subprocess.run([TGI_PYTHON, str(SCRIPTS / "tgi_router.py"), "--uds-path", str(uds), "--scenario",
                                  str(root / "scenario.json"), "--out", str(root / "result.json"),
-                                 "--timeout", str(START_TIMEOUT)],
-                                env=env, capture_output=True, text=True, timeout=START_TIMEOUT + 300)
+                                 "--timeout", str(START_TIMEOUT), "--server-pid", str(server.pid)],
+                                env=env, capture_output=True, text=True, timeout=START_TIMEOUT + 120)
         alive = server.poll() is None
     finally:
         server.terminate()

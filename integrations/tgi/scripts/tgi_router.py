@@ -31,12 +31,15 @@ from text_generation_server.pb import generate_pb2_grpc
 WARMUP = {"max_input_tokens": 64, "max_prefill_tokens": 256, "max_total_tokens": 128}
 
 
-def connect(uds_path: str, timeout: float) -> generate_pb2_grpc.TextGenerationServiceStub:
-    """Waits for the server's first shard socket (``<uds-path>-0``), as the launcher does."""
+def connect(uds_path: str, timeout: float, server_pid: int | None) -> generate_pb2_grpc.TextGenerationServiceStub:
+    """Waits for the server's first shard socket (``<uds-path>-0``), as the launcher does; gives up early when
+    the server process (``server_pid``) has exited."""
     deadline = time.time() + timeout
     while not Path(f"{uds_path}-0").exists():
         if time.time() > deadline:
             raise TimeoutError(f"no server socket {uds_path}-0 after {timeout:.0f}s")
+        if server_pid is not None and not Path(f"/proc/{server_pid}").exists():
+            raise RuntimeError(f"the server (pid {server_pid}) exited before opening {uds_path}-0")
         time.sleep(0.5)
     channel = grpc.insecure_channel(f"unix://{uds_path}-0")
     grpc.channel_ready_future(channel).result(timeout=timeout)
@@ -101,9 +104,10 @@ class Router:
         self.blocks[r["id"]] = blocks
         self.results[r["id"]] = {"adapter_id": r["adapter_id"], "prompt_ids": None, "ids": [], "logprobs": []}
         adapter = {"adapter_id": r["adapter_id"]} if r["adapter_id"] else {}
-        return pb.Request(id=r["id"], inputs=r["inputs"], input_chunks=pb.Input(chunks=[pb.InputChunk(text=r["inputs"])]),
-                          truncate=64, add_special_tokens=True, prefill_logprobs=r.get("prefill_logprobs", False),
-                          blocks=blocks, slots=slots, **greedy(r["max_new_tokens"]), **adapter)
+        chunks = pb.Input(chunks=[pb.InputChunk(text=r["inputs"])])
+        return pb.Request(id=r["id"], inputs=r["inputs"], input_chunks=chunks, truncate=64, add_special_tokens=True,
+                          prefill_logprobs=r.get("prefill_logprobs", False), blocks=blocks, slots=slots,
+                          **greedy(r["max_new_tokens"]), **adapter)
 
     def record(self, call: str, batches: list, generations, next_batch) -> pb.CachedBatch | None:
         """Stores the generations; finished requests leave the batch (``FilterBatch``) and free their blocks."""
@@ -133,7 +137,8 @@ class Router:
                          max_tokens=sum(len(r.slots) for r in reqs), max_blocks=max(len(r.blocks) for r in reqs))
         self.next_batch_id += 1
         resp = self.stub.Prefill(pb.PrefillRequest(batch=batch))
-        return self.record("Prefill", [[r.id for r in reqs]], resp.generations, resp.batch if resp.HasField("batch") else None)
+        next_batch = resp.batch if resp.HasField("batch") else None
+        return self.record("Prefill", [[r.id for r in reqs]], resp.generations, next_batch)
 
     def decode(self, batches: list[pb.CachedBatch]) -> pb.CachedBatch | None:
         resp = self.stub.Decode(pb.DecodeRequest(batches=batches))
@@ -160,11 +165,12 @@ def main() -> None:
     p.add_argument("--scenario", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server")
+    p.add_argument("--server-pid", type=int, help="stop waiting if this process exits")
     args = p.parse_args()
     scenario = json.loads(args.scenario.read_text())
 
     t0 = time.time()
-    stub = connect(args.uds_path, args.timeout)
+    stub = connect(args.uds_path, args.timeout, args.server_pid)
     urls = list(stub.ServiceDiscovery(pb.ServiceDiscoveryRequest()).urls)
     info = stub.Info(pb.InfoRequest())
     started = time.time() - t0
