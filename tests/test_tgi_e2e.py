@@ -97,7 +97,8 @@ def write_base(root: Path) -> dict[str, torch.Tensor]:
 
 def write_assets(root: Path) -> SimpleNamespace:
     """Collection ``a``: 4 JD-Full adapters of rank 8 in 2 clusters on every projection; collection ``b``:
-    3 JD-Diag adapters of rank 4 on q/v/down of layer 1 only; ``plain``: a rank-8 LoRA on every projection."""
+    3 JD-Diag adapters of rank 4 on q/v/down of layer 1 only; ``plain``: a rank-8 LoRA on every projection.
+    ``LORA_ADAPTERS`` also lists one adapter folder of ``a`` alone (``single``)."""
     import jdlora
     from jdlora.synthetic import save_adapters, synthetic_adapters
 
@@ -114,7 +115,8 @@ def write_assets(root: Path) -> SimpleNamespace:
     b.save_pretrained(root / "coll_b", progress=False)
     (plain,) = save_adapters(synthetic_adapters(1, modules, rank=8, alpha=64, seed=3, **kw), root / "plain")
     return SimpleNamespace(root=root, base=base, a=a, b=b, plain=plain,
-                           lora_adapters=f"a={root / 'coll_a'},b={root / 'coll_b'},plain={plain}")
+                           lora_adapters=f"a={root / 'coll_a'},b={root / 'coll_b'},plain={plain},"
+                                         f"single={root / 'coll_a' / 'adapters' / 'synthetic-00003'}")
 
 
 def variant_deltas(assets) -> dict[str, dict[str, torch.Tensor]]:
@@ -212,7 +214,8 @@ MIXED = [  # phase 1: base, both collections, an unknown id; three waves joining
          (5, UNKNOWN, "base", 5, 6, False), (6, "b:synthetic-00002", None, 4, 2, False)]),
     (2, [(7, "a:synthetic-00002", None, 5, 5, True), (8, "b:synthetic-00001", None, 4, 6, False),
          (9, "", "base", 3, 5, False), (10, "a:synthetic-00003", None, 6, 4, True)]),
-    (4, [(11, "a:synthetic-00000", None, 5, 4, False), (12, "b:synthetic-00000", None, 5, 4, True)]),
+    (4, [(11, "a:synthetic-00000", None, 5, 4, False), (12, "b:synthetic-00000", None, 5, 4, True),
+         (13, "single", "a:synthetic-00003", 4, 4, False)]),  # one adapter folder of collection a, listed alone
 ]
 PLAIN = [  # phase 2: plain LoRA alone (TGI + IPEX 2.8 crash on plain LoRA mixed with anything else)
     (0, [(21, "plain", None, 5, 5, True), (22, "plain", None, 3, 3, False)]),
@@ -336,4 +339,4 @@ def test_start_up_lines_of_jdlora_tgi_reach_tgis_log(served):
     log = served.log
     assert f"JD-LoRA collection a={served.assets.root / 'coll_a'}: 4 adapters, ids a:<adapter name>" in log
     assert f"JD-LoRA collection b={served.assets.root / 'coll_b'}: 3 adapters, ids b:<adapter name>" in log
-    assert "JD-LoRA adapters on this rank: 7 adapters" in log
+    assert "JD-LoRA adapters on this rank: 8 adapters" in log
