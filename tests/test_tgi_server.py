@@ -76,9 +76,17 @@ def import_tgi() -> SimpleNamespace:
 
 @pytest.fixture
 def punica(tgi, monkeypatch):
+    return torch_lora_path(tgi, monkeypatch)
+
+
+def torch_lora_path(tgi, monkeypatch) -> PunicaHelpers:
+    """TGI's plain LoRA on its torch path (what TGI runs on a CPU without IPEX, ``SYSTEM == "cpu"``), which
+    these tests record; with intel-extension-for-pytorch installed TGI would take IPEX's kernels instead
+    (covered by tests/test_tgi_e2e.py)."""
     helpers = PunicaHelpers()
-    monkeypatch.setattr(tgi.adapters_lora, "punica_sgmv", helpers)
-    monkeypatch.setattr(tgi.layers_lora, "punica_sgmv", helpers)
+    for module in (tgi.adapters_lora, tgi.layers_lora):
+        monkeypatch.setattr(module, "punica_sgmv", helpers)
+        monkeypatch.setattr(module, "SYSTEM", "cpu")
     return helpers
 
 
@@ -421,10 +429,8 @@ def _tp_entry(rank, world, port, root, env, results, check="jd"):
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                              world_size=world)
         tgi, assets = import_tgi(), read_assets(Path(root))
-        helpers = PunicaHelpers()
         mp = pytest.MonkeyPatch()
-        mp.setattr(tgi.adapters_lora, "punica_sgmv", helpers)
-        mp.setattr(tgi.layers_lora, "punica_sgmv", helpers)
+        torch_lora_path(tgi, mp)
         if check == "refused":  # start-up must stop with jdlora_tgi's error on every rank
             from jdlora_tgi.sharding import UnsupportedShardingError
 
