@@ -34,8 +34,10 @@ trap 'rm -f "$reqs"' EXIT
 # torch 2.7.0 (and its CUDA wheels / triton) is replaced by torch 2.8.0 for IPEX 2.8.0.
 grep -v -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|kernels|compressed-tensors)==' \
   "$SERVER/requirements_intel.txt" > "$reqs"
+# grpcio-tools, mypy-protobuf: the stubs (TGI's gen extra); pytest (TGI's dev extra), pytest-timeout (jdlora's
+# pytest options): to run tests/test_tgi_server.py with this Python.
 "${UV[@]}" -r "$reqs" torch==2.8.0 intel-extension-for-pytorch==2.8.0 kernels==0.2.1 \
-  compressed-tensors==0.9.1 grpcio-tools==1.71.0 mypy-protobuf==3.6.0
+  compressed-tensors==0.9.1 grpcio-tools==1.71.0 mypy-protobuf==3.6.0 "pytest>=7.3,<8" pytest-timeout
 
 step "gRPC stubs (TGI's Makefile: gen-server-raw)"
 PATH="$VENV/bin:$PATH" make -C "$SERVER" gen-server-raw
