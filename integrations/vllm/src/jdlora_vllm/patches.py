@@ -8,6 +8,7 @@ vLLM (0.32.0)                                          what the hook adds
 ``WorkerLoRAManager._load_adapter``                    a request whose ``lora_path`` is a JD-LoRA collection
                                                        loads the collection once and returns an empty
                                                        ``LoRAModel`` (nothing for vLLM's slots to hold)
+``LoRAModelManager._create_merged_loras_inplace``      skipped for those empty models (nothing to pack)
 ``LoRAModelManager.set_adapter_mapping``               per-token JD rows of the step, prepared once
 ``BaseLinearLayerWithLoRA._apply_lora_to_output``      ``y += U_c Sigma_a V_c^T x`` per token after vLLM's LoRA
 ``torch_ops.bgmv_shrink`` (CPU punica)                 tokens without adapter (index -1) get a zero shrink
@@ -29,7 +30,7 @@ from .tables import JDLayer
 
 __all__ = ["install", "expand_lora_modules"]
 
-logger = logging.getLogger("jdlora_vllm")
+logger = logging.getLogger("vllm.jdlora_vllm")  # under "vllm": vLLM's handlers and VLLM_LOGGING_LEVEL apply
 _MARK = "__jdlora_original__"
 
 
@@ -52,6 +53,7 @@ def install() -> None:
 
     _wrap(LoRAModelManager, "_create_lora_modules", _create_lora_modules)
     _wrap(LoRAModelManager, "set_adapter_mapping", _set_adapter_mapping)
+    _wrap(LoRAModelManager, "_create_merged_loras_inplace", _create_merged_loras_inplace)
     _wrap(WorkerLoRAManager, "_load_adapter", _load_adapter)
     _wrap(BaseLinearLayerWithLoRA, "_apply_lora_to_output", _apply_lora_to_output)
     _install_cpu_base_rows_fix()
@@ -143,15 +145,33 @@ def _load_adapter(original):
             )
         from jdlora.errors import UnknownAdapterError
         from vllm.exceptions import LoRAAdapterNotFoundError
-        from vllm.lora.lora_model import LoRAModel
 
         try:
             registry.register(lora_request.lora_int_id, target)
         except UnknownAdapterError as e:
             logger.warning("jdlora_vllm: %s", e)
             raise LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path) from e
-        # An empty LoRA model: vLLM's slots hold zeros for it; its weights live in the JD tables.
-        return LoRAModel(lora_request.lora_int_id, rank=1, loras={})
+        return _jd_lora_model_class()(lora_request.lora_int_id, rank=1, loras={})
+
+    return wrapper
+
+
+@functools.cache
+def _jd_lora_model_class():
+    from vllm.lora.lora_model import LoRAModel
+
+    class JDLoRAModel(LoRAModel):
+        """What vLLM's caches hold for a JD-LoRA adapter: no LoRA weights (its slots are zeros), since the adapter's
+        bases and Sigma live in the JD tables for as long as the engine runs."""
+
+    return JDLoRAModel
+
+
+def _create_merged_loras_inplace(original):
+    def wrapper(self, lora_model):
+        if isinstance(lora_model, _jd_lora_model_class()):
+            return None  # nothing to pack (vLLM's version assumes at least one LoRA weight)
+        return original(self, lora_model)
 
     return wrapper
 

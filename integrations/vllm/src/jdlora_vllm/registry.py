@@ -25,7 +25,7 @@ from .tables import JDLayer
 
 __all__ = ["JDRegistry"]
 
-logger = logging.getLogger("jdlora_vllm")
+logger = logging.getLogger("vllm.jdlora_vllm")  # under "vllm": vLLM's handlers and VLLM_LOGGING_LEVEL apply
 
 
 class JDRegistry:
