@@ -31,6 +31,7 @@ pytestmark = [
                "(integrations/vllm/scripts/setup_cpu_env.sh VENV) to run the vLLM engine tests",
     ),
     pytest.mark.slow,
+    pytest.mark.usefixtures("one_thread"),
 ]
 
 ENGINE_CHECKS = Path(__file__).with_name("engine_checks.py")
@@ -74,15 +75,19 @@ def build_collection(folder: Path, loras: Path, n: int, targets, *, clusters: in
 
 
 @pytest.fixture(scope="module")
-def world():
-    """Model, two collections (8 adapters in 2 clusters; 120 adapters), a plain LoRA, the batches and references."""
+def world(one_thread, hub_server):
+    """Model, collections (8 adapters in 2 clusters, also on the Hub; 120 adapters), a plain LoRA, the batches and
+    the PEFT references. The vLLM processes reach the test Hub server through HF_ENDPOINT (set by conftest)."""
+    hub_server.reset()
     # Not pytest's tmp_path: pytest keeps only its 3 latest base folders, and a concurrent pytest session (another
     # checkout on this machine) could remove ours while the engine reads it.
     with tempfile.TemporaryDirectory(prefix="jdlora-vllm-") as tmp:
-        yield make_world(Path(tmp))
+        yield make_world(Path(tmp), hub_repo=f"{hub_server.username}/coll-a")
+    hub_server.reset()
 
 
-def make_world(root: Path) -> dict:
+def make_world(root: Path, hub_repo: str | None = None) -> dict:
+    from jdlora import JDLoraCollection
     from jdlora.synthetic import save_adapters, synthetic_adapters
 
     build_model(root / "model")
@@ -99,11 +104,18 @@ def make_world(root: Path) -> dict:
         "max_tokens": MAX_TOKENS, "server_log": str(root / "server.log"), "server_start_timeout": 240,
         "collections": {"org/coll-a": {"path": str(root / "coll-a"), "names": names_a, "first_id": 1},
                         "coll-b": {"path": str(root / "coll-b"), "names": names_b, "first_id": 101}},
+
         "plain": {"name": "plain", "id": 1000, "path": str(plain_path)},
         "unknown_model": "org/coll-a:no-such-adapter",
         "error_requests": {"unknown_jd": ["org/coll-a:no-such-adapter", 2000, str(root / "coll-a")],
                            "missing_plain": ["missing", 2001, str(root / "no-such-lora")]},
     }
+    for coll in spec["collections"].values():
+        coll["local"] = coll["path"]
+    if hub_repo is not None:  # coll-a again, served from the Hub (repo id as lora_path)
+        JDLoraCollection.from_pretrained(root / "coll-a").push_to_hub(hub_repo, progress=False)
+        spec["collections"]["hub"] = {"path": hub_repo, "local": str(root / "coll-a"), "names": names_a,
+                                      "first_id": 300}
     gen = torch.Generator().manual_seed(7)
 
     def req(kind, collection=None, adapter=None):
@@ -120,7 +132,8 @@ def make_world(root: Path) -> dict:
         # JD adapters of both clusters of coll-a, one of coll-b, a plain LoRA and base requests, in one batch.
         "mixed": [jd("org/coll-a", a_by_cluster[0][0]), req("base"), jd("org/coll-a", a_by_cluster[1][0]),
                   req("plain"), jd("org/coll-a", a_by_cluster[0][1]), req("base"), jd("coll-b", names_b[-1]),
-                  jd("org/coll-a", a_by_cluster[1][1]), jd("org/coll-a", a_by_cluster[0][0]), req("base")],
+                  jd("org/coll-a", a_by_cluster[1][1]), jd("org/coll-a", a_by_cluster[0][0]), req("base")]
+                 + ([jd("hub", a_by_cluster[1][1])] if hub_repo else []),
         # Adapters spread over the 120 of coll-b, the first and the last included.
         "large": [jd("coll-b", names_b[i]) for i in (0, 37, 64, 99, 119)] + [req("base"), req("plain")],
         "server": [jd("org/coll-a", a_by_cluster[0][0]), jd("org/coll-a", a_by_cluster[1][0]), req("plain"),
@@ -152,7 +165,7 @@ def reference_outputs(spec: dict) -> dict[str, list[dict]]:
     base = LlamaForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval()
     models = {"base": base, "plain": PeftModel.from_pretrained(copy.deepcopy(base), spec["plain"]["path"]).eval()}
     for name, coll in spec["collections"].items():
-        models[name] = PeftModel.from_pretrained(copy.deepcopy(base), coll["path"]).eval()
+        models[name] = PeftModel.from_pretrained(copy.deepcopy(base), coll["local"]).eval()
     out = {}
     for batch, requests in spec["batches"].items():
         out[batch] = []
@@ -180,8 +193,7 @@ def run_engine(world, mode: str, timeout: int) -> dict:
     spec_file = world["root"] / f"{mode}-spec.json"
     out_file = world["root"] / f"{mode}-out.json"
     spec_file.write_text(json.dumps(world["spec"]))
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
     env.pop("PYTHONPATH", None)  # the vLLM environment has its own jdlora
     proc = subprocess.run([VLLM_PYTHON, str(ENGINE_CHECKS), mode, str(spec_file), str(out_file)], env=env,
                           capture_output=True, text=True, timeout=timeout)
