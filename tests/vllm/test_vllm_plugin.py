@@ -130,3 +130,10 @@ def test_registry_loads_a_collection_once_and_maps_vllm_ids_to_rows_per_token(tm
     assert registry.stale
     registry.set_mapping(SimpleNamespace(index_mapping=(0, 11, 7)), torch.device("cpu"))
     assert not registry.active and registry.batch_for(3) is None
+
+
+def test_engines_that_cannot_serve_jd_lora_refuse_its_requests_saying_why(tmp_path):
+    collection(tmp_path, "a", 2, rank=4, clusters=1)
+    registry = JDRegistry({}, unsupported="tensor_parallel_size=2: jdlora_vllm serves ... =1 only")
+    with pytest.raises(NotImplementedError, match="tensor_parallel_size=2"):
+        registry.register(1, JDTarget(str(tmp_path / "a"), "synthetic-00000"))

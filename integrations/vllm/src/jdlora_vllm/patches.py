@@ -73,26 +73,25 @@ def _create_lora_modules(original):
         from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
         from vllm.lora.layers.classifier import ClassificationHeadWithLoRA
 
-        layers = {}
+        layers, unsupported = {}, None
         for name, module in self.modules.items():
             if not isinstance(module, BaseLinearLayerWithLoRA) or isinstance(module, ClassificationHeadWithLoRA):
                 continue
-            if module.tp_size > 1:
-                raise NotImplementedError(
-                    "jdlora_vllm serves JD-LoRA collections with tensor_parallel_size=1 only (got "
-                    f"{module.tp_size} for {name}); start vLLM without tensor parallelism, or export the adapters "
-                    "as plain LoRA (`jdlora export-lora`)."
-                )
+            if module.tp_size > 1:  # plain LoRA still works; a JD-LoRA request is refused (JDRegistry.register)
+                unsupported = (f"tensor_parallel_size={module.tp_size}: jdlora_vllm serves JD-LoRA collections with "
+                               "tensor_parallel_size=1 only; start vLLM without tensor parallelism, or export the "
+                               "adapters as plain LoRA (`jdlora export-lora`)")
+                layers = {}
+                break
             subs = self.packed_modules.get(name, [name])
             if len(subs) != len(module.output_slices):
                 continue  # a packing vLLM splits differently (e.g. one fused checkpoint tensor): not served as JD
             weight = getattr(module.base_layer, "weight", None)
             dtype = weight.dtype if weight is not None and weight.is_floating_point() else self.lora_config.lora_dtype
-            layer = JDLayer(name, subs, module.output_slices, module.input_size, module.device, dtype)
-            module._jdlora_layer = layer
-            layers[name] = layer
-        self._jdlora = JDRegistry(layers)
-        for name in layers:
+            layers[name] = JDLayer(name, subs, module.output_slices, module.input_size, module.device, dtype)
+        self._jdlora = JDRegistry(layers, unsupported=unsupported)
+        for name, layer in layers.items():
+            self.modules[name]._jdlora_layer = layer
             self.modules[name]._jdlora_registry = self._jdlora
 
     return wrapper

@@ -31,8 +31,9 @@ logger = logging.getLogger("vllm.jdlora_vllm")  # under "vllm": vLLM's handlers 
 class JDRegistry:
     """JD-LoRA collections, adapter rows and layers of one vLLM LoRA manager."""
 
-    def __init__(self, layers: dict[str, JDLayer]):
+    def __init__(self, layers: dict[str, JDLayer], *, unsupported: str | None = None):
         self.layers = layers  # vLLM module name -> its JD part
+        self.unsupported = unsupported  # why this engine cannot serve JD-LoRA (None: it can)
         self._collections: dict[str, tuple[object, int]] = {}  # collection path/repo -> (collection, first row)
         self.num_rows = 0
         self._row_of_id: dict[int, int] = {}  # vLLM lora_int_id -> row
@@ -74,8 +75,11 @@ class JDRegistry:
     def register(self, lora_int_id: int, target: JDTarget) -> int:
         """The row of ``target``'s adapter, now served under vLLM id ``lora_int_id``.
 
-        Raises :class:`jdlora.errors.UnknownAdapterError` (a ``KeyError``) when the collection has no such adapter.
+        Raises :class:`jdlora.errors.UnknownAdapterError` (a ``KeyError``) when the collection has no such adapter,
+        ``NotImplementedError`` when this engine's configuration cannot serve JD-LoRA.
         """
+        if self.unsupported:
+            raise NotImplementedError(f"JD-LoRA adapter {target.name!r} of {target.collection}: {self.unsupported}")
         coll = self.collection(target.collection)
         row = self._collections[target.collection][1] + coll.index(target.name)
         if self._row_of_id.get(lora_int_id) != row:
