@@ -102,16 +102,16 @@ def make_world(root: Path, hub_repo: str | None = None) -> dict:
     spec = {
         "model": str(root / "model"), "max_loras": MAX_LORAS, "max_lora_rank": 8, "max_cpu_loras": 16,
         "max_tokens": MAX_TOKENS, "server_log": str(root / "server.log"), "server_start_timeout": 240,
-        "collections": {"org/coll-a": {"path": str(root / "coll-a"), "names": names_a, "first_id": 1},
-                        "coll-b": {"path": str(root / "coll-b"), "names": names_b, "first_id": 101}},
-
+        # "local": the folder the PEFT reference loads
+        "collections": {"org/coll-a": {"path": str(root / "coll-a"), "local": str(root / "coll-a"), "names": names_a,
+                                       "first_id": 1},
+                        "coll-b": {"path": str(root / "coll-b"), "local": str(root / "coll-b"), "names": names_b,
+                                   "first_id": 101}},
         "plain": {"name": "plain", "id": 1000, "path": str(plain_path)},
         "unknown_model": "org/coll-a:no-such-adapter",
         "error_requests": {"unknown_jd": ["org/coll-a:no-such-adapter", 2000, str(root / "coll-a")],
                            "missing_plain": ["missing", 2001, str(root / "no-such-lora")]},
     }
-    for coll in spec["collections"].values():
-        coll["local"] = coll["path"]
     if hub_repo is not None:  # coll-a again, served from the Hub (repo id as lora_path)
         JDLoraCollection.from_pretrained(root / "coll-a").push_to_hub(hub_repo, progress=False)
         spec["collections"]["hub"] = {"path": hub_repo, "local": str(root / "coll-a"), "names": names_a,
@@ -137,7 +137,7 @@ def make_world(root: Path, hub_repo: str | None = None) -> dict:
         # Adapters spread over the 120 of coll-b, the first and the last included.
         "large": [jd("coll-b", names_b[i]) for i in (0, 37, 64, 99, 119)] + [req("base"), req("plain")],
         "server": [jd("org/coll-a", a_by_cluster[0][0]), jd("org/coll-a", a_by_cluster[1][0]), req("plain"),
-                   req("base"), jd("coll-b", names_b[118])],
+                   req("base"), jd("coll-b", names_b[118])] + ([jd("hub", a_by_cluster[0][1])] if hub_repo else []),
     }
     references = reference_outputs(spec)
     return {"root": root, "spec": spec, "references": references}
