@@ -57,12 +57,12 @@ def test_versions_other_than_the_pinned_one_fail_with_what_to_install():
 
 def test_lora_paths_are_told_apart_collection_root_adapter_folder_plain_lora(tmp_path):
     coll = collection(tmp_path, "coll", 3, rank=4, clusters=1)
-    root = str(tmp_path / "coll")
+    root = str((tmp_path / "coll").resolve())
     name = coll.adapter_names[1]
     assert jd_target("org/coll:" + name, root) == JDTarget(root, name)
+    assert jd_target("org/coll:" + name, str(tmp_path / "coll" / "adapters" / "..")) == JDTarget(root, name)
     assert jd_target("org/coll", root) == JDTarget(root, None)  # the collection itself: no adapter named
-    assert jd_target("anything", str(tmp_path / "coll" / "adapters" / name)) == JDTarget(str((tmp_path / "coll")
-                                                                                             .resolve()), name)
+    assert jd_target("anything", str(tmp_path / "coll" / "adapters" / name)) == JDTarget(root, name)
     plain = tmp_path / "coll-loras" / coll.adapter_names[0]
     assert jd_target("plain", str(plain)) is None  # a PEFT LoRA folder
     assert jd_target("missing", str(tmp_path / "nowhere")) is None  # left to vLLM's own "No adapter found"

@@ -81,12 +81,14 @@ def jd_target(lora_name: str, lora_path: str) -> JDTarget | None:
     config = read_adapter_config(lora_path)
     if config is None or str(config.get("peft_type", "")).upper() != JD_PEFT_TYPE:
         return None
+    local = _is_local(lora_path)
+    # one key per collection, however the path was written (the registry loads each collection once)
+    source = str(Path(os.path.expanduser(lora_path)).resolve()) if local else lora_path
     own_name = config.get("adapter_name")
-    if own_name and not config.get("collection") and _is_local(lora_path):
-        folder = Path(os.path.expanduser(lora_path)).resolve()
-        for root in folder.parents:
+    if own_name and not config.get("collection") and local:
+        for root in Path(source).parents:
             if (root / MANIFEST_NAME).is_file():
                 return JDTarget(str(root), own_name)
-        return JDTarget(str(folder), own_name)  # no manifest above: the loader reports the missing file
+        return JDTarget(source, own_name)  # no manifest above: the loader reports the missing file
     split = split_request_name(lora_name)
-    return JDTarget(lora_path, split[1] if split else None)
+    return JDTarget(source, split[1] if split else None)
