@@ -223,7 +223,9 @@ def cmd_inspect(args) -> int:
 
 def cmd_add(args) -> int:
     from .collection import JDLoraCollection
+    from .format.save import check_save_target
 
+    check_save_target(args.collection)  # refuse before the work, not after it
     collection = JDLoraCollection.from_pretrained(args.collection)
     added = collection.add_adapters(args.sources, allow_pickle=args.allow_pickle, token=args.token)
     print(_table(["added adapter", "error"], [[n, f"{e:.4f}"] for n, e in added.items()]))
