@@ -125,9 +125,10 @@ def test_merged_deltas_are_removed_after_the_block(tiny_model_dir):
     assert torch.equal(model.get_submodule(name).weight, w)
 
 
-# The methods of the rerun (benchmarks/RESULTS.md): the automatic settings with JD-Full and with both kinds,
-# per-adapter SVD and JD-Full with the same stored parameters.
-METHODS = "JD-Full r16,JD-Diag r16,auto,auto full+diag,SVD r1,JD-Full r16 c1 =SVD r1,TIES"
+# Patterns as in the rerun's command (benchmarks/RESULTS.md): the automatic settings with JD-Full and with both
+# kinds, per-adapter SVD rank 1 and JD-Full with the same stored parameters.
+METHODS = "JD-Full r16,JD-Diag r16,auto*,SVD r1,*=SVD r1,TIES"
+METHOD_NAMES = ("JD-Full r16", "JD-Diag r16", "auto", "auto full+diag", "SVD r1", "JD-Full r16 c1 =SVD r1", "TIES")
 
 
 def test_study_and_report_run_end_to_end(tiny_model_dir, zoo_dir, tmp_path):
@@ -137,7 +138,7 @@ def test_study_and_report_run_end_to_end(tiny_model_dir, zoo_dir, tmp_path):
               "--added", "1", "--batch-size", "5", "--device", "cpu"])
     study = json.loads(out.read_text())
     assert [(r["n"], r["method"]) for r in study["runs"]] == [
-        (n, m) for n in (2, 3) for m in METHODS.split(",")]
+        (n, m) for n in (2, 3) for m in METHOD_NAMES]
     for r in study["runs"]:
         assert len(r["scores"]) == r["n"] and all(0 <= s["rouge_l"] <= 1 for s in r["scores"])
         assert r["error"] >= 0 and (r["kind"] == "ties" or r["error"] <= 1)  # TIES can be worse than nothing

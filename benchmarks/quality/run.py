@@ -20,6 +20,7 @@ same splits; ``zoo.json`` records the sizes and seeds used.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 import time
@@ -123,8 +124,9 @@ def cmd_study(args) -> None:
     tests = [s["test"][: args.test_examples] for s in splits_of(zoo)[:n_max]]
     folders = [str(zoo_dir / f) for f in zoo["folders"][:n_max]]
     kw = dict(max_new_tokens=max_answer_tokens(tokenizer, tests), batch_size=args.batch_size)
-    methods = methods_for if args.methods is None else (
-        lambda n: [m for m in methods_for(n) if m.name in args.methods.split(",")])
+    patterns = None if args.methods is None else args.methods.split(",")
+    methods = methods_for if patterns is None else (
+        lambda n: [m for m in methods_for(n) if any(fnmatch.fnmatchcase(m.name, p) for p in patterns)])
     result = run_study(model, tokenizer, folders, tests, sizes=sizes, device=device, methods=methods,
                        added=args.added, **kw)
     result.update(tasks=zoo["tasks"][:n_max], test_examples=len(tests[0]), device=str(device),
@@ -174,7 +176,8 @@ def main(argv=None) -> int:
     p.add_argument("--zoo-dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--sizes", default="10,50,100")
-    p.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated method names or patterns ('auto*', '*=SVD*'; default: all)")
     p.add_argument("--test-examples", type=int, default=50, help="test examples scored per task")
     p.add_argument("--added", type=int, default=10, help="adapters added by projection to the largest collection")
     p.add_argument("--batch-size", type=int, default=1024)
