@@ -156,3 +156,17 @@ def test_study_and_report_run_end_to_end(tiny_model_dir, zoo_dir, tmp_path):
     assert all(r["choice"]["reason"] for r in study["runs"] if r["method"].startswith("auto"))
     for png in ("figure3.png", "figure5.png"):
         assert (report_dir / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_studies_over_different_sizes_merge_into_one():
+    def part(sizes, seconds):
+        return {"sizes": sizes, "runs": [{"n": n, "method": "auto"} for n in sizes], "seconds": seconds,
+                "trained_vs_random": [{"n": n, "rank": 16} for n in sizes], "added": {"n": max(sizes)} if 100 in sizes
+                else None, "lora": [max(sizes)], "figure5": {"n": max(sizes)}}
+
+    merged = run.merge_studies([part([100], 300.0), part([10, 50], 200.0)])
+    assert merged["sizes"] == [10, 50, 100] and [r["n"] for r in merged["runs"]] == [10, 50, 100]
+    assert merged["lora"] == [100] and merged["figure5"]["n"] == 100 and merged["added"] == {"n": 100}
+    assert merged["seconds"] == 500.0 and [r["n"] for r in merged["trained_vs_random"]] == [10, 50, 100]
+    with pytest.raises(SystemExit, match="overlap"):
+        run.merge_studies([part([10, 50], 1.0), part([50, 100], 1.0)])

@@ -137,6 +137,31 @@ def cmd_study(args) -> None:
     print(f"study written to {args.out}")
 
 
+def merge_studies(parts: list[dict]) -> dict:
+    """One study from runs of the same zoo over different ``--sizes`` (e.g. one call per device time limit).
+
+    Runs, sizes and the trained-vs-random rows are concatenated; the base and LoRA scores, the similarity,
+    the Figure 5 sweep and the added adapters come from the part with the largest size (they cover its tasks).
+    """
+    parts = sorted(parts, key=lambda p: max(p["sizes"]))
+    out = dict(parts[-1])
+    out["sizes"] = sorted({n for p in parts for n in p["sizes"]})
+    if len(out["sizes"]) != sum(len(p["sizes"]) for p in parts):
+        raise SystemExit("The studies to merge overlap in --sizes.")
+    out["runs"] = sorted((r for p in parts for r in p["runs"]), key=lambda r: r["n"])
+    out["trained_vs_random"] = sorted((r for p in parts for r in p.get("trained_vs_random", [])),
+                                      key=lambda r: (r["n"], r["rank"]))
+    out["added"] = next((p["added"] for p in reversed(parts) if p.get("added")), None)
+    out["seconds"] = sum(p["seconds"] for p in parts)
+    return out
+
+
+def cmd_merge(args) -> None:
+    merged = merge_studies([json.loads(Path(p).read_text()) for p in args.study])
+    Path(args.out).write_text(json.dumps(merged, indent=1))
+    print(f"{len(args.study)} studies ({merged['sizes']}) merged into {args.out}")
+
+
 def cmd_report(args) -> None:
     from .report import write_report
 
@@ -183,6 +208,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("merge", help="one study JSON from studies of the same zoo over different --sizes")
+    p.add_argument("--study", action="append", required=True, help="a study JSON (repeat)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("report", help="tables and plots from zoo.json and the study's JSON")
     group = p.add_mutually_exclusive_group(required=True)
