@@ -133,6 +133,7 @@ def test_cli_compress_push_inspect_and_export(hub, real_adapters, tmp_path, caps
     assert main(["inspect", REPO]) == 0
     listing = capsys.readouterr().out
     assert hub.downloads(REPO) == ["collection.json"], "inspect reads only the manifest of a remote collection"
+    assert "automatic choice" in listing  # --clusters auto: what it chose and why, from the manifest
     for adapter in real_adapters:
         assert adapter.name in listing
     assert main(["export-lora", REPO, "0112LY-logo", str(tmp_path / "plain")]) == 0
