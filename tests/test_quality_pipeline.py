@@ -158,9 +158,9 @@ def test_study_and_report_run_end_to_end(tiny_model_dir, zoo_dir, tmp_path):
         assert (report_dir / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_studies_over_different_sizes_merge_into_one():
-    def part(sizes, seconds):
-        return {"sizes": sizes, "runs": [{"n": n, "method": "auto"} for n in sizes], "seconds": seconds,
+def test_studies_split_over_sizes_or_methods_merge_into_one():
+    def part(sizes, seconds, method="auto"):
+        return {"sizes": sizes, "runs": [{"n": n, "method": method} for n in sizes], "seconds": seconds,
                 "trained_vs_random": [{"n": n, "rank": 16} for n in sizes], "added": {"n": max(sizes)} if 100 in sizes
                 else None, "lora": [max(sizes)], "figure5": {"n": max(sizes)}}
 
@@ -170,3 +170,7 @@ def test_studies_over_different_sizes_merge_into_one():
     assert merged["seconds"] == 500.0 and [r["n"] for r in merged["trained_vs_random"]] == [10, 50, 100]
     with pytest.raises(SystemExit, match="overlap"):
         run.merge_studies([part([10, 50], 1.0), part([50, 100], 1.0)])
+    # The same size, other methods (a call per method group when one call would pass the time limit).
+    split = run.merge_studies([part([100], 1.0, "auto"), part([100], 2.0, "SVD r1")])
+    assert [(r["n"], r["method"]) for r in split["runs"]] == [(100, "auto"), (100, "SVD r1")]
+    assert split["sizes"] == [100] and len(split["trained_vs_random"]) == 1

@@ -138,19 +138,26 @@ def cmd_study(args) -> None:
 
 
 def merge_studies(parts: list[dict]) -> dict:
-    """One study from runs of the same zoo over different ``--sizes`` (e.g. one call per device time limit).
+    """One study from runs of the same zoo split over several calls (``--sizes`` or ``--methods``), e.g. one call
+    per device time limit.
 
-    Runs, sizes and the trained-vs-random rows are concatenated; the base and LoRA scores, the similarity,
-    the Figure 5 sweep and the added adapters come from the part with the largest size (they cover its tasks).
+    Runs are concatenated (each (n, method) once), sizes joined, the trained-vs-random rows taken once per
+    (n, rank); the base and LoRA scores, the similarity, the Figure 5 sweep and the added adapters come from a
+    part with the largest size (they cover its tasks).
     """
     parts = sorted(parts, key=lambda p: max(p["sizes"]))
     out = dict(parts[-1])
     out["sizes"] = sorted({n for p in parts for n in p["sizes"]})
-    if len(out["sizes"]) != sum(len(p["sizes"]) for p in parts):
-        raise SystemExit("The studies to merge overlap in --sizes.")
-    out["runs"] = sorted((r for p in parts for r in p["runs"]), key=lambda r: r["n"])
-    out["trained_vs_random"] = sorted((r for p in parts for r in p.get("trained_vs_random", [])),
-                                      key=lambda r: (r["n"], r["rank"]))
+    runs = [r for p in parts for r in p["runs"]]
+    keys = [(r["n"], r["method"]) for r in runs]
+    if len(keys) != len(set(keys)):
+        raise SystemExit("The studies to merge overlap: the same method at the same size is in two of them.")
+    out["runs"] = sorted(runs, key=lambda r: r["n"])
+    rows = {}
+    for p in parts:
+        for r in p.get("trained_vs_random", []):
+            rows.setdefault((r["n"], r["rank"]), r)
+    out["trained_vs_random"] = [rows[k] for k in sorted(rows)]
     out["added"] = next((p["added"] for p in reversed(parts) if p.get("added")), None)
     out["seconds"] = sum(p["seconds"] for p in parts)
     return out
@@ -209,7 +216,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("merge", help="one study JSON from studies of the same zoo over different --sizes")
+    p = sub.add_parser("merge", help="one study JSON from studies of the same zoo split over --sizes or --methods")
     p.add_argument("--study", action="append", required=True, help="a study JSON (repeat)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_merge)
