@@ -5,7 +5,8 @@
 Starts ``--burners`` CPU-burning processes (a pure-Python loop each, as other jobs on a shared machine
 would be), then runs each command with the library's default settings (torch's default threads: no
 pinning, the library chooses), and prints the table for benchmarks/RESULTS.md. Examples that publish to
-the Hub run against the local Hub-protocol server of the tests (tests/hub_server.py).
+the Hub run against the local Hub-protocol server of the tests (tests/hub_server.py). Also prints each
+command's CPU time (user + system), which other load does not inflate unless threads spin.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -28,6 +30,12 @@ def _burn() -> None:
     x = 0
     while True:
         x = (x * 1103515245 + 12345) % 2**31
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of the finished child processes: what a command costs on an idle core."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _commands(tmp: Path, hub_url: str) -> dict[str, list[str]]:
@@ -60,25 +68,27 @@ def main() -> None:
             env = dict(os.environ, HF_ENDPOINT=hub.url, HF_TOKEN="hf_bench", HF_HOME=str(Path(tmp) / "hf"),
                        HF_HUB_DISABLE_XET="1", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
             for name, cmd in _commands(Path(tmp), hub.url).items():
-                times = []
+                times, cpu = [], []
                 for _ in range(args.repeats):
+                    used = _children_cpu()
                     start = time.perf_counter()
                     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
                     times.append(time.perf_counter() - start)
+                    cpu.append(_children_cpu() - used)
                     if proc.returncode:
                         print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
                         raise SystemExit(f"{name} failed ({proc.returncode})")
-                results[name] = times
-                print(f"{name}: " + ", ".join(f"{t:.1f} s" for t in times), flush=True)
+                results[name] = {"wall": times, "cpu": cpu}
+                print(f"{name}: " + ", ".join(f"{t:.1f} s ({c:.1f} s CPU)" for t, c in zip(times, cpu)), flush=True)
         hub.stop()
     finally:
         for b in burners:
             b.terminate()
     print(f"\n{os.cpu_count()} CPUs, {args.burners} CPU-burning processes in the background, "
           f"{platform.python_implementation()} {platform.python_version()}\n")
-    print("| command | wall time (s) |\n|---|---:|")
-    for name, times in results.items():
-        print(f"| `{name}` | {' / '.join(f'{t:.1f}' for t in times)} |")
+    print("| command | wall time (s) | CPU time (s) |\n|---|---:|---:|")
+    for name, r in results.items():
+        print(f"| `{name}` | {' / '.join(f'{t:.1f}' for t in r['wall'])} | {' / '.join(f'{c:.1f}' for c in r['cpu'])} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"burners": args.burners, "cpus": os.cpu_count(), "seconds": results},
                                              indent=1))

@@ -23,6 +23,9 @@ def offline_demo(workdir: str):
 
     from jdlora.synthetic import llama_modules, synthetic_adapters
 
+    # A 128-wide model: splitting its tiny products across threads costs more than it saves (the threads
+    # spin against each other, badly so on a busy machine), as jdlora.compress.threads explains for compression.
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)

@@ -144,6 +144,7 @@ def test_cli_compress_push_inspect_and_export(hub, real_adapters, tmp_path, caps
     assert main(["inspect", REPO]) == 0
     listing = capsys.readouterr().out
     assert hub.downloads(REPO) == ["collection.json"], "inspect reads only the manifest of a remote collection"
+    assert "automatic choice" in listing  # --clusters auto: what it chose and why, from the manifest
     for adapter in real_adapters:
         assert adapter.name in listing
     assert main(["add", str(out), str(real_adapters[0]), ]) == 2  # already in the collection

@@ -210,3 +210,32 @@ def test_mismatched_shapes_for_one_module_are_rejected():
         jdlora.compress(small + wide, rank=2, progress=False)
     message = str(info.value)
     assert "wide-one" in message and "q_proj" in message and "32" in message and "48" in message
+
+
+def test_collections_saved_by_earlier_versions_still_load(tmp_path):
+    """The untyped settings dict with "sigma", sweep points with "sigma", and sigma files keyed sq_norm/residual."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    collection = jdlora.compress(synthetic_adapters(4, llama_modules(1, 32, 16), rank=2), rank=3, clusters=1,
+                                 dtype=F64, progress=False)
+    root = collection.save_pretrained(tmp_path / "old", progress=False)
+    for path in (root / "sigma").glob("*.safetensors"):
+        tensors = load_file(path)
+        tensors["sq_norm"], tensors["residual"] = tensors.pop("sq_norms"), tensors.pop("residuals")
+        save_file(tensors, path)
+    manifest = json.loads((root / "collection.json").read_text())
+    manifest["settings"] = {"rank": 3, "clusters": 1, "sigma": "full", "normalize": True, "solver": "qr",
+                            "tol": 1e-3, "ftol": 1e-5, "max_iter": 100, "max_rounds": 20, "target_error": 0.5,
+                            "seed": 0, "dtype": "float64"}
+    manifest["sweep"] = [{"rank": 3, "clusters": 1, "sigma": "full", "error": 0.1, "mean_adapter_error": 0.1,
+                          "saved_ratio": 0.2, "seconds": 0.1}]
+    del manifest["choice"]
+    (root / "collection.json").write_text(json.dumps(manifest))
+    old = jdlora.JDLoraCollection.from_pretrained(root, verify=False)  # the files changed under their sha256
+    assert old.settings.sigma_kind == "full" and old.settings.dtype == F64 and old.settings.target_error == 0.5
+    assert old.sweep[0].sigma_kind == "full" and old.choice is None
+    module = next(iter(collection.modules))
+    assert torch.allclose(old.modules[module].compression.residuals.double(),
+                          collection.modules[module].compression.residuals.double().float().double())

@@ -125,9 +125,10 @@ def test_merged_deltas_are_removed_after_the_block(tiny_model_dir):
     assert torch.equal(model.get_submodule(name).weight, w)
 
 
-# The methods of the rerun (benchmarks/RESULTS.md): the automatic settings with JD-Full and with both kinds,
-# per-adapter SVD and JD-Full with the same stored parameters.
-METHODS = "JD-Full r16,JD-Diag r16,auto,auto full+diag,SVD r1,JD-Full r16 c1 =SVD r1,TIES"
+# Patterns as in the rerun's command (benchmarks/RESULTS.md): the automatic settings with JD-Full and with both
+# kinds, per-adapter SVD rank 1 and JD-Full with the same stored parameters.
+METHODS = "JD-Full r16,JD-Diag r16,auto*,SVD r1,*=SVD r1,TIES"
+METHOD_NAMES = ("JD-Full r16", "JD-Diag r16", "auto", "auto full+diag", "SVD r1", "JD-Full r16 c1 =SVD r1", "TIES")
 
 
 def test_study_and_report_run_end_to_end(tiny_model_dir, zoo_dir, tmp_path):
@@ -137,7 +138,7 @@ def test_study_and_report_run_end_to_end(tiny_model_dir, zoo_dir, tmp_path):
               "--added", "1", "--batch-size", "5", "--device", "cpu"])
     study = json.loads(out.read_text())
     assert [(r["n"], r["method"]) for r in study["runs"]] == [
-        (n, m) for n in (2, 3) for m in METHODS.split(",")]
+        (n, m) for n in (2, 3) for m in METHOD_NAMES]
     for r in study["runs"]:
         assert len(r["scores"]) == r["n"] and all(0 <= s["rouge_l"] <= 1 for s in r["scores"])
         assert r["error"] >= 0 and (r["kind"] == "ties" or r["error"] <= 1)  # TIES can be worse than nothing
@@ -155,3 +156,21 @@ def test_study_and_report_run_end_to_end(tiny_model_dir, zoo_dir, tmp_path):
     assert all(r["choice"]["reason"] for r in study["runs"] if r["method"].startswith("auto"))
     for png in ("figure3.png", "figure5.png"):
         assert (report_dir / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_studies_split_over_sizes_or_methods_merge_into_one():
+    def part(sizes, seconds, method="auto"):
+        return {"sizes": sizes, "runs": [{"n": n, "method": method} for n in sizes], "seconds": seconds,
+                "trained_vs_random": [{"n": n, "rank": 16} for n in sizes], "added": {"n": max(sizes)} if 100 in sizes
+                else None, "lora": [max(sizes)], "figure5": {"n": max(sizes)}}
+
+    merged = run.merge_studies([part([100], 300.0), part([10, 50], 200.0)])
+    assert merged["sizes"] == [10, 50, 100] and [r["n"] for r in merged["runs"]] == [10, 50, 100]
+    assert merged["lora"] == [100] and merged["figure5"]["n"] == 100 and merged["added"] == {"n": 100}
+    assert merged["seconds"] == 500.0 and [r["n"] for r in merged["trained_vs_random"]] == [10, 50, 100]
+    with pytest.raises(SystemExit, match="overlap"):
+        run.merge_studies([part([10, 50], 1.0), part([50, 100], 1.0)])
+    # The same size, other methods (a call per method group when one call would pass the time limit).
+    split = run.merge_studies([part([100], 1.0, "auto"), part([100], 2.0, "SVD r1")])
+    assert [(r["n"], r["method"]) for r in split["runs"]] == [(100, "auto"), (100, "SVD r1")]
+    assert split["sizes"] == [100] and len(split["trained_vs_random"]) == 1

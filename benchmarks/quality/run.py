@@ -20,6 +20,7 @@ same splits; ``zoo.json`` records the sizes and seeds used.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 import time
@@ -123,8 +124,9 @@ def cmd_study(args) -> None:
     tests = [s["test"][: args.test_examples] for s in splits_of(zoo)[:n_max]]
     folders = [str(zoo_dir / f) for f in zoo["folders"][:n_max]]
     kw = dict(max_new_tokens=max_answer_tokens(tokenizer, tests), batch_size=args.batch_size)
-    methods = methods_for if args.methods is None else (
-        lambda n: [m for m in methods_for(n) if m.name in args.methods.split(",")])
+    patterns = None if args.methods is None else args.methods.split(",")
+    methods = methods_for if patterns is None else (
+        lambda n: [m for m in methods_for(n) if any(fnmatch.fnmatchcase(m.name, p) for p in patterns)])
     result = run_study(model, tokenizer, folders, tests, sizes=sizes, device=device, methods=methods,
                        added=args.added, **kw)
     result.update(tasks=zoo["tasks"][:n_max], test_examples=len(tests[0]), device=str(device),
@@ -133,6 +135,38 @@ def cmd_study(args) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"study written to {args.out}")
+
+
+def merge_studies(parts: list[dict]) -> dict:
+    """One study from runs of the same zoo split over several calls (``--sizes`` or ``--methods``), e.g. one call
+    per device time limit.
+
+    Runs are concatenated (each (n, method) once), sizes joined, the trained-vs-random rows taken once per
+    (n, rank); the base and LoRA scores, the similarity, the Figure 5 sweep and the added adapters come from a
+    part with the largest size (they cover its tasks).
+    """
+    parts = sorted(parts, key=lambda p: max(p["sizes"]))
+    out = dict(parts[-1])
+    out["sizes"] = sorted({n for p in parts for n in p["sizes"]})
+    runs = [r for p in parts for r in p["runs"]]
+    keys = [(r["n"], r["method"]) for r in runs]
+    if len(keys) != len(set(keys)):
+        raise SystemExit("The studies to merge overlap: the same method at the same size is in two of them.")
+    out["runs"] = sorted(runs, key=lambda r: r["n"])
+    rows = {}
+    for p in parts:
+        for r in p.get("trained_vs_random", []):
+            rows.setdefault((r["n"], r["rank"]), r)
+    out["trained_vs_random"] = [rows[k] for k in sorted(rows)]
+    out["added"] = next((p["added"] for p in reversed(parts) if p.get("added")), None)
+    out["seconds"] = sum(p["seconds"] for p in parts)
+    return out
+
+
+def cmd_merge(args) -> None:
+    merged = merge_studies([json.loads(Path(p).read_text()) for p in args.study])
+    Path(args.out).write_text(json.dumps(merged, indent=1))
+    print(f"{len(args.study)} studies ({merged['sizes']}) merged into {args.out}")
 
 
 def cmd_report(args) -> None:
@@ -174,12 +208,18 @@ def main(argv=None) -> int:
     p.add_argument("--zoo-dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--sizes", default="10,50,100")
-    p.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated method names or patterns ('auto*', '*=SVD*'; default: all)")
     p.add_argument("--test-examples", type=int, default=50, help="test examples scored per task")
     p.add_argument("--added", type=int, default=10, help="adapters added by projection to the largest collection")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("merge", help="one study JSON from studies of the same zoo split over --sizes or --methods")
+    p.add_argument("--study", action="append", required=True, help="a study JSON (repeat)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("report", help="tables and plots from zoo.json and the study's JSON")
     group = p.add_mutually_exclusive_group(required=True)

@@ -63,11 +63,13 @@ def methods_for(n: int) -> list[Method]:
     out.append(Method(f"JD-Full r16 c{clusters}", "jd", 16, clusters))
     out.append(Method("auto", "jd", "auto", "auto"))
     out.append(Method("auto full+diag", "jd", "auto", "auto", sigma="auto"))
+    paired = set()
     for s in SVD_RANKS:
         out.append(Method(f"SVD r{s}", "svd", s))
         # Rank-16 bases per cluster store 16 (d_in + d_out) each, SVD s (d_in + d_out) per adapter.
         k = max(1, round(n * s / 16))
-        if k != clusters:
+        if k not in paired:  # small n: two SVD ranks can round to the same cluster count
+            paired.add(k)
             out.append(Method(f"JD-Full r16 c{k} =SVD r{s}", "jd", 16, k))
     out.append(Method("TIES", "ties"))
     return out

@@ -210,7 +210,10 @@ def cmd_inspect(args) -> int:
     print(f"parameters after    {counts.get('compressed', 0):,}")
     print(f"parameters saved    {counts.get('saved_ratio', 0.0):.1%}")
     print(f"error (pooled)      {manifest.get('error', 0.0):.4f}")
-    print(f"error (mean/adapter){manifest.get('mean_adapter_error', 0.0):>7.4f}\n")
+    print(f"error (mean/adapter){manifest.get('mean_adapter_error', 0.0):>7.4f}")
+    if manifest.get("choice"):
+        print(f"automatic choice    {manifest['choice']['reason']}")
+    print()
     shown = adapters if args.all else adapters[:50]
     print(_table(["adapter", "modules", f"cluster ({modules[mid]['name'] if modules else '-'})", "error", "source"],
                  [[a["name"], sum(c is not None for c in a["clusters"]),
