@@ -10,7 +10,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -22,6 +22,9 @@ from .compress.jd import Solver
 from .compress.settings import DEFAULT_TARGET_ERROR, SweepPoint
 from .errors import AdapterFormatError, IncompatibleAdaptersError
 from .sources import check_compatible, open_adapter, open_adapters
+
+if TYPE_CHECKING:
+    from .distributed import RayEngine
 
 
 def compress(
@@ -43,6 +46,7 @@ def compress(
     allow_pickle: bool = False,
     token: str | None = None,
     progress: bool = True,
+    engine: Literal["local", "ray"] | RayEngine = "local",
 ) -> JDLoraCollection:
     """Compresses a collection of LoRA adapters jointly (Compress then Serve, arXiv 2407.00066).
 
@@ -68,6 +72,9 @@ def compress(
         allow_pickle: accept adapters stored as pickle ``.bin`` files (unsafe: only for trusted files).
         token: Hub token for private repos.
         progress: show a progress bar.
+        engine: ``"local"`` (this process), or ``"ray"`` / a :class:`~jdlora.distributed.RayEngine`:
+            every module a task on a Ray cluster, modules too large for one worker sharded, resumable
+            through ``RayEngine(out=...)``, which also saves the result there (docs/scale.md).
 
     Returns:
         The compressed collection, with errors per module and per adapter and parameter counts.
@@ -104,18 +111,29 @@ def compress(
             clusters, sweep = choose_clusters(stack, ranks, rank, target=target_error, **jd_kwargs)
         del stack
 
-    modules = {}
-    for module in tqdm(module_names, desc="Compressing modules", unit="module", disable=not progress):
-        stack, ids, _ = load(module)
-        result = compress_module(stack, rank, clusters, **jd_kwargs)
-        modules[module] = CollectionModule(_to_cpu(result), torch.tensor(ids))
-        del stack
-
     infos = _adapter_infos(sources)
+    if engine != "local":  # distributed: Ray tasks, staged in the output folder (jdlora.distributed)
+        from .distributed import resolve_engine
+        from .distributed.engine import compress_modules
+
+        engine = resolve_engine(engine)
+        modules = compress_modules(engine, sources, module_names, rank=rank, clusters=clusters, jd_kwargs=jd_kwargs,
+                                   dtype=dtype, infos=infos, progress=progress)
+    else:
+        modules = {}
+        for module in tqdm(module_names, desc="Compressing modules", unit="module", disable=not progress):
+            stack, ids, _ = load(module)
+            result = compress_module(stack, rank, clusters, **jd_kwargs)
+            modules[module] = CollectionModule(_to_cpu(result), torch.tensor(ids))
+            del stack
+
     settings = dict(rank=rank, clusters=clusters, sigma=sigma, normalize=normalize, solver=solver, tol=tol, ftol=ftol,
                     max_iter=max_iter, max_rounds=max_rounds, target_error=target_error, seed=seed,
                     dtype=str(dtype).removeprefix("torch."))
-    return JDLoraCollection(common_base_model(sources), infos, modules, sigma, settings, sweep)
+    collection = JDLoraCollection(common_base_model(sources), infos, modules, sigma, settings, sweep)
+    if engine != "local" and engine.out is not None:
+        collection.save_pretrained(engine.out, progress=progress)  # replaces the staging area
+    return collection
 
 
 def read_stack(sources: Sequence, module: str, *, dtype: torch.dtype = torch.float32,
@@ -170,21 +188,33 @@ def _to_cpu(result):
 
 
 def add_adapters(collection: JDLoraCollection, adapters: Sequence, *, allow_pickle: bool = False,
-                 token: str | None = None) -> dict[str, float]:
-    """Adds new LoRAs to ``collection`` by projecting them onto its bases (see ``JDLoraCollection.add_adapters``)."""
+                 token: str | None = None, engine: Literal["local", "ray"] | RayEngine = "local") -> dict[str, float]:
+    """Adds new LoRAs to ``collection`` by projecting them onto its bases (see ``JDLoraCollection.add_adapters``).
+
+    ``engine="ray"`` (or a :class:`~jdlora.distributed.RayEngine`) projects every module as Ray tasks.
+    """
     sources = open_adapters(adapters, allow_pickle=allow_pickle, token=token)
     _check_unique_names(sources)
     _check_fits_collection(collection, sources)
     start = len(collection.adapters)
+    if engine != "local":
+        from .distributed import resolve_engine
+        from .distributed.engine import project_modules
+
+        projected = project_modules(resolve_engine(engine), collection, sources)
     for module, entry in collection.modules.items():
         if not any(module in s.modules for s in sources):
             continue
         c = entry.compression
-        stack, ids = read_stack(sources, module, dtype=c.U.dtype, device=c.U.device)
-        sigma, cluster, residuals = project_onto_bases(stack, c.U, c.V, collection.sigma_kind)
+        if engine != "local":
+            sq_norms, sigma, cluster, residuals, ids = projected[module]
+        else:
+            stack, ids = read_stack(sources, module, dtype=c.U.dtype, device=c.U.device)
+            sigma, cluster, residuals = project_onto_bases(stack, c.U, c.V, collection.sigma_kind)
+            sq_norms = stack.sq_norms()
         c.sigma = torch.cat([c.sigma, sigma.to(c.sigma)])
         c.cluster = torch.cat([c.cluster, cluster.to(c.cluster)])
-        c.sq_norms = torch.cat([c.sq_norms, stack.sq_norms().to(c.sq_norms)])
+        c.sq_norms = torch.cat([c.sq_norms, sq_norms.to(c.sq_norms)])
         c.residuals = torch.cat([c.residuals, residuals.to(c.residuals)])
         entry.adapter_ids = torch.cat([entry.adapter_ids, torch.tensor(ids, dtype=torch.long) + start])
     collection.adapters.extend(_adapter_infos(sources))
