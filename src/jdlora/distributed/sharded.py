@@ -107,8 +107,13 @@ class ShardActor:
         self.best_sigma = self.sigma
         return self.sigma.double().square().sum().item()
 
-    def x_term(self) -> Tensor:
-        """``sum_i B_i (A_i V) Sigma_i^T`` over the view (equations 14, 16)."""
+    def x_term(self, accept_last: bool | None = None) -> Tensor:
+        """``sum_i B_i (A_i V) Sigma_i^T`` over the view (equations 14, 16).
+
+        ``accept_last``: first :meth:`accept` the previous iteration (saves a round trip per iteration).
+        """
+        if accept_last is not None:
+            self.accept(accept_last)
         v = self.view
         X = (self._per_adapter(self.AV) @ self.sigma.mT).reshape(-1, self.sigma.shape[-1])
         return times_transposed(v.Bt.reshape(-1, v.d_out), X).cpu()
@@ -131,8 +136,10 @@ class ShardActor:
             self.best_sigma = self.sigma_new
         self.AV, self.sigma = self.AV_new, self.sigma_new
 
-    def finish(self, cluster: int, U: Tensor, V: Tensor) -> float:
+    def finish(self, cluster: int, U: Tensor, V: Tensor, accept_last: bool | None = None) -> float:
         """Keeps the view's best Sigma_i as cluster ``cluster``'s; returns the sum of its residuals."""
+        if accept_last is not None:
+            self.accept(accept_last)
         v = self.view
         res = _residuals_of_projection(v.sq_norms()[None], U.to(v.A)[None], V.to(v.A)[None], self.best_sigma[None])[0]
         self.final_sigma[cluster], self.final_res[cluster] = self.best_sigma, res
@@ -332,21 +339,21 @@ def _qr_iterations(shards: _Shards, actors: list, cluster: int, U: Tensor, V: Te
 
     error = max(0.0, 1.0 - sum(call("start", U, V)) / total)
     best_error, best_U, best_V = error, U, V
+    improved = None  # the shards learn whether an iterate improved with their next call
     for _ in range(max_iter):
-        U_new = torch.linalg.qr(sum(call("x_term"))).Q  # equations 14, 16
+        U_new = torch.linalg.qr(sum(call("x_term", improved))).Q  # equations 14, 16
         V_new = torch.linalg.qr(sum(call("y_term", U_new))).Q  # equations 15, 17
         new_error = max(0.0, 1.0 - sum(call("step", V_new)) / total)
         change = max(subspace_change(U, U_new), subspace_change(V, V_new))
         drop = error - new_error
         stop = change < tol or 0 <= drop < ftol  # equation 19, or stalled
         improved = new_error <= best_error
-        call("accept", improved)
         if improved:
             best_error, best_U, best_V = new_error, U_new, V_new
         U, V, error = U_new, V_new, new_error
         if stop:
             break
-    return _ClusterJD(best_U, best_V, sum(call("finish", cluster, best_U, best_V)))
+    return _ClusterJD(best_U, best_V, sum(call("finish", cluster, best_U, best_V, improved)))
 
 
 def _assignment_errors(shards: _Shards, bases) -> Tensor:
