@@ -439,19 +439,22 @@ def run_ray(spec: dict) -> dict:
             workers[str(pid)] = max(workers.get(str(pid), 0), peak)
     ray.shutdown()
     return dict(spec, seconds=seconds, module_seconds=[s["seconds"] for s in stats],
+                module_cpu_seconds=[s["cpu_seconds"] for s in stats],
                 shard_counts=[s["shards"] for s in stats], worker_peak_rss=workers, driver_peak_rss=peak_rss(),
                 driver_baseline_rss=baseline, module_inputs=one_module, error=collection.error,
                 mean_adapter_error=collection.mean_adapter_error)
 
 
 def ray_table(results: list[dict]) -> str:
-    rows = ["| run | CPUs | modules | wall s | s per module (median) | adapters/s | peak RSS per worker, GiB | "
-            "driver peak RSS, GiB | error (pooled / mean) |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | CPUs | modules | wall s | s per module (median) | CPU s per module (median) | adapters/s | "
+            "peak RSS per worker, GiB | driver peak RSS, GiB | error (pooled / mean) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         per_module = sorted(r["module_seconds"])[len(r["module_seconds"]) // 2]
+        cpu = sorted(r["module_cpu_seconds"])[len(r["module_cpu_seconds"]) // 2]
         peaks = ", ".join(fmt_gib(p) for p in sorted(r["worker_peak_rss"].values()))
         kind = f"{r['shards']} shards" if r["shards"] > 1 else "modules as tasks"
-        rows.append(f"| {kind} | {r['workers']} | {r['modules']} | {r['seconds']:.1f} | {per_module:.1f} | "
+        rows.append(f"| {kind} | {r['workers']} | {r['modules']} | {r['seconds']:.1f} | {per_module:.1f} | {cpu:.1f} | "
                     f"{r['n'] / r['seconds']:.0f} | {peaks} | {fmt_gib(r['driver_peak_rss'])} | "
                     f"{r['error']:.4f} / {r['mean_adapter_error']:.4f} |")
     return "\n".join(rows)

@@ -222,3 +222,12 @@ def test_cli_compress_and_add_on_ray(cluster, tmp_path):
     assert len(added) == 10
     collection.add_adapters([str(p) for p in paths[8:]])  # the same addition in this process
     _assert_same(collection, added, exact=False, rtol=1e-5, atol=1e-6)
+
+
+def test_output_folder_holding_other_files_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a collection")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        jdlora.compress(synthetic_adapters(3, MODULES, rank=2), rank=2, progress=False, engine=RayEngine(out=str(out)))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

@@ -42,7 +42,8 @@ class RayEngine:
             ``device`` argument of ``compress`` applies to the local engine).
         max_retries: times Ray re-runs a module whose worker died (a killed process, a lost node).
         on_module: called on the driver with each finished module's statistics (a dict: module,
-            adapters, seconds, shards, and per worker pid and peak RSS in bytes), e.g. for benchmarks.
+            adapters, seconds, cpu_seconds (of the task, or of all its shard actors), shards, and
+            workers: ``{pid: peak RSS in bytes}``), e.g. for benchmarks.
     """
 
     address: str | None = None

@@ -77,12 +77,13 @@ def _compress_module_task(sources, module: str, rank: int, clusters: int, jd_kwa
                           device: str):
     from ..pipeline import _to_cpu, read_stack
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     stack, ids = read_stack(sources, module, dtype=dtype, device=device)
     result = compress_module(stack, rank, clusters, **jd_kwargs)
     entry = CollectionModule(_to_cpu(result), torch.tensor(ids))
     pid, peak = worker_peak()
-    return entry, {"seconds": time.perf_counter() - start, "shards": 1, "workers": {pid: peak}}
+    return entry, {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu, "shards": 1,
+                   "workers": {pid: peak}}
 
 
 @ray.remote(num_cpus=0)
@@ -111,13 +112,14 @@ def _compress_sharded_task(sources, module: str, shards: int, rank: int, cluster
         handle = _Shards(actors, [len(p) for p in parts], r_max, d_out, d_in, dtype)
         options = {k: jd_kwargs[k] for k in ("tol", "ftol", "max_iter", "max_rounds", "seed")}
         result = compress_module_sharded(handle, rank, clusters, **options)
-        workers = dict(handle.call("peak_rss"))
+        usage = handle.call("usage")
         for a in actors:
             ray.kill(a)
     finally:
         remove_placement_group(group)
     entry = CollectionModule(result, torch.tensor(ids))
-    return entry, {"seconds": time.perf_counter() - start, "shards": shards, "workers": workers}
+    return entry, {"seconds": time.perf_counter() - start, "cpu_seconds": sum(u[2] for u in usage), "shards": shards,
+                   "workers": {u[0]: u[1] for u in usage}}
 
 
 @ray.remote

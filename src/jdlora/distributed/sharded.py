@@ -25,6 +25,7 @@ Supported: JD-Full with the QR solver (the one for large n; the eigen solver nee
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import ray
@@ -59,6 +60,7 @@ class ShardActor:
                  normalize: bool):
         from ..pipeline import read_stack
 
+        self.cpu_start = time.process_time()
         stack, _ = read_stack([sources[i] for i in ids], module, dtype=dtype, device=device)
         if stack.r_max < r_max:  # pad to the module's r_max: the single-process stack's layout
             pad = (0, 0, 0, r_max - stack.r_max)
@@ -77,10 +79,11 @@ class ShardActor:
         """``(raw ||dW_i||^2, normalization scale, normalized ||dW_i||^2, rank bound r_i)`` per adapter."""
         return self.raw_sq_norms.cpu(), self.scale.cpu(), self.work.sq_norms().cpu(), self.work.row_counts().cpu()
 
-    def peak_rss(self) -> tuple[int, int]:
+    def usage(self) -> tuple[int, int, float]:
+        """``(pid, peak RSS in bytes, CPU seconds spent on this shard)``."""
         from .engine import worker_peak
 
-        return worker_peak()
+        return (*worker_peak(), time.process_time() - self.cpu_start)
 
     # ----- the views and the random start ---------------------------------------------------------
 

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from ..collection import CollectionModule
 from ..compress import ModuleCompression
 from ..errors import CollectionFormatError
+from ..format.layout import MANIFEST
 
 STAGING_DIR = ".jdlora-partial"
 RUN_FILE = "run.json"
@@ -47,7 +48,18 @@ class Staging:
         A staging area left by a run with other inputs or settings is cleared (with a warning): its
         modules are not this run's. Temporary files of a killed run are removed.
         """
-        root = Path(out) / STAGING_DIR
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"RayEngine.out {out} is a file; give a folder for the collection.")
+        foreign = [p.name for p in out.iterdir() if p.name != STAGING_DIR] if out.is_dir() else []
+        if foreign and not (out / MANIFEST).is_file():
+            # The finished collection replaces the whole folder: refuse before hours of work, not after.
+            raise FileExistsError(
+                f"RayEngine.out {out} holds files that are not a jdlora collection ({', '.join(sorted(foreign)[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); the finished collection replaces that folder. "
+                "Give a new or empty folder, or an existing collection to overwrite."
+            )
+        root = out / STAGING_DIR
         staging = cls(root)
         run_file = root / RUN_FILE
         if run_file.is_file():
