@@ -104,14 +104,18 @@ def test_ray_engine_equals_single_process(cluster):
     assert all(s["shards"] == 1 and s["adapters"] == 24 and all(p > 0 for p in s["workers"].values()) for s in stats)
 
 
-def test_module_sharded_across_workers_equals_unsharded(cluster):
+def test_module_sharded_across_workers_equals_unsharded_even_when_a_shard_dies(cluster, tmp_path):
     modules = {"model.layers.0.mlp.down_proj": (48, 40)}
     adapters = synthetic_adapters(40, modules, rank=4, seed=1)
     settings = dict(rank=6, clusters=3, dtype=torch.float64, progress=False)
     local = jdlora.compress(adapters, **settings)
+    # The second shard's actor process dies reading its first adapter; Ray re-runs the module's coordinator.
+    marker = tmp_path / "shard-killed-once"
+    adapters[20] = Instrumented(adapters[20], kill_module=next(iter(modules)), kill_marker=str(marker))
     # 40 adapters x 4 x (48 + 40) float64 values = 112,640 bytes: two shards of at most 60,000.
     stats = []
     sharded = jdlora.compress(adapters, engine=RayEngine(worker_memory=60_000, on_module=stats.append), **settings)
+    assert marker.exists()
     assert [s["shards"] for s in stats] == [2]
     assert len(stats[0]["workers"]) == 2  # two actor processes held the shards
     _assert_same(local, sharded, exact=False, rtol=1e-9, atol=1e-12)
