@@ -3,7 +3,7 @@
 
 Compresses the first ``--modules`` modules of the Mistral-7B benchmark collection (q 4096 x 4096,
 k and v 1024 x 4096; ``synthetic_adapters(n, mistral_7b_modules(), rank=16, seed=0)``, generated on
-the device as in ``benchmarks/compress_speed.py``) with ``compress_module(stack, rank, clusters)``,
+the device as in ``benchmarks/compress_speed.py``) with ``compress_module(stack, CompressionSettings(rank=rank, clusters=clusters))``,
 and reports:
 
 1. Wall time per stage of :func:`jdlora.compress.clustering.jd_cluster`, per module and in total
@@ -135,7 +135,7 @@ def load_stacks(n: int, modules: dict, device: str):
 
 
 def compress(stack, args, batched):
-    from jdlora.compress import compress_module
+    from jdlora.compress import CompressionSettings, compress_module
 
     clustering = importlib.import_module("jdlora.compress.clustering")
     original = clustering.jd_cluster
@@ -144,7 +144,7 @@ def compress(stack, args, batched):
         module = importlib.import_module("jdlora.compress.module")
         module.jd_cluster = clustering.jd_cluster
     try:
-        return compress_module(stack, args.rank, args.clusters)
+        return compress_module(stack, CompressionSettings(rank=args.rank, clusters=args.clusters))
     finally:
         if batched is not None:
             clustering.jd_cluster = original

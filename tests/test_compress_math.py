@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from jdlora.compress import (
+    CompressionSettings,
     LoraStack,
     assignment_errors,
-    auto_rank,
-    choose_clusters,
+    choose_settings,
     compress_module,
     jd_cluster,
     jd_diag,
@@ -21,6 +21,11 @@ from jdlora.compress import (
 )
 
 F64 = torch.float64
+
+
+def CS(**fields) -> CompressionSettings:
+    """Resolved settings for the math functions: JD-Full, one cluster unless told otherwise."""
+    return CompressionSettings(**{"clusters": 1, "sigma_kind": "full", **fields})
 
 
 def random_stack(n, d_out, d_in, ranks, *, seed, shared=0, dtype=F64) -> LoraStack:
@@ -55,17 +60,17 @@ def relative_dense_error(stack, U, V, sigma) -> float:
 @pytest.mark.parametrize("solver", ["qr", "eigen"])
 def test_lossless_when_rank_covers_stacked_factors(solver):
     stack = random_stack(4, 40, 36, [2, 3, 2, 3], seed=1)
-    result = jd_full(stack, 10, solver=solver, tol=1e-12, ftol=0, max_iter=200)
+    result = jd_full(stack, CS(rank=10, solver=solver, tol=1e-12, ftol=0, max_iter=200))
     assert result.rank == 10
     assert relative_dense_error(stack, result.U, result.V, result.sigma) < 1e-12
     # One dimension short of the stacked rank, random factors cannot be reconstructed (Prop. 1).
-    short = jd_full(stack, 9, solver=solver, tol=1e-12, ftol=0, max_iter=500)
+    short = jd_full(stack, CS(rank=9, solver=solver, tol=1e-12, ftol=0, max_iter=500))
     assert relative_dense_error(stack, short.U, short.V, short.sigma) > 1e-6
 
 
 def test_rank_beyond_stacked_rank_is_clamped():
     stack = random_stack(2, 30, 20, [2, 3], seed=2)
-    assert jd_full(stack, 16).rank == 5
+    assert jd_full(stack, CS(rank=16)).rank == 5
 
 
 def orthogonal_unit_stack(n, d, seed):
@@ -83,7 +88,7 @@ def test_orthogonal_unit_loras_obey_corollary_1(n, rank, seed):
     stack = orthogonal_unit_stack(n, 16, seed)
     gram = stack.dense().reshape(n, -1) @ stack.dense().reshape(n, -1).T
     assert torch.allclose(gram, torch.eye(n, dtype=F64), atol=1e-12)
-    result = jd_full(stack, rank, tol=1e-10, ftol=0, max_iter=500)
+    result = jd_full(stack, CS(rank=rank, tol=1e-10, ftol=0, max_iter=500))
     error = (result.residuals.sum() / n).item()
     kept = result.sigma.square().sum().item()
     assert error >= 1 - min(rank**2 / n, 1) - 1e-9
@@ -98,7 +103,7 @@ def test_theorem_1_bounds_hold_on_random_inputs(seed):
     gen = torch.Generator().manual_seed(100 + seed)
     n, rank = int(torch.randint(3, 12, (1,), generator=gen)), int(torch.randint(2, 6, (1,), generator=gen))
     stack = random_stack(n, 24, 20, 3, seed=seed, shared=2 * (seed % 2))
-    result = jd_full(stack, rank, tol=1e-10, ftol=0, max_iter=1000)
+    result = jd_full(stack, CS(rank=rank, tol=1e-10, ftol=0, max_iter=1000))
     dense = stack.dense()
     L = dense.reshape(n, -1).T
     sigma_L = torch.linalg.svdvals(L)
@@ -120,7 +125,7 @@ def test_single_adapter_reduces_to_truncated_svd(solver):
     dense = stack.dense()[0]
     W, S, Zh = torch.linalg.svd(dense)
     for rank in (1, 3, 5):
-        result = jd_full(stack, rank, solver=solver, tol=1e-12, ftol=0, max_iter=2000)
+        result = jd_full(stack, CS(rank=rank, solver=solver, tol=1e-12, ftol=0, max_iter=2000))
         truncated = W[:, :rank] @ torch.diag(S[:rank]) @ Zh[:rank]
         recon = result.U @ result.sigma[0] @ result.V.T
         assert torch.allclose(recon, truncated, atol=1e-8 * S[0].item())
@@ -132,9 +137,9 @@ def test_single_adapter_reduces_to_truncated_svd(solver):
 def test_objective_never_increases_across_iterations(method):
     stack = random_stack(8, 48, 40, 4, seed=5, shared=2)
     if method == "diag":
-        result = jd_diag(stack, 6, tol=1e-12, ftol=0, max_iter=300)
+        result = jd_diag(stack, CS(rank=6, tol=1e-12, ftol=0, max_iter=300))
     else:
-        result = jd_full(stack, 6, solver=method, tol=1e-12, ftol=0, max_iter=300)
+        result = jd_full(stack, CS(rank=6, solver=method, tol=1e-12, ftol=0, max_iter=300))
     history = result.history
     assert len(history) > 5
     assert all(b <= a + 1e-12 for a, b in zip(history, history[1:])), history
@@ -145,26 +150,26 @@ def test_objective_never_increases_across_iterations(method):
 def test_jd_full_error_at_most_jd_diag_error(seed):
     stack = random_stack(10, 40, 32, 4, seed=seed, shared=3)
     for rank in (4, 8):
-        full = jd_full(stack, rank, tol=1e-8, ftol=0, max_iter=500)
-        diag = jd_diag(stack, rank, tol=1e-8, ftol=0, max_iter=500)
+        full = jd_full(stack, CS(rank=rank, tol=1e-8, ftol=0, max_iter=500))
+        diag = jd_diag(stack, CS(rank=rank, tol=1e-8, ftol=0, max_iter=500))
         assert full.residuals.sum() <= diag.residuals.sum() * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("sigma", ["full", "diag"])
 def test_clustered_error_at_most_single_cluster_error(sigma):
     stack = random_stack(12, 40, 32, 4, seed=6, shared=2)
-    single = jd_cluster(stack, 6, 1, sigma=sigma, tol=1e-8, ftol=0, max_iter=300)
+    single = jd_cluster(stack, CS(rank=6, clusters=1, sigma_kind=sigma, tol=1e-8, ftol=0, max_iter=300))
     for k in (2, 3, 5):
-        clustered = jd_cluster(stack, 6, k, sigma=sigma, tol=1e-8, ftol=0, max_iter=300)
+        clustered = jd_cluster(stack, CS(rank=6, clusters=k, sigma_kind=sigma, tol=1e-8, ftol=0, max_iter=300))
         assert clustered.U.shape[0] == k
-        assert set(clustered.assignment.tolist()) == set(range(k)), "no cluster may be left empty"
+        assert set(clustered.cluster.tolist()) == set(range(k)), "no cluster may be left empty"
         assert clustered.residuals.sum() <= single.residuals.sum() * (1 + 1e-9)
         assert all(b <= a * (1 + 1e-9) for a, b in zip(clustered.history, clustered.history[1:]))
 
 
 def test_as_many_clusters_as_adapters_is_per_adapter_svd():
     stack = random_stack(4, 20, 16, 5, seed=7)
-    clustered = jd_cluster(stack, 3, 4, tol=1e-12, ftol=0, max_iter=2000)
+    clustered = jd_cluster(stack, CS(rank=3, clusters=4, tol=1e-12, ftol=0, max_iter=2000))
     svd = svd_per_adapter(stack, 3)
     assert torch.allclose(clustered.residuals, svd.residuals, rtol=1e-6)
 
@@ -172,10 +177,10 @@ def test_as_many_clusters_as_adapters_is_per_adapter_svd():
 @pytest.mark.parametrize("sigma", ["full", "diag"])
 def test_factor_error_equals_dense_error(sigma):
     stack = random_stack(6, 18, 14, [2, 4, 3, 4, 1, 2], seed=8)
-    result = jd_cluster(stack, 3, 2, sigma=sigma, tol=1e-6)
+    result = jd_cluster(stack, CS(rank=3, clusters=2, sigma_kind=sigma, tol=1e-6))
     dense = stack.dense()
     sig = result.sigma if sigma == "full" else torch.diag_embed(result.sigma)
-    U, V = result.U[result.assignment], result.V[result.assignment]
+    U, V = result.U[result.cluster], result.V[result.cluster]
     recon = U @ sig @ V.transpose(1, 2)
     assert torch.allclose(result.residuals, (dense - recon).square().sum(dim=(1, 2)), rtol=1e-9, atol=1e-12)
     # residuals() holds for any U, V and Sigma, not only optimal ones.
@@ -202,12 +207,12 @@ def test_normalization_folds_norms_and_scaling_into_sigma():
     stack = random_stack(6, 30, 24, 4, seed=10, shared=2)
     stack = stack.scaled(torch.tensor([1e-3, 1.0, 5.0, 0.2, 30.0, 1.0], dtype=F64))
     for normalize in (True, False):
-        result = compress_module(stack, 5, 2, normalize=normalize, tol=1e-8, ftol=0)
+        result = compress_module(stack, CS(rank=5, clusters=2, normalize=normalize, tol=1e-8, ftol=0))
         dense = stack.dense()
         recon = torch.stack([result.delta_weight(i) for i in range(stack.n)])
         assert torch.allclose(result.residuals, (dense - recon).square().sum(dim=(1, 2)), rtol=1e-8, atol=1e-20)
-    normalized = compress_module(stack, 5, 1, normalize=True, tol=1e-8, ftol=0)
-    pooled = compress_module(stack, 5, 1, normalize=False, tol=1e-8, ftol=0)
+    normalized = compress_module(stack, CS(rank=5, clusters=1, normalize=True, tol=1e-8, ftol=0))
+    pooled = compress_module(stack, CS(rank=5, clusters=1, normalize=False, tol=1e-8, ftol=0))
     # Each weighting wins on the error it optimizes.
     assert normalized.mean_adapter_error <= pooled.mean_adapter_error + 1e-9
     assert pooled.error <= normalized.error + 1e-9
@@ -215,16 +220,16 @@ def test_normalization_folds_norms_and_scaling_into_sigma():
 
 def test_same_seed_gives_same_result_and_other_seed_may_differ():
     stack = random_stack(9, 32, 24, 4, seed=11, shared=1)
-    a = compress_module(stack, 4, 3, seed=3)
-    b = compress_module(stack, 4, 3, seed=3)
+    a = compress_module(stack, CS(rank=4, clusters=3, seed=3))
+    b = compress_module(stack, CS(rank=4, clusters=3, seed=3))
     assert torch.equal(a.U, b.U) and torch.equal(a.sigma, b.sigma) and torch.equal(a.cluster, b.cluster)
 
 
 def test_float32_matches_float64_on_well_conditioned_input():
     stack64 = random_stack(6, 40, 32, 4, seed=12, shared=2)
     stack32 = LoraStack(stack64.A.float(), stack64.B.float())
-    e64 = compress_module(stack64, 6, 1, tol=1e-6).error
-    e32 = compress_module(stack32, 6, 1, tol=1e-6).error
+    e64 = compress_module(stack64, CS(rank=6, clusters=1, tol=1e-6)).error
+    e32 = compress_module(stack32, CS(rank=6, clusters=1, tol=1e-6)).error
     assert abs(e64 - e32) < 1e-4
 
 
@@ -252,24 +257,47 @@ def test_ties_merge_trims_elects_and_averages():
     assert torch.allclose(result.delta, dense_a) and result.residuals.abs().max() < 1e-24
 
 
-def test_auto_rank_follows_section_6_4():
-    assert auto_rank(10) == 12 and auto_rank(50) == 32 and auto_rank(100) == 57
-    assert auto_rank(101) == 16 and auto_rank(1000) == 16
+def test_settings_round_trip_and_reject_bad_values_with_a_remedy():
+    from jdlora.errors import SettingsError
+
+    settings = CompressionSettings(rank=8, clusters=2, sigma_kind="diag", dtype=F64, target_error=0.1)
+    assert CompressionSettings.from_dict(settings.to_dict()) == settings
+    assert settings.to_dict()["dtype"] == "float64" and settings["dtype"] == "float64" and dict(settings)["rank"] == 8
+    # The untyped dict of earlier manifests: "sigma" for the kind, keys since removed, dtype missing.
+    old = {"rank": 5, "clusters": 1, "sigma": "diag", "solver": "qr", "source": "x"}
+    assert CompressionSettings.from_dict(old) == CompressionSettings(rank=5, clusters=1, sigma_kind="diag")
+    for bad in ({"rank": 0}, {"rank": -1}, {"rank": "16"}, {"clusters": 0}, {"sigma_kind": "dense"},
+                {"dtype": torch.float16}, {"target_error": 0}, {"tol": -1.0}):
+        with pytest.raises(SettingsError, match=next(iter(bad))):
+            CompressionSettings(**bad)
 
 
-def test_choose_clusters_takes_fewest_below_target():
+def test_auto_choice_takes_the_cheapest_setting_whose_worst_adapter_meets_the_target():
     stack = random_stack(16, 32, 32, 4, seed=14, shared=2)
     ranks = [4] * 16
-    points = sweep(stack, ranks, [(4, k) for k in (1, 2, 4, 8, 16)], tol=1e-6)
-    errors = [p.mean_adapter_error for p in points]
-    target = (errors[1] + errors[2]) / 2  # between the 2- and 4-cluster errors
-    chosen, tried = choose_clusters(stack, ranks, 4, target=target, tol=1e-6)
-    assert chosen == 4 and [p.clusters for p in tried] == [1, 2, 4]
-    assert tried[-1].mean_adapter_error < target <= tried[-2].mean_adapter_error
-    # Saved ratio falls as clusters are added (more bases to store).
-    assert points[0].saved_ratio > points[-1].saved_ratio
-    with pytest.warns(UserWarning, match="No cluster count reaches"):
-        chosen, _ = choose_clusters(stack, ranks, 1, target=1e-9, tol=1e-6)
+    grid = [(r, k) for r in (2, 4, 8, 16) for k in (1, 2, 4, 8, 16)]
+    settings = CS(tol=1e-6)
+    points = sweep(stack, ranks, grid, settings)
+    target = sorted(p.quantile_error for p in points)[len(points) // 2]  # half the grid meets it
+    resolved, choice, tried = choose_settings(stack, ranks, settings.replace(rank="auto", clusters="auto",
+                                                                             target_error=target))
+    assert choice.met and (resolved.rank, resolved.clusters) in {(p.rank, p.clusters) for p in tried}
+    chosen = next(p for p in tried if (p.rank, p.clusters) == (resolved.rank, resolved.clusters))
+    assert chosen.quantile_error <= target
+    # Nothing in the grid that meets the target is cheaper (the search may skip settings, not better ones).
+    meeting = [p for p in points if p.quantile_error <= target and p.rank in (2, 4, 8, 16)]
+    assert chosen.cost() <= min(p.cost() for p in meeting)
+    assert "cheapest" in choice.reason and f"{target}" in choice.reason
+    # The worst adapter, not the mean: the quantile error is the largest per-adapter error.
+    assert all(p.quantile_error >= p.mean_adapter_error for p in tried)
+
+
+def test_auto_choice_says_when_nothing_meets_the_target_and_what_it_would_take():
+    stack = random_stack(8, 24, 24, 4, seed=3)  # unrelated adapters: nothing to share
+    with pytest.warns(UserWarning, match="No setting storing fewer parameters") as record:
+        resolved, choice, tried = choose_settings(stack, [4] * 8, CS(rank="auto", clusters="auto", target_error=1e-3))
+    assert not choice.met and "uncompressed" in choice.reason and "target_error=" in str(record[0].message)
+    assert all(p.saved_ratio > 0 for p in tried), "the search stays within the LoRAs' own parameter count"
 
 
 def _cluster_reference(stack, rank, assignment, bases, **options):
@@ -280,7 +308,7 @@ def _cluster_reference(stack, rank, assignment, bases, **options):
     for j, (U, V) in enumerate(bases):
         sub = stack.subset((assignment == j).nonzero().flatten())
         init = (U, V) if effective_rank(sub, rank) == U.shape[1] else None
-        results.append(jd_full(sub, rank, init=init, **options))
+        results.append(jd_full(sub, CS(rank=rank, **options), init=init))
     return results
 
 
@@ -291,12 +319,12 @@ def test_batched_cluster_iterations_match_per_cluster_jd():
     ranks = [4, 4, 3, 4, 2, 4, 4, 1, 4, 4, 3, 4, 4, 2, 4, 4]
     stack = random_stack(16, 14, 12, ranks, seed=21, shared=2)
     rank = 5
-    single = jd_full(stack, rank, tol=1e-8, ftol=0, max_iter=300)
+    single = jd_full(stack, CS(rank=rank, tol=1e-8, ftol=0, max_iter=300))
     # Uneven sizes (8, 4, 2, 1 adapters); cluster 3 holds one rank-3 adapter: stacked rank 3 < r.
     assignment = torch.tensor([0, 1, 0, 0, 1, 0, 2, 0, 0, 1, 3, 0, 1, 2, 0, 0])
     bases = [(single.U, single.V)] * 4
     options = dict(tol=1e-8, ftol=1e-12, max_iter=300)
-    batched = _jd_full_clusters(stack, rank, assignment, bases, seed=0, **options)
+    batched = _jd_full_clusters(stack, assignment, bases, CS(rank=rank, **options))
     reference = _cluster_reference(stack, rank, assignment, bases, **options)
     assert [r.rank for r in batched] == [r.rank for r in reference] == [5, 5, 5, 3]
     for b, r in zip(batched, reference):
@@ -312,7 +340,7 @@ def test_batched_cluster_iterations_match_per_cluster_jd():
     # A cluster whose previous bases had a lower rank (it was tiny, now it has grown) restarts per cluster.
     grown = torch.tensor([0, 1, 0, 0, 1, 0, 2, 0, 0, 1, 3, 0, 1, 2, 3, 3])
     bases = [(b.U, b.V) for b in batched]
-    again = _jd_full_clusters(stack, rank, grown, bases, seed=0, **options)
+    again = _jd_full_clusters(stack, grown, bases, CS(rank=rank, **options))
     ref_again = _cluster_reference(stack, rank, grown, bases, **options)
     for b, r in zip(again, ref_again):
         assert math.isclose(b.residuals.sum().item(), r.residuals.sum().item(), rel_tol=1e-9, abs_tol=1e-12)
@@ -322,18 +350,18 @@ def test_batched_cluster_iterations_match_per_cluster_jd():
 def test_batched_clustered_jd_matches_per_cluster_path(seed):
     ranks = [4, 4, 3, 4, 2, 4, 4, 1, 4, 4, 3, 4, 4, 2]
     stack = random_stack(14, 14, 12, ranks, seed=seed, shared=2)
-    single = jd_cluster(stack, 5, 1, tol=1e-8, ftol=0, max_iter=300)
+    single = jd_cluster(stack, CS(rank=5, clusters=1, tol=1e-8, ftol=0, max_iter=300))
     for k in (3, 6):
-        loop = jd_cluster(stack, 5, k, tol=1e-8, ftol=1e-12, max_iter=300, seed=seed, batched=False)
-        joint = jd_cluster(stack, 5, k, tol=1e-8, ftol=1e-12, max_iter=300, seed=seed, batched=True)
-        assert torch.equal(loop.assignment, joint.assignment) and loop.rounds == joint.rounds
-        assert set(joint.assignment.tolist()) == set(range(k))
+        loop = jd_cluster(stack, CS(rank=5, clusters=k, tol=1e-8, ftol=1e-12, max_iter=300, seed=seed), batched=False)
+        joint = jd_cluster(stack, CS(rank=5, clusters=k, tol=1e-8, ftol=1e-12, max_iter=300, seed=seed), batched=True)
+        assert torch.equal(loop.cluster, joint.cluster) and loop.rounds == joint.rounds
+        assert set(joint.cluster.tolist()) == set(range(k))
         assert math.isclose(loop.residuals.sum().item(), joint.residuals.sum().item(), rel_tol=1e-9)
         assert torch.allclose(torch.tensor(loop.history), torch.tensor(joint.history), rtol=1e-9)
         assert joint.residuals.sum() <= single.residuals.sum() * (1 + 1e-9)
         assert all(b <= a * (1 + 1e-9) for a, b in zip(joint.history, joint.history[1:]))
         dense = stack.dense()
-        U, V = joint.U[joint.assignment], joint.V[joint.assignment]
+        U, V = joint.U[joint.cluster], joint.V[joint.cluster]
         recon = U @ joint.sigma @ V.transpose(1, 2)
         assert torch.allclose(joint.residuals, (dense - recon).square().sum(dim=(1, 2)), rtol=1e-8,
                               atol=1e-12 * dense.square().sum().item())
@@ -343,17 +371,17 @@ def test_batched_clustered_jd_with_an_emptied_cluster():
     from jdlora.compress.clustering import _fill_empty_clusters, _jd_full_clusters
 
     stack = random_stack(12, 14, 12, 4, seed=22, shared=2)
-    single = jd_full(stack, 5, tol=1e-8, ftol=0, max_iter=300)
+    single = jd_full(stack, CS(rank=5, tol=1e-8, ftol=0, max_iter=300))
     options = dict(tol=1e-8, ftol=1e-12, max_iter=300)
     bases = [(single.U, single.V)] * 3
-    first = _jd_full_clusters(stack, 5, torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 2]), bases, seed=0, **options)
+    first = _jd_full_clusters(stack, torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 2]), bases, CS(rank=5, **options))
     bases = [(r.U, r.V) for r in first]
     # Reassignment emptied cluster 2: it is re-seeded with the worst-reconstructed adapter (one
     # rank-4 adapter: stacked rank 4 < r, solved per cluster), the other clusters jointly.
     emptied = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1])
     assignment = _fill_empty_clusters(emptied, 3, first, stack, bases, "full")
     assert torch.bincount(assignment, minlength=3).tolist()[2] == 1
-    batched = _jd_full_clusters(stack, 5, assignment, bases, seed=0, **options)
+    batched = _jd_full_clusters(stack, assignment, bases, CS(rank=5, **options))
     reference = _cluster_reference(stack, 5, assignment, bases, **options)
     assert [r.rank for r in batched] == [r.rank for r in reference] == [5, 5, 4]
     for b, r in zip(batched, reference):
@@ -427,7 +455,7 @@ def test_warm_started_jd_reduces_to_the_span_after_probing():
     gen = torch.Generator().manual_seed(3)
     init = (torch.linalg.qr(torch.randn(40, 4, generator=gen, dtype=F64)).Q,
             torch.linalg.qr(torch.randn(32, 4, generator=gen, dtype=F64)).Q)
-    probed = jd_full(stack, 4, tol=1e-12, ftol=0, max_iter=40, init=init)
+    probed = jd_full(stack, CS(rank=4, tol=1e-12, ftol=0, max_iter=40), init=init)
     full = _jd_full_iterate(stack, 4, "qr", 1e-12, 0, 40, init)
     assert len(probed.history) == len(full.history)
     assert torch.allclose(torch.tensor(probed.history), torch.tensor(full.history), rtol=1e-9, atol=1e-12)
@@ -466,24 +494,24 @@ def test_clustered_jd_with_settling_rounds_and_kept_last_moves(batched, monkeypa
     keep = clustering._keep_last_moves
 
     def spy(stack, result, new_assignment, sigma, total):
-        kept.append(int((new_assignment != result.assignment).sum()))
+        kept.append(int((new_assignment != result.cluster).sum()))
         return keep(stack, result, new_assignment, sigma, total)
 
     monkeypatch.setattr(clustering, "_keep_last_moves", spy)
     # 60 adapters: settling rounds are on (settle_moves * n >= 1); stop_moves = 0.1 stops with up to
     # 6 adapters still moving, whose moves are kept.
     stack = random_stack(60, 24, 20, 3, seed=0, shared=3)
-    single = jd_cluster(stack, 4, 1)
-    exact = jd_cluster(stack, 4, 6, settle_factor=1, stop_moves=0, batched=batched)
-    fast = jd_cluster(stack, 4, 6, stop_moves=0.1, batched=batched)
+    single = jd_cluster(stack, CS(rank=4, clusters=1))
+    exact = jd_cluster(stack, CS(rank=4, clusters=6), settle_factor=1, stop_moves=0, batched=batched)
+    fast = jd_cluster(stack, CS(rank=4, clusters=6), stop_moves=0.1, batched=batched)
     assert kept[-1] > 0 and fast.history[1] != exact.history[1]  # both features were exercised
     assert fast.history[-1] <= exact.history[-1] * 1.05
     dense = stack.dense()
     for result in (exact, fast):
-        assert set(result.assignment.tolist()) == set(range(6))
+        assert set(result.cluster.tolist()) == set(range(6))
         assert result.residuals.sum() <= single.residuals.sum() * (1 + 1e-9)
         assert all(b <= a * (1 + 1e-9) for a, b in zip(result.history, result.history[1:]))
-        U, V = result.U[result.assignment], result.V[result.assignment]
+        U, V = result.U[result.cluster], result.V[result.cluster]
         recon = U @ result.sigma @ V.transpose(1, 2)
         errors = (dense - recon).square().sum(dim=(1, 2))
         assert torch.allclose(result.residuals, errors, rtol=1e-8, atol=1e-12 * dense.square().sum().item())
@@ -505,3 +533,24 @@ def test_stack_caches_follow_subsets_and_scaling():
     scaled = stack.scaled(factors)
     assert torch.allclose(scaled.sq_norms(), LoraStack(scaled.A, Bt=scaled.Bt).sq_norms(), rtol=1e-12)
     assert torch.allclose(norms * factors.square(), scaled.sq_norms())
+
+
+def test_small_modules_compress_on_one_thread_and_the_thread_count_comes_back():
+    from jdlora.compress.threads import SINGLE_THREAD_ELEMENTS, threads_for
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        small = random_stack(4, 16, 16, 2, seed=0)
+        with threads_for(small) as used:
+            assert used == 1 and torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        # Large enough products keep every thread (zero factors: nothing is computed here).
+        d = SINGLE_THREAD_ELEMENTS // (2 * 16)
+        large = LoraStack(torch.zeros(1, 16, d), Bt=torch.zeros(1, 16, d))
+        with threads_for(large) as used:
+            assert used == 2
+        compress_module(small, CS(rank=2))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

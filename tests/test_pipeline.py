@@ -104,7 +104,7 @@ def test_collection_reports_errors_and_parameter_counts(real_adapters):
 
 
 def test_unknown_adapter_name_lists_close_matches(real_adapters):
-    collection = jdlora.compress(real_adapters[:2], rank=2, progress=False)
+    collection = jdlora.compress(real_adapters[:2], rank=2, clusters=1, progress=False)
     with pytest.raises(UnknownAdapterError, match="ao-wei-svg"):
         collection.delta_weight("ao-wei-sgv", "model.layers.0.self_attn.q_proj")
 
@@ -142,22 +142,46 @@ def test_compression_streams_one_module_at_a_time():
     assert leaks == []
 
 
-def test_synthetic_collection_with_auto_settings_records_the_sweep():
-    adapters = synthetic_adapters(12, llama_modules(2, 64, 32), rank=4, groups=3)
-    collection = jdlora.compress(adapters, rank="auto", clusters="auto", target_error=0.25, progress=False)
-    assert collection.settings["rank"] == round(12 / 2 + 7)
-    tried = collection.sweep
-    chosen = collection.settings["clusters"]
-    assert [p.clusters for p in tried] == [1, 2, 4, 8, 12][: len(tried)]
-    assert tried[-1].clusters == chosen
-    assert all(p.mean_adapter_error >= 0.25 for p in tried[:-1])
-    assert tried[-1].mean_adapter_error < 0.25 or chosen == 12
-    assert {e.compression.num_clusters for e in collection.modules.values()} == {chosen}
+def test_auto_settings_keep_the_worst_adapter_under_the_target_and_say_why(tmp_path):
+    # Families that share most directions, as trained LoRAs do: a target that clustering can meet.
+    adapters = synthetic_adapters(12, llama_modules(2, 256, 64), rank=8, groups=3, sharing=0.97, noise=0.01)
+    collection = jdlora.compress(adapters, target_error=0.1, progress=False)
+    choice, settings = collection.choice, collection.settings
+    assert choice.met and choice.target_error == 0.1 and choice.error_quantile == 1.0
+    assert isinstance(settings.rank, int) and isinstance(settings.clusters, int) and settings.sigma_kind == "full"
+    middle = collection.modules[choice.module].compression
+    assert middle.adapter_errors.max().item() <= 0.1  # every adapter, not the pooled error
+    chosen = [p for p in collection.sweep if (p.rank, p.clusters) == (settings.rank, settings.clusters)]
+    assert chosen and f"rank {settings.rank}, {settings.clusters} cluster" in choice.reason
+    # No setting tried that meets the target is cheaper to store.
+    assert min(p.cost() for p in collection.sweep if p.quantile_error <= 0.1) == chosen[0].cost()
+    assert "automatic choice" in collection.summary() and choice.reason in collection.summary()
+    # The manifest keeps the settings (typed again on load) and the choice.
+    loaded = jdlora.JDLoraCollection.from_pretrained(collection.save_pretrained(tmp_path / "c", progress=False))
+    assert loaded.settings == settings and loaded.choice == choice and len(loaded.sweep) == len(collection.sweep)
+
+
+def test_recompress_keeps_the_settings_float64_included(tmp_path):
+    from jdlora.synthetic import save_adapters
+
+    folders = save_adapters(synthetic_adapters(4, llama_modules(1, 32, 16), rank=2), tmp_path / "loras")
+    collection = jdlora.compress(folders[:3], rank=3, clusters=2, dtype=F64, progress=False)
+    again = jdlora.recompress(collection, folders[3:])
+    assert again.settings == collection.settings and again.settings.dtype == F64
+    assert all(e.compression.U.dtype == F64 for e in again.modules.values()) and len(again) == 4
+    assert jdlora.recompress(collection, clusters=1).settings.clusters == 1
+
+
+def test_invalid_settings_fail_before_any_adapter_is_read():
+    from jdlora.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="rank=0"):
+        jdlora.compress(["/nonexistent/adapter"], rank=0, progress=False)
 
 
 def test_diag_sigma_is_stored_as_vectors():
     adapters = synthetic_adapters(5, llama_modules(1, 48, 16), rank=4)
-    collection = jdlora.compress(adapters, rank=6, sigma="diag", progress=False)
+    collection = jdlora.compress(adapters, rank=6, clusters=1, sigma_kind="diag", progress=False)
     sigma = collection.modules["model.layers.0.self_attn.q_proj"].compression.sigma
     assert sigma.shape == (5, 6) and collection.sigma_kind == "diag"
 

@@ -125,14 +125,19 @@ def test_merged_deltas_are_removed_after_the_block(tiny_model_dir):
     assert torch.equal(model.get_submodule(name).weight, w)
 
 
+# The methods of the rerun (benchmarks/RESULTS.md): the automatic settings with JD-Full and with both kinds,
+# per-adapter SVD and JD-Full with the same stored parameters.
+METHODS = "JD-Full r16,JD-Diag r16,auto,auto full+diag,SVD r1,JD-Full r16 c1 =SVD r1,TIES"
+
+
 def test_study_and_report_run_end_to_end(tiny_model_dir, zoo_dir, tmp_path):
     out = tmp_path / "study.json"
     run.main(["study", "--model-dir", str(tiny_model_dir), "--zoo-dir", str(zoo_dir), "--out", str(out),
-              "--sizes", "2,3", "--methods", "JD-Full r16,JD-Diag r16,auto,SVD r4,TIES", "--test-examples", "4",
+              "--sizes", "2,3", "--methods", METHODS, "--test-examples", "4",
               "--added", "1", "--batch-size", "5", "--device", "cpu"])
     study = json.loads(out.read_text())
     assert [(r["n"], r["method"]) for r in study["runs"]] == [
-        (n, m) for n in (2, 3) for m in ("JD-Full r16", "JD-Diag r16", "auto", "SVD r4", "TIES")]
+        (n, m) for n in (2, 3) for m in METHODS.split(",")]
     for r in study["runs"]:
         assert len(r["scores"]) == r["n"] and all(0 <= s["rouge_l"] <= 1 for s in r["scores"])
         assert r["error"] >= 0 and (r["kind"] == "ties" or r["error"] <= 1)  # TIES can be worse than nothing
@@ -145,6 +150,8 @@ def test_study_and_report_run_end_to_end(tiny_model_dir, zoo_dir, tmp_path):
     report_dir = tmp_path / "report"
     run.main(["report", "--zoo-dir", str(zoo_dir), "--study", str(out), "--out-dir", str(report_dir)])
     md = (report_dir / "report.md").read_text()
-    assert "Table 4" in md and "JD-Full r16" in md and "G.9" in md
+    assert "Table 4" in md and "JD-Full r16" in md and "G.9" in md and "the skill it keeps" in md
+    assert "equal stored parameters: JD-Full r16 c1" in md and "auto full+diag settings, n=3" in md
+    assert all(r["choice"]["reason"] for r in study["runs"] if r["method"].startswith("auto"))
     for png in ("figure3.png", "figure5.png"):
         assert (report_dir / png).read_bytes()[:4] == b"\x89PNG"

@@ -21,8 +21,8 @@ import torch
 
 import jdlora
 from jdlora.distributed import RayEngine
-from jdlora.distributed.staging import MODULES_DIR, STAGING_DIR
-from jdlora.errors import NonFiniteWeightsError
+from jdlora.distributed.staging import MODULES_DIR, staging_root
+from jdlora.errors import NonFiniteWeightsError, TargetExistsError
 from jdlora.synthetic import save_adapters, synthetic_adapters
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]' to run the distributed tests")
@@ -155,7 +155,7 @@ def resume_adapters(log):
 
 def test_killed_driver_resumes_without_recomputing_finished_modules(cluster, tmp_path):
     out = tmp_path / "collection"
-    staged = out / STAGING_DIR / MODULES_DIR
+    staged = staging_root(out) / MODULES_DIR
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     script = _DRIVER.format(tests=str(Path(__file__).parent), address=cluster, log=str(first_log), out=str(out))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(jdlora.__file__).parents[1]),
@@ -184,7 +184,7 @@ def test_killed_driver_resumes_without_recomputing_finished_modules(cluster, tmp
     finished_modules = {name.removesuffix(".safetensors") for name in finished}
     assert not recomputed & finished_modules  # not one read of a finished module's factors
     assert sorted(s["module"] for s in stats) == sorted(set(MODULES) - finished_modules)
-    assert not (out / STAGING_DIR).exists()  # the normal save replaced the staging area
+    assert not staging_root(out).exists()  # removed after the normal save
     uninterrupted = jdlora.compress(resume_adapters(None), rank=4, clusters=2, progress=False, engine="ray")
     _assert_same(uninterrupted, resumed)
     _assert_same(uninterrupted, jdlora.JDLoraCollection.from_pretrained(out), history=False)
@@ -205,8 +205,8 @@ def test_corrupt_adapter_among_1000_is_named_and_nothing_half_written_is_finishe
     _poison(bad / "adapter_model.safetensors", "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight")
     out = tmp_path / "collection"
     with pytest.raises(NonFiniteWeightsError, match="synthetic-00500"):
-        jdlora.compress(paths, rank=4, progress=False, engine=RayEngine(out=str(out)))
-    staged = out / STAGING_DIR / MODULES_DIR
+        jdlora.compress(paths, rank=4, clusters=1, progress=False, engine=RayEngine(out=str(out)))
+    staged = staging_root(out) / MODULES_DIR
     assert not (out / "collection.json").exists()
     assert not (staged / "model.layers.0.self_attn.v_proj.safetensors").exists()
     assert not [p for p in staged.iterdir() if p.name.startswith(".")]  # no temporary file left behind
@@ -218,9 +218,9 @@ def test_cli_compress_and_add_on_ray(cluster, tmp_path):
 
     paths = save_adapters(synthetic_adapters(10, MODULES, rank=4, seed=4), tmp_path / "adapters")
     out = tmp_path / "collection"
-    assert main(["compress", *map(str, paths[:8]), "--rank", "4", "--out", str(out), "--ray"]) == 0
+    assert main(["compress", *map(str, paths[:8]), "--rank", "4", "--clusters", "1", "--out", str(out), "--ray"]) == 0
     collection = jdlora.JDLoraCollection.from_pretrained(out)
-    assert len(collection) == 8 and not (out / STAGING_DIR).exists()
+    assert len(collection) == 8 and not staging_root(out).exists()
     assert main(["add", str(out), *map(str, paths[8:]), "--ray"]) == 0
     added = jdlora.JDLoraCollection.from_pretrained(out)
     assert len(added) == 10
@@ -232,6 +232,8 @@ def test_output_folder_holding_other_files_is_refused_before_any_work(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("not a collection")
-    with pytest.raises(FileExistsError, match="notes.txt"):
-        jdlora.compress(synthetic_adapters(3, MODULES, rank=2), rank=2, progress=False, engine=RayEngine(out=str(out)))
+    with pytest.raises(TargetExistsError, match="notes.txt"):
+        jdlora.compress(synthetic_adapters(3, MODULES, rank=2), rank=2, clusters=1, progress=False,
+                        engine=RayEngine(out=str(out)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no staging area either
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

@@ -79,7 +79,9 @@ def test_opens_all_five_real_adapters_from_headers(data):
         assert len(a.modules) == 18 * len(targets)
         for module, shape in a.modules.items():
             assert shape == (rank, *GEMMA_SHAPES[module.rsplit(".", 1)[-1]])
-        assert a.origin == {"path": str(data / a.name), "sha256": a.sha256} and len(a.sha256) == 64
+        # origins get published: the folder name, never the local path (kept in memory only)
+        assert a.origin == {"folder": a.name, "sha256": a.sha256} and len(a.sha256) == 64
+        assert a.folder == data / a.name
 
 
 def test_same_base_model_spelled_three_ways_is_accepted(data):

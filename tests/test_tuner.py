@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import os
@@ -23,7 +24,7 @@ from jdlora.synthetic import llama_modules, save_adapters, synthetic_adapters
 from jdlora.tuner import JDLoraConfig, JDLoraModel, UnknownAdapterNameError, load_collection, to_collection
 from jdlora.tuner.layer import JDLoraLayer
 from jdlora.tuner.mixed import MixedBatch
-from jdlora.tuner.registration import check_peft_version
+from jdlora.tuner._peft_compat import check_peft_version
 
 SRC = Path(jdlora.__file__).parent
 # hidden 64, 4 query heads and 2 key/value heads of 16: q, o 64 x 64, k, v 32 x 64
@@ -101,11 +102,11 @@ def test_import_jdlora_does_not_import_peft_and_registers_when_peft_is_imported(
         "assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.JDLORA] == 'jd_'\n"
         "assert list(PeftType).count(PeftType.JDLORA) == 1\n"
         "import peft\n"
-        "assert peft.__spec__.loader.__class__.__module__ != 'jdlora.tuner.registration'\n"
+        "assert peft.__spec__.loader.__class__.__module__ != 'jdlora.tuner._peft_compat'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     # PEFT imported first: registered at import jdlora, and importing again changes nothing
-    code = ("import peft, jdlora, importlib, jdlora.tuner.registration as r\n"
+    code = ("import peft, jdlora, importlib, jdlora.tuner._peft_compat as r\n"
             "from peft.utils import PeftType\n"
             "r._state['done'] = False; r.register(); r.register()\n"
             "assert [t for t in PeftType if t.value == 'JDLORA'] == [PeftType.JDLORA]\n")
@@ -119,9 +120,12 @@ def test_peft_type_member_is_added_safely_and_once_on_other_pythons(version):
         if os.path.isdir("/root/.pyenv/versions") else None
     if python is None:
         pytest.skip(f"no Python {version} here")
+    source = (SRC / "tuner" / "_peft_compat.py").read_text()
+    function = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "add_enum_member")
     code = (
-        "import enum, json, pickle, runpy, sys\n"
-        f"add = runpy.run_path({str(SRC / 'tuner' / 'registration.py')!r})['add_enum_member']\n"
+        "import enum, json, pickle, sys\n"
+        f"{ast.get_source_segment(source, function)}\n"
+        "add = add_enum_member\n"
         "class PT(str, enum.Enum):\n    LORA = 'LORA'\n"
         "m = add(PT, 'JDLORA'); assert add(PT, 'JDLORA') is m\n"
         "assert PT.JDLORA is m and PT('JDLORA') is m and PT['JDLORA'] is m and m == 'JDLORA'\n"
@@ -409,25 +413,25 @@ def test_training_in_a_collections_subspace_adds_a_task_to_it(base, full, ids, t
     assert model.get_nb_trainable_parameters()[0] == 6 * 6 * len(full.modules)
     losses = train_steps(model, ids, steps=10)
     assert losses[-1] < losses[0]
-    model.save_pretrained(tmp_path)
-    saved = JDLoraCollection.from_pretrained(tmp_path)
+    to_collection(model).save_pretrained(tmp_path / "c", progress=False)
+    saved = JDLoraCollection.from_pretrained(tmp_path / "c")
     assert saved.adapter_names == full.adapter_names + ["new-task"]
     assert all(torch.equal(saved.modules[m].compression.U, full.modules[m].compression.U) for m in full.modules)
-    reloaded = PeftModel.from_pretrained(fresh(base), tmp_path, adapter_name="new-task")
+    reloaded = PeftModel.from_pretrained(fresh(base), tmp_path / "c", adapter_name="new-task")
     assert reloaded.active_adapters == ["new-task"] and close(logits(reloaded, ids), logits(model, ids))
+    # PEFT's layout: the adapter alone, with the bases it uses in its weights file
+    model.save_pretrained(tmp_path / "p", selected_adapters=["new-task"])
+    alone = PeftModel.from_pretrained(fresh(base), tmp_path / "p" / "new-task")
+    assert close(logits(alone, ids), logits(model, ids))
 
 
 # ----- saving and loading with PEFT (the collection format) -------------------------------------
 
 
-def test_save_pretrained_writes_the_collection_format_and_from_pretrained_loads_every_adapter(base, full, ids,
-                                                                                             tmp_path):
+def test_a_collection_written_by_to_collection_loads_every_adapter_with_from_pretrained(base, full, ids, tmp_path):
     model = load_collection(fresh(base), full)
-    (tmp_path / "keep.txt").write_text("not ours")
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "keep.txt").exists()  # a trainer's output folder is not wiped
+    to_collection(model).save_pretrained(tmp_path, progress=False)
     assert (tmp_path / "collection.json").exists() and (tmp_path / "bases" / Q0 / "1.safetensors").exists()
-    assert not (tmp_path / "default").exists()  # no per-adapter copies in PEFT's layout
     loaded = PeftModel.from_pretrained(fresh(base), tmp_path)
     assert set(loaded.peft_config) == {"default", *full.adapter_names}
     for name in full.adapter_names[::2]:
@@ -445,6 +449,28 @@ def test_save_pretrained_writes_the_collection_format_and_from_pretrained_loads_
     names = ["default", "other", full.adapter_names[5]]
     model_names = [full.adapter_names[3], full.adapter_names[4], full.adapter_names[5]]
     assert close(logits(one, ids, adapter_names=names), logits(model, ids, adapter_names=model_names), 1e-6)
+    with pytest.raises(ValueError, match="stands for a collection loaded in bulk"):
+        one.load_adapter(tmp_path, adapter_name="all")  # loading into it again
+
+
+def test_a_bulk_loaded_collection_saves_each_adapter_in_peft_layout(base, full, ids, tmp_path):
+    model = load_collection(fresh(base), full)
+    names = full.adapter_names[:3]
+    with pytest.raises(ValueError, match="has no weights"):
+        model.save_pretrained(tmp_path, selected_adapters=["default"])
+    model.save_pretrained(tmp_path, selected_adapters=names)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(names)  # "default": no weights
+    saved = json.loads((tmp_path / names[0] / "adapter_config.json").read_text())
+    assert saved["bases_in_weights"] and not saved["collection"] and not (tmp_path / "adapter_config.json").exists()
+    # exactly the modules the adapter adapts (o_proj of layer 1 only), so loading it reports no missing keys
+    assert sorted(saved["target_modules"]) == sorted(m for m in full.modules if full.modules[m].row_of(0) is not None)
+    loaded = PeftModel.from_pretrained(fresh(base), tmp_path / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        loaded.load_adapter(tmp_path / name, adapter_name=name)
+    mixed = ["__base__"] + names[:2]
+    assert close(logits(loaded, ids, adapter_names=mixed), logits(model, ids, adapter_names=mixed), 1e-6)
+    layer = loaded.base_model.model.get_submodule(Q0)
+    assert len(layer.jd_U) == len({layer.jd_basis[n] for n in names})  # equal bases are shared again
 
 
 def test_a_collection_saved_by_jdlora_format_loads_with_peft(base, full, ids, tmp_path):

@@ -5,8 +5,12 @@ turns the adapters into per-adapter updates that a :class:`~.bank.LoraBank` serv
 and each adapter is scored on its own task's test set:
 
 - ``JD-Full`` / ``JD-Diag`` at ranks 16, 32, 64 (``jdlora.compress``, one cluster), ``JD-Full`` rank 16
-  with clusters, the automatic settings (section 6.4: ``rank="auto", clusters="auto"``);
-- baselines: per-adapter rank-4 SVD, and TIES merging of all adapters into one update.
+  with clusters, the automatic settings (``jdlora.compress`` defaults: the cheapest setting whose worst
+  adapter's error is at most 0.05; ``auto full+diag`` also searches JD-Diag);
+- per-adapter SVD at ranks 1, 2, 4, and JD-Full rank 16 with as many clusters as store the same
+  parameters as each of them (``JD-Full r16 c<k> =SVD r<s>``: ``k = n s / 16``), the comparison at equal
+  stored parameters;
+- TIES merging of all adapters into one update.
 
 Also: the adapters' similarity before compression, the reconstruction error of trained adapters
 against random ones of the same shapes (G.9), the error/size sweep on a middle module (Figure 5),
@@ -25,9 +29,9 @@ import torch
 from torch import Tensor
 
 import jdlora
-from jdlora.compress import LoraStack, compress_module
+from jdlora.compress import CompressionSettings, LoraStack, compress_module
+from jdlora.compress.auto import sweep
 from jdlora.compress.baselines import svd_per_adapter, ties_merge
-from jdlora.compress.settings import sweep
 from jdlora import pipeline
 from jdlora.pipeline import middle_module, natural_key
 from jdlora.sources import open_adapters
@@ -44,7 +48,11 @@ class Method:
     kind: str
     rank: int | str | None = None
     clusters: int | str = 1
-    sigma: str = "full"
+    sigma: str = "full"  # the Sigma kind (the key "sigma" of the study's JSON)
+
+
+# Per-adapter SVD ranks compared with JD at equal stored parameters.
+SVD_RANKS = (1, 2, 4)
 
 
 def methods_for(n: int) -> list[Method]:
@@ -54,7 +62,13 @@ def methods_for(n: int) -> list[Method]:
     clusters = max(2, n // 10)
     out.append(Method(f"JD-Full r16 c{clusters}", "jd", 16, clusters))
     out.append(Method("auto", "jd", "auto", "auto"))
-    out.append(Method("SVD r4", "svd", 4))
+    out.append(Method("auto full+diag", "jd", "auto", "auto", sigma="auto"))
+    for s in SVD_RANKS:
+        out.append(Method(f"SVD r{s}", "svd", s))
+        # Rank-16 bases per cluster store 16 (d_in + d_out) each, SVD s (d_in + d_out) per adapter.
+        k = max(1, round(n * s / 16))
+        if k != clusters:
+            out.append(Method(f"JD-Full r16 c{k} =SVD r{s}", "jd", 16, k))
     out.append(Method("TIES", "ties"))
     return out
 
@@ -93,12 +107,14 @@ def compress_method(method: Method, folders: Sequence[str], device) -> dict:
     """Runs one method on ``folders``; returns ``{"factors" or "deltas", "error", "saved_ratio", "seconds", ...}``."""
     start = time.perf_counter()
     if method.kind == "jd":
-        collection = jdlora.compress(list(folders), rank=method.rank, clusters=method.clusters, sigma=method.sigma,
-                                     device=device, progress=False)
+        collection = jdlora.compress(list(folders), rank=method.rank, clusters=method.clusters,
+                                     sigma_kind=method.sigma, device=device, progress=False)
         counts = collection.parameter_counts()
         return dict(factors=jd_factors(collection), error=collection.mean_adapter_error,
                     adapter_errors=list(collection.adapter_errors().values()), saved_ratio=counts["saved_ratio"],
-                    rank=collection.settings["rank"], clusters=collection.settings["clusters"],
+                    rank=collection.settings.rank, clusters=collection.settings.clusters,
+                    sigma=collection.settings.sigma_kind, parameters=counts["compressed"],
+                    choice=collection.choice.to_dict() if collection.choice else None,
                     seconds=time.perf_counter() - start, collection=collection)
     adapters = open_adapters(list(folders))
     modules = sorted(adapters[0].modules, key=natural_key)
@@ -124,7 +140,8 @@ def compress_method(method: Method, folders: Sequence[str], device) -> dict:
             raise ValueError(f"Unknown method kind {method.kind!r}.")
     errors = (res / norms.clamp_min(1e-30)).tolist()
     out = dict(error=sum(errors) / len(errors), adapter_errors=errors, saved_ratio=1 - kept / original,
-               rank=method.rank, clusters=None, seconds=time.perf_counter() - start)
+               rank=method.rank, clusters=None, sigma=None, parameters=kept, choice=None,
+               seconds=time.perf_counter() - start)
     out["factors" if method.kind == "svd" else "deltas"] = factors or deltas
     return out
 
@@ -187,8 +204,9 @@ def trained_vs_random(adapters, modules: Sequence[str], sizes: Sequence[int], ra
             stack = read_stack(adapters[:n], m, device)
             rand = random_like(stack, g)
             for r in ranks:
-                errs[r]["trained"].append(compress_module(stack, r).mean_adapter_error)
-                errs[r]["random"].append(compress_module(rand, r).mean_adapter_error)
+                settings = CompressionSettings(rank=r, clusters=1)
+                errs[r]["trained"].append(compress_module(stack, settings).mean_adapter_error)
+                errs[r]["random"].append(compress_module(rand, settings).mean_adapter_error)
         rows += [dict(n=n, rank=r, trained=sum(e["trained"]) / len(modules), random=sum(e["random"]) / len(modules))
                  for r, e in errs.items()]
     return rows
@@ -202,8 +220,8 @@ def figure5_sweep(adapters, device, ranks=(8, 16, 32, 64), clusters=(1, 2, 4, 8)
     lora_ranks = [a.modules[module][0] for a in adapters]
     grid = [(r, c) for r in ranks for c in clusters if c <= stack.n]
     points = []
-    for sigma in ("full", "diag"):
-        points += [p.to_dict() for p in sweep(stack, lora_ranks, grid, sigma=sigma)]
+    for kind in ("full", "diag"):
+        points += [p.to_dict() for p in sweep(stack, lora_ranks, grid, CompressionSettings(sigma_kind=kind))]
     return {"module": module, "n": stack.n, "points": points}
 
 
@@ -235,9 +253,10 @@ def run_study(model, tokenizer, folders: Sequence[str], tests, *, sizes: Sequenc
         for method in methods(n):
             result = compress_method(method, folders[:n], device)
             scores = evaluate_method(model, tokenizer, result, tests[:n], **score_kw)
-            out["runs"].append(dict(n=n, method=method.name, kind=method.kind, sigma=method.sigma,
+            out["runs"].append(dict(n=n, method=method.name, kind=method.kind, sigma=result.get("sigma", method.sigma),
                                     rank=result["rank"], clusters=result["clusters"], error=result["error"],
                                     adapter_errors=result["adapter_errors"], saved_ratio=result["saved_ratio"],
+                                    parameters=result.get("parameters"), choice=result.get("choice"),
                                     compress_seconds=result["seconds"], scores=scores))
             if method.name == "auto":
                 auto_settings[n] = (result["rank"], result["clusters"])

@@ -7,19 +7,29 @@ Note: ``jdlora.compress`` is the function below; the math lives in the subpackag
 name, imported as ``from jdlora.compress import jd_full`` (or ``import jdlora.compress.jd``).
 """
 
+__version__ = "0.1.0"
+
+from . import tuner  # registers JD-LoRA with PEFT as soon as PEFT is imported (not before)
 from .collection import AdapterInfo, JDLoraCollection
 from .pipeline import compress, recompress
 from .sources import LoraAdapter, open_adapter, open_adapters
 from .synthetic import synthetic_adapters
-from .tuner.registration import register_when_peft_imported
 
-register_when_peft_imported()  # JD-LoRA becomes a PEFT method as soon as PEFT is imported (not before)
+_TUNER_NAMES = ("JDLoraConfig", "JDLoraModel")
 
-__version__ = "0.1.0"
+
+def __getattr__(name: str):
+    """``jdlora.JDLoraConfig`` & co., imported (with PEFT) on first use."""
+    if name in _TUNER_NAMES:
+        return getattr(tuner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AdapterInfo",
     "JDLoraCollection",
+    "JDLoraConfig",
+    "JDLoraModel",
     "LoraAdapter",
     "compress",
     "open_adapter",

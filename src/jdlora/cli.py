@@ -9,26 +9,55 @@ import time
 from .errors import JDLoraError
 
 
-def _rank(value: str):
+def _auto_int(value: str):
     return value if value == "auto" else int(value)
 
 
-def _add_compression_options(p: argparse.ArgumentParser, *, clusters_default: str = "1") -> None:
-    p.add_argument("--rank", type=_rank, default="auto", help="rank r of the shared bases, or 'auto' (default)")
-    p.add_argument("--clusters", type=_rank, default=_rank(clusters_default),
-                   help=f"clusters per module, or 'auto' (default {clusters_default})")
-    p.add_argument("--sigma", choices=["full", "diag"], default="full", help="JD-Full or JD-Diag (default full)")
+def _default(name: str):
+    from .compress import CompressionSettings
+
+    return CompressionSettings.__dataclass_fields__[name].default
+
+
+def _add_compression_options(p: argparse.ArgumentParser) -> None:
+    """The options of :class:`~jdlora.compress.CompressionSettings`, with its defaults (one home for them)."""
+    p.add_argument("--rank", type=_auto_int, default=_default("rank"),
+                   help=f"rank r of the shared bases, or 'auto' (default {_default('rank')})")
+    p.add_argument("--clusters", type=_auto_int, default=_default("clusters"),
+                   help=f"clusters per module, or 'auto' (default {_default('clusters')})")
+    p.add_argument("--sigma", dest="sigma_kind", choices=["full", "diag", "auto"], default=_default("sigma_kind"),
+                   help=f"JD-Full, JD-Diag, or 'auto' (default {_default('sigma_kind')})")
     p.add_argument("--no-normalize", dest="normalize", action="store_false",
                    help="minimize the pooled error instead of normalizing every adapter to unit norm")
-    p.add_argument("--solver", choices=["qr", "eigen"], default="qr", help="JD-Full solver (default qr)")
-    p.add_argument("--target-error", type=float, default=0.5, help="error target of --clusters auto (default 0.5)")
-    p.add_argument("--tol", type=float, default=1e-3, help="convergence tolerance, equation 19 (default 1e-3)")
-    p.add_argument("--ftol", type=float, default=1e-5,
-                   help="also stop when an iteration lowers the error by less than this (default 1e-5)")
-    p.add_argument("--max-iter", type=int, default=100, help="iterations per JD (default 100)")
+    p.add_argument("--solver", choices=["qr", "eigen"], default=_default("solver"),
+                   help=f"JD-Full solver (default {_default('solver')})")
+    p.add_argument("--target-error", type=float, default=_default("target_error"),
+                   help="the automatic settings keep every adapter's relative error (on a middle module) at most "
+                        f"this (default {_default('target_error')}, calibrated on our quality study: docs/quality.md)")
+    p.add_argument("--error-quantile", type=float, default=_default("error_quantile"),
+                   help="check --target-error on this quantile of the adapters' errors (default "
+                        f"{_default('error_quantile')}: the worst adapter)")
+    p.add_argument("--tol", type=float, default=_default("tol"),
+                   help=f"convergence tolerance, equation 19 (default {_default('tol')})")
+    p.add_argument("--ftol", type=float, default=_default("ftol"),
+                   help=f"also stop when an iteration lowers the error by less than this (default {_default('ftol')})")
+    p.add_argument("--max-iter", type=int, default=_default("max_iter"),
+                   help=f"iterations per JD (default {_default('max_iter')})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--float64", action="store_true", help="compute in float64")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=_default("seed"))
+
+
+def _settings(args):
+    """The :class:`~jdlora.compress.CompressionSettings` of the parsed options."""
+    import torch
+
+    from .compress import CompressionSettings
+
+    return CompressionSettings(
+        rank=args.rank, clusters=args.clusters, sigma_kind=args.sigma_kind, normalize=args.normalize,
+        solver=args.solver, tol=args.tol, ftol=args.ftol, max_iter=args.max_iter, target_error=args.target_error,
+        error_quantile=args.error_quantile, dtype=torch.float64 if args.float64 else torch.float32, seed=args.seed)
 
 
 def _add_source_options(p: argparse.ArgumentParser) -> None:
@@ -42,7 +71,7 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on a Ray cluster (docs/scale.md): ADDRESS for ray.init (e.g. auto, ray://head:10001); "
                         "none: RAY_ADDRESS or a local cluster. Put it after the sources, or write --ray=ADDRESS. "
-                        "With --out, finished modules are kept there and a rerun resumes")
+                        "With --out, finished modules are kept beside it and a rerun resumes")
     p.add_argument("--worker-memory", type=float, default=4.0, metavar="GIB",
                    help="with --ray: GiB of one module's factors a worker may hold; larger modules are sharded "
                         "(default 4)")
@@ -113,26 +142,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None)
     p.set_defaults(func=cmd_export_lora)
 
-    p = sub.add_parser("tune", help="sweep rank and clusters on a middle module (paper section 6.4, Figure 5)",
-                       description="Sweep rank and cluster count on a middle module, print the table and save a "
-                                   "plot of error against parameters saved (the paper's Figure 5).")
+    p = sub.add_parser("tune", help="sweep rank, clusters and Sigma kind on a middle module (Figure 5)",
+                       description="Sweep rank and cluster count on a middle module, print each setting's errors and "
+                                   "cost, the cheapest setting whose worst adapter meets the target, and save a plot "
+                                   "of error against parameters saved (the paper's Figure 5).")
     _add_source_options(p)
-    p.add_argument("--ranks", default="8,16,32,64", help="comma-separated ranks to try (default 8,16,32,64; the "
-                                                          "section 6.4 rank is always added)")
+    p.add_argument("--ranks", default="4,8,16,32,64",
+                   help="comma-separated ranks to try (default 4,8,16,32,64; clamped to what the module can use)")
     p.add_argument("--max-clusters", type=int, default=None, help="largest cluster count tried (default: n)")
     p.add_argument("--plot", default="jdlora-tune.png", help="PNG path of the plot (default jdlora-tune.png)")
-    p.add_argument("--sigma", choices=["full", "diag"], default="full")
+    p.add_argument("--sigma", dest="sigma_kind", choices=["full", "diag", "auto"], default=_default("sigma_kind"),
+                   help="JD-Full, JD-Diag, or 'auto': both")
     p.add_argument("--no-normalize", dest="normalize", action="store_false")
-    p.add_argument("--target-error", type=float, default=0.5)
+    p.add_argument("--target-error", type=float, default=_default("target_error"))
+    p.add_argument("--error-quantile", type=float, default=_default("error_quantile"))
     p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=_default("seed"))
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="compress a built-in synthetic collection (no input needed)",
                        description="Generate a synthetic LoRA collection, compress it with automatic settings "
                                    "and print the summary.")
     p.add_argument("--adapters", type=int, default=64, help="number of synthetic adapters (default 64)")
-    p.add_argument("--layers", type=int, default=8, help="layers of the synthetic model (default 8)")
+    p.add_argument("--layers", type=int, default=4, help="layers of the synthetic model (default 4)")
     p.add_argument("--hidden", type=int, default=512, help="hidden size of the synthetic model (default 512)")
     p.add_argument("--plot", default=None, help="also save the tuning sweep plot to this PNG")
     p.add_argument("--seed", type=int, default=0)
@@ -149,23 +181,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _compress_kwargs(args) -> dict:
-    import torch
-
-    return dict(rank=args.rank, clusters=args.clusters, sigma=args.sigma, normalize=args.normalize,
-                solver=args.solver, tol=args.tol, ftol=args.ftol, max_iter=args.max_iter, target_error=args.target_error,
-                device=args.device, dtype=torch.float64 if args.float64 else torch.float32, seed=args.seed)
-
-
 def cmd_compress(args) -> int:
+    from .format.save import check_save_target
     from .pipeline import compress
 
+    if args.out:  # refuse a target that is not a collection now, not after minutes of compression
+        check_save_target(args.out)
     start = time.perf_counter()
     engine = _engine(args, out=args.out)
-    collection = compress(args.sources, allow_pickle=args.allow_pickle, token=args.token, **_compress_kwargs(args),
-                          **({"engine": engine} if engine else {}))
+    collection = compress(args.sources, _settings(args), device=args.device, allow_pickle=args.allow_pickle,
+                          token=args.token, **({"engine": engine} if engine else {}))
     _print_collection(collection, time.perf_counter() - start)
-    if engine and args.out:  # the engine saved it, replacing its staging area
+    if engine and args.out:  # the engine saved it
         print(f"\nSaved to {args.out}")
     elif args.out:
         print(f"\nSaved to {collection.save_pretrained(args.out)}")
@@ -212,7 +239,7 @@ def cmd_inspect(args) -> int:
     print(_table(["adapter", "modules", f"cluster ({modules[mid]['name'] if modules else '-'})", "error", "source"],
                  [[a["name"], sum(c is not None for c in a["clusters"]),
                    "-" if a["clusters"][mid] is None else a["clusters"][mid], f"{a['error']:.4f}",
-                   a.get("origin", {}).get("repo_id") or a.get("origin", {}).get("path") or "-"] for a in shown]))
+                   a.get("origin", {}).get("repo_id") or a.get("origin", {}).get("folder") or "-"] for a in shown]))
     if len(shown) < len(adapters):
         print(f"... and {len(adapters) - len(shown)} more (--all)")
     return 0
@@ -242,9 +269,10 @@ def cmd_export_lora(args) -> int:
 
 def cmd_tune(args) -> int:
     import torch
+    from tqdm.auto import tqdm
 
-    from .compress import auto_rank, sweep
-    from .compress.settings import cluster_counts
+    from .compress import CompressionSettings
+    from .compress.auto import cluster_counts, evaluate_setting, original_parameters, rank_ladder, stored_parameters
     from .pipeline import middle_module, natural_key, read_stack
     from .plots import plot_sweep
     from .sources import open_adapters
@@ -254,28 +282,41 @@ def cmd_tune(args) -> int:
     module = middle_module(module_names, sources)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     stack, ids = read_stack(sources, module, device=device)
-    ranks_in = [sources[i].modules[module][0] for i in ids]
+    lora_ranks = [sources[i].modules[module][0] for i in ids]
     n = stack.n
-    ranks = sorted({int(r) for r in args.ranks.split(",")} | {auto_rank(n)})
+    settings = CompressionSettings(normalize=args.normalize, target_error=args.target_error,
+                                   error_quantile=args.error_quantile, seed=args.seed)
+    # Ranks beyond the module's stacked rank (or its width) are lossless already and repeat the largest one.
+    top = rank_ladder(stack)[-1]
+    asked = sorted({int(r) for r in args.ranks.split(",")})
+    ranks = sorted({min(r, top) for r in asked})
+    if ranks != asked:
+        print(f"Ranks above {top} (the most {module} can use with {n} adapters: lossless) are tried as {top}.")
     counts = [k for k in cluster_counts(n) if args.max_clusters is None or k <= args.max_clusters]
-    print(f"Sweeping {len(ranks)} ranks x {len(counts)} cluster counts on {module} ({n} adapters)")
-    from tqdm.auto import tqdm
-
+    kinds = ["full", "diag"] if args.sigma_kind == "auto" else [args.sigma_kind]
+    budget = original_parameters(lora_ranks, stack.d_out, stack.d_in)
+    grid = [(kind, r, k) for kind in kinds for r in ranks for k in counts]
+    affordable = [(kind, r, k) for kind, r, k in grid
+                  if stored_parameters(n, stack.d_out, stack.d_in, r, k, kind) < budget]
+    print(f"Sweeping {len(affordable)} settings on {module} ({n} adapters, {stack.d_out} x {stack.d_in})")
+    if len(affordable) < len(grid):
+        print(f"({len(grid) - len(affordable)} more would store as many parameters as the LoRAs: skipped)")
     points = []
-    for r, k in tqdm([(r, k) for r in ranks for k in counts], desc="Settings", unit="setting"):
-        points.extend(sweep(stack, ranks_in, [(r, k)], sigma=args.sigma, normalize=args.normalize, seed=args.seed))
-    print(_table(["rank", "clusters", "error", "mean/adapter", "saved", "seconds"],
-                 [[p.rank, p.clusters, f"{p.error:.4f}", f"{p.mean_adapter_error:.4f}", f"{p.saved_ratio:.1%}",
-                   f"{p.seconds:.2f}"] for p in points]))
-    r16 = auto_rank(n)
-    ok = [p for p in points if p.rank == r16 and p.objective(args.normalize) < args.target_error]
-    if ok:
-        best = min(ok, key=lambda p: p.clusters)
-        print(f"Section 6.4 choice: rank {best.rank}, {best.clusters} cluster(s) "
-              f"(error {best.objective(args.normalize):.3f} < {args.target_error})")
-    else:
-        print(f"No cluster count reaches error {args.target_error} at rank {r16}.")
-    path = plot_sweep(points, args.plot, title=f"{module} ({n} adapters)", normalize=args.normalize)
+    for kind, r, k in tqdm(affordable, desc="Settings", unit="setting"):
+        points.append(evaluate_setting(stack, lora_ranks, settings.replace(rank=r, clusters=k, sigma_kind=kind))[0])
+    meeting = [p for p in points if p.quantile_error <= args.target_error]
+    best = min(meeting, key=lambda p: p.cost()) if meeting else None
+    print(_sweep_table(points, best, args.target_error))
+    which = "worst adapter" if args.error_quantile >= 1 else f"{args.error_quantile:.0%}-quantile adapter"
+    if best:
+        print(f"\nCheapest setting whose {which} error is <= {args.target_error}: {best.label()} "
+              f"({best.quantile_error:.3f}; {best.saved_ratio:.1%} saved).\n"
+              f"  jdlora compress ... --rank {best.rank} --clusters {best.clusters} --sigma {best.sigma_kind}")
+    elif points:
+        low = min(points, key=lambda p: p.quantile_error)
+        print(f"\nNo setting here keeps the {which} error <= {args.target_error} (lowest: {low.quantile_error:.3f}, "
+              f"{low.label()}): try more clusters or higher ranks, or keep these adapters uncompressed.")
+    path = plot_sweep(points, args.plot, title=f"{module} ({n} adapters)", target=args.target_error, chosen=best)
     print(f"Plot saved to {path}")
     return 0
 
@@ -286,25 +327,40 @@ def cmd_demo(args) -> int:
 
     modules = llama_modules(args.layers, args.hidden, args.hidden // 4)
     print(f"Generating {args.adapters} synthetic rank-16 LoRA adapters on q/k/v of a {args.layers}-layer model "
-          f"(hidden {args.hidden}), in 4 families that share directions.")
-    adapters = synthetic_adapters(args.adapters, modules, seed=args.seed)
+          f"(hidden {args.hidden}), in 4 families that share most of their directions, as trained LoRAs do.")
+    adapters = synthetic_adapters(args.adapters, modules, sharing=0.97, noise=0.01, seed=args.seed)
     start = time.perf_counter()
-    collection = compress(adapters, rank="auto", clusters="auto", seed=args.seed)
+    collection = compress(adapters, seed=args.seed)
     _print_collection(collection, time.perf_counter() - start)
-    if collection.sweep:
-        print("\nCluster sweep on the middle module (section 6.4):")
-        print(_table(["rank", "clusters", "error", "mean/adapter", "saved"],
-                     [[p.rank, p.clusters, f"{p.error:.4f}", f"{p.mean_adapter_error:.4f}", f"{p.saved_ratio:.1%}"]
-                      for p in collection.sweep]))
-        if args.plot:
-            from .plots import plot_sweep
+    if args.plot and collection.sweep:
+        from .plots import plot_sweep
 
-            print(f"Plot saved to {plot_sweep(collection.sweep, args.plot)}")
+        chosen = _chosen_point(collection)
+        print(f"Plot saved to {plot_sweep(collection.sweep, args.plot, target=collection.settings.target_error, chosen=chosen)}")
     return 0
+
+
+def _chosen_point(collection):
+    s = collection.settings
+    return next((p for p in collection.sweep if (p.rank, p.clusters, p.sigma_kind) == (s.rank, s.clusters, s.sigma_kind)),
+                None)
+
+
+def _sweep_table(points, chosen, target: float) -> str:
+    return _table(
+        ["sigma", "rank", "clusters", "adapter error", "mean/adapter", "pooled", "saved", "work/token", ""],
+        [[p.sigma_kind, p.rank, p.clusters, f"{p.quantile_error:.4f}", f"{p.mean_adapter_error:.4f}",
+          f"{p.error:.4f}", f"{p.saved_ratio:.1%}", f"{p.token_work:,}",
+          "<- chosen" if p is chosen else ("meets target" if p.quantile_error <= target else "")] for p in points])
 
 
 def _print_collection(collection, seconds: float) -> None:
     print(f"\nCompressed in {seconds:.1f} s\n")
+    if collection.sweep:
+        print(f"Settings tried on {collection.choice.module} (adapter error: the {_which(collection.settings)} "
+              "adapter's relative error):")
+        print(_sweep_table(collection.sweep, _chosen_point(collection), collection.settings.target_error))
+        print()
     print(collection.summary())
     errors = collection.adapter_errors()
     rows = [[name, f"{err:.4f}"] for name, err in list(errors.items())[:20]]
@@ -312,6 +368,10 @@ def _print_collection(collection, seconds: float) -> None:
     print(_table(["adapter", "error"], rows))
     if len(errors) > 20:
         print(f"... and {len(errors) - 20} more")
+
+
+def _which(settings) -> str:
+    return "worst" if settings.error_quantile >= 1 else f"{settings.error_quantile:.0%}-quantile"
 
 
 def _table(header: list[str], rows: list[list]) -> str:

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .compress import ModuleCompression, SweepPoint
-from .compress.settings import original_parameters, saved_ratio
-from .errors import UnknownAdapterError
+from .compress import AutoChoice, CompressionSettings, ModuleCompression, SweepPoint
+from .compress.auto import original_parameters, saved_ratio
+from .errors import UnknownAdapterError, UnknownModuleError
 
 
 def safe_adapter_name(name: str) -> str:
@@ -32,10 +32,13 @@ class AdapterInfo:
 
     Attributes:
         name: unique name in the collection (the PEFT adapter name it loads under).
-        origin: where it came from: ``{"path": ...}`` or ``{"repo_id", "revision", "subfolder"}``,
-            plus ``"sha256"`` of its original weights file when known.
+        origin: where it came from: ``{"folder": <folder name>}`` or ``{"repo_id", "revision", "subfolder"}``,
+            plus ``"sha256"`` of its original weights file when known. Saved and published, so it never
+            holds a local path.
         rank: its LoRA rank. alpha: its LoRA alpha. use_rslora: whether its scaling was alpha/sqrt(r).
         module_ranks: ``{module: r_i}`` (ranks can differ per module through ``rank_pattern``).
+        local_folder: run-time only (never saved): the local folder it was compressed from, which
+            :func:`jdlora.recompress` re-opens in the same process.
     """
 
     name: str
@@ -44,6 +47,7 @@ class AdapterInfo:
     alpha: float | None = None
     use_rslora: bool = False
     module_ranks: dict[str, int] = field(default_factory=dict)
+    local_folder: Path | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -75,8 +79,10 @@ class JDLoraCollection:
         adapters: one :class:`AdapterInfo` per adapter, in collection order.
         modules: ``{module name: CollectionModule}``, in model order.
         sigma_kind: ``"full"`` or ``"diag"``.
-        settings: the compression settings used (rank, clusters, normalize, solver, ...).
-        sweep: the settings tried by the automatic choice (section 6.4), if any.
+        settings: the :class:`~jdlora.compress.CompressionSettings` used, the automatic choices
+            resolved (an integer rank and cluster count, ``"full"`` or ``"diag"``).
+        sweep: the settings tried by the automatic choice, if any.
+        choice: what the automatic choice picked and why (:class:`~jdlora.compress.AutoChoice`), if any.
     """
 
     def __init__(
@@ -85,15 +91,19 @@ class JDLoraCollection:
         adapters: list[AdapterInfo],
         modules: dict[str, CollectionModule],
         sigma_kind: str,
-        settings: dict | None = None,
+        settings: CompressionSettings | dict | None = None,
         sweep: list[SweepPoint] | None = None,
+        choice: AutoChoice | None = None,
     ):
         self.base_model = base_model
         self.adapters = adapters
         self.modules = modules
         self.sigma_kind = sigma_kind
-        self.settings = dict(settings or {})
-        self.sweep = list(sweep or [])
+        if not isinstance(settings, CompressionSettings):  # a manifest's dict, or an older version's
+            settings = CompressionSettings.from_dict({"sigma_kind": sigma_kind, **(settings or {})})
+        self.settings = settings
+        self.sweep = [p if isinstance(p, SweepPoint) else SweepPoint.from_dict(p) for p in sweep or []]
+        self.choice = AutoChoice.from_dict(choice) if isinstance(choice, dict) else choice
         # Where it was loaded from ({"path_or_repo_id", "revision"}), if it was.
         self.source: dict | None = None
 
@@ -103,7 +113,7 @@ class JDLoraCollection:
     def __repr__(self) -> str:
         return (
             f"JDLoraCollection(adapters={len(self)}, modules={len(self.modules)}, sigma={self.sigma_kind!r}, "
-            f"rank={self.settings.get('rank')}, clusters={self.settings.get('clusters')}, error={self.error:.4f})"
+            f"rank={self.settings.rank}, clusters={self.settings.clusters}, error={self.error:.4f})"
         )
 
     @property
@@ -119,15 +129,26 @@ class JDLoraCollection:
 
     # ----- reconstruction -------------------------------------------------------------------------
 
+    def module(self, module: str) -> CollectionModule:
+        """One module's entry; raises :class:`~jdlora.errors.UnknownModuleError` listing close matches."""
+        try:
+            return self.modules[module]
+        except KeyError:
+            raise UnknownModuleError(module, self.modules, where="the collection") from None
+
     def sigma(self, name: str, module: str) -> Tensor | None:
         """Sigma of adapter ``name`` in ``module`` (``[r, r]`` or ``[r]``), None if it lacks the module."""
-        entry = self.modules[module]
+        entry = self.module(module)
         row = entry.row_of(self.index(name))
         return None if row is None else entry.compression.sigma[row]
 
     def delta_weight(self, name: str, module: str) -> Tensor | None:
-        """Dense reconstructed update ``U_c Sigma_i V_c^T`` (d_out x d_in) of one adapter and module."""
-        entry = self.modules[module]
+        """Dense reconstructed update ``U_c Sigma_i V_c^T`` (d_out x d_in) of one adapter and module.
+
+        Raises:
+            UnknownAdapterError, UnknownModuleError: a name the collection does not have (close matches listed).
+        """
+        entry = self.module(module)
         row = entry.row_of(self.index(name))
         return None if row is None else entry.compression.delta_weight(row)
 
@@ -260,8 +281,9 @@ class JDLoraCollection:
 
         This is the paper's "serve new LoRAs compressed right away" path: no recompression. Each new
         adapter joins, per module, the cluster whose bases reconstruct it best. Warns when an adapter's
-        error exceeds the collection's target (``settings["target_error"]``): then run
+        error exceeds the collection's target (``settings.target_error``): then run
         :func:`jdlora.recompress`. Keyword arguments go to :func:`jdlora.sources.open_adapters`.
+        All or nothing: when any adapter fails (a bad file, NaN, a shape), the collection is unchanged.
 
         Returns:
             ``{name: relative error}`` of each added adapter.
@@ -271,19 +293,26 @@ class JDLoraCollection:
         return add_adapters(self, adapters, **kwargs)
 
     def remove_adapters(self, names: Sequence[str]) -> None:
-        """Removes adapters (their Sigma rows); the shared bases stay as they are."""
+        """Removes adapters (their Sigma rows); the shared bases stay as they are.
+
+        All or nothing: an unknown name raises :class:`~jdlora.errors.UnknownAdapterError` and nothing is removed.
+        """
         if isinstance(names, str):
             names = [names]
-        drop = {self.index(name) for name in names}
+        drop = {self.index(name) for name in names}  # every name checked before anything changes
         keep = [i for i in range(len(self.adapters)) if i not in drop]
         new_index = torch.full((len(self.adapters),), -1, dtype=torch.long)
         new_index[keep] = torch.arange(len(keep))
-        for entry in self.modules.values():
+        updates = {}
+        for module, entry in self.modules.items():
             rows = new_index[entry.adapter_ids.cpu()] >= 0
             c = entry.compression
-            c.sigma, c.cluster = c.sigma[rows], c.cluster[rows]
-            c.sq_norms, c.residuals = c.sq_norms[rows], c.residuals[rows]
-            entry.adapter_ids = new_index[entry.adapter_ids.cpu()[rows]]
+            updates[module] = (dict(sigma=c.sigma[rows], cluster=c.cluster[rows], sq_norms=c.sq_norms[rows],
+                                    residuals=c.residuals[rows]), new_index[entry.adapter_ids.cpu()[rows]])
+        for module, (fields, ids) in updates.items():  # only assignments from here on: nothing can fail halfway
+            for attr, value in fields.items():
+                setattr(self.modules[module].compression, attr, value)
+            self.modules[module].adapter_ids = ids
         self.modules = {m: e for m, e in self.modules.items() if len(e.adapter_ids)}
         self.adapters = [self.adapters[i] for i in keep]
 
@@ -308,6 +337,8 @@ class JDLoraCollection:
         errors = sorted(self.adapter_errors().items(), key=lambda kv: -kv[1])
         if errors:
             lines.append("worst adapters      " + ", ".join(f"{n} {e:.3f}" for n, e in errors[:5]))
+        if self.choice is not None:
+            lines.append("automatic choice    " + self.choice.reason)
         return "\n".join(lines)
 
 

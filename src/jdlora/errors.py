@@ -22,6 +22,9 @@ __all__ = [
     "UnknownModuleError",
     "CollectionFormatError",
     "CollectionIntegrityError",
+    "UnsafePathError",
+    "TargetExistsError",
+    "SettingsError",
     "PushError",
 ]
 
@@ -49,7 +52,11 @@ class UnsafeAdapterError(JDLoraError):
 
 
 class NonFiniteWeightsError(JDLoraError, ValueError):
-    """An adapter tensor holds NaN or Inf values."""
+    """An adapter tensor holds NaN or Inf values, or values so large that only corruption explains them.
+
+    Also raised when a compression result is not finite (e.g. an update whose norm overflows): the
+    message names the adapter and the module.
+    """
 
 
 class IncompatibleAdaptersError(JDLoraError, ValueError):
@@ -65,10 +72,16 @@ class _UnknownNameError(JDLoraError, KeyError):
 
     kind = "name"
 
-    def __init__(self, name: str, known: Iterable[str], *, where: str | None = None):
-        self.name, self.known, self.where = name, sorted(known), where
+    def __init__(self, name: str, known: Iterable[str], *, where: str | None = None, missing_in: str | None = None):
+        self.name, self.known, self.where, self.missing_in = name, sorted(known), where, missing_in
         close = difflib.get_close_matches(name, self.known, n=5, cutoff=0.5)
         place = f" in {where}" if where else ""
+        if missing_in:  # the name is known to `where`; it is `missing_in` (e.g. the model) that lacks it
+            headline = f"{missing_in[:1].upper()}{missing_in[1:]} has no {self.kind} {name!r}, which the {where} has: " \
+                       "they were made for different models."
+            place = f" in {missing_in}"
+        else:
+            headline = f"Unknown {self.kind} {name!r}{place}."
         if close:
             hint = "Did you mean: " + ", ".join(repr(c) for c in close) + "?"
         elif self.known:
@@ -77,7 +90,7 @@ class _UnknownNameError(JDLoraError, KeyError):
             hint = f"Known {self.kind}s: {shown}{more}."
         else:
             hint = f"There are no {self.kind}s{place}."
-        super().__init__(f"Unknown {self.kind} {name!r}{place}. {hint}")
+        super().__init__(f"{headline} {hint}")
 
     def __str__(self) -> str:
         # KeyError.__str__ would repr() the message and wrap it in quotes.
@@ -85,11 +98,11 @@ class _UnknownNameError(JDLoraError, KeyError):
 
     def __reduce__(self):
         # Rebuild from our arguments, not from args (the message), so the error survives pickling.
-        return (_rebuild, (type(self), self.name, self.known, self.where))
+        return (_rebuild, (type(self), self.name, self.known, self.where, self.missing_in))
 
 
-def _rebuild(cls: type, name: str, known: list[str], where: str | None) -> _UnknownNameError:
-    return cls(name, known, where=where)
+def _rebuild(cls: type, name: str, known: list[str], where: str | None, missing_in: str | None = None):
+    return cls(name, known, where=where, missing_in=missing_in)
 
 
 class UnknownAdapterError(_UnknownNameError):
@@ -105,12 +118,13 @@ class UnknownAdapterError(_UnknownNameError):
 
 
 class UnknownModuleError(_UnknownNameError):
-    """A module name that the adapter does not adapt.
+    """A module name that the adapter (or collection) does not adapt, or that the model lacks.
 
     Args:
         name: the module that was asked for, e.g. `model.layers.0.self_attn.q_proj`.
-        known: every module the adapter adapts; close matches are suggested.
-        where: optional description of the adapter, used in the message.
+        known: every module the adapter adapts (or the model has); close matches are suggested.
+        where: optional description of the adapter or collection, used in the message.
+        missing_in: set when `where` has the module and it is this (e.g. "the model") that lacks it.
     """
 
     kind = "module"
@@ -133,9 +147,36 @@ class CollectionIntegrityError(CollectionFormatError):
     """
 
 
+class UnsafePathError(CollectionFormatError):
+    """A manifest or config names a path that would leave the collection's folder.
+
+    Every name and path read from a collection (adapter names, module names, `subfolder`, bases and
+    Sigma paths, origins) must be relative, free of `..`, and stay inside the collection's root once
+    links are resolved. A collection downloaded from the Hub is untrusted input: such a path is
+    refused before any file is opened or written. The message names the field and the value.
+    """
+
+
+class TargetExistsError(JDLoraError, FileExistsError):
+    """A save would replace something that is not a jdlora collection (or not a PEFT LoRA folder).
+
+    `save_pretrained` replaces a previous collection atomically, but never a regular file, a folder of
+    other files, or a folder holding files the format does not own: the message names what is there.
+    Save to a new folder, or move those files away first.
+    """
+
+
+class SettingsError(JDLoraError, ValueError):
+    """A compression setting or argument is out of range: a rank or cluster count below 1 or not an integer,
+    an unknown Sigma kind, a negative tolerance, no adapters at all. Raised when
+    :class:`~jdlora.compress.CompressionSettings` is built (before any adapter is read) or by ``compress``;
+    the message names the argument, the value given and what is accepted."""
+
+
 class PushError(JDLoraError):
     """Publishing a collection to the Hub failed; the repository was left as it was.
 
     The commit is atomic: either every file landed or none did. The message says which step failed
     (creating the repo, listing it, or the commit) and keeps the server's error as the cause.
     """
+

@@ -6,9 +6,11 @@ peak memory grows with the number of adapters times one module, not with the num
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Literal
 
@@ -16,11 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .collection import AdapterInfo, CollectionModule, JDLoraCollection, safe_adapter_name
-from .compress import LoraStack, auto_rank, choose_clusters, compress_module, project_onto_bases
-from .compress.clustering import SigmaKind
-from .compress.jd import Solver
-from .compress.settings import DEFAULT_TARGET_ERROR, SweepPoint
-from .errors import AdapterFormatError, IncompatibleAdaptersError
+from .compress import CompressionSettings, LoraStack, choose_settings, compress_module, project_onto_bases
+from .compress.auto import AutoChoice, SweepPoint
+from .errors import AdapterFormatError, IncompatibleAdaptersError, NonFiniteWeightsError, SettingsError
 from .sources import check_compatible, open_adapter, open_adapters
 
 if TYPE_CHECKING:
@@ -29,52 +29,36 @@ if TYPE_CHECKING:
 
 def compress(
     adapters: Sequence,
-    rank: int | Literal["auto"] = "auto",
-    clusters: int | Literal["auto"] = 1,
-    sigma: SigmaKind = "full",
+    settings: CompressionSettings | None = None,
     *,
-    normalize: bool = True,
-    solver: Solver = "qr",
-    tol: float = 1e-3,
-    ftol: float = 1e-5,
-    max_iter: int = 100,
-    max_rounds: int = 20,
-    target_error: float = DEFAULT_TARGET_ERROR,
     device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
     allow_pickle: bool = False,
     token: str | None = None,
     progress: bool = True,
     engine: Literal["local", "ray"] | RayEngine = "local",
+    **overrides,
 ) -> JDLoraCollection:
     """Compresses a collection of LoRA adapters jointly (Compress then Serve, arXiv 2407.00066).
 
     Args:
         adapters: local PEFT LoRA folders, Hub repo ids (``"org/name"`` or ``"org/name@revision"``),
             or opened adapters (:class:`~jdlora.sources.LoraAdapter`, synthetic adapters, ...).
-        rank: rank r of the shared bases, or ``"auto"`` (section 6.4: about n/2 + 7 up to 100 adapters,
-            16 beyond).
-        clusters: number of clusters per module, or ``"auto"``: the fewest of 1, 2, 4, ... whose error on
-            a middle module is below ``target_error`` (section 6.4).
-        sigma: ``"full"`` (JD-Full, r x r Sigma per adapter) or ``"diag"`` (JD-Diag, r values).
-        normalize: scale every update to unit norm before the JD (each adapter weighs the same; the
-            norms are folded back into Sigma). Off: the pooled error is minimized.
-        solver: JD-Full solver: ``"qr"`` (Appendix A.2) or ``"eigen"`` (Appendix A.1).
-        tol: tolerance of the convergence criterion (equation 19). ftol: also stop a JD (or the
-            clustering rounds) when an iteration lowers the relative error by less than this.
-        max_iter: iterations per JD.
-        max_rounds: cap on clustering rounds (Appendix A.3).
-        target_error: error target of the automatic cluster choice.
+        settings: a :class:`~jdlora.compress.CompressionSettings` (default: every choice automatic).
         device: where to compute; default CUDA when available, else CPU. Results live on the CPU.
-        dtype: float32 (default) or float64.
-        seed: seed of every random choice; the same inputs and seed give the same result.
         allow_pickle: accept adapters stored as pickle ``.bin`` files (unsafe: only for trusted files).
         token: Hub token for private repos.
         progress: show a progress bar.
         engine: ``"local"`` (this process), or ``"ray"`` / a :class:`~jdlora.distributed.RayEngine`:
             every module a task on a Ray cluster, modules too large for one worker sharded, resumable
             through ``RayEngine(out=...)``, which also saves the result there (docs/scale.md).
+        **overrides: fields of :class:`~jdlora.compress.CompressionSettings` that replace those of
+            ``settings`` (``rank=16``, ``clusters=4``, ``sigma_kind="diag"``, ``dtype=torch.float64``, ...).
+
+    With ``rank``, ``clusters`` or ``sigma_kind`` left ``"auto"`` (the default), they are chosen on a
+    middle module (:func:`~jdlora.compress.choose_settings`): the cheapest setting (parameters stored,
+    then work per token) whose worst adapter's relative error is at most ``target_error`` (0.05,
+    calibrated on our quality study, docs/quality.md); the collection's :attr:`choice` says what was
+    chosen and why, or that nothing met the target and what it would take.
 
     Returns:
         The compressed collection, with errors per module and per adapter and parameter counts.
@@ -86,53 +70,54 @@ def compress(
         >>> print(collection.summary())
         ```
     """
-    if sigma not in ("full", "diag"):
-        raise ValueError(f"sigma must be 'full' or 'diag', got {sigma!r}.")
+    settings = (settings or CompressionSettings()).replace(**overrides)
+    if isinstance(adapters, (str, os.PathLike)):
+        raise SettingsError(f"adapters={str(adapters)!r} is one path: pass a list of adapters, e.g. [{str(adapters)!r}].")
+    if not (adapters := list(adapters)):
+        raise SettingsError("No adapters to compress: pass a list of PEFT LoRA folders or Hub repo ids "
+                            "(e.g. jdlora.compress(['./lora-a', './lora-b'])).")
     sources = open_adapters(adapters, allow_pickle=allow_pickle, token=token)
     _check_unique_names(sources)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     module_names = sorted({m for s in sources for m in s.modules}, key=natural_key)
     if not module_names:
-        raise ValueError("The adapters have no LoRA modules in common or otherwise: nothing to compress.")
-    jd_kwargs = dict(sigma=sigma, normalize=normalize, solver=solver, tol=tol, ftol=ftol, max_iter=max_iter,
-                     max_rounds=max_rounds, seed=seed)
+        raise AdapterFormatError("The adapters have no LoRA modules: nothing to compress.")
 
     def load(module: str) -> tuple[LoraStack, list[int], list[int]]:
-        stack, ids = read_stack(sources, module, dtype=dtype, device=device)
+        stack, ids = read_stack(sources, module, dtype=settings.dtype, device=device)
         return stack, ids, [sources[i].modules[module][0] for i in ids]
 
     sweep: list[SweepPoint] = []
-    if rank == "auto" or clusters == "auto":
+    choice: AutoChoice | None = None
+    if settings.is_auto:
         middle = middle_module(module_names, sources)
         stack, _, ranks = load(middle)
-        rank = auto_rank(stack.n) if rank == "auto" else rank
-        if clusters == "auto":
-            clusters, sweep = choose_clusters(stack, ranks, rank, target=target_error, **jd_kwargs)
+        with tqdm(desc=f"Choosing settings on {middle}", unit="setting", disable=not progress) as bar:
+            settings, choice, sweep = choose_settings(stack, ranks, settings, module=middle, progress=bar)
         del stack
 
     infos = _adapter_infos(sources)
-    if engine != "local":  # distributed: Ray tasks, staged in the output folder (jdlora.distributed)
+    if engine != "local":  # distributed: Ray tasks, finished modules staged for resuming (jdlora.distributed)
         from .distributed import resolve_engine
         from .distributed.engine import compress_modules
 
         engine = resolve_engine(engine)
-        modules = compress_modules(engine, sources, module_names, rank=rank, clusters=clusters, jd_kwargs=jd_kwargs,
-                                   dtype=dtype, infos=infos, progress=progress)
+        modules = compress_modules(engine, sources, module_names, settings, infos=infos, progress=progress)
     else:
         modules = {}
         for module in tqdm(module_names, desc="Compressing modules", unit="module", disable=not progress):
             stack, ids, _ = load(module)
-            result = compress_module(stack, rank, clusters, **jd_kwargs)
+            result = compress_module(stack, settings)
+            check_finite(module, [sources[i].name for i in ids], result.sq_norms, result.residuals, result.sigma,
+                         result.U, result.V)
             modules[module] = CollectionModule(_to_cpu(result), torch.tensor(ids))
             del stack
 
-    settings = dict(rank=rank, clusters=clusters, sigma=sigma, normalize=normalize, solver=solver, tol=tol, ftol=ftol,
-                    max_iter=max_iter, max_rounds=max_rounds, target_error=target_error, seed=seed,
-                    dtype=str(dtype).removeprefix("torch."))
-    collection = JDLoraCollection(common_base_model(sources), infos, modules, sigma, settings, sweep)
+    collection = JDLoraCollection(common_base_model(sources), infos, modules, settings.sigma_kind, settings, sweep,
+                                  choice)
     if engine != "local" and engine.out is not None:
-        collection.save_pretrained(engine.out, progress=progress)  # replaces the staging area
+        engine.finish(collection, progress=progress)  # the normal save, then the staging area removed
     return collection
 
 
@@ -143,6 +128,25 @@ def read_stack(sources: Sequence, module: str, *, dtype: torch.dtype = torch.flo
     stack = LoraStack.from_factors([sources[i].read_module(module) for i in ids],
                                    [sources[i].scaling(module) for i in ids], dtype=dtype, device=device)
     return stack, ids
+
+
+def check_finite(module: str, names: Sequence[str], sq_norms: torch.Tensor, residuals: torch.Tensor,
+                 *tensors: torch.Tensor) -> None:
+    """Refuses a module's result unless every number is finite, naming the adapters at fault.
+
+    Inputs are checked as they are read, but an update can still overflow (huge but finite factors), and
+    a NaN would then be saved silently as an error of ``nan``.
+    """
+    bad = ~(torch.isfinite(sq_norms) & torch.isfinite(residuals))
+    if bool(bad.any()) or not all(bool(torch.isfinite(t).all()) for t in tensors):
+        culprits = [n for n, b in zip(names, bad.tolist()) if b]
+        raise NonFiniteWeightsError(
+            f"Module {module}: the compression is not finite (NaN or Inf), because of "
+            + (f"adapter(s) {', '.join(map(repr, culprits[:5]))}, whose update overflows" if culprits
+               else "values too large for the dtype")
+            + ". Their weights are corrupted or absurdly large: check or leave out those adapters"
+            + (", or compress in float64." if not culprits else ".")
+        )
 
 
 def common_base_model(sources: Sequence) -> str | None:
@@ -202,6 +206,9 @@ def add_adapters(collection: JDLoraCollection, adapters: Sequence, *, allow_pick
         from .distributed.engine import project_modules
 
         projected = project_modules(resolve_engine(engine), collection, sources)
+    # Every new row is computed first and the collection changed only once all of them exist, so a failure
+    # (a NaN in the last module, a bad file) leaves the collection exactly as it was.
+    updates = {}
     for module, entry in collection.modules.items():
         if not any(module in s.modules for s in sources):
             continue
@@ -212,15 +219,23 @@ def add_adapters(collection: JDLoraCollection, adapters: Sequence, *, allow_pick
             stack, ids = read_stack(sources, module, dtype=c.U.dtype, device=c.U.device)
             sigma, cluster, residuals = project_onto_bases(stack, c.U, c.V, collection.sigma_kind)
             sq_norms = stack.sq_norms()
-        c.sigma = torch.cat([c.sigma, sigma.to(c.sigma)])
-        c.cluster = torch.cat([c.cluster, cluster.to(c.cluster)])
-        c.sq_norms = torch.cat([c.sq_norms, sq_norms.to(c.sq_norms)])
-        c.residuals = torch.cat([c.residuals, residuals.to(c.residuals)])
-        entry.adapter_ids = torch.cat([entry.adapter_ids, torch.tensor(ids, dtype=torch.long) + start])
-    collection.adapters.extend(_adapter_infos(sources))
+        check_finite(module, [sources[i].name for i in ids], sq_norms, residuals, sigma)
+        updates[module] = dict(
+            sigma=torch.cat([c.sigma, sigma.to(c.sigma)]), cluster=torch.cat([c.cluster, cluster.to(c.cluster)]),
+            sq_norms=torch.cat([c.sq_norms, sq_norms.to(c.sq_norms)]),
+            residuals=torch.cat([c.residuals, residuals.to(c.residuals)]),
+            adapter_ids=torch.cat([entry.adapter_ids, torch.tensor(ids, dtype=torch.long) + start]),
+        )
+    infos = _adapter_infos(sources)
+    for module, fields in updates.items():  # only assignments from here on
+        entry = collection.modules[module]
+        entry.adapter_ids = fields.pop("adapter_ids")
+        for attr, value in fields.items():
+            setattr(entry.compression, attr, value)
+    collection.adapters.extend(infos)
     errors = collection.adapter_errors()
     added = {info.name: errors[info.name] for info in collection.adapters[start:]}
-    target = collection.settings.get("target_error", DEFAULT_TARGET_ERROR)
+    target = collection.settings.target_error
     worse = {name: e for name, e in added.items() if e > target}
     if worse:
         warnings.warn(
@@ -255,34 +270,66 @@ def _check_fits_collection(collection: JDLoraCollection, sources: Sequence) -> N
         check_compatible([anchor, *sources])
 
 
-def recompress(collection: JDLoraCollection, new_adapters: Sequence = (), **overrides) -> JDLoraCollection:
+def recompress(collection: JDLoraCollection, new_adapters: Sequence = (), *,
+               adapters_dir: str | os.PathLike | None = None, **overrides) -> JDLoraCollection:
     """Compresses the collection's original adapters and ``new_adapters`` again, from scratch.
 
-    The originals are re-opened from each adapter's recorded origin (local path, or Hub repo id at its
-    recorded revision). Settings default to the collection's; ``overrides`` replace them (e.g.
-    ``clusters="auto"``).
+    The originals are re-opened from each adapter's recorded origin: a Hub adapter from its repo id at its
+    recorded revision; a local one from the folder it was compressed from (in the same process), else from
+    ``adapters_dir / <its folder name>`` (origins record folder names, never local paths). A re-opened
+    adapter must have the sha256 its origin records. Settings are the collection's
+    (:attr:`~jdlora.JDLoraCollection.settings`, its dtype included); ``overrides`` replace them (e.g.
+    ``clusters="auto"``); ``token`` goes to the Hub.
 
     Raises:
-        AdapterFormatError: an original cannot be opened again (pass it in ``new_adapters`` instead).
+        AdapterFormatError: an original cannot be found (pass ``adapters_dir``, or pass it in ``new_adapters``
+            after removing it), or its weights changed since it was compressed.
+
+    Example:
+        ```python
+        >>> collection = JDLoraCollection.from_pretrained("./my-collection")
+        >>> fresh = jdlora.recompress(collection, ["./new-lora"], adapters_dir="./adapters")
+        ```
     """
     specs = []
     for info in collection.adapters:
         origin = info.origin
-        if "path" in origin:
-            specs.append(open_adapter(origin["path"], name=info.name))
-        elif "repo_id" in origin:
-            specs.append(open_adapter(origin["repo_id"], name=info.name, revision=origin.get("revision"),
-                                      subfolder=origin.get("subfolder"), token=overrides.get("token")))
+        if "repo_id" in origin:
+            spec = open_adapter(origin["repo_id"], name=info.name, revision=origin.get("revision"),
+                                subfolder=origin.get("subfolder"), token=overrides.get("token"))
+        elif "folder" in origin:
+            spec = open_adapter(_original_folder(info, adapters_dir), name=info.name)
         else:
             raise AdapterFormatError(
-                f"Adapter {info.name!r} has no path or Hub origin to re-open (origin: {origin}). "
+                f"Adapter {info.name!r} has no folder or Hub origin to re-open (origin: {origin}). "
                 "Remove it, or recompress from the original adapters with jdlora.compress()."
             )
-    keys = ("rank", "clusters", "sigma", "normalize", "solver", "tol", "ftol", "max_iter", "max_rounds",
-            "target_error", "seed")
-    settings = {k: collection.settings[k] for k in keys if k in collection.settings}
-    settings.update(overrides)
-    return compress([*specs, *new_adapters], **settings)
+        if origin.get("sha256") and spec.sha256 != origin["sha256"]:
+            raise AdapterFormatError(
+                f"Adapter {info.name!r}: {spec.weights_file} has sha256 {spec.sha256[:12]}..., but the adapter was "
+                f"compressed from weights with sha256 {origin['sha256'][:12]}...: it is another adapter, or it changed. "
+                "Pass the right adapters_dir, or remove_adapters() it and pass the new one in new_adapters."
+            )
+        specs.append(spec)
+    token = overrides.pop("token", None)
+    return compress([*specs, *new_adapters], collection.settings.replace(**overrides), token=token)
+
+
+def _original_folder(info: AdapterInfo, adapters_dir: str | os.PathLike | None) -> Path:
+    """Where a local original is: the folder it was read from in this process, else under ``adapters_dir``."""
+    if adapters_dir is None and info.local_folder is not None and info.local_folder.is_dir():
+        return info.local_folder
+    folder = info.origin["folder"]
+    if adapters_dir is None:
+        raise AdapterFormatError(
+            f"Adapter {info.name!r} was compressed from a local folder named {folder!r}; the collection records only "
+            "that name (never a local path). Pass adapters_dir=, the folder that holds it."
+        )
+    path = Path(adapters_dir) / folder
+    if not path.is_dir():
+        raise AdapterFormatError(f"Adapter {info.name!r}: no folder {path} (its origin records the folder name "
+                                 f"{folder!r}). Pass the adapters_dir that holds it.")
+    return path
 
 
 def _adapter_infos(sources: Sequence) -> list[AdapterInfo]:
@@ -291,6 +338,7 @@ def _adapter_infos(sources: Sequence) -> list[AdapterInfo]:
             name=safe_adapter_name(s.name), origin=dict(s.origin), rank=getattr(s, "rank", None),
             alpha=getattr(s, "alpha", None), use_rslora=bool(getattr(s, "use_rslora", False)),
             module_ranks={m: shape[0] for m, shape in s.modules.items()},
+            local_folder=getattr(s, "folder", None) if "folder" in s.origin else None,
         )
         for s in sources
     ]

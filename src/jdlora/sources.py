@@ -41,11 +41,12 @@ from jdlora.errors import (
     IncompatibleAdaptersError,
     JDLoraError,
     NonFiniteWeightsError,
+    TargetExistsError,
     UnknownModuleError,
     UnsafeAdapterError,
 )
 
-__all__ = ["LoraAdapter", "open_adapter", "open_adapters", "check_compatible", "write_lora_folder"]
+__all__ = ["LoraAdapter", "open_adapter", "open_adapters", "check_compatible", "looks_local", "write_lora_folder"]
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -70,6 +71,24 @@ _UNSUPPORTED = {
     "trainable_token_indices": "trainable tokens",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)*(@.+)?$")
+# No LoRA factor of a working adapter comes near this (real ones stay below 1); a value above it comes from
+# corrupted bytes (a flipped exponent bit gives 1e24) and would overflow the compression into NaN.
+MAX_ABS_FACTOR = 1e6
+
+
+def looks_local(spec: str | os.PathLike) -> bool:
+    """Whether ``spec`` names a local path rather than a Hub repo id, without touching the network.
+
+    Local: a ``Path``; anything that is not shaped like ``org/name[/subfolder][@revision]`` (``./x``, ``/x``,
+    ``~/x``, ``x``, backslashes); and ``a/b`` when ``a`` is an existing local folder (then ``a/b`` is a path
+    under it, even if ``a/b`` itself is missing). So a mistyped local path fails at once instead of after
+    the Hub client's retries.
+    """
+    if not isinstance(spec, str):
+        return True
+    if not _HUB_ID.match(spec) or spec.startswith((".", "~")):
+        return True
+    return Path(spec.split("/", 1)[0]).is_dir()
 
 
 def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
@@ -146,12 +165,13 @@ class LoraAdapter:
             (or `adapter_model.bin`, see `allow_pickle`).
         name: the adapter's name; defaults to the folder name.
         origin: where it came from, e.g. `{"repo_id": ..., "revision": ..., "subfolder": ...}`;
-            defaults to `{"path": <absolute folder>}`.
+            defaults to `{"folder": <folder name>}` (never a full local path: origins get published).
         allow_pickle: load `adapter_model.bin` (with `torch.load(weights_only=True)`) when there is
             no safetensors file. Off by default: pickles from strangers can run code.
 
     Attributes:
         name, base_model, config, weights_file, modules (module -> (rank, d_out, d_in)).
+        folder: the local folder it was read from (for a Hub adapter, the cache's); kept in memory only.
     """
 
     def __init__(
@@ -166,9 +186,10 @@ class LoraAdapter:
         if not folder.is_dir():
             raise AdapterFormatError(f"No adapter folder at {folder}.")
         self.name: str = name or folder.name
+        self.folder = folder
         self.config: dict[str, Any] = self._read_config(folder / CONFIG_NAME)
         self.base_model: str | None = self.config.get("base_model_name_or_path")
-        self._origin = dict(origin) if origin is not None else {"path": str(folder)}
+        self._origin = dict(origin) if origin is not None else {"folder": folder.name}
         self._sha256: str | None = None
         self._state: dict[str, torch.Tensor] | None = None  # all tensors, for a pickle adapter only
         safetensors_file, pickle_file = folder / SAFETENSORS_NAME, folder / PICKLE_NAME
@@ -303,7 +324,7 @@ class LoraAdapter:
 
     @property
     def origin(self) -> dict[str, Any]:
-        """Where the adapter came from (`path`, or `repo_id` / `revision` / `subfolder`) and its `sha256`."""
+        """Where the adapter came from (`folder`, or `repo_id` / `revision` / `subfolder`) and its `sha256`."""
         return {**self._origin, "sha256": self.sha256}
 
     def _key_pair(self, module: str) -> tuple[str, str]:
@@ -333,7 +354,8 @@ class LoraAdapter:
             dtype: the dtype to return (the check for NaN/Inf runs on the stored dtype).
 
         Raises:
-            NonFiniteWeightsError: a factor holds NaN or Inf (the message names the file and tensor).
+            NonFiniteWeightsError: a factor holds NaN or Inf, or a value above `MAX_ABS_FACTOR` in magnitude
+                (corrupted bytes); the message names the file and tensor.
         """
         keys = self._key_pair(module)
         if self._state is not None:
@@ -352,6 +374,14 @@ class LoraAdapter:
                     f"Adapter {self.name!r}: tensor {key!r} in {self.weights_file} holds {nan} NaN and "
                     f"{int((~finite).sum()) - nan} Inf values. The adapter is broken; retrain or re-export it, "
                     "or leave it out of the collection."
+                )
+            values = tensor if tensor.element_size() > 1 else tensor.float()
+            largest = float(values.abs().max()) if tensor.numel() else 0.0
+            if largest > MAX_ABS_FACTOR:
+                raise NonFiniteWeightsError(
+                    f"Adapter {self.name!r}: tensor {key!r} in {self.weights_file} holds a value of {largest:.3g}; LoRA "
+                    f"factors stay far below {MAX_ABS_FACTOR:g}, so the file's bytes are corrupted. Download or export "
+                    "the adapter again, or leave it out of the collection."
                 )
         # copy pickle tensors so that callers cannot edit our cached state in place
         a, b = (t.to(dtype=dtype, copy=self._state is not None) for t in tensors)
@@ -404,8 +434,9 @@ def _download(repo_id: str, subfolder: str | None, revision: str | None, token: 
         ) from exc
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as exc:
         raise AdapterFormatError(
-            f"Cannot download adapter {where!r}: the Hub is unreachable (or HF_HUB_OFFLINE is set) and it is not in "
-            "the local cache. Check the network and HF_ENDPOINT, or download it once while online."
+            f"Cannot download adapter {where!r}: there is no local folder {Path(repo_id).absolute()}, so it was taken "
+            "for a Hub repo id, but the Hub is unreachable (or HF_HUB_OFFLINE is set) and it is not in the local cache. "
+            "If it is a local folder, check the path; else check the network and HF_ENDPOINT."
         ) from exc
     except (errors.HfHubHTTPError, errors.HFValidationError, OSError) as exc:
         raise AdapterFormatError(f"Downloading adapter {where!r} from the Hub failed: {exc}") from exc
@@ -447,9 +478,12 @@ def open_adapter(
         if not folder.is_dir():
             raise AdapterFormatError(f"{folder} is a file; pass the folder that holds {CONFIG_NAME} and the weights.")
         return LoraAdapter(folder, name=name, allow_pickle=allow_pickle)
+    if looks_local(spec):
+        raise AdapterFormatError(
+            f"No adapter folder at {local.absolute()}: it does not exist (and {str(spec)!r} is a local path, not a Hub "
+            "repo id like 'org/name'). Check the path."
+        )
     spec = str(spec)
-    if not _HUB_ID.match(spec):
-        raise AdapterFormatError(f"No adapter folder at {spec!r} (and it is not a Hub repo id like 'org/name').")
     path, _, at_revision = spec.partition("@")
     parts = path.split("/")
     repo_id, in_repo = "/".join(parts[:2]), "/".join(parts[2:])
@@ -546,6 +580,22 @@ def open_adapters(
     return adapters
 
 
+# What a PEFT adapter folder holds: a folder with anything else in it is not replaced.
+_ADAPTER_FILES = {CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME, "README.md"}
+
+
+def _check_lora_target(path: Path) -> None:
+    if path.is_symlink():
+        raise TargetExistsError(f"{path} is a symbolic link; pass the folder it points to ({path.resolve()}).")
+    if not path.exists():
+        return
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else None
+    if entries is None or (entries and CONFIG_NAME not in entries) or set(entries) - _ADAPTER_FILES:
+        what = "a file" if entries is None else "a folder holding " + ", ".join(entries[:5])
+        raise TargetExistsError(f"{path} exists and is {what}, not a PEFT adapter folder: refusing to replace it, "
+                                "which would delete it. Write to a new folder, or move it away first.")
+
+
 def write_lora_folder(
     path: str | os.PathLike,
     tensors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
@@ -560,7 +610,8 @@ def write_lora_folder(
     """Write a standard PEFT LoRA folder that `PeftModel.from_pretrained` loads.
 
     The folder appears at once or not at all: it is written beside `path` and renamed into place.
-    An existing PEFT folder (or empty folder) at `path` is replaced.
+    An existing PEFT LoRA folder (or empty folder) at `path` is replaced; anything else is refused with
+    `TargetExistsError` (a file, a link, or a folder holding files other than an adapter's).
 
     Args:
         path: the folder to create.
@@ -598,8 +649,7 @@ def write_lora_folder(
         state[f"base_model.model.{module}.lora_B.weight"] = b.detach().to("cpu", copy=True).contiguous()
     config_dict = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
 
-    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / CONFIG_NAME).exists())):
-        raise FileExistsError(f"{path} exists and is not a PEFT adapter folder; refusing to replace it.")
+    _check_lora_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

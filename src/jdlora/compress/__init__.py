@@ -7,18 +7,24 @@ Each idea of the paper lives in one module:
 - :mod:`.clustering`: clustered JD (Appendix A.3).
 - :mod:`.module`: normalization and the errors reported per module and adapter.
 - :mod:`.baselines`: per-adapter SVD (equation 4) and TIES merging.
-- :mod:`.settings`: automatic rank and cluster count (section 6.4).
+- :mod:`.settings`: :class:`CompressionSettings`, the one typed settings object.
+- :mod:`.auto`: choosing rank, clusters and Sigma kind automatically (section 6.4, recalibrated).
+- :mod:`.threads`: how many CPU threads a module's products get.
 """
 
+from .auto import AutoChoice, SweepPoint, choose_settings, saved_ratio, sweep
 from .baselines import SVDResult, TiesResult, svd_per_adapter, ties_merge
 from .clustering import ClusterResult, assignment_errors, jd, jd_cluster, kmeans
 from .jd import JDResult, jd_diag, jd_full, residuals, sigma_diag, sigma_full
 from .module import ModuleCompression, compress_module, project_onto_bases
-from .settings import SweepPoint, auto_rank, choose_clusters, saved_ratio, sweep
+from .settings import DEFAULT_TARGET_ERROR, CompressionSettings
 from .stack import LoraStack
 
 __all__ = [
+    "DEFAULT_TARGET_ERROR",
+    "AutoChoice",
     "ClusterResult",
+    "CompressionSettings",
     "JDResult",
     "LoraStack",
     "ModuleCompression",
@@ -26,8 +32,7 @@ __all__ = [
     "SweepPoint",
     "TiesResult",
     "assignment_errors",
-    "auto_rank",
-    "choose_clusters",
+    "choose_settings",
     "compress_module",
     "project_onto_bases",
     "jd",

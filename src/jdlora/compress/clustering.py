@@ -6,16 +6,14 @@ k clusters, each with its own bases ``(U_j, V_j)``; adapter i is reconstructed a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
-from .jd import JDResult, Solver, _qr_iterations, effective_rank, jd_diag, jd_full, residuals, sigma_diag, sigma_full
+from .jd import JDResult, _int_rank, _qr_iterations, effective_rank, jd_diag, jd_full, residuals, sigma_diag, sigma_full
+from .settings import CompressionSettings, SigmaKind
 from .stack import LoraStack
-
-SigmaKind = Literal["full", "diag"]
 
 
 @dataclass
@@ -25,7 +23,7 @@ class ClusterResult:
     Attributes:
         U: ``[C, d_out, r]``. V: ``[C, d_in, r]``.
         sigma: ``[n, r, r]`` or ``[n, r]``.
-        assignment: ``[n]`` cluster of each adapter.
+        cluster: ``[n]`` cluster of each adapter.
         residuals: ``[n]`` squared errors ``||dW_i - U_c(i) Sigma_i V_c(i)^T||^2``.
         history: relative error after the single-cluster start and after every round.
     """
@@ -33,44 +31,25 @@ class ClusterResult:
     U: Tensor
     V: Tensor
     sigma: Tensor
-    assignment: Tensor
+    cluster: Tensor
     residuals: Tensor
     history: list[float] = field(default_factory=list)
     rounds: int = 0
 
 
-def jd(
-    stack: LoraStack,
-    rank: int,
-    *,
-    sigma: SigmaKind = "full",
-    solver: Solver = "qr",
-    tol: float = 1e-3,
-    ftol: float = 1e-5,
-    max_iter: int = 100,
-    init: tuple[Tensor, Tensor] | None = None,
-    seed: int = 0,
-) -> JDResult:
-    """Dispatches to :func:`~jdlora.compress.jd.jd_full` or :func:`~jdlora.compress.jd.jd_diag`."""
-    if sigma == "full":
-        return jd_full(stack, rank, solver=solver, tol=tol, ftol=ftol, max_iter=max_iter, init=init, seed=seed)
-    if sigma == "diag":
-        return jd_diag(stack, rank, tol=tol, ftol=ftol, max_iter=max_iter, init=init, seed=seed)
-    raise ValueError(f"Unknown sigma kind {sigma!r}; use 'full' or 'diag'.")
+def jd(stack: LoraStack, settings: CompressionSettings, *, init: tuple[Tensor, Tensor] | None = None) -> JDResult:
+    """Dispatches on ``settings.sigma_kind`` to :func:`~jdlora.compress.jd.jd_full` or :func:`~jdlora.compress.jd.jd_diag`."""
+    if settings.sigma_kind == "full":
+        return jd_full(stack, settings, init=init)
+    if settings.sigma_kind == "diag":
+        return jd_diag(stack, settings, init=init)
+    raise ValueError(f"The JD needs a resolved Sigma kind, 'full' or 'diag'; got {settings.sigma_kind!r}.")
 
 
 def jd_cluster(
     stack: LoraStack,
-    rank: int,
-    clusters: int,
+    settings: CompressionSettings,
     *,
-    sigma: SigmaKind = "full",
-    solver: Solver = "qr",
-    tol: float = 1e-3,
-    ftol: float = 1e-5,
-    max_iter: int = 100,
-    max_rounds: int = 20,
-    seed: int = 0,
     batched: bool | None = None,
     settle_factor: float = 100.0,
     settle_moves: float = 0.05,
@@ -101,11 +80,9 @@ def jd_cluster(
 
     Args:
         stack: the module's updates.
-        rank: r of every cluster's bases.
-        clusters: k; clamped to n.
-        sigma, solver, tol, ftol, max_iter: as for :func:`jd`.
-        max_rounds: cap on the assignment/JD alternations.
-        seed: seed of the random initializations and of k-means.
+        settings: ``rank`` (r of every cluster's bases), ``clusters`` (k; clamped to n), ``sigma_kind``,
+            the JD options of :func:`jd`, ``max_rounds`` (cap on the assignment/JD alternations) and
+            ``seed`` (of the random initializations and of k-means).
         batched: run the JD-Full QR iterations of all clusters at once (:func:`_jd_full_clusters`)
             instead of one cluster after the other. Default: on CUDA only, where the per-cluster
             loop is bound by kernel launches and host syncs; on the CPU the per-cluster loop (where
@@ -115,9 +92,12 @@ def jd_cluster(
         settle_moves, stop_moves: fractions of n that end the settling rounds and the rounds.
     """
     n = stack.n
-    clusters = max(1, min(clusters, n))
-    options = dict(sigma=sigma, solver=solver, tol=tol, ftol=ftol, max_iter=max_iter, seed=seed)
-    single = jd(stack, rank, **options)
+    rank, sigma_kind = _int_rank(settings), settings.sigma_kind
+    if settings.clusters == "auto":
+        raise ValueError("jd_cluster needs a resolved cluster count; choose one first.")
+    clusters = max(1, min(settings.clusters, n))
+    tol, ftol, max_rounds, seed = settings.tol, settings.ftol, settings.max_rounds, settings.seed
+    single = jd(stack, settings)
     total = stack.sq_norms().sum()
     history = [(single.residuals.sum() / total).item()]
     if clusters == 1:
@@ -126,49 +106,48 @@ def jd_cluster(
             single.residuals, history,
         )
     features = single.sigma.reshape(n, -1)
-    assignment = kmeans(features / features.norm(dim=1, keepdim=True).clamp_min(1e-30), clusters, seed=seed)
+    cluster = kmeans(features / features.norm(dim=1, keepdim=True).clamp_min(1e-30), clusters, seed=seed)
     bases = [(single.U, single.V)] * clusters
     results: list[JDResult | None] = [None] * clusters
     if batched is None:
         batched = stack.A.is_cuda
-    batched = batched and sigma == "full" and solver == "qr"
+    batched = batched and sigma_kind == "full" and settings.solver == "qr"
     errors = None
     settling = settle_factor > 1 and settle_moves * n >= 1
     rounds = 0
     for rounds in range(1, max_rounds + 1):
-        assignment = _fill_empty_clusters(assignment, clusters, results, stack, bases, sigma, errors=errors)
+        cluster = _fill_empty_clusters(cluster, clusters, results, stack, bases, sigma_kind, errors=errors)
         settling = settling and rounds < max_rounds
         factor = settle_factor if settling else 1.0
-        round_tol, round_ftol = tol * factor, ftol * factor
+        round_settings = replace(settings, tol=tol * factor, ftol=ftol * factor)
         if batched:
-            results = _jd_full_clusters(stack, rank, assignment, bases, tol=round_tol, ftol=round_ftol,
-                                        max_iter=max_iter, seed=seed)
+            results = _jd_full_clusters(stack, cluster, bases, round_settings)
         else:
             for j in range(clusters):
-                sub = stack.subset((assignment == j).nonzero().flatten())
+                sub = stack.subset((cluster == j).nonzero().flatten())
                 init = bases[j] if effective_rank(sub, rank) == bases[j][0].shape[1] else None
-                results[j] = jd(sub, rank, init=init, **dict(options, tol=round_tol, ftol=round_ftol))
+                results[j] = jd(sub, round_settings, init=init)
         bases = [(res.U, res.V) for res in results]
         history.append(sum(r.residuals.sum() for r in results).item() / total.item())
-        errors = assignment_errors(stack, bases, sigma)
-        new_assignment = errors.argmin(dim=1)
+        errors = assignment_errors(stack, bases, sigma_kind)
+        new_cluster = errors.argmin(dim=1)
         # Keep ties with the current cluster, so the loop cannot cycle between equal choices.
-        current = errors.gather(1, assignment[:, None]).squeeze(1)
-        new_assignment = torch.where(current <= errors.min(dim=1).values, assignment, new_assignment)
-        moved = int((new_assignment != assignment).sum())
-        stalled = history[-2] - history[-1] < round_ftol
+        current = errors.gather(1, cluster[:, None]).squeeze(1)
+        new_cluster = torch.where(current <= errors.min(dim=1).values, cluster, new_cluster)
+        moved = int((new_cluster != cluster).sum())
+        stalled = history[-2] - history[-1] < round_settings.ftol
         if settling:
             settling = moved > settle_moves * n and not stalled
         elif moved <= stop_moves * n or stalled or rounds == max_rounds:
             break
-        assignment = new_assignment
+        cluster = new_cluster
     else:
-        new_assignment = assignment
-    result = _gather(stack, results, assignment, rank, sigma, history, rounds)
-    return _keep_last_moves(stack, result, new_assignment, sigma, total)
+        new_cluster = cluster
+    result = _gather(stack, results, cluster, sigma_kind, history, rounds)
+    return _keep_last_moves(stack, result, new_cluster, sigma_kind, total)
 
 
-def _keep_last_moves(stack: LoraStack, result: ClusterResult, new_assignment: Tensor, sigma: SigmaKind,
+def _keep_last_moves(stack: LoraStack, result: ClusterResult, new_cluster: Tensor, sigma_kind: SigmaKind,
                      total: Tensor) -> ClusterResult:
     """Moves the adapters whose last reassignment (Step 2) was not followed by a JD round.
 
@@ -176,34 +155,26 @@ def _keep_last_moves(stack: LoraStack, result: ClusterResult, new_assignment: Te
     so the objective only drops; the last history entry is updated to include it. Skipped when a
     cluster would be left empty.
     """
-    moved = (new_assignment != result.assignment).nonzero().flatten()
+    moved = (new_cluster != result.cluster).nonzero().flatten()
     if len(moved) == 0:
         return result
     C = result.U.shape[0]
-    if bool((torch.bincount(new_assignment, minlength=C) == 0).any()):
+    if bool((torch.bincount(new_cluster, minlength=C) == 0).any()):
         return result
     sigmas, res = result.sigma.clone(), result.residuals.clone()
-    for j in new_assignment[moved].unique().tolist():
-        rows = moved[new_assignment[moved] == j]
+    for j in new_cluster[moved].unique().tolist():
+        rows = moved[new_cluster[moved] == j]
         sub = stack.subset(rows)
         U, V = result.U[j], result.V[j]
-        sig = sigma_full(sub, U, V) if sigma == "full" else sigma_diag(sub, U, V)
+        sig = sigma_full(sub, U, V) if sigma_kind == "full" else sigma_diag(sub, U, V)
         sigmas[rows] = sig
         res[rows] = residuals(sub, U, V, sig)
     history = result.history[:-1] + [(res.sum() / total).item()]
-    return ClusterResult(result.U, result.V, sigmas, new_assignment, res, history, result.rounds)
+    return ClusterResult(result.U, result.V, sigmas, new_cluster, res, history, result.rounds)
 
 
 def _jd_full_clusters(
-    stack: LoraStack,
-    rank: int,
-    assignment: Tensor,
-    bases: list[tuple[Tensor, Tensor]],
-    *,
-    tol: float,
-    ftol: float,
-    max_iter: int,
-    seed: int,
+    stack: LoraStack, cluster: Tensor, bases: list[tuple[Tensor, Tensor]], settings: CompressionSettings
 ) -> list[JDResult]:
     """One JD-Full (QR solver) per cluster, the iterations of all clusters run together.
 
@@ -224,13 +195,14 @@ def _jd_full_clusters(
 
     Returns:
         One :class:`JDResult` per cluster, its sigma and residuals ordered like
-        ``(assignment == j).nonzero()``.
+        ``(cluster == j).nonzero()``.
     """
     C = len(bases)
     device = stack.A.device
-    counts = torch.bincount(assignment, minlength=C)
+    rank = _int_rank(settings)
+    counts = torch.bincount(cluster, minlength=C)
     row_rank = stack.row_counts()
-    cluster_rank = torch.zeros(C, dtype=row_rank.dtype, device=device).index_add_(0, assignment, row_rank)
+    cluster_rank = torch.zeros(C, dtype=row_rank.dtype, device=device).index_add_(0, cluster, row_rank)
     counts_list, ranks_list = torch.stack([counts, cluster_rank]).tolist()  # one sync per call
     effective = [max(1, min(rank, stack.d_out, stack.d_in, k)) for k in ranks_list]
     common = max(effective)
@@ -238,17 +210,16 @@ def _jd_full_clusters(
     results: list[JDResult | None] = [None] * C
     for j in range(C):
         if j not in joint:
-            sub = stack.subset((assignment == j).nonzero().flatten())
+            sub = stack.subset((cluster == j).nonzero().flatten())
             init = bases[j] if effective[j] == bases[j][0].shape[1] else None
-            results[j] = jd_full(sub, rank, solver="qr", tol=tol, ftol=ftol, max_iter=max_iter, init=init,
-                                 seed=seed)
+            results[j] = jd_full(sub, settings, init=init)
     if not joint:
         return results
     # The jointly solved clusters, renumbered 0..J-1, their adapters laid out cluster by cluster.
     J = len(joint)
     remap = torch.full((C,), -1, dtype=torch.long, device=device)
     remap[torch.tensor(joint, device=device)] = torch.arange(J, device=device)
-    a = remap[assignment]
+    a = remap[cluster]
     rows = (a >= 0).nonzero().flatten()
     rows = rows[torch.argsort(a[rows], stable=True)]  # cluster by cluster, each in index order
     a = a[rows]
@@ -266,7 +237,7 @@ def _jd_full_clusters(
     U = torch.stack([bases[j][0] for j in joint])  # [J, d_out, r]
     V = torch.stack([bases[j][1] for j in joint])
     out = _qr_iterations(A.reshape(J, m * r_max, stack.d_in), Bt.reshape(J, m * r_max, stack.d_out), r_max, U, V,
-                         sq_norms, tol=tol, ftol=ftol, max_iter=max_iter)
+                         sq_norms, tol=settings.tol, ftol=settings.ftol, max_iter=settings.max_iter)
     for jj, j in enumerate(joint):
         size = sizes[jj]
         results[j] = JDResult(out.U[jj], out.V[jj], out.sigma[jj, :size], out.residuals[jj, :size],
@@ -274,7 +245,7 @@ def _jd_full_clusters(
     return results
 
 
-def assignment_errors(stack: LoraStack, bases: list[tuple[Tensor, Tensor]], sigma: SigmaKind) -> Tensor:
+def assignment_errors(stack: LoraStack, bases: list[tuple[Tensor, Tensor]], sigma_kind: SigmaKind) -> Tensor:
     """``[n, C]``: ``min_Sigma ||B_i A_i - U_j Sigma V_j^T||^2`` for every adapter and cluster (Step 2).
 
     The bases of all clusters are concatenated (``[d, C * r]``), so the products with the factors are
@@ -293,7 +264,7 @@ def assignment_errors(stack: LoraStack, bases: list[tuple[Tensor, Tensor]], sigm
     r = max(ranks)
     U_all = torch.cat([_pad_columns(U, r) for U, _ in bases], dim=1)  # [d_out, C * r]
     V_all = torch.cat([_pad_columns(V, r) for _, V in bases], dim=1)
-    grams = [(U.T @ U) * (V.T @ V) for U, V in bases] if sigma == "diag" else []
+    grams = [(U.T @ U) * (V.T @ V) for U, V in bases] if sigma_kind == "diag" else []
     chunk = max(1, _CHUNK_ELEMENTS // max(1, stack.r_max * C * r))
     kept = []
     for start in range(0, stack.n, chunk):
@@ -301,7 +272,7 @@ def assignment_errors(stack: LoraStack, bases: list[tuple[Tensor, Tensor]], sigm
         c = part.n
         BtU = part.times_Bt(U_all).reshape(c, stack.r_max, C, r)
         AV = part.times_A(V_all).reshape(c, stack.r_max, C, r)
-        if sigma == "full":
+        if sigma_kind == "full":
             P = torch.einsum("nkcr,nkcs->ncrs", BtU, AV)  # U_j^T B_i A_i V_j
             kept.append(P.square().sum(dim=(2, 3)))
         else:
@@ -352,47 +323,47 @@ def kmeans(x: Tensor, k: int, *, seed: int = 0, iterations: int = 50) -> Tensor:
     return labels
 
 
-def _fill_empty_clusters(assignment, clusters, results, stack, bases, sigma, errors=None) -> Tensor:
+def _fill_empty_clusters(cluster, clusters, results, stack, bases, sigma_kind, errors=None) -> Tensor:
     """Moves the worst-reconstructed adapter of a multi-member cluster into each empty cluster.
 
     ``errors``: :func:`assignment_errors` for ``bases`` when the caller has them already.
     """
-    assignment = assignment.clone()
-    if not bool((torch.bincount(assignment, minlength=clusters) == 0).any()):  # the usual case: one sync
-        return assignment
+    cluster = cluster.clone()
+    if not bool((torch.bincount(cluster, minlength=clusters) == 0).any()):  # the usual case: one sync
+        return cluster
     for j in range(clusters):
-        if (assignment == j).any():
+        if (cluster == j).any():
             continue
         if errors is None:
-            errors = assignment_errors(stack, [bases[c] for c in range(clusters)], sigma)
-        own = errors.gather(1, assignment[:, None]).squeeze(1)
-        counts = torch.bincount(assignment, minlength=clusters)
-        movable = counts[assignment] > 1
+            errors = assignment_errors(stack, [bases[c] for c in range(clusters)], sigma_kind)
+        own = errors.gather(1, cluster[:, None]).squeeze(1)
+        counts = torch.bincount(cluster, minlength=clusters)
+        movable = counts[cluster] > 1
         own = torch.where(movable, own, torch.full_like(own, -1.0))
-        assignment[own.argmax()] = j
-    return assignment
+        cluster[own.argmax()] = j
+    return cluster
 
 
-def _gather(stack, results, assignment, rank, sigma, history, rounds) -> ClusterResult:
+def _gather(stack, results, cluster, sigma_kind, history, rounds) -> ClusterResult:
     """Assembles per-cluster results into stacked tensors ordered like the adapters."""
     r = max(res.rank for res in results)
     U = torch.stack([_pad_columns(res.U, r) for res in results])
     V = torch.stack([_pad_columns(res.V, r) for res in results])
-    shape = (stack.n, r, r) if sigma == "full" else (stack.n, r)
+    shape = (stack.n, r, r) if sigma_kind == "full" else (stack.n, r)
     sigmas = torch.zeros(shape, dtype=stack.A.dtype, device=stack.A.device)
     res_all = torch.zeros(stack.n, dtype=stack.A.dtype, device=stack.A.device)
-    counts = torch.bincount(assignment, minlength=len(results)).tolist()
-    order = torch.argsort(assignment, stable=True)  # cluster by cluster, each in index order
+    counts = torch.bincount(cluster, minlength=len(results)).tolist()
+    order = torch.argsort(cluster, stable=True)  # cluster by cluster, each in index order
     starts = [sum(counts[:j]) for j in range(len(results))]
     for j, res in enumerate(results):
         members = order[starts[j]:starts[j] + counts[j]]
         k = res.rank
-        if sigma == "full":
+        if sigma_kind == "full":
             sigmas[members, :k, :k] = res.sigma
         else:
             sigmas[members, :k] = res.sigma
         res_all[members] = res.residuals
-    return ClusterResult(U, V, sigmas, assignment, res_all, history, rounds)
+    return ClusterResult(U, V, sigmas, cluster, res_all, history, rounds)
 
 
 def _pad_columns(X: Tensor, r: int) -> Tensor:

@@ -16,14 +16,14 @@ clustering of Appendix A.3 relies on).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from .settings import CompressionSettings, Solver
 from .stack import LoraStack, times, times_transposed
 
-Solver = Literal["qr", "eigen"]
+__all__ = ["JDResult", "Solver", "jd_diag", "jd_full", "residuals", "sigma_diag", "sigma_full"]
 
 # Solving in the span of the stacked factors pays off once it shrinks d at least this much.
 _REDUCE_FACTOR = 2
@@ -170,15 +170,7 @@ def effective_rank(stack: LoraStack, rank: int) -> int:
 
 
 def jd_full(
-    stack: LoraStack,
-    rank: int,
-    *,
-    solver: Solver = "qr",
-    tol: float = 1e-3,
-    ftol: float = 1e-5,
-    max_iter: int = 100,
-    init: tuple[Tensor, Tensor] | None = None,
-    seed: int = 0,
+    stack: LoraStack, settings: CompressionSettings, *, init: tuple[Tensor, Tensor] | None = None
 ) -> JDResult:
     """JD-Full (equation 2): orthonormal shared U, V and full ``Sigma_i = U^T B_i A_i V``.
 
@@ -200,19 +192,16 @@ def jd_full(
 
     Args:
         stack: the module's updates.
-        rank: r; clamped by :func:`effective_rank`.
-        solver: ``"qr"`` or ``"eigen"``.
-        tol: tolerance of the convergence criterion (equation 19).
-        max_iter: iteration cap.
+        settings: ``rank`` (r, clamped by :func:`effective_rank`), ``solver`` (``"qr"`` or ``"eigen"``),
+            ``tol`` (equation 19), ``ftol``, ``max_iter`` and ``seed`` (of the random initialization
+            when ``init`` is not given) are used.
         init: optional ``(U, V)`` to start from (e.g. the bases of a previous run).
-        seed: seed of the random initialization when ``init`` is not given.
 
     Returns:
         The best :class:`JDResult` seen, the initialization included.
     """
-    if solver not in ("qr", "eigen"):
-        raise ValueError(f"Unknown JD-Full solver {solver!r}; use 'qr' or 'eigen'.")
-    rank = effective_rank(stack, rank)
+    solver, tol, ftol, max_iter, seed = settings.solver, settings.tol, settings.ftol, settings.max_iter, settings.seed
+    rank = effective_rank(stack, _int_rank(settings))
     k = stack.n * stack.r_max
     d = min(stack.d_out, stack.d_in)
     if solver == "eigen" and k >= d:
@@ -456,14 +445,7 @@ def _relative_error_full(kept: float) -> float:
 
 
 def jd_diag(
-    stack: LoraStack,
-    rank: int,
-    *,
-    tol: float = 1e-3,
-    ftol: float = 1e-5,
-    max_iter: int = 100,
-    init: tuple[Tensor, Tensor] | None = None,
-    seed: int = 0,
+    stack: LoraStack, settings: CompressionSettings, *, init: tuple[Tensor, Tensor] | None = None
 ) -> JDResult:
     """JD-Diag (equation 3): unconstrained U, V and diagonal Sigma_i, by alternating least squares.
 
@@ -473,9 +455,10 @@ def jd_diag(
     scale moves into Sigma), which leaves the objective unchanged and keeps the systems well
     conditioned (the normalization step 4 of the paper).
 
-    Args and return value as for :func:`jd_full`.
+    Args and return value as for :func:`jd_full` (``solver`` is not used).
     """
-    rank = effective_rank(stack, rank)
+    tol, ftol, max_iter, seed = settings.tol, settings.ftol, settings.max_iter, settings.seed
+    rank = effective_rank(stack, _int_rank(settings))
     k = stack.n * stack.r_max
     if k * _REDUCE_FACTOR > min(stack.d_out, stack.d_in):
         return _jd_diag_iterate(stack, rank, tol, ftol, max_iter, init or range_init(stack, rank, seed))
@@ -520,6 +503,12 @@ def _jd_diag_iterate(
             break
     U, V, s, res = best
     return JDResult(U, V, s, res, history, converged)
+
+
+def _int_rank(settings: CompressionSettings) -> int:
+    if settings.rank == "auto":
+        raise ValueError("The JD needs a resolved rank; choose one first (jdlora.compress.auto.choose_settings).")
+    return settings.rank
 
 
 def _ridge(gram: Tensor) -> Tensor:

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .clustering import SigmaKind, assignment_errors, jd_cluster
-from .jd import Solver, residuals, sigma_diag, sigma_full
+from .clustering import assignment_errors, jd_cluster
+from .jd import residuals, sigma_diag, sigma_full
+from .settings import CompressionSettings, SigmaKind
 from .stack import LoraStack
+from .threads import threads_for
 
 
 @dataclass
@@ -73,54 +75,40 @@ class ModuleCompression:
         return self.U[0].numel() * self.num_clusters + self.V[0].numel() * self.num_clusters + self.sigma.numel()
 
 
-def compress_module(
-    stack: LoraStack,
-    rank: int,
-    clusters: int = 1,
-    *,
-    sigma: SigmaKind = "full",
-    normalize: bool = True,
-    solver: Solver = "qr",
-    tol: float = 1e-3,
-    ftol: float = 1e-5,
-    max_iter: int = 100,
-    max_rounds: int = 20,
-    seed: int = 0,
-) -> ModuleCompression:
+def compress_module(stack: LoraStack, settings: CompressionSettings) -> ModuleCompression:
     """Compresses one module's updates with (clustered) JD.
 
-    With ``normalize`` (the default), every ``dW_i`` is scaled to unit Frobenius norm before the JD,
-    so every adapter weighs the same in the objective (it minimizes the mean per-adapter relative
-    error), and the norms are folded back into Sigma afterwards. Without it the JD minimizes the
-    pooled error, where large adapters dominate.
+    With ``settings.normalize`` (the default), every ``dW_i`` is scaled to unit Frobenius norm before
+    the JD, so every adapter weighs the same in the objective (it minimizes the mean per-adapter
+    relative error), and the norms are folded back into Sigma afterwards. Without it the JD minimizes
+    the pooled error, where large adapters dominate.
 
     Args:
         stack: the module's updates (LoRA scaling folded in).
-        rank: rank r of the shared bases.
-        clusters: number of clusters (1 = plain JD).
-        sigma: ``"full"`` (JD-Full) or ``"diag"`` (JD-Diag).
-        normalize: normalize each update to unit norm before the JD.
-        solver: JD-Full solver, ``"qr"`` (Appendix A.2) or ``"eigen"`` (Appendix A.1).
-        tol, ftol, max_iter: convergence criterion (equation 19), stall threshold and cap, per JD.
-        max_rounds: cap on clustering rounds.
-        seed: seed for initializations and k-means.
+        settings: resolved settings (an integer ``rank`` and ``clusters``, ``sigma_kind`` ``"full"``
+            or ``"diag"``); see :func:`~jdlora.compress.clustering.jd_cluster` for what the JD reads.
+
+    Runs with as many torch threads as products of this size use well (:func:`threads_for`).
     """
+    with threads_for(stack):
+        return _compress_module(stack, settings)
+
+
+def _compress_module(stack: LoraStack, settings: CompressionSettings) -> ModuleCompression:
     sq_norms = stack.sq_norms()
     norms = sq_norms.sqrt()
     # A zero update stays zero under any scale; leave it alone rather than divide by zero.
+    normalize = settings.normalize
     scale = torch.where(norms > 0, 1 / norms, torch.ones_like(norms)) if normalize else torch.ones_like(norms)
     work = stack.scaled(scale) if normalize else stack
-    result = jd_cluster(
-        work, rank, clusters, sigma=sigma, solver=solver, tol=tol, ftol=ftol, max_iter=max_iter,
-        max_rounds=max_rounds, seed=seed,
-    )
+    result = jd_cluster(work, settings)
     restore = (1 / scale).to(result.sigma)
-    sigma_out = result.sigma * (restore[:, None, None] if sigma == "full" else restore[:, None])
+    sigma_out = result.sigma * (restore[:, None, None] if settings.sigma_kind == "full" else restore[:, None])
     return ModuleCompression(
         U=result.U,
         V=result.V,
         sigma=sigma_out,
-        cluster=result.assignment,
+        cluster=result.cluster,
         sq_norms=sq_norms,
         residuals=result.residuals * restore.square(),
         history=result.history,
@@ -128,7 +116,7 @@ def compress_module(
 
 
 def project_onto_bases(
-    stack: LoraStack, U: Tensor, V: Tensor, sigma: SigmaKind = "full"
+    stack: LoraStack, U: Tensor, V: Tensor, sigma_kind: SigmaKind = "full"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Compresses new updates with existing bases: each joins its best cluster, with its optimal Sigma.
 
@@ -142,14 +130,14 @@ def project_onto_bases(
         ``(sigma, cluster, residuals)`` for the new adapters.
     """
     bases = [(U[j], V[j]) for j in range(U.shape[0])]
-    cluster = assignment_errors(stack, bases, sigma).argmin(dim=1)
-    shape = (stack.n, U.shape[2], U.shape[2]) if sigma == "full" else (stack.n, U.shape[2])
+    cluster = assignment_errors(stack, bases, sigma_kind).argmin(dim=1)
+    shape = (stack.n, U.shape[2], U.shape[2]) if sigma_kind == "full" else (stack.n, U.shape[2])
     sig = torch.zeros(shape, dtype=stack.A.dtype, device=stack.A.device)
     res = torch.zeros(stack.n, dtype=stack.A.dtype, device=stack.A.device)
     for j, (Uj, Vj) in enumerate(bases):
         members = (cluster == j).nonzero().flatten()
         if len(members):
             sub = stack.subset(members)
-            sig[members] = (sigma_full if sigma == "full" else sigma_diag)(sub, Uj, Vj)
+            sig[members] = (sigma_full if sigma_kind == "full" else sigma_diag)(sub, Uj, Vj)
             res[members] = residuals(sub, Uj, Vj, sig[members])
     return sig, cluster, res

@@ -29,10 +29,11 @@ class RayEngine:
         address: the cluster for ``ray.init(address=...)`` (``"auto"``, ``"ray://head:10001"``,
             ``"10.0.0.1:6379"``); None: the one Ray is already connected to, ``RAY_ADDRESS``, or a
             local cluster started for this process.
-        out: the output collection folder. Each finished module is written into its staging area
-            (``<out>/.jdlora-partial``) as it completes; a run restarted with the same inputs and
-            settings skips those modules; the finished collection is saved to ``out``. None: nothing
-            is written (no resume).
+        out: the output collection folder (new, empty, or a collection to replace). Each finished
+            module is written to the staging area beside it (``.<out name>.jdlora-partial``) as it
+            completes; a run restarted with the same inputs and settings skips those modules; the
+            finished collection is saved to ``out`` and the staging area removed. None: nothing is
+            written (no resume).
         worker_memory: bytes of one module's stacked factors (``n * r_max * (d_out + d_in)`` values)
             that one worker may hold. A larger module is sharded across ``ceil(bytes / worker_memory)``
             actors. Leave room for the JD's working memory (about as much again) under the worker's RAM.
@@ -53,6 +54,13 @@ class RayEngine:
     num_gpus: float = 0
     max_retries: int = 3
     on_module: Callable[[dict], None] | None = None
+
+
+    def finish(self, collection, *, progress: bool = True) -> None:
+        """Saves the finished collection to :attr:`out` and removes the staging area."""
+        from .staging import finish
+
+        finish(collection, self.out, progress=progress)
 
 
 def resolve_engine(engine) -> RayEngine:

@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm.auto import tqdm
 
 from ..collection import CollectionModule
-from ..compress import LoraStack, compress_module, project_onto_bases
+from ..compress import CompressionSettings, LoraStack, compress_module, project_onto_bases
 from . import RayEngine
 from .sharded import ShardActor, _Shards, compress_module_sharded
 from .staging import Staging
@@ -73,13 +73,14 @@ def shard_count(engine: RayEngine, sources: Sequence, module: str, dtype: torch.
 
 
 @ray.remote
-def _compress_module_task(sources, module: str, rank: int, clusters: int, jd_kwargs: dict, dtype: torch.dtype,
-                          device: str):
-    from ..pipeline import _to_cpu, read_stack
+def _compress_module_task(sources, module: str, settings: CompressionSettings, device: str):
+    from ..pipeline import _to_cpu, check_finite, read_stack
 
     start, cpu = time.perf_counter(), time.process_time()
-    stack, ids = read_stack(sources, module, dtype=dtype, device=device)
-    result = compress_module(stack, rank, clusters, **jd_kwargs)
+    stack, ids = read_stack(sources, module, dtype=settings.dtype, device=device)
+    result = compress_module(stack, settings)
+    check_finite(module, [sources[i].name for i in ids], result.sq_norms, result.residuals, result.sigma,
+                 result.U, result.V)
     entry = CollectionModule(_to_cpu(result), torch.tensor(ids))
     pid, peak = worker_peak()
     return entry, {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu, "shards": 1,
@@ -87,9 +88,11 @@ def _compress_module_task(sources, module: str, rank: int, clusters: int, jd_kwa
 
 
 @ray.remote(num_cpus=0)
-def _compress_sharded_task(sources, module: str, shards: int, rank: int, clusters: int, jd_kwargs: dict,
-                           dtype: torch.dtype, device: str, num_cpus: float, num_gpus: float):
+def _compress_sharded_task(sources, module: str, shards: int, settings: CompressionSettings, device: str,
+                           num_cpus: float, num_gpus: float):
     """Coordinator of one sharded module: creates its shard actors and drives the reduced JD."""
+    from ..pipeline import check_finite
+
     start = time.perf_counter()
     ids = [i for i, s in enumerate(sources) if module in s.modules]
     bounds = [len(ids) * s // shards for s in range(shards + 1)]
@@ -106,12 +109,13 @@ def _compress_sharded_task(sources, module: str, shards: int, rank: int, cluster
             ray.remote(ShardActor).options(
                 num_cpus=num_cpus, num_gpus=num_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=s),
-            ).remote(sources, module, part, r_max, dtype, device, jd_kwargs["normalize"])
+            ).remote(sources, module, part, r_max, settings.dtype, device, settings.normalize)
             for s, part in enumerate(parts)
         ]
-        handle = _Shards(actors, [len(p) for p in parts], r_max, d_out, d_in, dtype)
-        options = {k: jd_kwargs[k] for k in ("tol", "ftol", "max_iter", "max_rounds", "seed")}
-        result = compress_module_sharded(handle, rank, clusters, **options)
+        handle = _Shards(actors, [len(p) for p in parts], r_max, d_out, d_in, settings.dtype)
+        result = compress_module_sharded(handle, settings)
+        check_finite(module, [sources[i].name for i in ids], result.sq_norms, result.residuals, result.sigma,
+                     result.U, result.V)
         usage = handle.call("usage")
         for a in actors:
             ray.kill(a)
@@ -133,26 +137,26 @@ def _project_task(sources, module: str, ids: list[int], U: torch.Tensor, V: torc
 # ----- the driver -----------------------------------------------------------------------------------------
 
 
-def compress_modules(engine: RayEngine, sources: Sequence, module_names: list[str], *, rank: int, clusters: int,
-                     jd_kwargs: dict, dtype: torch.dtype, infos: list, progress: bool = True
-                     ) -> dict[str, CollectionModule]:
+def compress_modules(engine: RayEngine, sources: Sequence, module_names: list[str], settings: CompressionSettings, *,
+                     infos: list, progress: bool = True) -> dict[str, CollectionModule]:
     """Compresses every module as a Ray task; returns ``{module: CollectionModule}`` in ``module_names`` order.
 
     With ``engine.out``, modules finished by an earlier run of the same inputs and settings are read
     from the staging area instead of recomputed, and each new one is staged as it completes.
     """
-    if jd_kwargs["sigma"] != "full" or jd_kwargs["solver"] != "qr":
+    dtype = settings.dtype
+    if settings.sigma_kind != "full" or settings.solver != "qr":
         sharded = [m for m in module_names if shard_count(engine, sources, m, dtype) > 1]
         if sharded:
             raise ValueError(
                 f"Module {sharded[0]} ({len(sharded)} module(s) in all) exceeds RayEngine.worker_memory = "
                 f"{engine.worker_memory:,} bytes and must be sharded, which runs JD-Full with the QR solver only "
-                f"(got sigma={jd_kwargs['sigma']!r}, solver={jd_kwargs['solver']!r}). Use those, or raise worker_memory."
+                f"(got sigma_kind={settings.sigma_kind!r}, solver={settings.solver!r}). Use those, or raise "
+                "worker_memory."
             )
     staging = None
     done: dict[str, CollectionModule] = {}
     if engine.out is not None:
-        settings = dict(rank=rank, clusters=clusters, dtype=str(dtype), **jd_kwargs)
         staging = Staging.open(engine.out, run_fingerprint(infos, module_names, settings))
         done = {m: e for m, e in staging.finished().items() if m in module_names}
     todo = [m for m in module_names if m not in done]
@@ -173,11 +177,10 @@ def compress_modules(engine: RayEngine, sources: Sequence, module_names: list[st
             if shards == 1:
                 task = _compress_module_task.options(num_cpus=engine.num_cpus, num_gpus=engine.num_gpus,
                                                      max_retries=engine.max_retries)
-                ref = task.remote(sources_ref, module, rank, clusters, jd_kwargs, dtype, device)
+                ref = task.remote(sources_ref, module, settings, device)
             else:
                 task = _compress_sharded_task.options(max_retries=engine.max_retries, retry_exceptions=[RayActorError])
-                ref = task.remote(sources_ref, module, shards, rank, clusters, jd_kwargs, dtype, device,
-                                  engine.num_cpus, engine.num_gpus)
+                ref = task.remote(sources_ref, module, shards, settings, device, engine.num_cpus, engine.num_gpus)
             pending[ref] = module
         start, finished_now = time.perf_counter(), 0
         try:
@@ -254,7 +257,7 @@ def _get(ref):
         raise
 
 
-def run_fingerprint(infos: list, module_names: list[str], settings: dict) -> str:
+def run_fingerprint(infos: list, module_names: list[str], settings: CompressionSettings) -> str:
     """Identifies a run's inputs (adapter names, origins with sha256, ranks) and settings, for resuming."""
     from .. import __version__
 
@@ -262,6 +265,6 @@ def run_fingerprint(infos: list, module_names: list[str], settings: dict) -> str
         "jdlora": __version__,
         "adapters": [[i.name, i.origin, i.module_ranks, i.alpha, i.use_rslora] for i in infos],
         "modules": module_names,
-        "settings": {k: str(v) for k, v in sorted(settings.items())},
+        "settings": {k: str(v) for k, v in sorted(settings.to_dict().items())},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

@@ -26,13 +26,13 @@ Supported: JD-Full with the QR solver (the one for large n; the eigen solver nee
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 import torch
 from torch import Tensor
 
-from ..compress import LoraStack, ModuleCompression
+from ..compress import CompressionSettings, LoraStack, ModuleCompression
 from ..compress.clustering import _fill_empty_clusters, assignment_errors, kmeans
 from ..compress.jd import (
     _REDUCE_FACTOR,
@@ -221,83 +221,79 @@ class _Shards:
         return [a for a, _ in pairs], [local for _, local in pairs]
 
 
-def compress_module_sharded(
-    shards: _Shards, rank: int, clusters: int, *, tol: float, ftol: float, max_iter: int, max_rounds: int, seed: int,
-) -> ModuleCompression:
+def compress_module_sharded(shards: _Shards, settings: CompressionSettings) -> ModuleCompression:
     """``compress_module`` (JD-Full, QR solver) on a sharded module; the normalization was applied by the shards."""
     parts = shards.call("vectors")
     raw_sq_norms, scale, sq_norms, row_counts = (torch.cat([p[i] for p in parts]) for i in range(4))
-    U, V, sigma, assignment, res, history = _jd_cluster(shards, rank, clusters, sq_norms, row_counts, tol=tol,
-                                                        ftol=ftol, max_iter=max_iter, max_rounds=max_rounds, seed=seed)
+    U, V, sigma, cluster, res, history = _jd_cluster(shards, settings, sq_norms, row_counts)
     restore = (1 / scale).to(sigma)
-    return ModuleCompression(U=U, V=V, sigma=sigma * restore[:, None, None], cluster=assignment,
+    return ModuleCompression(U=U, V=V, sigma=sigma * restore[:, None, None], cluster=cluster,
                              sq_norms=raw_sq_norms, residuals=res * restore.square(), history=history)
 
 
-def _jd_cluster(shards: _Shards, rank: int, clusters: int, sq_norms: Tensor, row_counts: Tensor, *, tol: float,
-                ftol: float, max_iter: int, max_rounds: int, seed: int):
+def _jd_cluster(shards: _Shards, settings: CompressionSettings, sq_norms: Tensor, row_counts: Tensor):
     """:func:`~jdlora.compress.clustering.jd_cluster` (CPU path), step for step, on the shards."""
     n = shards.n
-    clusters = max(1, min(clusters, n))
-    options = dict(tol=tol, ftol=ftol, max_iter=max_iter, seed=seed)
+    rank, tol, ftol = settings.rank, settings.tol, settings.ftol
+    clusters = max(1, min(settings.clusters, n))
     total = sq_norms.sum()
     everyone = torch.arange(n)
-    single = _jd_full(shards, everyone, 0, rank, row_counts, sq_norms, init=None, **options)
+    single = _jd_full(shards, everyone, 0, settings, row_counts, sq_norms, init=None)
     history = [single.residual_sum / total.item()]
     if clusters == 1:
         zeros = torch.zeros(n, dtype=torch.long)
         sigma, res = _gather(shards, zeros, single.rank)
         return single.U[None], single.V[None], sigma, zeros, res, history
     features = torch.cat(shards.call("sigma_of", 0)).reshape(n, -1)
-    assignment = kmeans(features / features.norm(dim=1, keepdim=True).clamp_min(1e-30), clusters, seed=seed)
+    cluster = kmeans(features / features.norm(dim=1, keepdim=True).clamp_min(1e-30), clusters, seed=settings.seed)
     bases = [(single.U, single.V)] * clusters
     results: list[_ClusterJD | None] = [None] * clusters
     errors = None
     settling = _SETTLE_FACTOR > 1 and _SETTLE_MOVES * n >= 1
     rounds = 0
-    for rounds in range(1, max_rounds + 1):
-        if errors is None and bool((torch.bincount(assignment, minlength=clusters) == 0).any()):
+    for rounds in range(1, settings.max_rounds + 1):
+        if errors is None and bool((torch.bincount(cluster, minlength=clusters) == 0).any()):
             errors = _assignment_errors(shards, bases)
-        assignment = _fill_empty_clusters(assignment, clusters, results, None, bases, "full", errors=errors)
-        settling = settling and rounds < max_rounds
+        cluster = _fill_empty_clusters(cluster, clusters, results, None, bases, "full", errors=errors)
+        settling = settling and rounds < settings.max_rounds
         factor = _SETTLE_FACTOR if settling else 1.0
-        round_options = dict(options, tol=tol * factor, ftol=ftol * factor)
+        round_settings = replace(settings, tol=tol * factor, ftol=ftol * factor)
         for j in range(clusters):
-            rows = (assignment == j).nonzero().flatten()
+            rows = (cluster == j).nonzero().flatten()
             init = bases[j] if _effective_rank(shards, rows, rank, row_counts) == bases[j][0].shape[1] else None
-            results[j] = _jd_full(shards, rows, j, rank, row_counts, sq_norms, init=init, **round_options)
+            results[j] = _jd_full(shards, rows, j, round_settings, row_counts, sq_norms, init=init)
         bases = [(res.U, res.V) for res in results]
         history.append(sum(r.residual_sum for r in results) / total.item())
         errors = _assignment_errors(shards, bases)
-        new_assignment = errors.argmin(dim=1)
-        current = errors.gather(1, assignment[:, None]).squeeze(1)
-        new_assignment = torch.where(current <= errors.min(dim=1).values, assignment, new_assignment)
-        moved = int((new_assignment != assignment).sum())
-        stalled = history[-2] - history[-1] < round_options["ftol"]
+        new_cluster = errors.argmin(dim=1)
+        current = errors.gather(1, cluster[:, None]).squeeze(1)
+        new_cluster = torch.where(current <= errors.min(dim=1).values, cluster, new_cluster)
+        moved = int((new_cluster != cluster).sum())
+        stalled = history[-2] - history[-1] < round_settings.ftol
         if settling:
             settling = moved > _SETTLE_MOVES * n and not stalled
-        elif moved <= _STOP_MOVES * n or stalled or rounds == max_rounds:
+        elif moved <= _STOP_MOVES * n or stalled or rounds == settings.max_rounds:
             break
-        assignment = new_assignment
+        cluster = new_cluster
     else:
-        new_assignment = assignment
+        new_cluster = cluster
     r = max(res.rank for res in results)
     U = torch.stack([_pad_columns(res.U, r) for res in results])
     V = torch.stack([_pad_columns(res.V, r) for res in results])
-    sigma, res = _gather(shards, assignment, r)
+    sigma, res = _gather(shards, cluster, r)
     # clustering._keep_last_moves: the last reassignment's moves, each with its optimal Sigma.
-    moved = (new_assignment != assignment).nonzero().flatten()
-    if len(moved) and not bool((torch.bincount(new_assignment, minlength=clusters) == 0).any()):
+    moved = (new_cluster != cluster).nonzero().flatten()
+    if len(moved) and not bool((torch.bincount(new_cluster, minlength=clusters) == 0).any()):
         sigma, res = sigma.clone(), res.clone()
-        for j in new_assignment[moved].unique().tolist():
-            rows = moved[new_assignment[moved] == j]
+        for j in new_cluster[moved].unique().tolist():
+            rows = moved[new_cluster[moved] == j]
             actors, locals_ = shards.holding(rows)
             parts = shards.call_each("reproject", [(local, U[j], V[j]) for local in locals_], actors)
             sigma[rows] = torch.cat([p[0] for p in parts])
             res[rows] = torch.cat([p[1] for p in parts])
         history = history[:-1] + [(res.sum() / total).item()]
-        assignment = new_assignment
-    return U, V, sigma, assignment, res, history
+        cluster = new_cluster
+    return U, V, sigma, cluster, res, history
 
 
 def _effective_rank(shards: _Shards, rows: Tensor, rank: int, row_counts: Tensor) -> int:
@@ -305,33 +301,33 @@ def _effective_rank(shards: _Shards, rows: Tensor, rank: int, row_counts: Tensor
     return max(1, min(rank, shards.d_out, shards.d_in, int(row_counts[rows].sum())))
 
 
-def _jd_full(shards: _Shards, rows: Tensor, cluster: int, rank: int, row_counts: Tensor, sq_norms: Tensor, *,
-             init, tol: float, ftol: float, max_iter: int, seed: int) -> _ClusterJD:
+def _jd_full(shards: _Shards, rows: Tensor, cluster: int, settings: CompressionSettings, row_counts: Tensor,
+             sq_norms: Tensor, *, init) -> _ClusterJD:
     """:func:`~jdlora.compress.jd.jd_full` (QR solver) of the adapters ``rows``; its Sigma_i stay on the shards."""
     actors, locals_ = shards.holding(rows)
     everyone = len(rows) == shards.n
     shards.call_each("set_view", [(None if everyone else local,) for local in locals_], actors)
-    rank = _effective_rank(shards, rows, rank, row_counts)
+    rank = _effective_rank(shards, rows, settings.rank, row_counts)
     k = len(rows) * shards.r_max
     bounds = torch.tensor([0, *[len(local) for local in locals_]]).cumsum(0).tolist()
     if k * _REDUCE_FACTOR <= min(shards.d_out, shards.d_in):  # small: gathered, solved by jd_full itself
         parts = shards.call("view_factors", actors=actors)
         stack = LoraStack(torch.cat([p[0] for p in parts]), Bt=torch.cat([p[1] for p in parts]),
                           sq_norms=sq_norms[rows].to(shards.dtype))
-        result = jd_full(stack, rank, solver="qr", tol=tol, ftol=ftol, max_iter=max_iter, init=init, seed=seed)
+        result = jd_full(stack, settings, init=init)
         shards.call_each("set_final", [(cluster, result.sigma[a:b], result.residuals[a:b])
                                        for a, b in zip(bounds[:-1], bounds[1:])], actors)
         return _ClusterJD(result.U, result.V, result.residuals.double().sum().item())
     if init is None:  # jd.range_init over the shards: each gets its rows of the one random draw
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(settings.seed)
         g_u = torch.randn(k, rank, generator=gen, dtype=torch.float64)
         g_v = torch.randn(k, rank, generator=gen, dtype=torch.float64)
         r_max = shards.r_max
         parts = shards.call_each("init_terms", [(g_u[a * r_max:b * r_max], g_v[a * r_max:b * r_max])
                                                 for a, b in zip(bounds[:-1], bounds[1:])], actors)
         init = tuple(torch.linalg.qr(sum(p[i] for p in parts)).Q for i in range(2))
-    return _qr_iterations(shards, actors, cluster, *init, float(sq_norms[rows].double().sum()), tol=tol, ftol=ftol,
-                          max_iter=max_iter)
+    return _qr_iterations(shards, actors, cluster, *init, float(sq_norms[rows].double().sum()), tol=settings.tol,
+                          ftol=settings.ftol, max_iter=settings.max_iter)
 
 
 def _qr_iterations(shards: _Shards, actors: list, cluster: int, U: Tensor, V: Tensor, total: float, *, tol: float,

@@ -1,12 +1,13 @@
-"""The staging area of a resumable run: finished modules, written into the output folder as they complete.
+"""The staging area of a resumable run: finished modules, written beside the output folder as they complete.
 
-``<out>/.jdlora-partial/`` holds ``run.json`` (a fingerprint of the inputs and settings) and one
-``modules/<module>.safetensors`` per finished module. Each file is written under a temporary name,
-flushed to disk and renamed into place, so a file with its final name is always complete: a run
-killed at any moment leaves finished modules and, at most, temporary files that are never read.
-The finished collection is then saved to ``<out>`` by the normal, atomic
-:meth:`~jdlora.collection.JDLoraCollection.save_pretrained`, which replaces the folder (the staging
-area with it).
+``<parent>/.<out name>.jdlora-partial/`` holds ``run.json`` (a fingerprint of the inputs and settings)
+and one ``modules/<module>.safetensors`` per finished module. Each file is written under a temporary
+name, flushed to disk and renamed into place, so a file with its final name is always complete: a run
+killed at any moment leaves finished modules and, at most, temporary files that are never read. The
+finished collection is then saved to ``out`` by the normal, atomic
+:meth:`~jdlora.collection.JDLoraCollection.save_pretrained`, and the staging area removed. It sits
+beside ``out``, not in it, because a save replaces only folders that hold nothing but a collection
+(docs/safety.md).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from safetensors.torch import load_file, save_file
 from ..collection import CollectionModule
 from ..compress import ModuleCompression
 from ..errors import CollectionFormatError
-from ..format.layout import MANIFEST
+from ..format.save import check_save_target
 
-STAGING_DIR = ".jdlora-partial"
+STAGING_SUFFIX = ".jdlora-partial"
 RUN_FILE = "run.json"
 MODULES_DIR = "modules"
 _TMP_MARK = ".tmp-"
@@ -43,29 +44,22 @@ class Staging:
 
     @classmethod
     def open(cls, out: str | os.PathLike, fingerprint: str) -> Staging:
-        """The staging area in ``out`` for the run ``fingerprint``.
+        """The staging area of the run ``fingerprint`` that will save to ``out``: ``.<out name>.jdlora-partial``
+        beside ``out``.
 
-        A staging area left by a run with other inputs or settings is cleared (with a warning): its
-        modules are not this run's. Temporary files of a killed run are removed.
+        ``out`` itself is left alone until the final save, which checks it first (``check_save_target``:
+        new, empty, or a collection to replace), here too, before any work. A staging area left by a run
+        with other inputs or settings is cleared (with a warning): its modules are not this run's.
+        Temporary files of a killed run are removed.
         """
         out = Path(out)
-        if out.exists() and not out.is_dir():
-            raise FileExistsError(f"RayEngine.out {out} is a file; give a folder for the collection.")
-        foreign = [p.name for p in out.iterdir() if p.name != STAGING_DIR] if out.is_dir() else []
-        if foreign and not (out / MANIFEST).is_file():
-            # The finished collection replaces the whole folder: refuse before hours of work, not after.
-            raise FileExistsError(
-                f"RayEngine.out {out} holds files that are not a jdlora collection ({', '.join(sorted(foreign)[:3])}"
-                f"{', ...' if len(foreign) > 3 else ''}); the finished collection replaces that folder. "
-                "Give a new or empty folder, or an existing collection to overwrite."
-            )
-        root = out / STAGING_DIR
-        staging = cls(root)
-        run_file = root / RUN_FILE
+        check_save_target(out)
+        staging = cls(staging_root(out))
+        run_file = staging.root / RUN_FILE
         if run_file.is_file():
             previous = json.loads(run_file.read_text()).get("fingerprint")
             if previous != fingerprint:
-                warnings.warn(f"{root} holds modules of a run with other adapters or settings; starting over.",
+                warnings.warn(f"{staging.root} holds modules of a run with other adapters or settings; starting over.",
                               stacklevel=3)
                 shutil.rmtree(staging.modules_dir, ignore_errors=True)
         staging.modules_dir.mkdir(parents=True, exist_ok=True)
@@ -113,6 +107,18 @@ class Staging:
                 f"{path.parent.parent} folder) and run again: it will be recomputed."
             ) from exc
         return CollectionModule(c, tensors["adapter_ids"])
+
+
+def staging_root(out: str | os.PathLike) -> Path:
+    """``<parent>/.<name>.jdlora-partial``: the staging area of a run saving to ``out``."""
+    out = Path(out)
+    return out.parent / f".{out.name}{STAGING_SUFFIX}"
+
+
+def finish(collection, out: str | os.PathLike, *, progress: bool = True) -> None:
+    """Saves the finished collection to ``out`` (the normal atomic save), then removes the staging area."""
+    collection.save_pretrained(out, progress=progress)
+    shutil.rmtree(staging_root(out), ignore_errors=True)
 
 
 def _write_atomic(path: Path, write) -> None:

@@ -57,6 +57,7 @@ def render_card(manifest: dict, repo_id: str | None = None) -> str:
         error=f"{manifest.get('error', 0.0):.4f}",
         mean_error=f"{manifest.get('mean_adapter_error', 0.0):.4f}",
         worst_error=f"{max(errors):.4f}" if errors else "-",
+        choice=manifest.get("choice"),
         cluster_module=modules[mid]["name"] if modules else "-",
         adapters=rows,
         more_adapters=max(0, len(adapters) - MAX_TABLE_ROWS),
@@ -72,8 +73,8 @@ def _source(origin: dict) -> str:
         rev = origin.get("revision")
         sub = f"/{origin['subfolder']}" if origin.get("subfolder") else ""
         return f"[{origin['repo_id']}](https://huggingface.co/{origin['repo_id']}){sub}" + (f" @ `{rev[:7]}`" if rev else "")
-    if "path" in origin:
-        return f"local `{str(origin['path']).rstrip('/').rsplit('/', 1)[-1]}`"
+    if "folder" in origin:
+        return f"local `{origin['folder']}`"
     if "synthetic" in origin:
         return "synthetic"
     return "-"

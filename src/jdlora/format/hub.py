@@ -9,13 +9,12 @@ from pathlib import Path
 from ..collection import JDLoraCollection
 from ..errors import PushError
 from .card import render_card
-from .layout import CARD, MANIFEST, PEFT_CONFIG
-from .save import write_collection_files
+from .layout import CARD, OWNED_DIRS, OWNED_FILES
+from .save import check_names, write_collection_files
 
 # Remote files that belong to the format: a push replaces these and deletes those that no longer exist
 # (e.g. removed adapters). Anything else in the repo (a .gitattributes, user files) is left alone.
-_OWNED_PREFIXES = ("bases/", "sigma/", "adapters/")
-_OWNED_FILES = (MANIFEST, PEFT_CONFIG, CARD)
+_OWNED_PREFIXES = tuple(f"{d}/" for d in OWNED_DIRS)
 
 
 def push_collection(
@@ -40,11 +39,14 @@ def push_collection(
     Raises:
         PushError: the repo could not be created or read, or the commit failed. The commit is atomic:
             on failure the repo is exactly as it was.
+        UnsafePathError: an adapter or module name would lead outside the repo (checked before anything
+            is written or sent).
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.hf_api import RepoFile
 
+    check_names(collection)
     network_errors = _network_errors()
     api = HfApi(token=token)
     try:
@@ -73,7 +75,7 @@ def push_collection(
         operations += [
             CommitOperationDelete(path_in_repo=rel)
             for rel in sorted(remote)
-            if rel not in local and (rel.startswith(_OWNED_PREFIXES) or rel in _OWNED_FILES)
+            if rel not in local and (rel.startswith(_OWNED_PREFIXES) or rel in OWNED_FILES)
         ]
         if not operations:
             return None

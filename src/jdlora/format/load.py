@@ -14,7 +14,10 @@ from safetensors.torch import load_file
 from ..collection import AdapterInfo, CollectionModule, JDLoraCollection
 from ..compress import ModuleCompression, SweepPoint
 from ..errors import CollectionFormatError, CollectionIntegrityError, UnknownAdapterError
-from .layout import ADAPTER_WEIGHTS, MANIFEST, read_manifest, sha256_file, sigma_tensor_key
+from ..sources import looks_local
+from .layout import (
+    ADAPTER_WEIGHTS, BASES_TENSORS, MANIFEST, check_relative_path, read_manifest, resolve_inside, sha256_file, sigma_tensor_key,
+)
 
 
 def load_collection(
@@ -68,7 +71,7 @@ def load_collection(
     if not whole:
         patterns += [f"{entries[i]['subfolder']}/*" for i in selected]
     root = fetch.files(patterns)
-    checked = _Checked(root, verify)
+    checked = _Checked(root, verify, fetch.jail(root))
 
     modules = {}
     per_adapter = {} if whole else {i: _read_adapter_folder(root, entries[i], checked) for i in selected}
@@ -78,7 +81,9 @@ def load_collection(
         if whole:
             tensors = checked.load(module["sigma"]["path"], module["sigma"].get("sha256"))
             ids, cluster = tensors["adapter_index"].long(), tensors["cluster"].long()
-            sigma, sq_norm, residual = tensors["sigma"], tensors["sq_norm"], tensors["residual"]
+            sigma = tensors["sigma"]
+            # "sq_norm" / "residual": the names before jdlora 0.1.1 (same values).
+            sq_norm, residual = tensors.get("sq_norms", tensors.get("sq_norm")), tensors.get("residuals", tensors.get("residual"))
             used = list(range(module["clusters"]))
         else:
             rows = [i for i in selected if entries[i]["clusters"][m_index] is not None]
@@ -88,8 +93,8 @@ def load_collection(
             ids = torch.tensor([new_index[i] for i in rows], dtype=torch.long)
             cluster = torch.tensor([used.index(entries[i]["clusters"][m_index]) for i in rows], dtype=torch.long)
             sigma = torch.stack([per_adapter[i]["sigma"][name] for i in rows])
-            sq_norm = torch.tensor([per_adapter[i]["sq_norm"][name] for i in rows])
-            residual = torch.tensor([per_adapter[i]["residual"][name] for i in rows])
+            sq_norm = torch.tensor([per_adapter[i]["sq_norms"][name] for i in rows])
+            residual = torch.tensor([per_adapter[i]["residuals"][name] for i in rows])
         bases = [checked.load(module["bases"][c]["path"], module["bases"][c].get("sha256")) for c in used]
         U = torch.stack([b["U"] for b in bases])
         V = torch.stack([b["V"] for b in bases])
@@ -101,9 +106,9 @@ def load_collection(
                     use_rslora=a.get("use_rslora", False), module_ranks=a.get("module_ranks", {}))
         for a in (entries[i] for i in selected)
     ]
-    sweep = [SweepPoint(**p) for p in manifest.get("sweep", [])]
+    sweep = [SweepPoint.from_dict(p) for p in manifest.get("sweep", [])]
     collection = JDLoraCollection(manifest.get("base_model"), infos, modules, manifest["sigma"],
-                                  manifest.get("settings", {}), sweep)
+                                  manifest.get("settings", {}), sweep, manifest.get("choice"))
     collection.source = {"path_or_repo_id": str(path_or_repo_id), "revision": fetch.commit}
     return collection
 
@@ -122,10 +127,10 @@ def _read_adapter_folder(root: Path, entry: dict, checked: _Checked) -> dict:
     sigma = {k.removeprefix("base_model.model.").removesuffix(suffix): v for k, v in tensors.items()}
     try:
         norms = json.loads(metadata["jdlora"])
-        sq_norm, residual = norms["sq_norms"], norms["residuals"]
+        sq_norms, residuals = norms["sq_norms"], norms["residuals"]
     except (KeyError, TypeError, json.JSONDecodeError) as err:
         raise CollectionFormatError(f"{root / rel}: missing or malformed jdlora metadata ({err}).") from err
-    return {"sigma": sigma, "sq_norm": sq_norm, "residual": residual}
+    return {"sigma": sigma, "sq_norms": sq_norms, "residuals": residuals}
 
 
 def _check_shapes(module: dict, U, V, sigma, ids, sigma_kind: str) -> None:
@@ -145,11 +150,12 @@ def _check_shapes(module: dict, U, V, sigma, ids, sigma_kind: str) -> None:
 class _Checked:
     """Loads safetensors files under a root, checking each against its manifest sha256 once."""
 
-    def __init__(self, root: Path, verify: bool):
-        self.root, self.verify = root, verify
+    def __init__(self, root: Path, verify: bool, jail: Path):
+        self.root, self.verify, self.jail = root, verify, jail
 
     def load(self, rel: str, sha256: str | None, *, with_metadata: bool = False):
-        path = self.root / rel
+        # read_manifest checked the text of every path; this also refuses links that lead outside.
+        path = resolve_inside(self.root, rel, f"{self.root / MANIFEST}", self.jail)
         if not path.is_file():
             raise CollectionFormatError(f"{path} is missing: the collection is incomplete (the manifest lists it).")
         if self.verify and sha256 and (actual := sha256_file(path)) != sha256:
@@ -173,10 +179,27 @@ class _Fetcher:
     """Gives local paths for a folder or a Hub repo; on the Hub, downloads only the files asked for."""
 
     def __init__(self, path_or_repo_id, revision, token, force_download, cache_dir):
-        self.local = Path(path_or_repo_id) if Path(path_or_repo_id).is_dir() else None
+        local = Path(path_or_repo_id).expanduser()
+        if local.is_dir():
+            self.local = local
+        elif local.exists():
+            raise CollectionFormatError(f"{local} is a file; pass the collection's folder (the one holding {MANIFEST}) "
+                                        "or a Hub repo id.")
+        elif looks_local(path_or_repo_id):
+            raise CollectionFormatError(
+                f"No collection folder at {local.absolute()}: it does not exist (and {str(path_or_repo_id)!r} is a "
+                "local path, not a Hub repo id like 'org/name'). Check the path."
+            )
+        else:
+            self.local = None
         self.repo_id, self.revision, self.token = str(path_or_repo_id), revision, token
         self.force_download, self.cache_dir = force_download, cache_dir
         self.commit: str | None = None
+
+    def jail(self, root: Path) -> Path:
+        """The folder no file may leave: the collection's root, or for the Hub the repo's cache folder
+        (``.../models--org--name``), since the snapshot's files are links into its ``blobs/``."""
+        return root if self.local is not None else root.parents[1]
 
     def manifest(self) -> Path:
         if self.local is not None:
@@ -196,18 +219,67 @@ class _Fetcher:
         return Path(self._hub(snapshot_download, allow_patterns=patterns, revision=self.commit))
 
     def _hub(self, fn, **kwargs):
-        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HfHubHTTPError,
+            HFValidationError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
 
+        neither = f"{self.repo_id!r} is not a local folder ({Path(self.repo_id).absolute()} does not exist)"
         try:
             return fn(repo_id=self.repo_id, token=self.token, force_download=self.force_download,
                       cache_dir=self.cache_dir, **kwargs)
         except RepositoryNotFoundError as err:
             raise CollectionFormatError(
-                f"{self.repo_id!r} is neither a local folder nor a Hub repo you can access (private repos need a token)."
+                f"{neither}, nor a Hub repo you can access (private repos need a token)."
             ) from err
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:  # before EntryNotFoundError: a subclass
+            raise CollectionFormatError(
+                f"{neither}, and the Hub is unreachable (or HF_HUB_OFFLINE is set), so it could not be looked up as a "
+                "repo id. Check the path, or the network and HF_ENDPOINT."
+            ) from err
+        except HFValidationError as err:
+            raise CollectionFormatError(f"{neither}, nor a valid Hub repo id ({err}).") from err
         except RevisionNotFoundError as err:
             raise CollectionFormatError(f"Revision {kwargs.get('revision')!r} not found in {self.repo_id}.") from err
         except EntryNotFoundError as err:
             raise CollectionFormatError(f"{self.repo_id} has no {MANIFEST}: not a jdlora collection.") from err
         except HfHubHTTPError as err:
             raise CollectionFormatError(f"Downloading from {self.repo_id} failed: {err}") from err
+
+
+def load_bases_files(
+    path_or_repo_id: str | os.PathLike,
+    files: dict[str, dict],
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    verify: bool = True,
+    force_download: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module: (U, V)}`` from bases files of a collection, checked against their sha256.
+
+    ``files`` is ``{module: {"path": "bases/<module>/<cluster>.safetensors", "sha256": ...}}`` with paths
+    relative to the collection root ``path_or_repo_id`` (as a per-adapter ``adapter_config.json`` lists
+    them). On the Hub only these files are downloaded. This is the reader the PEFT tuner uses to load one
+    adapter of a collection on its own.
+    """
+    for module, entry in files.items():  # before anything is downloaded or opened
+        rel = entry.get("path") if isinstance(entry, dict) else None
+        check_relative_path(rel, f"the adapter config's bases of module {module}")
+    fetch = _Fetcher(path_or_repo_id, revision, token, force_download, cache_dir)
+    fetch.commit = revision
+    root = fetch.files(sorted({entry["path"] for entry in files.values()}))
+    checked = _Checked(root, verify, fetch.jail(root))
+    out = {}
+    for module, entry in files.items():
+        tensors = checked.load(entry["path"], entry.get("sha256"))
+        if any(key not in tensors for key in BASES_TENSORS):
+            raise CollectionFormatError(f"{root / entry['path']} lacks the tensors {' and '.join(BASES_TENSORS)}.")
+        out[module] = (tensors[BASES_TENSORS[0]], tensors[BASES_TENSORS[1]])
+    return out

@@ -1,7 +1,8 @@
-"""Where an adapter's bases come from: a collection (in memory, saved, or its files), or random.
+"""Where a new adapter's bases come from: a collection (in memory, saved, or its files), or random.
 
 Bases are identified by content (:func:`basis_key`), so every adapter that uses the same ``U, V`` in
-a layer shares one buffer there, however it was loaded.
+a layer shares one buffer there, however it was loaded. Collection files are read through
+:func:`jdlora.format.load.load_bases_files`, the format's own reader.
 """
 
 from __future__ import annotations
@@ -9,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import zlib
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..errors import CollectionFormatError, CollectionIntegrityError, UnknownModuleError
+from ..errors import CollectionFormatError, IncompatibleAdaptersError, UnknownModuleError
 from .config import JDLoraConfig
 
 
@@ -30,48 +30,62 @@ def basis_key(U: Tensor, V: Tensor) -> str:
 
 def random_bases(d_out: int, d_in: int, r: int, seed: int, module: str) -> tuple[Tensor, Tensor]:
     """Fixed random orthonormal ``U [d_out, r]``, ``V [d_in, r]`` from ``(seed, module)``."""
-    if r > min(d_out, d_in):
-        raise ValueError(f"Module {module}: rank {r} exceeds its dimensions ({d_out} x {d_in}).")
+    check_rank(r, d_out, d_in, module)
     gen = torch.Generator().manual_seed(zlib.crc32(f"jdlora-bases:{seed}:{module}".encode()))
     U = torch.linalg.qr(torch.randn(d_out, r, generator=gen, dtype=torch.float64)).Q
     V = torch.linalg.qr(torch.randn(d_in, r, generator=gen, dtype=torch.float64)).Q
     return U.float(), V.float()
 
 
-def initial_sigma(config: JDLoraConfig, r: int, module: str) -> Tensor:
-    """Zero (the model starts unchanged), or random for ``init_weights=False``."""
+def check_rank(r: int, d_out: int, d_in: int, module: str) -> None:
+    if r > min(d_out, d_in):
+        raise ValueError(f"Module {module}: rank {r} exceeds its dimensions ({d_out} x {d_in}).")
+
+
+def initial_sigma(config: JDLoraConfig, r: int) -> Tensor:
+    """Zero (the model starts unchanged), or, for ``init_weights=False``, random from torch's global
+    generator, so that ``torch.manual_seed`` decides it and two adapters differ (as in every PEFT method)."""
     shape = (r, r) if config.sigma == "full" else (r,)
     if config.init_weights:
         return torch.zeros(shape)
-    gen = torch.Generator().manual_seed(zlib.crc32(f"jdlora-sigma:{config.bases_seed}:{module}".encode()))
-    return torch.randn(shape, generator=gen) / r
+    return torch.randn(shape) / r
 
 
-def bases_for(config: JDLoraConfig, module: str, layer) -> tuple[Tensor, Tensor]:
-    """``(U, V)`` for ``module`` of a new adapter with ``config``; checked against the layer's shape."""
-    d_out, d_in = layer.out_features, layer.in_features
-    if config.bases:
-        U, V = _from_files(config, module)
-    elif config._jd.bases is not None or config.bases_from is not None:
-        U, V = _from_collection(config, module)
-    else:
-        return random_bases(d_out, d_in, config.r, config.bases_seed, module)
-    if U.shape[0] != d_out or V.shape[0] != d_in:
-        from ..errors import IncompatibleAdaptersError
+def resolve_bases(config: JDLoraConfig, targets: dict[str, tuple[int, int]]) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{module: (U, V)}`` for a new adapter with ``config`` on ``targets`` (``{module: (d_out, d_in)}``),
+    every one checked against its layer's shape before any layer is touched.
 
-        raise IncompatibleAdaptersError(
-            f"The bases of {module} are for a layer with {V.shape[0]} inputs and {U.shape[0]} outputs, but the "
-            f"model's layer has {d_in} inputs and {d_out} outputs: the collection was made for another base model."
+    Bases files of a saved collection (a per-adapter config's ``bases``) are read once, together.
+    ``bases_in_weights``: random placeholders, replaced when the adapter's weights are loaded.
+    """
+    if config.runtime_config.released and config.runtime_config.bases is None and config.bases_from is None:
+        raise ValueError(
+            "This config's in-memory collection (`bases_from`) was released once its adapter was injected; pass the "
+            "collection again: JDLoraConfig(bases_from=collection, ...)."
         )
-    return U, V
+    if config.bases and not config.bases_in_weights:
+        bases = _from_files(config, list(targets))
+    elif (config.runtime_config.bases is not None or config.bases_from is not None) and not config.bases_in_weights:
+        bases = {module: _from_collection(config, module) for module in targets}
+    else:
+        return {module: random_bases(d_out, d_in, config.r, config.bases_seed, module)
+                for module, (d_out, d_in) in targets.items()}
+    for module, (U, V) in bases.items():
+        d_out, d_in = targets[module]
+        if U.shape[0] != d_out or V.shape[0] != d_in:
+            raise IncompatibleAdaptersError(
+                f"The bases of {module} are for a layer with {V.shape[0]} inputs and {U.shape[0]} outputs, but the "
+                f"model's layer has {d_in} inputs and {d_out} outputs: the collection was made for another base model."
+            )
+    return bases
 
 
 def _from_collection(config: JDLoraConfig, module: str) -> tuple[Tensor, Tensor]:
-    collection = config._jd.bases
+    collection = config.runtime_config.bases
     if collection is None:
         from ..format import load_collection
 
-        collection = config._jd.bases = load_collection(config.bases_from)
+        collection = config.runtime_config.bases = load_collection(config.bases_from)
     if module not in collection.modules:
         raise UnknownModuleError(module, collection.modules, where="the collection of `bases_from`")
     c = collection.modules[module].compression
@@ -81,41 +95,27 @@ def _from_collection(config: JDLoraConfig, module: str) -> tuple[Tensor, Tensor]
     return c.U[k], c.V[k]
 
 
-def _from_files(config: JDLoraConfig, module: str) -> tuple[Tensor, Tensor]:
-    """Reads ``bases/<module>/<cluster>.safetensors`` of the adapter's collection, checking its sha256."""
-    from safetensors.torch import load_file
+def _from_files(config: JDLoraConfig, modules: list[str]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Reads ``bases/<module>/<cluster>.safetensors`` of the adapter's collection, checking each sha256."""
+    from ..format.load import load_bases_files
 
-    from ..format.layout import sha256_file
-
-    entry = config.bases.get(module)
-    if entry is None:
-        raise UnknownModuleError(module, config.bases, where="this adapter's bases")
-    path = _fetch(config, entry["path"])
-    if entry.get("sha256") and (actual := sha256_file(path)) != entry["sha256"]:
-        raise CollectionIntegrityError(
-            f"{path} has sha256 {actual[:12]}..., but the adapter's config records {entry['sha256'][:12]}...: the "
-            "bases file is corrupted or belongs to another version of the collection. Re-download it "
-            "(force_download=True) or re-save the collection."
+    source = config.runtime_config.source
+    if source is None:
+        raise ValueError(
+            "This JD-LoRA config lists bases files of a collection but not where the collection is; load the adapter "
+            "with PeftModel.from_pretrained(base, repo, subfolder='adapters/<name>')."
         )
-    tensors = load_file(str(path))
-    if "U" not in tensors or "V" not in tensors:
-        raise CollectionFormatError(f"{path} lacks the tensors U and V.")
-    return tensors["U"], tensors["V"]
-
-
-def _fetch(config: JDLoraConfig, rel: str) -> Path:
-    """Local path of file ``rel`` (relative to the collection root) of the adapter's collection."""
-    source = config._jd.source
+    for module in modules:
+        if module not in config.bases:
+            raise UnknownModuleError(module, config.bases, where="this adapter's bases")
+        if not isinstance(config.bases[module], dict) or not isinstance(config.bases[module].get("path"), str):
+            raise CollectionFormatError(f"The adapter config's bases entry of {module} has no path; it is corrupted.")
     where = posixpath.normpath(posixpath.join(source.get("subfolder") or "", config.collection_root or "."))
-    local = Path(source["path_or_repo"])
-    if local.is_dir():
-        path = (local / where / rel).resolve()
-        if not path.is_file():
-            raise CollectionFormatError(f"{path} is missing: the collection is incomplete (the adapter needs it).")
-        return path
-    from huggingface_hub import hf_hub_download
-
-    filename = rel if where in ("", ".") else posixpath.normpath(posixpath.join(where, rel))
-    hub = {k: source[k] for k in ("revision", "cache_dir", "token", "local_files_only", "force_download",
-                                   "repo_type") if k in source}
-    return Path(hf_hub_download(source["path_or_repo"], filename, **hub))
+    if where.startswith("..") or where.startswith("/"):
+        raise CollectionFormatError(
+            f"collection_root {config.collection_root!r} leads outside {source['path_or_repo']}; the config is corrupted."
+        )
+    files = {m: dict(config.bases[m], path=posixpath.join(where, config.bases[m]["path"]) if where != "."
+                     else config.bases[m]["path"]) for m in modules}
+    hub = {k: source[k] for k in ("revision", "cache_dir", "token", "force_download") if k in source}
+    return load_bases_files(source["path_or_repo"], files, **hub)

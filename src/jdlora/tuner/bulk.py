@@ -2,8 +2,8 @@
 
 - :func:`load_collection`: a :class:`~jdlora.JDLoraCollection` into a model (or a PeftModel); this is
   also what ``PeftModel.from_pretrained(base, "org/collection")`` runs (via ``JDLoraModel.inject_adapter``).
-- :func:`to_collection`: the adapters of a model back into a collection (``save_pretrained`` writes it
-  in the collection format).
+- :func:`to_collection`: the adapters of a model back into a collection (its ``save_pretrained`` and
+  ``PeftModel.push_to_hub`` write the collection format; ``PeftModel.save_pretrained`` writes PEFT's layout).
 
 Per layer, the bulk path adds each cluster's bases once and every Sigma of the module in one indexed
 write into the layer's Sigma bank, then registers each adapter's Sigma as a view of its row.
@@ -17,14 +17,15 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..collection import AdapterInfo, CollectionModule, JDLoraCollection
 from ..compress import ModuleCompression
-from ..errors import IncompatibleAdaptersError, UnknownAdapterError
+from ..errors import IncompatibleAdaptersError, UnknownAdapterError, UnknownModuleError
+from ..format.layout import MANIFEST
 from .bases import basis_key
-from .config import JDLoraConfig
+from .config import JDLoraConfig, JDLoraRuntimeConfig
 from .layer import JDLoraLayer
-from .model import JDLoraModel, check_modules, check_shape
 
 
 def load_collection(
@@ -65,14 +66,14 @@ def load_collection(
     from peft import PeftModel, get_peft_model
 
     if isinstance(model, PeftModel):
-        if not isinstance(model.base_model, JDLoraModel):
+        if not _is_tuner(model.base_model):
             raise TypeError(f"{type(model.base_model).__name__} cannot hold JD-LoRA adapters; pass the base model.")
         add_collection(model.base_model, collection, adapter_names, inference_mode=not is_trainable)
         return model
     if task_type is None and type(model).__name__.endswith("ForCausalLM"):
         task_type = "CAUSAL_LM"
     config = root_config(collection, task_type=task_type, inference_mode=not is_trainable)
-    config._jd.collection, config._jd.adapter_names = collection, adapter_names
+    config.runtime_config.collection, config.runtime_config.adapter_names = collection, adapter_names
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     if not is_trainable:
         peft_model.eval()
@@ -84,19 +85,24 @@ def root_config(collection: JDLoraCollection, **kwargs) -> JDLoraConfig:
     ranks = {e.compression.rank for e in collection.modules.values()} or {1}
     targets = sorted({m.rsplit(".", 1)[-1] for m in collection.modules})
     return JDLoraConfig(r=max(ranks), sigma=collection.sigma_kind, target_modules=targets,
-                        collection="collection.json", **kwargs)
+                        collection=MANIFEST, **kwargs)
 
 
-def inject_collection(tuner: JDLoraModel, entry_name: str, config: JDLoraConfig) -> None:
-    """``JDLoraModel.inject_adapter`` for a collection's root config: bulk-load it, then PEFT's bookkeeping."""
-    collection = config._jd.collection
-    names = config._jd.adapter_names
+def inject_collection(tuner, entry_name: str, config: JDLoraConfig) -> None:
+    """``JDLoraModel.inject_adapter`` for a collection's root config: bulk-load it, then PEFT's bookkeeping.
+
+    The entry adapter ``entry_name`` stands for the collection: it is the collection's adapter of that name
+    if there is one, else an adapter without weights (the base model's outputs) until ``set_adapter``."""
+    collection = config.runtime_config.collection
+    names = config.runtime_config.adapter_names
     if collection is None:  # PeftModel.from_pretrained(base, root) or load_adapter(root, ...)
         collection = _fetch_collection(config)
         names = None  # the fetch already selected them
+        config.runtime_config.pending_load = True  # the load_adapter call that follows has nothing left to read
     first = not any(isinstance(m, JDLoraLayer) for m in tuner.model.modules())
     add_collection(tuner, collection, names, inference_mode=config.inference_mode, entry_config=config)
     # (if an adapter of the collection is named like the entry, add_collection made the entry that adapter)
+    tuner.peft_config[entry_name].runtime_config.pending_load = config.runtime_config.pending_load
     if first:
         tuner.set_adapter(tuner.active_adapters, inference_mode=config.inference_mode)
         tuner._mark_only_adapters_as_trainable(tuner.model)
@@ -105,7 +111,7 @@ def inject_collection(tuner: JDLoraModel, entry_name: str, config: JDLoraConfig)
 def _fetch_collection(config: JDLoraConfig) -> JDLoraCollection:
     from ..format import load_collection as load_saved
 
-    source = dict(config._jd.source or {})
+    source = dict(config.runtime_config.source or {})
     if not source:
         raise ValueError("This JD-LoRA config stands for a saved collection but does not say where it is; load it "
                          "with PeftModel.from_pretrained(base, path_or_repo_id).")
@@ -118,10 +124,10 @@ def _fetch_collection(config: JDLoraConfig) -> JDLoraCollection:
                              "root, or subfolder='adapters/<name>' to load one adapter.")
         root = str(Path(root) / source["subfolder"])
     hub = {k: source[k] for k in ("revision", "token", "cache_dir", "force_download") if k in source}
-    return load_saved(root, adapters=config._jd.adapter_names, **hub)
+    return load_saved(root, adapters=config.runtime_config.adapter_names, **hub)
 
 
-def add_collection(tuner: JDLoraModel, collection: JDLoraCollection, adapter_names: Sequence[str] | None = None,
+def add_collection(tuner, collection: JDLoraCollection, adapter_names: Sequence[str] | None = None,
                    *, inference_mode: bool = True, entry_config: JDLoraConfig | None = None) -> list[str]:
     """Adds the collection's adapters to the tuner's model in bulk; returns their names.
 
@@ -146,8 +152,7 @@ def add_collection(tuner: JDLoraModel, collection: JDLoraCollection, adapter_nam
 
     member = copy.copy(entry_config) if entry_config is not None else root_config(collection)
     member.collection, member.inference_mode = None, inference_mode
-    member._jd = type(member._jd)()
-    member._jd.bulk = True
+    member.runtime_config = JDLoraRuntimeConfig(bulk_member=True)
     for name in names:
         tuner.peft_config[name] = member
 
@@ -197,7 +202,7 @@ def to_collection(model: nn.Module, adapter_names: Sequence[str] | None = None) 
         IncompatibleAdaptersError: adapters of one module with different ranks, or Sigma kinds that differ.
     """
     tuner = getattr(model, "base_model", model)
-    if not isinstance(tuner, JDLoraModel):
+    if not _is_tuner(tuner):
         raise TypeError("to_collection needs a PeftModel (or JDLoraModel) with JD-LoRA adapters.")
     layers = tuner.jd_layers()
     with_weights = [n for n in tuner.peft_config if any(n in layer.jd_sigma for layer in layers.values())]
@@ -264,3 +269,40 @@ def to_collection(model: nn.Module, adapter_names: Sequence[str] | None = None) 
                     clusters=max((m.compression.num_clusters for m in modules.values()), default=0))
     return JDLoraCollection(base_model, infos, modules, kinds.pop() if kinds else "full", settings,
                             meta.get("sweep", []))
+
+
+def _is_tuner(model) -> bool:
+    """Whether ``model`` is a :class:`~jdlora.tuner.JDLoraModel` (by duck type: the model imports this module)."""
+    return callable(getattr(model, "jd_layers", None)) and hasattr(model, "peft_config")
+
+
+def check_modules(model: nn.Module, modules, where: str) -> dict[str, nn.Module]:
+    """``{name: module}`` for collection module names, with clear errors for names the model lacks."""
+    found = dict(model.named_modules())
+    out = {}
+    for name in modules:
+        if name not in found:
+            linear = [n for n, m in found.items() if isinstance(m, (nn.Linear, Conv1D, JDLoraLayer))]
+            raise UnknownModuleError(name, linear, where=where, missing_in="the model")
+        out[name] = found[name]
+    return out
+
+
+def check_shape(layer_or_module: nn.Module, name: str, d_out: int, d_in: int, where: str) -> None:
+    """Raises IncompatibleAdaptersError when a module's shape is not the collection's."""
+    if isinstance(layer_or_module, JDLoraLayer):
+        have = (layer_or_module.out_features, layer_or_module.in_features)
+    elif isinstance(layer_or_module, Conv1D):
+        have = (layer_or_module.weight.shape[1], layer_or_module.weight.shape[0])
+    elif isinstance(layer_or_module, nn.Linear):
+        have = (layer_or_module.out_features, layer_or_module.in_features)
+    else:
+        raise IncompatibleAdaptersError(
+            f"{where} adapts {name}, which is a {type(layer_or_module).__name__} in this model; JD-LoRA adapts "
+            "nn.Linear and Conv1D layers. Is the collection for another base model?"
+        )
+    if have != (d_out, d_in):
+        raise IncompatibleAdaptersError(
+            f"{where} has module {name} with {d_in} inputs and {d_out} outputs, but the model's layer has "
+            f"{have[1]} inputs and {have[0]} outputs: the collection was made for another base model."
+        )

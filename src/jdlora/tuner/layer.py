@@ -319,14 +319,38 @@ class JDLoraLayer(BaseTunerLayer):
             basis = self.jd_basis.pop(adapter_name)
             r = self.r.pop(adapter_name)
             self.jd_dropout.pop(adapter_name, None)
-            if basis not in self.jd_basis.values():
-                bases = self._jd_bases[r]
-                slot = bases.keys.index(basis)
-                bases.keys[slot] = None
-                bases.U[slot].zero_()
-                bases.V[slot].zero_()
-                del self.jd_U[basis], self.jd_V[basis]
+            self._jd_drop_basis_if_unused(basis, r)
         super().delete_adapter(adapter_name)
+
+    def _jd_drop_basis_if_unused(self, basis: str, r: int) -> None:
+        if basis in self.jd_basis.values():
+            return
+        bases = self._jd_bases[r]
+        slot = bases.keys.index(basis)
+        bases.keys[slot] = None
+        bases.U[slot].zero_()
+        bases.V[slot].zero_()
+        del self.jd_U[basis], self.jd_V[basis]
+
+    def replace_bases(self, adapter_name: str, U: Tensor, V: Tensor, key: str) -> None:
+        """Puts ``adapter_name`` on the basis ``key`` (``U``, ``V``; added unless the layer has it), e.g. when the
+        bases saved with its weights are loaded; the basis it used before goes once no adapter uses it."""
+        if adapter_name not in self.jd_sigma:
+            raise KeyError(f"This layer has no adapter {adapter_name!r}.")
+        r = self.r[adapter_name]
+        if U.shape[1] != r or V.shape[1] != r:
+            raise ValueError(
+                f"Saved bases of rank {U.shape[1]} do not fit adapter {adapter_name!r} of rank {r} in this layer: the "
+                "adapter_config.json does not match its weights."
+            )
+        old = self.jd_basis[adapter_name]
+        if old == key:
+            return
+        self.add_bases(key, U, V)
+        bank = self._jd_banks[self._jd_group_key(adapter_name)]
+        bank.cluster_of[bank.group.rows[adapter_name]] = self._jd_bases[r].keys.index(key)
+        self.jd_basis[adapter_name] = key
+        self._jd_drop_basis_if_unused(old, r)
 
     def _all_available_adapter_names(self) -> list[str]:
         return sorted(self.jd_sigma.keys())

@@ -3,24 +3,48 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import difflib
 import warnings
 from functools import partial
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+import torch
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _ExcludedModule,
+    _get_in_out_features,
+    _maybe_include_all_linear_layers,
+)
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..errors import IncompatibleAdaptersError, UnknownAdapterError, UnknownModuleError
+from ..errors import IncompatibleAdaptersError, UnknownAdapterError
+from ..format.layout import PEFT_PREFIX, SIGMA_KEY, U_KEY, V_KEY
 from . import bases as jd_bases
-from .config import JDLoraConfig
+from .bulk import inject_collection
+from .config import JDLoraConfig, JDLoraRuntimeConfig
 from .layer import AdapterGroup, JDLoraLayer, Linear
 from .mixed import BASE, MixedBatch
 
 
 class UnknownAdapterNameError(UnknownAdapterError, ValueError):
-    """An adapter name passed in ``adapter_names`` that the model does not have (a ValueError, like LoRA's)."""
+    """Adapter names passed in ``adapter_names`` that the model does not have: LoRA's message, naming every
+    unknown adapter, then close matches among the known ones."""
+
+    def __init__(self, names: list[str], known: list[str]):
+        self.names, self.known = sorted(names), list(known)
+        hints = [f"{n!r} -> {', '.join(map(repr, close))}" for n in self.names
+                 if (close := difflib.get_close_matches(n, self.known, n=3, cutoff=0.5))]
+        message = f"Trying to infer with non-existing adapter(s): {', '.join(self.names)}"
+        if hints:
+            message += f". Did you mean: {'; '.join(hints)}?"
+        ValueError.__init__(self, message)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 class JDLoraModel(BaseTuner):
@@ -41,7 +65,7 @@ class JDLoraModel(BaseTuner):
         ```
     """
 
-    prefix: str = "jd_"
+    prefix: str = PEFT_PREFIX
     tuner_layer_cls = JDLoraLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     uses_shared_state: bool = True
@@ -68,36 +92,89 @@ class JDLoraModel(BaseTuner):
         """``{module name: layer}`` with names as in a collection (``model.layers.0.self_attn.q_proj``)."""
         return {name: m for name, m in self.model.named_modules() if isinstance(m, JDLoraLayer)}
 
+    def jd_adapters(self) -> list[str]:
+        """The adapters that have weights (a Sigma in some layer), in ``peft_config`` order. The entry of a
+        bulk-loaded collection, which stands for the whole collection, has none."""
+        present = set()
+        for layer in self.jd_layers().values():
+            present.update(layer.jd_sigma.keys())
+        return [n for n in self.peft_config if n in present]
+
+    def jd_saved_config(self, adapter_name: str) -> JDLoraConfig:
+        """The config ``save_pretrained`` writes next to the adapter's weights file: ``bases_in_weights`` set
+        (the file carries the bases; see :meth:`_get_adapter_state_dict`), no reference to collection files; for
+        an adapter of a bulk load (whose config is shared by the whole collection) exactly the modules it adapts
+        and its rank there, so it loads on its own without missing keys."""
+        config = copy.copy(self.peft_config[adapter_name])
+        config.runtime_config = JDLoraRuntimeConfig()
+        config.bases_in_weights = True
+        config.bases = config.collection_root = None
+        if self.peft_config[adapter_name].runtime_config.bulk_member:
+            layers = {n: layer for n, layer in self.jd_layers().items() if adapter_name in layer.jd_sigma}
+            ranks = {layer.r[adapter_name] for layer in layers.values()}
+            if len(ranks) > 1:
+                raise IncompatibleAdaptersError(
+                    f"Adapter {adapter_name!r} has ranks {sorted(ranks)} in different modules, which one PEFT config "
+                    "cannot describe; save the collection: jdlora.tuner.to_collection(model).save_pretrained(path)."
+                )
+            config.target_modules = set(layers)
+            config.r = ranks.pop() if ranks else config.r
+        return config
+
     # ----- PEFT tuner contract ------------------------------------------------------------------
 
     def _prepare_adapter_config(self, peft_config: JDLoraConfig, model_config: dict) -> JDLoraConfig:
-        if peft_config.bases:
+        if peft_config.bases and not peft_config.bases_in_weights:
             peft_config.target_modules = set(peft_config.bases)
-        elif peft_config.target_modules is None and peft_config._jd.bases is not None:
-            peft_config.target_modules = set(peft_config._jd.bases.modules)
+        elif peft_config.target_modules is None and peft_config.runtime_config.bases is not None:
+            peft_config.target_modules = set(peft_config.runtime_config.bases.modules)
         return super()._prepare_adapter_config(peft_config, model_config)
 
     def _check_new_adapter_config(self, config: JDLoraConfig) -> None:
         super()._check_new_adapter_config(config)
-        if config.bases and config._jd.source is None:
-            raise ValueError(
-                "This JD-LoRA config lists bases files of a collection but not where the collection is; "
-                "load the adapter with PeftModel.from_pretrained(base, repo, subfolder='adapters/<name>')."
-            )
+        config.check()  # again: a field set after construction (config.bias = "all") is caught here
+
+    def _resolve_targets(self, model: nn.Module, config: JDLoraConfig) -> dict[str, tuple]:
+        """Every module ``config`` adapts and its bases, checked before any layer is touched (as PEFT matches
+        them in ``inject_adapter``), so that a failing adapter leaves the model as it was."""
+        config = _maybe_include_all_linear_layers(self._prepare_adapter_config(config, self.get_model_config(model)),
+                                                  model)
+        shapes = {}
+        inside = []
+        for key, module in model.named_modules():
+            if not key or any(key.startswith(prefix) for prefix in inside):
+                continue
+            if isinstance(module, BaseTunerLayer):
+                inside.append(key + ".")
+            found = self._check_target_module_exists(config, key)
+            if not found or isinstance(found, _ExcludedModule):
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if not isinstance(base, (nn.Linear, Conv1D)):
+                _unsupported(module)
+            d_in, d_out = _get_in_out_features(base)
+            shapes[key] = (d_out, d_in)
+        return jd_bases.resolve_bases(config, shapes)
 
     def _create_and_replace(self, config: JDLoraConfig, adapter_name, target, target_name, parent, current_key,
                             **optional_kwargs):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
+        resolved = self.__dict__.get("_jd_resolved") or {}
+        if current_key in resolved:
+            U, V = resolved[current_key]
+        else:  # injected from a state dict's keys: no pre-check ran
+            U, V = jd_bases.resolve_bases(config, {current_key: (target.out_features, target.in_features)
+                                                   if isinstance(target, JDLoraLayer)
+                                                   else _get_in_out_features(target)[::-1]})[current_key]
         layer = target if isinstance(target, JDLoraLayer) else self._create_new_module(config, adapter_name, target)
         if layer is not target:
             self._replace_module(parent, target_name, layer, target)
-        U, V = jd_bases.bases_for(config, current_key, layer)
         r = U.shape[1]
         key = jd_bases.basis_key(U, V)
         layer.add_bases(key, U, V)
         group = self.jd_group(r, config.sigma)
-        sigma = jd_bases.initial_sigma(config, r, current_key)
+        sigma = jd_bases.initial_sigma(config, r)
         layer.add_sigmas(group, [adapter_name], group.add([adapter_name]), sigma[None], key, trainable=True,
                          dropout=config.dropout)
 
@@ -113,22 +190,27 @@ class JDLoraModel(BaseTuner):
                               "Setting fan_in_fan_out to False.")
                 config.fan_in_fan_out = False
             return Linear(target)
-        raise TypeError(
-            f"Target module {target} is not supported. JD-LoRA supports `torch.nn.Linear` and "
-            "`transformers.pytorch_utils.Conv1D`."
-        )
+        _unsupported(target)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict=None) -> None:
-        """PEFT's per-adapter injection, or, for a whole collection, the bulk path (:mod:`.bulk`)."""
+        """PEFT's per-adapter injection, after every target and its bases were checked; or, for a whole
+        collection, the bulk path (:func:`~jdlora.tuner.bulk.inject_collection`). Either way the config's
+        run-time references to a source collection are dropped afterwards: the layers hold what they use."""
         config = self.peft_config[adapter_name]
-        if not config.is_collection_root:
-            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                                   low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
-            return
-        from .bulk import inject_collection
-
-        inject_collection(self, adapter_name, config)
+        if config.is_collection_root:
+            config.check()
+            inject_collection(self, adapter_name, config)
+        else:
+            try:
+                if state_dict is None:
+                    self._check_new_adapter_config(config)
+                    self.__dict__["_jd_resolved"] = self._resolve_targets(model, config)
+                super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                       low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+            finally:
+                self.__dict__.pop("_jd_resolved", None)
+        config.runtime_config.release()
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """JD-LoRA tensors of a layer share banks, so a layer has one dtype: float32 when the base is
@@ -148,13 +230,50 @@ class JDLoraModel(BaseTuner):
             group.remove(adapter_name)
         self.jd_meta.pop(adapter_name, None)
 
-    # ----- saving: Sigma only (the bases belong to the collection) ------------------------------
+    # ----- saving and loading: an adapter's Sigma and the bases it uses -------------------------
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """An adapter's own tensors: its Sigmas (``<module>.jd_sigma``). Bases are saved once, with the collection."""
-        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        return {k: v for k, v in selected.items() if k.endswith(f".jd_sigma.{adapter_name}")}
+        """Per module: the adapter's Sigma and the bases it uses, ``<module>.jd_sigma``, ``<module>.jd_U`` and
+        ``<module>.jd_V`` once PEFT removes the adapter name, so a saved adapter stands on its own (PEFT's layout;
+        docs/format.md). A collection stores shared bases once instead: ``to_collection(model).save_pretrained``."""
+        out = {}
+        for name, layer in model.named_modules():
+            if not isinstance(layer, JDLoraLayer) or adapter_name not in layer.jd_sigma:
+                continue
+            name = name.removeprefix("_fsdp_wrapped_module.")
+            basis = layer.jd_basis[adapter_name]
+            for attr, tensor_key, tensors in ((SIGMA_KEY, adapter_name, layer.jd_sigma), (U_KEY, basis, layer.jd_U),
+                                              (V_KEY, basis, layer.jd_V)):
+                value = state_dict.get(f"{name}.{attr}.{tensor_key}", tensors[tensor_key])
+                # a view of a bank row: clone, so that torch.save does not write the whole bank
+                out[f"{name}.{attr}.{adapter_name}"] = value.detach().clone()
+        return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Puts the bases saved with the adapter (``<module>.jd_U`` / ``.jd_V``) in its layers, then maps the rest
+        (Sigma) as PEFT does."""
+        saved: dict[str, dict] = {}
+        rest = {}
+        for key, value in state_dict.items():
+            head, _, attr = key.rpartition(".")
+            if attr in (U_KEY, V_KEY):
+                saved.setdefault(head, {})[attr] = value
+            else:
+                rest[key] = value
+        if saved:
+            layers = {n.removeprefix("_fsdp_wrapped_module."): m for n, m in model.named_modules()
+                      if isinstance(m, JDLoraLayer)}
+            for head, pair in saved.items():
+                layer = layers.get(head) or layers.get(head.removeprefix("base_model.model."))
+                if layer is None or adapter_name not in layer.jd_sigma or len(pair) != 2:
+                    rest.update({f"{head}.{attr}": value for attr, value in pair.items()})  # reported as unexpected
+                    continue
+                U, V = pair[U_KEY], pair[V_KEY]
+                with torch.no_grad():
+                    layer.replace_bases(adapter_name, U, V, jd_bases.basis_key(U, V))
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, rest)
 
     # ----- mixed-adapter batches ----------------------------------------------------------------
 
@@ -173,10 +292,10 @@ class JDLoraModel(BaseTuner):
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         if not isinstance(adapter_names, (list, tuple)):
             raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
-        unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
+        # as LoRA: known means having weights in some layer (the entry of a bulk-loaded collection has none)
+        unknown = set(adapter_names) - {BASE} - set(self.jd_adapters())
         if unknown:
-            raise UnknownAdapterNameError(unknown[0], list(self.peft_config) + [BASE],
-                                          where="this model (`adapter_names`)")
+            raise UnknownAdapterNameError(sorted(unknown), self.jd_adapters() + [BASE])
         num_beams = kwargs.get("num_beams")
         original = MixedBatch(adapter_names)
         batch = original
@@ -214,33 +333,8 @@ def _get_encoder(model: nn.Module) -> nn.Module | None:
     return None if encoder is model else encoder
 
 
-def check_modules(model: nn.Module, modules, where: str) -> dict[str, nn.Module]:
-    """``{name: module}`` for collection module names, with clear errors for names the model lacks."""
-    found = dict(model.named_modules())
-    out = {}
-    for name in modules:
-        if name not in found:
-            linear = [n for n, m in found.items() if isinstance(m, (nn.Linear, Conv1D, JDLoraLayer))]
-            raise UnknownModuleError(name, linear, where=where)
-        out[name] = found[name]
-    return out
-
-
-def check_shape(layer_or_module: nn.Module, name: str, d_out: int, d_in: int, where: str) -> None:
-    """Raises IncompatibleAdaptersError when a module's shape is not the collection's."""
-    if isinstance(layer_or_module, JDLoraLayer):
-        have = (layer_or_module.out_features, layer_or_module.in_features)
-    elif isinstance(layer_or_module, Conv1D):
-        have = (layer_or_module.weight.shape[1], layer_or_module.weight.shape[0])
-    elif isinstance(layer_or_module, nn.Linear):
-        have = (layer_or_module.out_features, layer_or_module.in_features)
-    else:
-        raise IncompatibleAdaptersError(
-            f"{where} adapts {name}, which is a {type(layer_or_module).__name__} in this model; JD-LoRA adapts "
-            "nn.Linear and Conv1D layers. Is the collection for another base model?"
-        )
-    if have != (d_out, d_in):
-        raise IncompatibleAdaptersError(
-            f"{where} has module {name} with {d_in} inputs and {d_out} outputs, but the model's layer has "
-            f"{have[1]} inputs and {have[0]} outputs: the collection was made for another base model."
-        )
+def _unsupported(target: nn.Module):
+    raise TypeError(
+        f"Target module {target} is not supported. JD-LoRA supports `torch.nn.Linear` and "
+        "`transformers.pytorch_utils.Conv1D`."
+    )
