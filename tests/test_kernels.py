@@ -278,6 +278,31 @@ def test_every_named_configuration_matches_the_reference(name, diag):
             assert not h.any()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["interpret-decode", "interpret-prefill", "gpu-decode", "gpu-prefill"])
+def test_a_batch_of_rows_equals_the_same_batch_given_per_token(backend, name):
+    """One sort of the rows serves any tokens_per_row (prefill and decode of one generate call): the
+    kernels find token m % S of row order[m // S], the reference repeats each row's adapter."""
+    _backend(backend)
+    rows, S = random.randint(2, 9), random.choice([2, 5, 8])
+    T = rows * S
+    x, U, V, sigma, cluster_of, _ = make_problem(T, 160, 72, 16, random.randint(1, 3), 7, diag=random.random() < 0.5)
+    row_adapter = torch.randint(-1, 7, (rows,), device=DEVICE)
+    token_adapter = row_adapter.repeat_interleave(S)
+    y0, _ = poisoned_output(T, 72, torch.float32, cluster_of, token_adapter)
+    per_row = prepare_batch(row_adapter).with_tokens_per_row(S)
+    assert per_row.num_tokens == T and torch.equal(per_row.token_adapter, token_adapter.to(torch.int32))
+    ref = jd_lora_forward_reference(y0.clone(), x, U, V, sigma, cluster_of, token_adapter, scale=0.7)
+    if backend == "triton":
+        from jdlora.kernels.launch import jd_lora_forward_triton
+
+        y = jd_lora_forward_triton(y0.clone(), x, U, V, sigma, cluster_of, per_row, scale=0.7,
+                                   configs=_named_configs()[name])
+    else:
+        y = jd_lora_forward(y0.clone(), x, U, V, sigma, cluster_of, per_row, scale=0.7, backend=backend)
+    torch.testing.assert_close(y, ref, rtol=2e-5, atol=2e-5, equal_nan=True)
+
+
 def test_prepare_batch_groups_tokens_by_adapter_stably_with_unadapted_tokens_last():
     ta = torch.tensor([3, -1, 0, 3, 2, -1, 0, 3], device=DEVICE)
     b = prepare_batch(ta)

@@ -25,7 +25,7 @@ from jdlora_tgi import naming  # noqa: E402
 from jdlora_tgi.forward import apply_jd, row_finish, row_partial  # noqa: E402
 from jdlora_tgi.naming import AdapterIdCollisionError, JDSource  # noqa: E402
 from jdlora_tgi.registry import JDRegistry, StepRows  # noqa: E402
-from jdlora_tgi.sharding import ShardSpec, shard_bounds  # noqa: E402
+from jdlora_tgi.sharding import ShardSpec, UnsupportedShardingError, shard_bounds  # noqa: E402
 
 # A tiny Llama-like shape: hidden 64, 4 heads of 16, 2 KV heads, MLP 96, 2 layers.
 SHAPES = {
@@ -49,6 +49,7 @@ def random_collection(
     seed: int = 0,
     layers=range(NLAYERS),
     absent: set = frozenset(),
+    shapes=SHAPES,
 ) -> JDLoraCollection:
     """A collection with random bases/Sigma. ``absent``: ``(module, adapter name)`` pairs without a Sigma."""
     g = torch.Generator().manual_seed(seed)
@@ -56,7 +57,7 @@ def random_collection(
     for layer in layers:
         for suffix in suffixes:
             name = module_name(layer, suffix)
-            d_out, d_in = SHAPES[suffix]
+            d_out, d_in = shapes[suffix]
             ids = [i for i, a in enumerate(names) if (name, a) not in absent]
             m = len(ids)
             U = torch.randn(clusters, d_out, rank, generator=g) / d_out**0.5
@@ -129,6 +130,18 @@ def test_adapter_configs_are_classified_by_peft_type(tmp_path):
 
 def test_shard_bounds_are_tgi_blocks():
     assert [shard_bounds(96, r, 4) for r in range(4)] == [(0, 24), (24, 48), (48, 72), (72, 96)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_fused_qkv_proj_is_refused_on_more_than_one_rank_naming_adapter_and_remedy(world):
+    spec = ShardSpec.for_layer("qkv_proj", rank=world - 1, world_size=world)
+    module = module_name(0, "self_attn.qkv_proj")
+    if world == 1:
+        spec.check("phi:math", module)  # one rank: the bases are used whole, exact
+        return
+    with pytest.raises(UnsupportedShardingError, match=r"'phi:math'.*qkv_proj.*--num-shard 1"):
+        spec.check("phi:math", module)
+    ShardSpec.for_layer("q_proj", world - 1, world).check("phi:math", module_name(0, "self_attn.q_proj"))
 
 
 def one_table(suffix: str, world: int, rank: int, names=("a", "b", "c"), sigma="full", seed=0):

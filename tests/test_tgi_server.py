@@ -76,9 +76,17 @@ def import_tgi() -> SimpleNamespace:
 
 @pytest.fixture
 def punica(tgi, monkeypatch):
+    return torch_lora_path(tgi, monkeypatch)
+
+
+def torch_lora_path(tgi, monkeypatch) -> PunicaHelpers:
+    """TGI's plain LoRA on its torch path (what TGI runs on a CPU without IPEX, ``SYSTEM == "cpu"``), which
+    these tests record; with intel-extension-for-pytorch installed TGI would take IPEX's kernels instead
+    (covered by tests/test_tgi_e2e.py)."""
     helpers = PunicaHelpers()
-    monkeypatch.setattr(tgi.adapters_lora, "punica_sgmv", helpers)
-    monkeypatch.setattr(tgi.layers_lora, "punica_sgmv", helpers)
+    for module in (tgi.adapters_lora, tgi.layers_lora):
+        monkeypatch.setattr(module, "punica_sgmv", helpers)
+        monkeypatch.setattr(module, "SYSTEM", "cpu")
     return helpers
 
 
@@ -236,8 +244,8 @@ def test_jd_collections_and_plain_lora_load_side_by_side_dispatched_by_peft_type
 def test_start_up_log_reports_jd_memory(tgi, assets, punica, monkeypatch):
     from loguru import logger
 
-    lines = []
-    sink = logger.add(lines.append, level="INFO", format="{message}")
+    lines = []  # a sink made like TGI's (cli.serve): only records named under text_generation_server pass
+    sink = logger.add(lines.append, level="INFO", format="{message}", filter="text_generation_server")
     try:
         load(tgi, assets, tgi.FakeGroup(0, 1), monkeypatch)
     finally:
@@ -421,10 +429,15 @@ def _tp_entry(rank, world, port, root, env, results, check="jd"):
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                              world_size=world)
         tgi, assets = import_tgi(), read_assets(Path(root))
-        helpers = PunicaHelpers()
         mp = pytest.MonkeyPatch()
-        mp.setattr(tgi.adapters_lora, "punica_sgmv", helpers)
-        mp.setattr(tgi.layers_lora, "punica_sgmv", helpers)
+        torch_lora_path(tgi, mp)
+        if check == "refused":  # start-up must stop with jdlora_tgi's error on every rank
+            from jdlora_tgi.sharding import UnsupportedShardingError
+
+            with pytest.raises(UnsupportedShardingError) as refused:
+                load(tgi, assets, torch.distributed.group.WORLD, mp, env)
+            results.put((rank, f"refused: {refused.value}"))
+            return
         model, index = load(tgi, assets, torch.distributed.group.WORLD, mp, env)
         if check == "lora_row":
             results.put((rank, _tgi_row_lora_columns(tgi, assets, model, rank, world)))
@@ -447,6 +460,25 @@ def test_tensor_parallel_jd_layers_match_the_unsharded_result(assets, world):
     env = f"org/a={assets.root / 'coll_a'},b={assets.root / 'coll_b'},single={assets.root / 'coll_a/adapters/math'}"
     out = run_tp(world, assets.root, env)
     assert out == {r: "ok" for r in range(world)}, "\n".join(f"rank {r}: {v}" for r, v in sorted(out.items()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_fused_qkv_proj_collection_is_refused_on_every_rank(assets, world):
+    """A collection adapting the fused ``qkv_proj`` (phi3) loaded through TGI's own loop on ``world`` gloo
+    ranks: TGI maps ``(layer, "qkv_proj")`` to the q/k/v layer, whose rank-local output is [q_r; k_r; v_r]; the
+    backend refuses instead of updating the wrong rows."""
+    qkv = "self_attn.qkv_proj"
+    root = assets.root / "coll_qkv"
+    if not root.exists():
+        shapes = {qkv: (HIDDEN + 2 * KV, HIDDEN)}
+        random_collection(["math", "code"], [qkv], rank=4, clusters=1, seed=5, shapes=shapes).save_pretrained(
+            root, progress=False)
+    out = run_tp(world, assets.root, f"phi={root}", check="refused")
+    assert set(out) == set(range(world))
+    for rank, line in out.items():
+        assert line.startswith("refused: ") and "'phi:" in line and "qkv_proj" in line and "--num-shard 1" in line, \
+            (rank, line)
 
 
 # ----- TGI's own LoRA issues this backend does not change (documented in docs/tgi.md) -----------------

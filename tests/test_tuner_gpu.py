@@ -43,3 +43,34 @@ def test_mixed_batch_on_cuda_matches_the_cpu_path(sigma, dtype, tol, monkeypatch
     assert calls["triton"] > 0, "the CUDA path must run the Triton kernels"
     err = ((got - expected).norm() / expected.norm()).item()
     assert err < tol, f"relative error {err:.2e}"
+
+
+def test_compiled_generate_with_a_static_cache_matches_eager_for_every_mix():
+    """On CUDA transformers compiles the decode step when the cache is static (inductor, CUDA graphs):
+    mixed adapters go through it, a new mix runs the same graph, and the result is the eager one."""
+    from torch._dynamo.utils import counters
+
+    from jdlora.tuner import load_collection
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, pad_token_id=0)
+    adapters = synthetic_adapters(12, llama_modules(2, 256, 128, ("q_proj", "k_proj", "v_proj")), rank=8)
+    collection = jdlora.compress(adapters, rank=16, clusters=3, progress=False)
+    model = load_collection(LlamaForCausalLM(config).eval(), collection).to("cuda")
+    ids = torch.randint(1, 512, (4, 12), generator=torch.Generator().manual_seed(2)).cuda()
+    names = collection.adapter_names
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    graphs = []
+    for mix in ([names[0], names[5], "__base__", names[11]], [names[3], names[3], names[7], "__base__"],
+                ["__base__", names[1], names[9], names[2]]):
+        with torch.no_grad():
+            got = model.generate(input_ids=ids, adapter_names=mix, cache_implementation="static", **kwargs)
+            ref = model.generate(input_ids=ids, adapter_names=mix, disable_compile=True, **kwargs)
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert torch.equal(got.sequences, ref.sequences), mix
+        for a, b in zip(got.logits, ref.logits):
+            assert ((a - b).norm() / b.norm()).item() < 1e-3
+    assert graphs[0] >= 1 and graphs[1] == graphs[0] == graphs[2], f"compiled graphs after each call: {graphs}"
+    torch._dynamo.reset()

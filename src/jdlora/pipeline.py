@@ -92,7 +92,9 @@ def compress(
     choice: AutoChoice | None = None
     if settings.is_auto:
         middle = middle_module(module_names, sources)
-        stack, _, ranks = load(middle)
+        stack, ids, ranks = load(middle)
+        sq_norms = stack.sq_norms()  # an overflowing update must be named before the search measures NaNs
+        check_finite(middle, [sources[i].name for i in ids], sq_norms, torch.zeros_like(sq_norms))
         with tqdm(desc=f"Choosing settings on {middle}", unit="setting", disable=not progress) as bar:
             settings, choice, sweep = choose_settings(stack, ranks, settings, module=middle, progress=bar)
         del stack

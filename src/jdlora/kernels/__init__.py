@@ -22,13 +22,20 @@ API::
     cluster_of [n], token_adapter [T]  int32 or int64; -1 = none. Indices must be < n and < C
                                        (not checked: checking would synchronize with the host)
 
-``batch`` may also be the raw ``token_adapter`` tensor (then :func:`prepare_batch` runs per call).
+``batch`` may also be the raw ``token_adapter`` tensor (then :func:`prepare_batch` runs per call). A batch
+of rows of S tokens each (a ``[B, S, d]`` input flattened) is ``prepare_batch(row_adapter)`` once and
+``batch.with_tokens_per_row(S)`` per forward: one sort of the rows serves prefill and decode.
+
+torch.compile: under ``torch.compile`` both functions put one custom-op node in the graph
+(``torch.ops.jdlora.jd_lora_forward_``, :mod:`~jdlora.kernels.ops`, mutating ``y``), so dynamo never traces
+into Triton's launcher; ``fullgraph=True`` works and CUDA graphs (``mode="reduce-overhead"``) replay the
+kernels. In eager mode they call the launcher directly (no custom-op dispatch per call).
 Numbers: float32 accumulation throughout; :mod:`jdlora.kernels.reference` defines them.
 
 Dispatch: ``backend="auto"`` runs the Triton kernels on CUDA tensors and the torch reference
 elsewhere; ``backend="triton"`` forces the kernels (on CPU tensors too, under
 ``TRITON_INTERPRET=1``, which is how CPU CI tests them), ``backend="torch"`` forces the reference;
-the environment variable ``JDLORA_KERNELS=torch|triton`` overrides ``"auto"``. Triton is imported
+the environment variable ``JDLORA_KERNELS=torch|triton`` (read when this module is imported) overrides ``"auto"``. Triton is imported
 only when the Triton path runs, so ``import jdlora`` never imports it.
 
 Kernels (Triton path), three launches per layer, no host synchronization, CUDA-graph capturable
@@ -61,6 +68,7 @@ import torch
 from torch import Tensor
 
 from .batch import JDBatch, prepare_batch
+from .ops import jd_lora_forward_op
 from .reference import jd_lora_forward_reference
 
 __all__ = ["JDBatch", "prepare_batch", "jd_lora_forward", "jd_lora_linear", "jd_lora_forward_reference"]
@@ -68,6 +76,8 @@ __all__ = ["JDBatch", "prepare_batch", "jd_lora_forward", "jd_lora_linear", "jd_
 Backend = Literal["auto", "triton", "torch"]
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _INTS = (torch.int32, torch.int64)
+# Read once, at import: a lookup per call cost more host time than the rest of the dispatch.
+_ENV_BACKEND = os.environ.get("JDLORA_KERNELS")
 
 
 def jd_lora_forward(
@@ -81,6 +91,7 @@ def jd_lora_forward(
     *,
     scale: float = 1.0,
     backend: Backend = "auto",
+    check: bool = True,
 ) -> Tensor:
     """In place ``y[t] += scale * U[c] Sigma[a] V[c]^T x[t]`` for a batch mixing adapters.
 
@@ -93,6 +104,8 @@ def jd_lora_forward(
         batch: :func:`prepare_batch` of ``token_adapter [T]``, or that tensor itself.
         scale: multiplies the update.
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+        check: check shapes, dtypes and devices (a few microseconds of host time per call). A caller that
+            built the tensors itself and checked them once (the PEFT tuner's layers) passes False.
 
     Returns:
         ``y``.
@@ -103,7 +116,10 @@ def jd_lora_forward(
         y = base_linear(x)
         jd_lora_forward(y, x, U, V, sigma, cluster_of, batch)
     """
-    batch, backend = _prepare(y, x, U, V, sigma, cluster_of, batch, backend)
+    batch, backend = _prepare(y, x, U, V, sigma, cluster_of, batch, backend, check)
+    if torch.compiler.is_compiling():  # one graph node (jdlora.kernels.ops), not a trace into Triton's launcher
+        _op_forward(y, x, U, V, sigma, cluster_of, batch, scale, backend)
+        return y
     if backend == "torch":
         return jd_lora_forward_reference(y, x, U, V, sigma, cluster_of, batch.token_adapter, scale=scale)
     from .launch import jd_lora_forward_triton  # imports triton
@@ -145,6 +161,10 @@ def jd_lora_linear(
         raise ValueError(f"jd_lora_linear: weight must be [d_out={d_out}, d_in={x.shape[-1]}] in {x.dtype} on "
                          f"{x.device} (U's d_out, x's d_in), got {tuple(weight.shape)} {weight.dtype} on {weight.device}")
     batch, backend = _prepare(None, x, U, V, sigma, cluster_of, batch, backend)
+    if torch.compiler.is_compiling():  # the graph orders the GEMM and the op; no side stream here
+        y = torch.nn.functional.linear(x, weight, bias)
+        _op_forward(y, x, U, V, sigma, cluster_of, batch, scale, backend)
+        return y
     if backend == "torch":
         y = torch.nn.functional.linear(x, weight, bias)
         return jd_lora_forward_reference(y, x, U, V, sigma, cluster_of, batch.token_adapter, scale=scale)
@@ -153,15 +173,21 @@ def jd_lora_linear(
     return jd_lora_linear_triton(x, weight, bias, U, V, sigma, cluster_of, batch, scale=scale, overlap=overlap)
 
 
-def _prepare(y, x, U, V, sigma, cluster_of, batch, backend: Backend) -> tuple[JDBatch, str]:
+def _op_forward(y, x, U, V, sigma, cluster_of, batch: JDBatch, scale: float, backend: str) -> None:
+    jd_lora_forward_op(y, x, U, V, sigma, cluster_of, batch.row_adapter, batch.order, batch.sorted_adapter,
+                       batch.tokens_per_row, float(scale), backend)
+
+
+def _prepare(y, x, U, V, sigma, cluster_of, batch, backend: Backend, check: bool = True) -> tuple[JDBatch, str]:
     """The batch (prepared if given as ``token_adapter``) and the backend that runs, after checking the inputs."""
     if not isinstance(batch, JDBatch):
         batch = prepare_batch(batch)
     if backend == "auto":
-        backend = os.environ.get("JDLORA_KERNELS") or ("triton" if x.is_cuda else "torch")
+        backend = _ENV_BACKEND or ("triton" if x.is_cuda else "torch")
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    _check_inputs(y, x, U, V, sigma, cluster_of, batch, allow_float64=backend == "torch")
+    if check:
+        _check_inputs(y, x, U, V, sigma, cluster_of, batch, allow_float64=backend == "torch")
     return batch, backend
 
 

@@ -1,9 +1,11 @@
 """Triton kernel: expand by the cluster's U and accumulate into y in place (one launch).
 
-Math, for every token of the batch in adapter order, with ``a = sorted_adapter[m]``,
+Math, for every token of the batch in adapter order, with ``a = sorted_adapter[m // S]``,
 ``c = cluster_of[a]`` and ``g`` from :mod:`~jdlora.kernels.shrink`::
 
-    y[order[m]] += scale * U[c] g[m]          (d_out, float32 accumulation, one rounding of y)
+    y[t(m)] += scale * U[c] g[m]          (d_out, float32 accumulation, one rounding of y)
+
+with ``t(m) = order[m // S] * S + m % S`` for rows of S = ``tokens_per_row`` tokens (see :mod:`~jdlora.kernels.shrink`).
 
 ``g`` is rounded to the dtype of U before the product (as vLLM/Punica round their shrink output), then
 the product accumulates in float32. Rows with ``a < 0`` or ``c < 0`` are neither read nor written.
@@ -39,6 +41,7 @@ def jd_expand_kernel(
     order_ptr,
     sorted_adapter_ptr,
     T,
+    tpr,
     d_out,
     r,
     scale,
@@ -58,8 +61,9 @@ def jd_expand_kernel(
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_batch = offs_m < T
-    adapter = tl.load(sorted_adapter_ptr + offs_m, mask=in_batch, other=-1)
-    token = tl.load(order_ptr + offs_m, mask=in_batch, other=0).to(tl.int64)
+    slot = offs_m // tpr  # the row of token m of the sorted order (tpr == 1: Triton folds this away)
+    adapter = tl.load(sorted_adapter_ptr + slot, mask=in_batch, other=-1)
+    token = tl.load(order_ptr + slot, mask=in_batch, other=0).to(tl.int64) * tpr + offs_m % tpr
     cluster = tl.load(cluster_of_ptr + adapter, mask=adapter >= 0, other=-1).to(tl.int32)
     active = cluster >= 0
     offs_r = tl.arange(0, BLOCK_R)
@@ -103,7 +107,7 @@ def launch_expand(y, U, g, cluster_of, batch, *, scale: float, config) -> None:
     grid = (cdiv(T, config.block_m), cdiv(d_out, config.block_n))
     jd_expand_kernel[grid](
         y, U, g, cluster_of, batch.order, batch.sorted_adapter,
-        T, d_out, r, float(scale),
+        T, batch.tokens_per_row, d_out, r, float(scale),
         y.stride(0), y.stride(1), U.stride(0), U.stride(1), U.stride(2), g.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, ONE_CLUSTER=U.shape[0] == 1,
         PRECISION="ieee" if U.dtype.itemsize == 4 else "tf32",

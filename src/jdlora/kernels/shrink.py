@@ -1,12 +1,14 @@
 """Triton kernel: shrink by each token's cluster basis V (launch 1 of 3).
 
 Math, for every token of the batch in adapter order (``order``, ``sorted_adapter`` of a
-:class:`~jdlora.kernels.JDBatch`), with ``a = sorted_adapter[m]`` and ``c = cluster_of[a]``::
+:class:`~jdlora.kernels.JDBatch`), with ``a = sorted_adapter[m // S]`` and ``c = cluster_of[a]``::
 
-    h[m] = V[c]^T x[order[m]]            (r, float32 accumulation)
+    h[m] = V[c]^T x[t(m)]                (r, float32 accumulation)
 
 into the batch's float32 scratch ``h [T, w]`` (rows in adapter order), which is all zeros on entry and
 which the Sigma kernel re-zeroes after reading it. Rows with ``a < 0`` or ``c < 0`` are not touched.
+For rows of S = ``tokens_per_row`` tokens, token m of the sorted order is ``t(m) = order[m // S] * S + m % S``
+(S = 1: rows are tokens), so one sort of the rows serves prefill and decode.
 
 Grid: ``(cdiv(T, BLOCK_M), split_k)``. Program (i, k) takes tokens ``[i*BLOCK_M, (i+1)*BLOCK_M)`` of the
 sorted order and the slice ``[k*k_per_split, (k+1)*k_per_split)`` of d_in. Its loop runs over the
@@ -50,6 +52,7 @@ def jd_shrink_kernel(
     sorted_adapter_ptr,
     h_ptr,
     T,
+    tpr,
     d_in,
     r,
     k_per_split,
@@ -70,8 +73,9 @@ def jd_shrink_kernel(
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_batch = offs_m < T
-    adapter = tl.load(sorted_adapter_ptr + offs_m, mask=in_batch, other=-1)
-    token = tl.load(order_ptr + offs_m, mask=in_batch, other=0).to(tl.int64)
+    slot = offs_m // tpr  # the row of token m of the sorted order (tpr == 1: Triton folds this away)
+    adapter = tl.load(sorted_adapter_ptr + slot, mask=in_batch, other=-1)
+    token = tl.load(order_ptr + slot, mask=in_batch, other=0).to(tl.int64) * tpr + offs_m % tpr
     cluster = tl.load(cluster_of_ptr + adapter, mask=adapter >= 0, other=-1).to(tl.int32)
     active = cluster >= 0
     offs_r = tl.arange(0, BLOCK_R)
@@ -123,7 +127,7 @@ def launch_shrink(x, V, cluster_of, batch, h, *, config) -> None:
     split_k = cdiv(d_in, k_per_split)
     jd_shrink_kernel[(m_blocks, split_k)](
         x, V, cluster_of, batch.order, batch.sorted_adapter, h,
-        T, d_in, r, k_per_split,
+        T, batch.tokens_per_row, d_in, r, k_per_split,
         x.stride(0), x.stride(1), V.stride(0), V.stride(1), V.stride(2), h.stride(0),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_rank(r), SPLIT=split_k > 1,
         ONE_CLUSTER=V.shape[0] == 1, PRECISION="ieee" if x.dtype.itemsize == 4 else "tf32",

@@ -1,6 +1,6 @@
 """Triton kernel: apply each token's Sigma to its shrunk vector (launch 2 of 3).
 
-Math, with ``a = sorted_adapter[m]`` and ``h`` from :mod:`~jdlora.kernels.shrink`::
+Math, with ``a = sorted_adapter[m // S]`` and ``h`` from :mod:`~jdlora.kernels.shrink`::
 
     g[m] = Sigma[a] h[m]          JD-Full: r x r;  JD-Diag: g[m] = sigma[a] * h[m] elementwise
 
@@ -38,6 +38,7 @@ def jd_sigma_kernel(
     sigma_ptr,
     sorted_adapter_ptr,
     T,
+    tpr,
     r,
     stride_h,
     stride_sa,
@@ -53,7 +54,7 @@ def jd_sigma_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < r
     if BLOCK_M == 1:  # decode: one token per program, its whole Sigma loaded at once
-        a = tl.load(sorted_adapter_ptr + pid_m)
+        a = tl.load(sorted_adapter_ptr + pid_m // tpr)
         if a >= 0:
             row = pid_m.to(tl.int64) * stride_h
             h = tl.load(h_ptr + row + offs_r, mask=r_mask, other=0.0)
@@ -72,7 +73,7 @@ def jd_sigma_kernel(
             tl.store(h_ptr + row + offs_r, tl.zeros((BLOCK_R,), dtype=tl.float32), mask=r_mask)
     else:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        adapter = tl.load(sorted_adapter_ptr + offs_m, mask=offs_m < T, other=-1)
+        adapter = tl.load(sorted_adapter_ptr + offs_m // tpr, mask=offs_m < T, other=-1)
         active = adapter >= 0  # rows of adapters without a cluster here hold h = 0: g = 0, never read
         if tl.max(active.to(tl.int32), axis=0) > 0:
             row = offs_m.to(tl.int64)[:, None] * stride_h
@@ -135,7 +136,7 @@ def launch_sigma(h, g, sigma, batch, *, exact: bool, config) -> None:
     sigma_rows = max(1, min(block_r, config.sigma_elems // (config.block_m * block_r)))
     jd_sigma_kernel[(cdiv(T, config.block_m),)](
         h, g, sigma, batch.sorted_adapter,
-        T, r, h.stride(0), sigma.stride(0), sigma.stride(1), 0 if diag else sigma.stride(2),
+        T, batch.tokens_per_row, r, h.stride(0), sigma.stride(0), sigma.stride(1), 0 if diag else sigma.stride(2),
         BLOCK_M=config.block_m, BLOCK_R=block_r, SIGMA_DIAG=diag, SIGMA_ROWS=sigma_rows,
         PRECISION="ieee" if exact else "tf32",
         num_warps=config.num_warps,

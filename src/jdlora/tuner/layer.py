@@ -16,6 +16,7 @@ the layer and the banks are rebuilt from the dicts (the source of truth) before 
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Optional
 
@@ -26,7 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils.other import transpose
 from torch import Tensor, nn
 
-from .mixed import MixedBatch, jd_lora_forward
+from .mixed import MixedBatch, jd_lora_forward, mark_static
 
 
 class AdapterGroup:
@@ -118,6 +119,9 @@ class JDLoraLayer(BaseTunerLayer):
     """JD-LoRA on one layer; see the module docstring for how the weights are stored."""
 
     adapter_layer_names = ("jd_sigma",)
+    # The model's MixedBatch (JDLoraModel sets it once and activates it per call): a layer reads the
+    # batch from here rather than from a per-call forward hook, so compiled graphs see one object.
+    _jd_mixed: Optional[MixedBatch] = None
     other_param_names = ("jd_U", "jd_V", "jd_basis", "r", "jd_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs):
@@ -391,7 +395,8 @@ class JDLoraLayer(BaseTunerLayer):
         adapter_names = kwargs.get("adapter_names")
         if adapter_names is None:
             return
-        if len(x) != len(adapter_names):
+        # x.shape[0], not len(x) (slower); a MixedBatch's len is a number it keeps, not its list of names
+        if x.shape[0] != len(adapter_names):
             raise ValueError(
                 "Length of `adapter_names` should be the same as the number of inputs, but got "
                 f"{len(adapter_names)} and {len(x)} respectively."
@@ -400,6 +405,17 @@ class JDLoraLayer(BaseTunerLayer):
             raise ValueError(
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
             )
+
+    def _jd_mark_static(self) -> None:
+        """Marks the banks as tensors at fixed addresses for ``torch.compile`` (as transformers marks its
+        static cache): a graph reads them as inputs, and CUDA graphs would otherwise copy every input
+        that is not a parameter or buffer into their own memory at each replay (all bases and Sigmas,
+        per step). A bank that is replaced (grown, moved) is marked anew; graphs then record again."""
+        self._jd_retie_if_needed()
+        banks = [t for b in self._jd_bases.values() for t in (b.U, b.V)]
+        banks += [t for b in self._jd_banks.values() for t in (b.sigma, b.cluster_of)]
+        for t in banks:
+            mark_static(t)
 
     def _mixed_batch_forward(self, x: Tensor, *args: Any, adapter_names, **kwargs: Any) -> Tensor:
         """Each row of the batch with its own adapter: one gathered JD product per adapter group.
@@ -413,7 +429,7 @@ class JDLoraLayer(BaseTunerLayer):
             return result
         self._jd_retie_if_needed()
         batch = adapter_names if isinstance(adapter_names, MixedBatch) else MixedBatch(adapter_names)
-        tokens_per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
+        tokens_per_row = math.prod(x.shape[1:-1])  # [B, S, d]: S; [B, d]: 1 (static shapes: no recompile per mix)
         if not result.is_contiguous():
             result = result.contiguous()
         y2 = result.view(-1, result.shape[-1])
@@ -430,8 +446,10 @@ class JDLoraLayer(BaseTunerLayer):
                 U, V, sigma = U.float(), V.float(), sigma.float()
                 y = torch.zeros(y2.shape, dtype=torch.float32, device=y2.device)
             xin = x2 if x2.dtype == U.dtype else x2.to(U.dtype)
-            # no autocast guard needed: the kernels and the torch reference fix their own precision
-            jd_lora_forward(y, xin, U, V, sigma, bank.cluster_of, prepared)
+            # no autocast guard needed: the kernels and the torch reference fix their own precision.
+            # No per-call checks: the banks are this layer's own (shapes fixed when adapters are added),
+            # x fits them (the base layer would have refused it), the batch is the model's.
+            jd_lora_forward(y, xin, U, V, sigma, bank.cluster_of, prepared, check=False)
             if y is not y2:
                 y2 += y.to(y2.dtype)
         return result
@@ -480,6 +498,9 @@ class Linear(nn.Module, JDLoraLayer):
                 self.get_base_weight().sub_(self.get_delta_weight(adapter))
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        mixed = self._jd_mixed
+        if kwargs.get("adapter_names") is None and mixed is not None and mixed.active:
+            kwargs["adapter_names"] = mixed  # the model's batch for this call (JDLoraModel._enable_peft_forward_hooks)
         self._check_forward_args(x, *args, **kwargs)
         adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:

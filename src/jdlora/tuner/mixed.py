@@ -1,13 +1,28 @@
-"""Mixed-adapter batches: which Sigma row each token reads, computed once per forward for all layers."""
+"""Mixed-adapter batches: which Sigma row each batch row reads, as device tensors shared by every layer.
+
+What makes ``generate(..., adapter_names=[...])`` cheap and compilable:
+
+- **Once per call, not per layer or per step.** The adapter of each *row* is turned into Sigma-bank
+  rows and sorted once per adapter group and device (:func:`jdlora.kernels.prepare_batch` on ``[B]``);
+  a layer only picks ``tokens_per_row`` from its input's shape (:meth:`JDBatch.with_tokens_per_row`),
+  so the prefill and every decode step of one ``generate`` reuse the same tensors.
+- **The mix is tensor data.** :class:`~jdlora.tuner.model.JDLoraModel` keeps one :class:`MixedBatch`
+  for all calls and :meth:`MixedBatch.update` writes a new mix into the same device tensors (same batch
+  size: in place). A compiled decode step reads them as graph inputs, so a new mix of adapters runs
+  the same graph (no recompilation) and a captured CUDA graph replays with the new rows.
+- **No host work inside the compiled region.** The host -> device copy of the rows (pinned, non
+  blocking) happens in :meth:`MixedBatch.update`, before the model runs; inside a layer there is no
+  host synchronization and no allocation that depends on the names.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
-from torch import Tensor
 
 from ..kernels import JDBatch, jd_lora_forward, prepare_batch
+from ..kernels.batch import sort_rows
 
 __all__ = ["MixedBatch", "jd_lora_forward"]
 
@@ -18,29 +33,93 @@ class MixedBatch:
     """The adapter of each batch row (``adapter_names``, ``"__base__"`` for none) as kernel batches.
 
     Layers group their adapters by rank and Sigma kind (:class:`~jdlora.tuner.layer.AdapterGroup`),
-    with rows shared by every layer, so the token -> Sigma row map and its
-    :func:`~jdlora.kernels.prepare_batch` are built once per group and token count, not per layer.
+    with rows shared by every layer, so the row -> Sigma-row map and its sort are built once per
+    group and device (:meth:`update`, or lazily on first use), not per layer.
+
+    Attributes:
+        names: the adapter of each row.
+        size: ``len(names)`` (what layers check; reading ``names`` in a compiled region would make
+            the graph depend on the strings).
+        active: whether layers of a model that holds this batch use it (set by the model for one call).
     """
 
-    def __init__(self, adapter_names: Sequence[str]):
+    def __init__(self, adapter_names: Sequence[str] = ()):
         self.names = list(adapter_names)
-        self._cache: dict[tuple, JDBatch | None] = {}
+        self.size = len(self.names)
+        self.active = True
+        self._groups: dict[str, object] = {}  # group key -> AdapterGroup
+        self._rows: dict[tuple[str, str], JDBatch | None] = {}  # (group key, device) -> rows batch; None: unused
+        self._eager: dict[tuple[str, str, int], JDBatch] = {}  # + tokens_per_row -> batch with its own scratch
 
     def __len__(self) -> int:
-        return len(self.names)
+        return self.size
+
+    def update(self, adapter_names: Sequence[str], groups: Iterable = (), devices: Iterable = ()) -> None:
+        """A new mix for the next call (run outside compiled regions): rows of every group and device
+        already prepared, plus those of ``groups`` x ``devices``, are rebuilt, in place where the batch
+        size is unchanged."""
+        self.names = list(adapter_names)
+        self.size = len(self.names)
+        self._eager.clear()
+        for group in groups:
+            self._groups[group.key] = group
+        keys = set(self._rows) | {(g, str(torch.device(d))) for g in self._groups for d in devices}
+        for key in keys:
+            old = self._rows.get(key)
+            new = self._build(self._groups[key[0]], torch.device(key[1]), old)
+            self._rows[key] = new
 
     def prepared(self, group, tokens_per_row: int, device: torch.device) -> JDBatch | None:
         """The kernel batch of ``group`` for rows of ``tokens_per_row`` tokens; None if no row uses it."""
-        key = (id(group), group.size, tokens_per_row, str(device))
-        if key not in self._cache:
-            rows = [group.rows.get(name, -1) for name in self.names]
-            if all(r < 0 for r in rows):
-                self._cache[key] = None
-            else:
-                token_rows: Tensor = torch.tensor(rows, dtype=torch.int32).repeat_interleave(tokens_per_row)
-                if device.type == "cuda":  # pinned + non_blocking: the host does not wait for the GPU's queue
-                    token_rows = token_rows.pin_memory().to(device, non_blocking=True)
-                else:
-                    token_rows = token_rows.to(device)
-                self._cache[key] = prepare_batch(token_rows)
-        return self._cache[key]
+        key = (group.key, str(device))
+        rows = self._rows.get(key, False)
+        if rows is False:
+            if torch.compiler.is_compiling():  # not prepared before the compiled region: a graph of these names
+                rows = _rows_batch([group.rows.get(n, -1) for n in self.names], device, pinned=False)
+                return None if rows is None else rows.with_tokens_per_row(tokens_per_row)
+            self._groups[group.key] = group
+            rows = self._rows[key] = self._build(group, device, None)
+        if rows is None:
+            return None
+        if torch.compiler.is_compiling():  # the custom op keeps its own scratch
+            return rows.with_tokens_per_row(tokens_per_row)
+        eager_key = (*key, tokens_per_row)
+        batch = self._eager.get(eager_key)
+        if batch is None:  # one per token count, so the layers of a forward share its scratch
+            batch = self._eager[eager_key] = rows.with_tokens_per_row(tokens_per_row)
+        return batch
+
+    def _build(self, group, device: torch.device, old: JDBatch | None) -> JDBatch | None:
+        rows = [group.rows.get(name, -1) for name in self.names]
+        if old is not None and old.row_adapter.shape[0] == len(rows) and any(r >= 0 for r in rows):
+            row_adapter = _to_device(torch.tensor(rows, dtype=torch.int32), device)
+            order, sorted_adapter = sort_rows(row_adapter)
+            old.row_adapter.copy_(row_adapter)  # the same tensors: graphs that read them see the new mix
+            old.order.copy_(order)
+            old.sorted_adapter.copy_(sorted_adapter)
+            return old
+        return _rows_batch(rows, device, pinned=True)
+
+
+def mark_static(t: torch.Tensor) -> None:
+    """Tells ``torch.compile`` that ``t`` keeps its address (no copy into CUDA graphs' memory per replay;
+    no guard on the address: a replaced tensor is re-recorded, not recompiled)."""
+    if getattr(t, "_dynamo_static_input_type", None) is None:
+        torch._dynamo.mark_static_address(t, guard=False)
+
+
+def _to_device(rows, device: torch.device):
+    if device.type == "cuda":  # pinned + non_blocking: the host does not wait for the GPU's queue
+        return rows.pin_memory().to(device, non_blocking=True)
+    return rows.to(device)
+
+
+def _rows_batch(rows: list[int], device: torch.device, *, pinned: bool) -> JDBatch | None:
+    if all(r < 0 for r in rows):
+        return None
+    if not pinned:  # inside a compiled region: plain tensors of the graph
+        return prepare_batch(torch.tensor(rows, dtype=torch.int32, device=device))
+    batch = prepare_batch(_to_device(torch.tensor(rows, dtype=torch.int32), device))
+    for t in (batch.row_adapter, batch.order, batch.sorted_adapter):  # updated in place by MixedBatch.update
+        mark_static(t)
+    return batch

@@ -297,28 +297,46 @@ class JDLoraModel(BaseTuner):
         if unknown:
             raise UnknownAdapterNameError(sorted(unknown), self.jd_adapters() + [BASE])
         num_beams = kwargs.get("num_beams")
-        original = MixedBatch(adapter_names)
-        batch = original
-        if isinstance(num_beams, int) and num_beams > 1:
-            batch = MixedBatch([n for n in adapter_names for _ in range(num_beams)])
-        handles = []
+        beams = isinstance(num_beams, int) and num_beams > 1
+        rows = [n for n in adapter_names for _ in range(num_beams)] if beams else list(adapter_names)
+        encoder = _get_encoder(self.model)
+        in_encoder = set(encoder.modules()) if beams and encoder is not None else set()
+        # The same MixedBatch objects for every call, updated in place: compiled steps read their tensors
+        # as graph inputs and see a new mix without recompiling (see jdlora.tuner.mixed).
+        batch = self._jd_mixed_batch("_jd_mixed")
+        per_input = self._jd_mixed_batch("_jd_mixed_encoder") if in_encoder else batch
+        handles, devices = [], set()
         for module in self.modules():
-            if isinstance(module, (JDLoraLayer, AuxiliaryTrainingWrapper)):
-                names = batch if isinstance(module, JDLoraLayer) else batch.names
+            if isinstance(module, JDLoraLayer):  # the encoder runs once per input, not per beam
+                if module.__dict__.get("_jd_mixed") is not (per_input if module in in_encoder else batch):
+                    module._jd_mixed = per_input if module in in_encoder else batch
+                devices.update(bank.sigma.device for bank in module._jd_banks.values())
+                module._jd_mark_static()
+            elif isinstance(module, AuxiliaryTrainingWrapper):
+                names = list(adapter_names) if module in in_encoder else rows
                 handles.append(module.register_forward_pre_hook(partial(_inject_adapter_names, names=names),
                                                                 with_kwargs=True))
-        encoder = _get_encoder(self.model)
-        if batch is not original and encoder is not None:
-            for module in encoder.modules():  # the encoder runs once per input, not per beam
-                if isinstance(module, (JDLoraLayer, AuxiliaryTrainingWrapper)):
-                    names = original if isinstance(module, JDLoraLayer) else original.names
-                    handles.append(module.register_forward_pre_hook(partial(_inject_adapter_names, names=names),
-                                                                    with_kwargs=True))
+        batch.update(rows, self.jd_groups.values(), devices)
+        if per_input is not batch:
+            per_input.update(adapter_names, self.jd_groups.values(), devices)
+        used = {id(b): b for b in (batch, per_input)}.values()
+        for b in used:
+            b.active = True
         try:
             yield
         finally:
+            for b in used:
+                b.active = False
             for handle in handles:
                 handle.remove()
+
+    def _jd_mixed_batch(self, attribute: str) -> MixedBatch:
+        """The model's one :class:`MixedBatch` under ``attribute`` (created on first use)."""
+        batch = self.__dict__.get(attribute)
+        if batch is None:
+            batch = self.__dict__[attribute] = MixedBatch()
+            batch.active = False  # until a call passes adapter_names
+        return batch
 
 
 def _inject_adapter_names(module, args, kwargs, names):

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple, Type
 
 import torch
-from loguru import logger
 from text_generation_server.adapters.config import AdapterConfig
 from text_generation_server.adapters.weights import AdapterBatchMetadata, AdapterWeights, BatchAdapterWeights
 
+from ._log import logger
 from .naming import JDSource
 from .registry import JDRegistry, StepRows
 from .sharding import ShardSpec
@@ -178,6 +178,7 @@ def prepare_jd_weights(
         if weight_name not in module_map:
             continue
         (module, entry), key_name = module_map[weight_name]["jd_sigma"]
+        spec.check(config.adapter_id, module)
         if table is None:
             table = registry.table(layer_type, nlayers, spec)
             table.device, table.dtype = _device_of(layer), dtype

@@ -15,6 +15,11 @@ JD-LoRA's update ``U_c Sigma_a V_c^T x`` is sharded accordingly:
   slice of the input, the partial products are summed by an all-reduce (float32, ``[T, r]``), then Sigma
   (replicated) and ``U`` (replicated) are applied after the collective, adding the full update to the
   already-reduced output of the base layer on every rank.
+
+Fused ``qkv_proj`` (phi3: TGI's ``load_qkv``) is not sharded: TGI gives each rank its block of q, its block
+of k and its block of v, side by side, while the bases' ``d_out`` holds q, k, v whole; the split needs head
+counts the adapter API does not pass. Serving it on more than one rank is refused
+(:class:`UnsupportedShardingError`); one rank is exact.
 """
 
 from __future__ import annotations
@@ -23,9 +28,23 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-__all__ = ["ROW_PARALLEL_LAYERS", "ShardSpec", "shard_bounds"]
+from jdlora.errors import JDLoraError
+
+__all__ = ["FUSED_LAYERS", "ROW_PARALLEL_LAYERS", "ShardSpec", "UnsupportedShardingError", "shard_bounds"]
 
 ROW_PARALLEL_LAYERS = frozenset({"o_proj", "down_proj", "lm_head"})  # TGI's split_dim=0 set
+FUSED_LAYERS = frozenset({"qkv_proj"})  # q, k and v in one weight, sharded per projection by TGI (load_qkv)
+
+
+class UnsupportedShardingError(JDLoraError, ValueError):
+    """A layer type whose tensor-parallel sharding in TGI the backend does not reproduce."""
+
+    def __init__(self, adapter: str, module: str, world_size: int):
+        super().__init__(
+            f"JD-LoRA adapter {adapter!r} adapts the fused projection {module!r}, which TGI shards per q, k and "
+            f"v block over {world_size} ranks; jdlora_tgi serves fused qkv_proj on one rank only. Serve it "
+            f"with --num-shard 1, or compress the collection from adapters of the separate q_proj, k_proj "
+            f"and v_proj modules.")
 
 
 def shard_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -41,10 +60,16 @@ class ShardSpec:
     rank: int = 0
     world_size: int = 1
     row_parallel: bool = False
+    fused: bool = False
 
     @classmethod
     def for_layer(cls, layer_type: str, rank: int = 0, world_size: int = 1) -> "ShardSpec":
-        return cls(rank, world_size, layer_type in ROW_PARALLEL_LAYERS)
+        return cls(rank, world_size, layer_type in ROW_PARALLEL_LAYERS, layer_type in FUSED_LAYERS)
+
+    def check(self, adapter: str, module: str) -> None:
+        """Refuses what :meth:`shard` would get wrong (fused layers on more than one rank)."""
+        if self.fused and self.world_size > 1:
+            raise UnsupportedShardingError(adapter, module, self.world_size)
 
     @property
     def needs_collective(self) -> bool:

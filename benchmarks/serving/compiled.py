@@ -1,0 +1,181 @@
+"""``generate`` through the public API, compiled and eager: JD-LoRA with mixed adapters against the base (issue 13).
+
+Usage::
+
+    PYTHONPATH=src python -m benchmarks.serving.compiled --out DIR                    # H200, Mistral-7B shapes
+    PYTHONPATH=src python -m benchmarks.serving.compiled --out DIR --tiny --device cpu   # smoke run
+
+Set-up: Mistral-7B's shapes with random bf16 weights (:mod:`.model`), a batch of ``--batch`` prompts of
+``--prompt`` random tokens (no padding), ``--new`` greedy tokens each (no early stop). Paths, each in
+one process beside the others:
+
+- *base, compiled*: ``generate(..., cache_implementation="static")``; on CUDA transformers compiles the
+  decode step by itself (inductor, ``mode="reduce-overhead"``: CUDA graphs) and builds a new static cache
+  per call, so the graph is recorded again each call;
+- *base, compiled, one cache*: one ``StaticCache`` passed to every call and reset in between (what a
+  server does: the recorded graph replays);
+- *base, eager*: ``disable_compile=True`` with a dynamic cache;
+- *prefill*: the eager prompt forward and first token alone (``max_new_tokens=1``), so that
+  ``(wall - prefill) / (new - 1)`` is the time of one decode step;
+- the same three with JD-LoRA (:mod:`.jd`'s synthetic collection at the paper's setting for the size,
+  loaded by jdlora's tuner, bf16), ``adapter_names`` with ``--batch`` adapters drawn at random every call
+  (distinct ones when the collection has enough): a new mix every call.
+
+Every compiled path is warmed up (``--warmup`` calls: the first compiles) and then timed over ``--reps``
+calls (wall clock, synchronized); dynamo's count of compiled graphs before and after the timed calls
+shows whether a new mix recompiled. Throughput = batch x new tokens / median wall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .jd import adapter_name, synthetic_collection
+from .model import adapted_modules, build_model, model_config
+from .settings import PAPER_SETTINGS, JDSetting
+
+
+def graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_calls(call, device, warmup: int, reps: int) -> dict:
+    """Median wall of ``reps`` calls after ``warmup`` ones; graphs compiled during warm-up and timed calls."""
+    g0 = graphs_compiled()
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        call()
+    sync(device)
+    warm = time.perf_counter() - t0
+    g1 = graphs_compiled()
+    walls = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        call()
+        sync(device)
+        walls.append(time.perf_counter() - t)
+    return {"median_s": statistics.median(walls), "walls_s": walls, "warmup_s": warm,
+            "graphs_warmup": g1 - g0, "graphs_timed": graphs_compiled() - g1}
+
+
+def run_paths(model, ids, args, device, mixes=None) -> dict:
+    """The three generate paths on ``model`` (a PeftModel when ``mixes`` draws adapter names per call)."""
+    from transformers import StaticCache
+
+    common = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
+    extra = (lambda: {"adapter_names": mixes()}) if mixes else (lambda: {})
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + args.new)
+
+    def compiled():
+        with torch.no_grad():
+            model.generate(input_ids=ids, cache_implementation="static", **common, **extra())
+
+    def one_cache():
+        cache.reset()
+        with torch.no_grad():
+            model.generate(input_ids=ids, past_key_values=cache, **common, **extra())
+
+    def eager():
+        with torch.no_grad():
+            model.generate(input_ids=ids, disable_compile=True, **common, **extra())
+
+    def prefill():  # the prompt's forward and the first token only: what the decode steps add comes on top
+        with torch.no_grad():
+            model.generate(input_ids=ids, disable_compile=True, max_new_tokens=1, do_sample=False, **extra())
+
+    out = {}
+    paths = {"eager": (eager, 1), "compiled": (compiled, args.warmup), "compiled_one_cache": (one_cache, args.warmup),
+             "prefill": (prefill, 1)}
+    for name in args.paths.split(","):
+        call, warm = paths[name]
+        out[name] = timed_calls(call, device, warm, args.reps)
+        if args.profile and device.type == "cuda":  # where one more call's device time goes, by kernel
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                call()
+                sync(device)
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+            print(table, flush=True)
+            out[name]["profile"] = table
+        out[name]["tok_s"] = ids.shape[0] * (1 if name == "prefill" else args.new) / out[name]["median_s"]
+        print(f"  {name}: {out[name]['median_s'] * 1e3:.1f} ms  {out[name]['tok_s']:.0f} tok/s  "
+              f"(warm-up {out[name]['warmup_s']:.1f} s, graphs {out[name]['graphs_warmup']} then {out[name]['graphs_timed']})",
+              flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=10)
+    p.add_argument("--sizes", default="64,1024")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="profile one more call of each path (torch.profiler)")
+    p.add_argument("--paths", default="eager,compiled,compiled_one_cache,prefill")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = model_config(args.tiny)
+    model = build_model(config, device, dtype)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, config.vocab_size, (args.batch, args.prompt), generator=gen).to(device)
+    results = {"batch": args.batch, "prompt": args.prompt, "new": args.new, "device": str(device),
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "tiny": args.tiny, "runs": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    print("base", flush=True)
+    results["runs"]["base"] = run_paths(model, ids, args, device)
+    (args.out / "compiled.json").write_text(json.dumps(results, indent=1))
+    rng = random.Random(0)
+    for n in (int(s) for s in args.sizes.split(",") if s):
+        setting = PAPER_SETTINGS[n][0] if n in PAPER_SETTINGS else JDSetting(16)
+        if args.tiny:
+            setting = JDSetting(min(setting.rank, 16), min(setting.clusters, n))
+        from jdlora.tuner import load_collection
+
+        collection = synthetic_collection(adapted_modules(config), n, setting, device=device)
+        peft = load_collection(model, collection)
+        for layer in peft.base_model.jd_layers().values():
+            layer.jd_cast(dtype)
+        names = [adapter_name(i) for i in range(n)]
+
+        def mixes():
+            return rng.sample(names, args.batch) if n >= args.batch else [rng.choice(names) for _ in range(args.batch)]
+
+        print(f"JD-LoRA, {n} adapters ({setting.label})", flush=True)
+        results["runs"][f"jd_{n}"] = {"setting": setting.label, **run_paths(peft, ids, args, device, mixes)}
+        (args.out / "compiled.json").write_text(json.dumps(results, indent=1))
+        model = peft.unload()
+        del peft, collection
+        torch._dynamo.reset()  # the next collection has other shapes: a fresh compile either way
+    base = results["runs"]["base"]
+    print("\n| path | " + " | ".join(k for k in results["runs"]) + " |")
+    for kind in base:
+        cells = [f"{r[kind]['tok_s']:.0f} tok/s ({r[kind]['tok_s'] / base[kind]['tok_s']:.2f}x)"
+                 for r in results["runs"].values()]
+        print(f"| {kind} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""JD-LoRA under torch.compile: the kernels as one custom-op node, and ``generate`` with a static cache
+compiled once for every mix of adapters (the mix is tensor data). CPU: the torch reference (and the
+Triton kernels through the interpreter) behind the op, dynamo's ``aot_eager`` backend."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+
+import pytest
+import torch
+from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
+
+import jdlora
+from jdlora.kernels import jd_lora_forward, jd_lora_forward_reference, prepare_batch
+from jdlora.synthetic import llama_modules, synthetic_adapters
+from jdlora.tuner import load_collection
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LLAMA = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, pad_token_id=0)
+OP = "jdlora.jd_lora_forward_"
+
+
+class Graphs:
+    """A dynamo backend that keeps every graph it is given (one per compilation) and runs it with aot_eager.
+
+    A plain function, not an object: transformers deep-copies its compile config (and an object backend with it).
+    """
+
+    def __init__(self):
+        self.graphs = []
+
+        def backend(gm, example_inputs):
+            from torch._dynamo.backends.debugging import aot_eager
+
+            self.graphs.append(gm)
+            return aot_eager(gm, example_inputs)
+
+        self.backend = backend
+
+    def op_calls(self) -> int:
+        return sum(1 for gm in self.graphs for node in gm.graph.nodes if OP in str(node.target))
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_kernels_trace_as_one_graph_node_and_match_eager(backend):
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 (set by conftest.py)")
+    rows, S, n, d_in, d_out, r = 4, 3, 5, 48, 40, 16
+    x = torch.randn(rows * S, d_in)
+    U, V = torch.randn(2, d_out, r) / r**0.5, torch.randn(2, d_in, r) / d_in**0.5
+    sigma, cluster_of = torch.randn(n, r, r) / r**0.5, torch.tensor([0, 1, -1, 1, 0])
+    y0 = torch.randn(rows * S, d_out)
+
+    def step(x, row_adapter):
+        batch = prepare_batch(row_adapter, tokens_per_row=S)
+        y = y0 + 0  # the op mutates its output: give it a fresh tensor
+        return jd_lora_forward(y, x, U, V, sigma, cluster_of, batch, scale=0.5, backend=backend)
+
+    graphs = Graphs()
+    compiled = torch.compile(step, fullgraph=True, backend=graphs.backend)
+    for _ in range(3):  # a new mix each call: the same graph
+        row_adapter = torch.randint(-1, n, (rows,))
+        expected = jd_lora_forward_reference(y0.clone(), x, U, V, sigma, cluster_of,
+                                             row_adapter.repeat_interleave(S), scale=0.5)
+        torch.testing.assert_close(compiled(x, row_adapter), expected, rtol=2e-5, atol=2e-5)
+    assert len(graphs.graphs) == 1 and graphs.op_calls() == 1
+
+
+@pytest.fixture(scope="module")
+def peft_model():
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
+    modules = llama_modules(2, 64, 32, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    collection = jdlora.compress(synthetic_adapters(6, modules, rank=4, groups=2, seed=3), rank=6, clusters=2,
+                                 progress=False)
+    return load_collection(copy.deepcopy(base), collection), collection.adapter_names
+
+
+def generate(model, ids, names, **kwargs):
+    with torch.no_grad():
+        # min_new_tokens: no early stop at EOS (a row alone would end shorter than its padded batch row)
+        return model.generate(input_ids=ids, adapter_names=names, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                              **kwargs)
+
+
+def test_generate_with_a_static_cache_compiles_once_for_every_mix_of_adapters(peft_model):
+    """transformers compiles the decode step when the cache is static (on CPU when asked to); the
+    mixed-adapter batch is data the graph reads, so a new mix runs the same graph, no graph break, and
+    each row equals that row generated alone with its adapter, eagerly."""
+    model, names = peft_model
+    graphs = Graphs()
+    config = CompileConfig(backend=graphs.backend, fullgraph=True, mode=None)
+    config._compile_all_devices = True  # transformers' switch for compiling on CPU
+    ids = torch.randint(1, 96, (3, 6))
+    for _ in range(3):
+        mix = random.sample(names, 2) + ["__base__"]
+        random.shuffle(mix)
+        out = generate(model, ids, mix, cache_implementation="static", compile_config=config)
+        for i, name in enumerate(mix):
+            assert torch.equal(out[i], generate(model, ids[i:i + 1], [name])[0]), (mix, i)
+    assert len(graphs.graphs) == 1, "a new mix of adapters recompiled the decode step"
+    # q, k, v, o of both layers (o_proj of layer 0 too: every module of the collection has adapters here)
+    assert graphs.op_calls() == 8
+    # without adapter_names the compiled step is the base model's (another graph, no JD op)
+    base_out = generate(model, ids, None, cache_implementation="static", compile_config=config)
+    with model.disable_adapter():
+        assert torch.equal(base_out, generate(model, ids, None))
