@@ -395,3 +395,17 @@ def test_graphs_captured_with_jd_rows_serve_jd_steps_and_get_the_rows_before_rep
     assert model.forward(SimpleNamespace(cu_seqlen_prefill=None), SimpleNamespace(meta=meta)) == "replayed"
     assert graphs[4]["jdlora_rows"].tolist() == [1, -1, 0, -1]  # rows of the step, padding -1
     assert graphs[1]["jdlora_rows"].tolist() == [-1]
+
+
+def test_two_gloo_ranks_serve_every_projection_as_one_rank_does():
+    """tp_check.py over torch.distributed (2 processes, gloo): every rank's sharded q/k/v/o/gate/up/down output,
+    the row-parallel all-reduce of ``V^T x`` included, equals the unsharded layer's, for tokens of 3 clusters
+    mixed with base rows."""
+    script = TGI_SRC.parent / "scripts" / "tp_check.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TGI_SRC), *sys.path]), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script), "--small"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    checks = [line for line in out.stdout.splitlines() if "TP2 == TP1" in line]
+    assert len(checks) == 2 * 2 * 7 and all(" OK " in line for line in checks)  # 2 ranks x 2 batches x 7 projections
+    assert "ALL OK" in out.stdout

@@ -247,7 +247,9 @@ def cmd_inspect(args) -> int:
 
 def cmd_add(args) -> int:
     from .collection import JDLoraCollection
+    from .format.save import check_save_target
 
+    check_save_target(args.collection)  # refuse before the work, not after it
     collection = JDLoraCollection.from_pretrained(args.collection)
     engine = _engine(args)
     added = collection.add_adapters(args.sources, allow_pickle=args.allow_pickle, token=args.token,

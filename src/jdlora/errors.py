@@ -3,7 +3,7 @@
 One class per kind of failure a user can act on, in the manner of
 `huggingface_hub.errors`. Every message names the file, adapter or module at
 fault and says what to do next. All classes derive from `JDLoraError`, and from
-the builtin a caller would otherwise expect (`ValueError`, `KeyError`), so
+the builtin a caller would otherwise expect (`ValueError`, `KeyError`, `FileExistsError`), so
 `except ValueError` keeps working for code that does not know about jdlora.
 """
 

@@ -52,7 +52,8 @@ def random_collection(n: int, shapes: dict, rank: int, clusters: int, seed: int 
     for lt, (d_out, d_in) in shapes.items():
         U = torch.linalg.qr(torch.randn(clusters, d_out, rank, generator=g))[0]
         V = torch.linalg.qr(torch.randn(clusters, d_in, rank, generator=g))[0]
-        sigma = torch.randn(n, rank, rank, generator=g)
+        # scaled so that the update is as large as the base layer's output (x W^T with W ~ N(0, 1/d_in))
+        sigma = torch.randn(n, rank, rank, generator=g) * (d_out**0.5 / rank)
         cluster = torch.arange(n) % clusters
         modules[f"model.layers.0.{lt}"] = CollectionModule(
             ModuleCompression(U, V, sigma, cluster, torch.ones(n), torch.zeros(n)), torch.arange(n))
