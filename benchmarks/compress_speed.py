@@ -27,6 +27,14 @@ Usage::
     python benchmarks/compress_speed.py --json results.json              # the full benchmark
     python benchmarks/compress_speed.py --device cuda --json gpu.json    # on a GPU
 
+``--ray`` benchmarks the Ray engine instead (``jdlora.compress(..., engine=RayEngine(...))``, docs/scale.md):
+``--ray-adapters`` (10,000) synthetic rank-``--ray-lora-rank`` (8) adapters on ``--ray-modules`` (6) square
+modules of width ``--ray-hidden`` (256), JD-Full rank 16, one cluster, on a local Ray cluster of 1 then 2
+CPUs (``--ray-workers``), each in a fresh process: wall time, time per module, peak RSS of every worker
+process; then one module sharded across 2 actors (``worker_memory`` half its factors)::
+
+    python benchmarks/compress_speed.py --ray --json ray.json
+
 ``--profile FILE`` runs cProfile around ``jdlora.compress`` (best with one size, one config and
 ``--modules 1``) and writes the top functions by cumulative time to FILE.
 """
@@ -398,6 +406,83 @@ def breakdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ----- the Ray engine (--ray) -----------------------------------------------------------------------------
+
+
+def ray_modules(count: int, hidden: int) -> dict[str, tuple[int, int]]:
+    return {f"model.layers.{i}.self_attn.q_proj": (hidden, hidden) for i in range(count)}
+
+
+def run_ray(spec: dict) -> dict:
+    """One Ray run in this (fresh) process: a local cluster of ``spec["workers"]`` CPUs."""
+    import ray
+    import torch
+
+    import jdlora
+    from jdlora.distributed import RayEngine
+    from jdlora.distributed.engine import module_bytes
+
+    ray.init(num_cpus=spec["workers"], include_dashboard=False, log_to_driver=False)
+    modules = ray_modules(spec["modules"], spec["hidden"])
+    adapters = jdlora.synthetic_adapters(spec["n"], modules, rank=spec["lora_rank"], seed=SEED)
+    one_module = module_bytes(spec["n"], spec["lora_rank"], spec["hidden"], spec["hidden"], torch.float32)
+    worker_memory = -(-one_module // spec["shards"]) if spec["shards"] > 1 else 64 * GIB
+    stats: list[dict] = []
+    baseline = peak_rss()
+    start = time.perf_counter()
+    collection = jdlora.compress(adapters, rank=spec["rank"], clusters=spec["clusters"], progress=spec["progress"],
+                                 engine=RayEngine(worker_memory=worker_memory, on_module=stats.append))
+    seconds = time.perf_counter() - start
+    workers: dict[str, int] = {}
+    for s in stats:
+        for pid, peak in s["workers"].items():
+            workers[str(pid)] = max(workers.get(str(pid), 0), peak)
+    ray.shutdown()
+    return dict(spec, seconds=seconds, module_seconds=[s["seconds"] for s in stats],
+                module_cpu_seconds=[s["cpu_seconds"] for s in stats],
+                shard_counts=[s["shards"] for s in stats], worker_peak_rss=workers, driver_peak_rss=peak_rss(),
+                driver_baseline_rss=baseline, module_inputs=one_module, error=collection.error,
+                mean_adapter_error=collection.mean_adapter_error)
+
+
+def ray_table(results: list[dict]) -> str:
+    rows = ["| run | CPUs | modules | wall s | s per module (median) | CPU s per module (median) | adapters/s | "
+            "peak RSS per worker, GiB | driver peak RSS, GiB | error (pooled / mean) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        per_module = sorted(r["module_seconds"])[len(r["module_seconds"]) // 2]
+        cpu = sorted(r["module_cpu_seconds"])[len(r["module_cpu_seconds"]) // 2]
+        peaks = ", ".join(fmt_gib(p) for p in sorted(r["worker_peak_rss"].values()))
+        kind = f"{r['shards']} shards" if r["shards"] > 1 else "modules as tasks"
+        rows.append(f"| {kind} | {r['workers']} | {r['modules']} | {r['seconds']:.1f} | {per_module:.1f} | {cpu:.1f} | "
+                    f"{r['n'] / r['seconds']:.0f} | {peaks} | {fmt_gib(r['driver_peak_rss'])} | "
+                    f"{r['error']:.4f} / {r['mean_adapter_error']:.4f} |")
+    return "\n".join(rows)
+
+
+def main_ray(args) -> int:
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    header = dict(date=date, command=" ".join([Path(sys.executable).name, *sys.argv]), nproc=os.cpu_count(),
+                  cpu=cpu_model(), python=platform.python_version(), checkout=checkout_version())
+    print(f"# jdlora Ray engine benchmark, {date}, {header['nproc']} CPUs ({header['cpu']})", flush=True)
+    base = dict(n=args.ray_adapters, modules=args.ray_modules, hidden=args.ray_hidden, lora_rank=args.ray_lora_rank,
+                rank=16, clusters=1, progress=args.progress, shards=1)
+    specs = [dict(base, workers=int(w)) for w in args.ray_workers.split(",")]
+    specs.append(dict(base, workers=2, modules=1, shards=2))
+    results = []
+    for spec in specs:
+        print(f"{spec['n']} adapters, {spec['modules']} modules {spec['hidden']}x{spec['hidden']}, "
+              f"{spec['workers']} CPU(s), {spec['shards']} shard(s) ...", flush=True)
+        r = in_subprocess("ray", spec)
+        results.append(r)
+        print(f"  {r['seconds']:.1f} s; worker peaks (GiB): "
+              f"{', '.join(fmt_gib(p) for p in r['worker_peak_rss'].values())}", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(header, results=results), indent=2) + "\n")
+    print("\n" + ray_table(results))
+    return 0
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -417,6 +502,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile", default=None, help="cProfile the compression; write the top functions here")
     parser.add_argument("--report", nargs="+", metavar="JSON",
                         help="print the tables of saved --json results (several files are merged) and exit")
+    parser.add_argument("--ray", action="store_true", help="benchmark the Ray engine (see above)")
+    parser.add_argument("--ray-adapters", type=int, default=10_000)
+    parser.add_argument("--ray-modules", type=int, default=6)
+    parser.add_argument("--ray-hidden", type=int, default=256)
+    parser.add_argument("--ray-lora-rank", type=int, default=8)
+    parser.add_argument("--ray-workers", default="1,2", help="CPUs of the local Ray cluster, one run each")
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -426,9 +517,11 @@ def main(argv=None) -> int:
     use_checkout()
     if args._child:
         mode, spec = args._child[0], json.loads(args._child[1])
-        result = run_one(spec) if mode == "run" else write_folders(spec)
+        result = {"run": run_one, "write": write_folders, "ray": run_ray}[mode](spec)
         Path(spec["out"]).write_text(json.dumps(result))
         return 0
+    if args.ray:
+        return main_ray(args)
     if args.report:
         results = [r for f in args.report for r in json.loads(Path(f).read_text())["results"]]
         print(markdown_table(results) + "\n\n" + breakdown_table(results))

@@ -67,6 +67,25 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=None, help="Hub token for private repos")
 
 
+def _add_ray_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster (docs/scale.md): ADDRESS for ray.init (e.g. auto, ray://head:10001); "
+                        "none: RAY_ADDRESS or a local cluster. Put it after the sources, or write --ray=ADDRESS. "
+                        "With --out, finished modules are kept beside it and a rerun resumes")
+    p.add_argument("--worker-memory", type=float, default=4.0, metavar="GIB",
+                   help="with --ray: GiB of one module's factors a worker may hold; larger modules are sharded "
+                        "(default 4)")
+
+
+def _engine(args, out=None):
+    """The engine of --ray (None without it)."""
+    if args.ray is None:
+        return None
+    from .distributed import GIB, RayEngine
+
+    return RayEngine(address=args.ray or None, out=out, worker_memory=int(args.worker_memory * GIB))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jdlora", description="Compress collections of LoRA adapters into shared bases (arXiv 2407.00066)."
@@ -81,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="save the compressed collection to this folder")
     p.add_argument("--push", default=None, metavar="ORG/REPO", help="publish the collection to this Hub repo")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    _add_ray_options(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("push", help="publish a saved collection to the Hub (one atomic commit)",
@@ -109,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Warns when an adapter's error exceeds the collection's target.")
     p.add_argument("collection", metavar="DIR")
     _add_source_options(p)
+    _add_ray_options(p)
     p.set_defaults(func=cmd_add)
 
     p = sub.add_parser("export-lora", help="write one adapter of a collection as a plain PEFT LoRA folder",
@@ -167,10 +188,13 @@ def cmd_compress(args) -> int:
     if args.out:  # refuse a target that is not a collection now, not after minutes of compression
         check_save_target(args.out)
     start = time.perf_counter()
+    engine = _engine(args, out=args.out)
     collection = compress(args.sources, _settings(args), device=args.device, allow_pickle=args.allow_pickle,
-                          token=args.token)
+                          token=args.token, **({"engine": engine} if engine else {}))
     _print_collection(collection, time.perf_counter() - start)
-    if args.out:
+    if engine and args.out:  # the engine saved it
+        print(f"\nSaved to {args.out}")
+    elif args.out:
         print(f"\nSaved to {collection.save_pretrained(args.out)}")
     if args.push:
         info = collection.push_to_hub(args.push, private=args.private or None, token=args.token)
@@ -230,7 +254,9 @@ def cmd_add(args) -> int:
 
     check_save_target(args.collection)  # refuse before the work, not after it
     collection = JDLoraCollection.from_pretrained(args.collection)
-    added = collection.add_adapters(args.sources, allow_pickle=args.allow_pickle, token=args.token)
+    engine = _engine(args)
+    added = collection.add_adapters(args.sources, allow_pickle=args.allow_pickle, token=args.token,
+                                    **({"engine": engine} if engine else {}))
     print(_table(["added adapter", "error"], [[n, f"{e:.4f}"] for n, e in added.items()]))
     collection.save_pretrained(args.collection)
     print(f"Saved {len(collection)} adapters to {args.collection}")

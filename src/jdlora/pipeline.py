@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -22,6 +23,9 @@ from .compress.auto import AutoChoice, SweepPoint
 from .errors import AdapterFormatError, IncompatibleAdaptersError, NonFiniteWeightsError, SettingsError
 from .sources import check_compatible, open_adapter, open_adapters
 
+if TYPE_CHECKING:
+    from .distributed import RayEngine
+
 
 def compress(
     adapters: Sequence,
@@ -31,6 +35,7 @@ def compress(
     allow_pickle: bool = False,
     token: str | None = None,
     progress: bool = True,
+    engine: Literal["local", "ray"] | RayEngine = "local",
     **overrides,
 ) -> JDLoraCollection:
     """Compresses a collection of LoRA adapters jointly (Compress then Serve, arXiv 2407.00066).
@@ -43,6 +48,9 @@ def compress(
         allow_pickle: accept adapters stored as pickle ``.bin`` files (unsafe: only for trusted files).
         token: Hub token for private repos.
         progress: show a progress bar.
+        engine: ``"local"`` (this process), or ``"ray"`` / a :class:`~jdlora.distributed.RayEngine`:
+            every module a task on a Ray cluster, modules too large for one worker sharded, resumable
+            through ``RayEngine(out=...)``, which also saves the result there (docs/scale.md).
         **overrides: fields of :class:`~jdlora.compress.CompressionSettings` that replace those of
             ``settings`` (``rank=16``, ``clusters=4``, ``sigma_kind="diag"``, ``dtype=torch.float64``, ...).
 
@@ -91,17 +99,28 @@ def compress(
             settings, choice, sweep = choose_settings(stack, ranks, settings, module=middle, progress=bar)
         del stack
 
-    modules = {}
-    for module in tqdm(module_names, desc="Compressing modules", unit="module", disable=not progress):
-        stack, ids, _ = load(module)
-        result = compress_module(stack, settings)
-        check_finite(module, [sources[i].name for i in ids], result.sq_norms, result.residuals, result.sigma,
-                     result.U, result.V)
-        modules[module] = CollectionModule(_to_cpu(result), torch.tensor(ids))
-        del stack
-
     infos = _adapter_infos(sources)
-    return JDLoraCollection(common_base_model(sources), infos, modules, settings.sigma_kind, settings, sweep, choice)
+    if engine != "local":  # distributed: Ray tasks, finished modules staged for resuming (jdlora.distributed)
+        from .distributed import resolve_engine
+        from .distributed.engine import compress_modules
+
+        engine = resolve_engine(engine)
+        modules = compress_modules(engine, sources, module_names, settings, infos=infos, progress=progress)
+    else:
+        modules = {}
+        for module in tqdm(module_names, desc="Compressing modules", unit="module", disable=not progress):
+            stack, ids, _ = load(module)
+            result = compress_module(stack, settings)
+            check_finite(module, [sources[i].name for i in ids], result.sq_norms, result.residuals, result.sigma,
+                         result.U, result.V)
+            modules[module] = CollectionModule(_to_cpu(result), torch.tensor(ids))
+            del stack
+
+    collection = JDLoraCollection(common_base_model(sources), infos, modules, settings.sigma_kind, settings, sweep,
+                                  choice)
+    if engine != "local" and engine.out is not None:
+        engine.finish(collection, progress=progress)  # the normal save, then the staging area removed
+    return collection
 
 
 def read_stack(sources: Sequence, module: str, *, dtype: torch.dtype = torch.float32,
@@ -175,12 +194,20 @@ def _to_cpu(result):
 
 
 def add_adapters(collection: JDLoraCollection, adapters: Sequence, *, allow_pickle: bool = False,
-                 token: str | None = None) -> dict[str, float]:
-    """Adds new LoRAs to ``collection`` by projecting them onto its bases (see ``JDLoraCollection.add_adapters``)."""
+                 token: str | None = None, engine: Literal["local", "ray"] | RayEngine = "local") -> dict[str, float]:
+    """Adds new LoRAs to ``collection`` by projecting them onto its bases (see ``JDLoraCollection.add_adapters``).
+
+    ``engine="ray"`` (or a :class:`~jdlora.distributed.RayEngine`) projects every module as Ray tasks.
+    """
     sources = open_adapters(adapters, allow_pickle=allow_pickle, token=token)
     _check_unique_names(sources)
     _check_fits_collection(collection, sources)
     start = len(collection.adapters)
+    if engine != "local":
+        from .distributed import resolve_engine
+        from .distributed.engine import project_modules
+
+        projected = project_modules(resolve_engine(engine), collection, sources)
     # Every new row is computed first and the collection changed only once all of them exist, so a failure
     # (a NaN in the last module, a bad file) leaves the collection exactly as it was.
     updates = {}
@@ -188,9 +215,12 @@ def add_adapters(collection: JDLoraCollection, adapters: Sequence, *, allow_pick
         if not any(module in s.modules for s in sources):
             continue
         c = entry.compression
-        stack, ids = read_stack(sources, module, dtype=c.U.dtype, device=c.U.device)
-        sigma, cluster, residuals = project_onto_bases(stack, c.U, c.V, collection.sigma_kind)
-        sq_norms = stack.sq_norms()
+        if engine != "local":
+            sq_norms, sigma, cluster, residuals, ids = projected[module]
+        else:
+            stack, ids = read_stack(sources, module, dtype=c.U.dtype, device=c.U.device)
+            sigma, cluster, residuals = project_onto_bases(stack, c.U, c.V, collection.sigma_kind)
+            sq_norms = stack.sq_norms()
         check_finite(module, [sources[i].name for i in ids], sq_norms, residuals, sigma)
         updates[module] = dict(
             sigma=torch.cat([c.sigma, sigma.to(c.sigma)]), cluster=torch.cat([c.cluster, cluster.to(c.cluster)]),
