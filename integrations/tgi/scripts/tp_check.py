@@ -115,6 +115,12 @@ class Rank:
         return out
 
 
+def line(text: str) -> None:
+    """One write per line, so that the lines of several ranks sharing a stdout do not interleave."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
@@ -197,7 +203,7 @@ def main() -> int:
         nonlocal ok
         good = err < tol
         ok &= good
-        print(f"[rank {me}] {'OK ' if good else 'BAD'} {label}: relative error {err:.2e} (tol {tol:.0e})", flush=True)
+        line(f"[rank {me}] {'OK ' if good else 'BAD'} {label}: relative error {err:.2e} (tol {tol:.0e})")
 
     for T in tokens:
         rows, xs = make_inputs(shapes, T, n, device, dtype, seed=T)
@@ -267,8 +273,7 @@ def graphs_and_timings(args, shapes, n, device, dtype, tp1, ranks, world, me, di
             err = relative_error(outs[lt], expected_slice(lt, ref[lt], world, me))
             good = err < tol
             ok &= good
-            print(f"[rank {me}] {'OK ' if good else 'BAD'} graph replay {trial} {lt}: relative error {err:.2e}",
-                  flush=True)
+            line(f"[rank {me}] {'OK ' if good else 'BAD'} graph replay {trial} {lt}: relative error {err:.2e}")
 
     results = {"world": world, "distributed": distributed, "adapters": n, "tokens": {}}
     for T in [int(t) for t in args.tokens.split(",")]:

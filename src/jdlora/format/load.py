@@ -96,8 +96,8 @@ def load_collection(
             sq_norm = torch.tensor([per_adapter[i]["sq_norms"][name] for i in rows])
             residual = torch.tensor([per_adapter[i]["residuals"][name] for i in rows])
         bases = [checked.load(module["bases"][c]["path"], module["bases"][c].get("sha256")) for c in used]
-        U = torch.stack([b["U"] for b in bases])
-        V = torch.stack([b["V"] for b in bases])
+        U = torch.stack([b[BASES_TENSORS[0]] for b in bases])
+        V = torch.stack([b[BASES_TENSORS[1]] for b in bases])
         _check_shapes(module, U, V, sigma, ids, manifest["sigma"])
         modules[name] = CollectionModule(ModuleCompression(U, V, sigma, cluster, sq_norm, residual), ids)
 

@@ -22,6 +22,7 @@ from ..collection import JDLoraCollection
 from ..errors import TargetExistsError
 from .layout import (
     ADAPTER_WEIGHTS,
+    BASES_TENSORS,
     CARD,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -164,7 +165,7 @@ def write_collection_files(collection: JDLoraCollection, root: Path, *, progress
         bases = []
         for j in range(c.num_clusters):
             rel = bases_path(module, j)
-            _save(root / rel, {"U": c.U[j], "V": c.V[j]})
+            _save(root / rel, dict(zip(BASES_TENSORS, (c.U[j], c.V[j]))))
             bases.append({"path": rel, "sha256": sha256_file(root / rel)})
         ids = entry.adapter_ids.long()
         rel = sigma_path(module)

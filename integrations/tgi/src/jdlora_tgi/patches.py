@@ -30,8 +30,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ._log import logger
+from jdlora.format.layout import MANIFEST
 
+from ._log import logger
 from .naming import JDSource, adapter_id, check_unique_ids, classify_adapter_config, read_adapter_config
 from .registry import JDRegistry, current_registry, use_registry
 
@@ -86,10 +87,10 @@ def _collection_files(model_id: str, revision) -> list[str] | None:
     logger.info(f"JD-LoRA collection {model_id}: {len(collection)} adapters downloaded and verified")
     local = Path(str(model_id))
     if local.is_dir():
-        return [str(local / "collection.json")]
+        return [str(local / MANIFEST)]
     from huggingface_hub import hf_hub_download
 
-    return [hf_hub_download(str(model_id), "collection.json", revision=revision)]
+    return [hf_hub_download(str(model_id), MANIFEST, revision=revision)]
 
 
 # ----- utils.adapter.load_module_map: dispatch by peft_type ----------------------------------------

@@ -16,12 +16,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from jdlora.format.layout import MANIFEST, PEFT_CONFIG, PEFT_TYPE
+
 __all__ = ["SEPARATOR", "JDTarget", "adapter_request_name", "split_request_name", "read_adapter_config", "jd_target"]
 
 SEPARATOR = ":"
-JD_PEFT_TYPE = "JDLORA"
-CONFIG_NAME = "adapter_config.json"
-MANIFEST_NAME = "collection.json"
+JD_PEFT_TYPE, CONFIG_NAME, MANIFEST_NAME = PEFT_TYPE, PEFT_CONFIG, MANIFEST  # one home: jdlora.format.layout
 
 
 @dataclass(frozen=True)
