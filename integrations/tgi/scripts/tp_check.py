@@ -33,11 +33,11 @@ import torch.distributed as dist
 
 from jdlora.collection import AdapterInfo, CollectionModule, JDLoraCollection
 from jdlora.compress import ModuleCompression
+from gpu_check import build  # beside this script
 from jdlora_tgi.cuda_graphs import CapturableStepRows
 from jdlora_tgi.forward import apply_jd, row_finish, row_partial
-from jdlora_tgi.naming import JDSource
-from jdlora_tgi.registry import JDRegistry, StepRows
-from jdlora_tgi.sharding import ROW_PARALLEL_LAYERS, ShardSpec, shard_bounds
+from jdlora_tgi.registry import StepRows
+from jdlora_tgi.sharding import ROW_PARALLEL_LAYERS, shard_bounds
 
 MISTRAL = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
            "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336)}
@@ -61,28 +61,12 @@ def random_collection(n: int, shapes: dict, rank: int, clusters: int, seed: int 
     return JDLoraCollection("mistral-shaped", infos, modules, "full")
 
 
-def tables_for(coll: JDLoraCollection, device, dtype, world: int, rank: int) -> JDRegistry:
-    """The registry one TGI rank builds for ``coll`` (one layer, every projection)."""
-    registry = JDRegistry()
-    source = JDSource("org/collection")
-    registry._collections[source] = coll
-    for name in coll.adapter_names:
-        row = registry.register_adapter(f"org/collection:{name}", source, name)
-        for module, entry in coll.modules.items():
-            lt = module.split(".")[-1]
-            table = registry.table(lt, 1, ShardSpec.for_layer(lt, rank, world))
-            table.device, table.dtype = device, dtype
-            table.add(0, source, entry.compression, entry.adapter_ids, coll.index(name), row)
-    registry.build()
-    return registry
-
-
 class Rank:
     """One rank's weights: base weight shards and sharded JD tables; ``forward`` runs the seven projections."""
 
     def __init__(self, coll, W: dict, device, dtype, world: int, rank: int, group=None):
         self.world, self.rank, self.group = world, rank, group
-        self.registry = tables_for(coll, device, dtype, world, rank)
+        self.registry = build({"org/collection": coll}, None, device, dtype, world, rank)  # as one TGI rank does
         self.W = {}
         for lt, w in W.items():
             d_out, d_in = w.shape
