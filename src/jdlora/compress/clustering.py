@@ -130,11 +130,7 @@ def jd_cluster(
         bases = [(res.U, res.V) for res in results]
         history.append(sum(r.residuals.sum() for r in results).item() / total.item())
         errors = assignment_errors(stack, bases, sigma_kind)
-        new_cluster = errors.argmin(dim=1)
-        # Keep ties with the current cluster, so the loop cannot cycle between equal choices.
-        current = errors.gather(1, cluster[:, None]).squeeze(1)
-        new_cluster = torch.where(current <= errors.min(dim=1).values, cluster, new_cluster)
-        moved = int((new_cluster != cluster).sum())
+        new_cluster, moved = reassign(errors, cluster)
         stalled = history[-2] - history[-1] < round_settings.ftol
         if settling:
             settling = moved > settle_moves * n and not stalled
@@ -243,6 +239,18 @@ def _jd_full_clusters(
         results[j] = JDResult(out.U[jj], out.V[jj], out.sigma[jj, :size], out.residuals[jj, :size],
                               out.history[jj], out.converged[jj])
     return results
+
+
+def reassign(errors: Tensor, cluster: Tensor) -> tuple[Tensor, int]:
+    """Appendix A.3's assignment step: each adapter to the cluster whose bases reconstruct it best
+    (``errors [n, k]`` from :func:`assignment_errors`); returns the new clusters and how many moved.
+
+    Ties with the current cluster keep it, so the alternation cannot cycle between equal choices.
+    """
+    new_cluster = errors.argmin(dim=1)
+    current = errors.gather(1, cluster[:, None]).squeeze(1)
+    new_cluster = torch.where(current <= errors.min(dim=1).values, cluster, new_cluster)
+    return new_cluster, int((new_cluster != cluster).sum())
 
 
 def assignment_errors(stack: LoraStack, bases: list[tuple[Tensor, Tensor]], sigma_kind: SigmaKind) -> Tensor:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..compress import CompressionSettings, LoraStack, ModuleCompression
-from ..compress.clustering import _fill_empty_clusters, assignment_errors, kmeans
+from ..compress.clustering import _fill_empty_clusters, assignment_errors, kmeans, reassign
 from ..compress.jd import (
     _REDUCE_FACTOR,
     _residuals_of_projection,
@@ -265,10 +265,7 @@ def _jd_cluster(shards: _Shards, settings: CompressionSettings, sq_norms: Tensor
         bases = [(res.U, res.V) for res in results]
         history.append(sum(r.residual_sum for r in results) / total.item())
         errors = _assignment_errors(shards, bases)
-        new_cluster = errors.argmin(dim=1)
-        current = errors.gather(1, cluster[:, None]).squeeze(1)
-        new_cluster = torch.where(current <= errors.min(dim=1).values, cluster, new_cluster)
-        moved = int((new_cluster != cluster).sum())
+        new_cluster, moved = reassign(errors, cluster)
         stalled = history[-2] - history[-1] < round_settings.ftol
         if settling:
             settling = moved > _SETTLE_MOVES * n and not stalled
