@@ -31,6 +31,7 @@ arguments (``TRITON_DEBUG``, instrumentation) are taken as they were at the firs
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -69,37 +70,54 @@ class FastLauncher:
         self.hits = 0
         self.misses = 0
         self._cache: dict = {}
+        self._proven = False  # a direct launch has gone through once
         self._fast = ENABLED and isinstance(kernel, JITFunction)
         if self._fast:
             self._constexprs = tuple(p.name for p in kernel.params if p.is_constexpr)
             self._n_args = len(kernel.params) - len(self._constexprs)
             # Every constexpr after every plain parameter: positional args + constexprs in order = the signature.
             self._fast = all(p.is_constexpr for p in kernel.params[self._n_args:])
-            from triton import knobs
-
-            self._knobs = knobs.runtime
-            self._driver = triton.runtime.driver.active
+            try:
+                from triton import knobs  # Triton >= 3.4
+            except ImportError:
+                self._fast = False
+            else:
+                self._knobs = knobs.runtime
+        self._device = self._stream = None  # Triton's own getters, taken at the first launch (no CUDA init at import)
 
     def __call__(self, grid, *args, **kwargs):
         if not self._fast or len(args) != self._n_args or torch.compiler.is_compiling():
             return self._normal(grid, args, kwargs, None)
         enter, exit_ = self._knobs.launch_enter_hook, self._knobs.launch_exit_hook
-        if _hook_set(enter) or _hook_set(exit_) or self.kernel.pre_run_hooks:
+        if _hook_set(enter) or _hook_set(exit_) or getattr(self.kernel, "pre_run_hooks", None):
             return self._normal(grid, args, kwargs, None)
         arg_keys = tuple(map(_arg_key, args))
         if None in arg_keys:
             return self._normal(grid, args, kwargs, None)
-        device = self._driver.get_current_device()
+        if self._device is None:
+            driver = triton.runtime.driver.active
+            self._device, self._stream = driver.get_current_device, driver.get_current_stream
+        device = self._device()
         key = (device, arg_keys, tuple(kwargs.items()))
         entry = self._cache.get(key)
         if entry is None:
             return self._normal(grid, args, kwargs, key)
         compiled, tail = entry
+        stream = self._stream(device)
+        launch = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                  compiled.function, compiled.packed_metadata, None, enter, exit_, *args, *[kwargs[n] for n in tail])
+        if self._proven:
+            compiled.run(*launch)
+        else:  # a Triton whose launcher takes other arguments fails here, before launching: stay on the normal path
+            try:
+                compiled.run(*launch)
+            except (TypeError, AttributeError) as e:
+                self._fast = False
+                warnings.warn(f"jdlora: direct launch of {self.kernel} failed ({e}); using Triton's normal launch",
+                              stacklevel=2)
+                return self._normal(grid, args, kwargs, None)
+            self._proven = True
         self.hits += 1
-        stream = self._driver.get_current_stream(device)
-        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-                     compiled.function, compiled.packed_metadata, None, enter, exit_,
-                     *args, *[kwargs[name] for name in tail])
 
     def _normal(self, grid, args, kwargs, key):
         self.misses += 1
