@@ -1,10 +1,11 @@
 """A cheaper eager launch for our three Triton kernels: reuse the compiled kernel, skip Triton's binding.
 
-Why: an eager decode step launches 3 kernels per adapted layer (288 for Mistral-7B's q, k, v, o), and
-each ``kernel[grid](...)`` spends about 55 us of host time in Triton's ``JITFunction.run`` (binding the
-arguments to the signature, building the specialization key and its string, the cache lookup, the
-grid, the launch metadata) -- more than the kernels take on the GPU. Inside a CUDA graph none of
-that runs; in eager mode it is most of the JD-LoRA cost.
+Why: an eager decode step launches 3 kernels per adapted layer (288 for Mistral-7B's q, k, v, o), each
+costing about 50 us of host time in all, more than the kernels take on the GPU. Part of it is Triton's
+``JITFunction.run`` (binding the arguments to the signature, the specialization key and its string, the
+cache lookup, the launch metadata). Measured on the H200 with Triton 3.6 (``benchmarks/RESULTS.md``,
+"Eager launches"): skipping it saves about 4 us per launch (Triton 3.6 already specializes in C++); the
+rest is our launch functions and Triton's own Python launcher, which this module still calls.
 
 How: :class:`FastLauncher` wraps one ``@triton.jit`` kernel. The first call for a specialization goes
 through Triton's normal launch, which compiles (or finds) the kernel and returns its
