@@ -51,6 +51,9 @@ Kernels (Triton path), three launches per layer, no host synchronization, CUDA-g
    each present cluster's U tile once per token block, reads and writes y once.
 
 :mod:`~jdlora.kernels.launch` says why three launches and holds the block-size configurations.
+Eager launches go through :mod:`~jdlora.kernels.fast_launch`: after the first launch of a specialization
+it calls the compiled kernel's launcher directly, skipping Triton's per-call argument handling (most of
+the host time of an eager layer); ``JDLORA_FAST_LAUNCH=0`` turns it off.
 :func:`jd_lora_linear` runs the same three launches around the base layer's GEMM: shrink and Sigma
 on a side stream beside the GEMM (they only read x), the expand into the GEMM's output after it.
 

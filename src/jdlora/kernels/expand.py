@@ -27,6 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .fast_launch import FastLauncher
 from .sizes import block_rank, cdiv
 
 _BIG = tl.constexpr(2147483647)
@@ -99,14 +100,17 @@ def jd_expand_kernel(
         tl.store(y_tile, (y_old.to(tl.float32) + scale * acc).to(y_old.dtype), mask=y_mask)
 
 
+_expand_launch = FastLauncher(jd_expand_kernel)  # kernel[grid](...) with less host work per call
+
+
 def launch_expand(y, U, g, cluster_of, batch, *, scale: float, config) -> None:
     """Launch :func:`jd_expand_kernel`: ``y[order[m]] += scale * U[c] g[m]`` in place."""
     T, d_out = y.shape
     r = U.shape[2]
     block_r = block_rank(r)
     grid = (cdiv(T, config.block_m), cdiv(d_out, config.block_n))
-    jd_expand_kernel[grid](
-        y, U, g, cluster_of, batch.order, batch.sorted_adapter,
+    _expand_launch(
+        grid, y, U, g, cluster_of, batch.order, batch.sorted_adapter,
         T, batch.tokens_per_row, d_out, r, float(scale),
         y.stride(0), y.stride(1), U.stride(0), U.stride(1), U.stride(2), g.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, ONE_CLUSTER=U.shape[0] == 1,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .fast_launch import FastLauncher
 from .sizes import block_rank, cdiv
 
 _BIG = tl.constexpr(2147483647)
@@ -116,6 +117,9 @@ def jd_shrink_kernel(
         _store_h(acc, h_ptr, offs_m, offs_r, active, r, stride_h, SPLIT)
 
 
+_shrink_launch = FastLauncher(jd_shrink_kernel)  # kernel[grid](...) with less host work per call
+
+
 def launch_shrink(x, V, cluster_of, batch, h, *, config) -> None:
     """Launch :func:`jd_shrink_kernel`: ``h[m] (+)= V[c]^T x[order[m]]`` into the zeroed scratch."""
     T, d_in = x.shape
@@ -125,8 +129,8 @@ def launch_shrink(x, V, cluster_of, batch, h, *, config) -> None:
     split_k = max(1, min(config.split_k(m_blocks, d_in), cdiv(d_in, block_k)))
     k_per_split = cdiv(cdiv(d_in, split_k), block_k) * block_k
     split_k = cdiv(d_in, k_per_split)
-    jd_shrink_kernel[(m_blocks, split_k)](
-        x, V, cluster_of, batch.order, batch.sorted_adapter, h,
+    _shrink_launch(
+        (m_blocks, split_k), x, V, cluster_of, batch.order, batch.sorted_adapter, h,
         T, batch.tokens_per_row, d_in, r, k_per_split,
         x.stride(0), x.stride(1), V.stride(0), V.stride(1), V.stride(2), h.stride(0),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_rank(r), SPLIT=split_k > 1,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .fast_launch import FastLauncher
 from .sizes import block_rank, cdiv
 
 _BIG = tl.constexpr(2147483647)
@@ -124,6 +125,9 @@ def _sigma_gather(h, a64, active, offs_r, r, sigma_ptr, stride_sa, stride_si, st
         tl.store(g_ptr + row + offs_i[None, :], g_i, mask=active[:, None] & i_mask[None, :])
 
 
+_sigma_launch = FastLauncher(jd_sigma_kernel)  # kernel[grid](...) with less host work per call
+
+
 def launch_sigma(h, g, sigma, batch, *, exact: bool, config) -> None:
     """Launch :func:`jd_sigma_kernel`: ``g[m] = Sigma[a] h[m]``, then ``h[m] = 0``.
 
@@ -134,8 +138,8 @@ def launch_sigma(h, g, sigma, batch, *, exact: bool, config) -> None:
     block_r = block_rank(r)
     diag = sigma.dim() == 2
     sigma_rows = max(1, min(block_r, config.sigma_elems // (config.block_m * block_r)))
-    jd_sigma_kernel[(cdiv(T, config.block_m),)](
-        h, g, sigma, batch.sorted_adapter,
+    _sigma_launch(
+        (cdiv(T, config.block_m),), h, g, sigma, batch.sorted_adapter,
         T, batch.tokens_per_row, r, h.stride(0), sigma.stride(0), sigma.stride(1), 0 if diag else sigma.stride(2),
         BLOCK_M=config.block_m, BLOCK_R=block_r, SIGMA_DIAG=diag, SIGMA_ROWS=sigma_rows,
         PRECISION="ieee" if exact else "tf32",
