@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,6 +34,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "integrations" / "tgi" / "scripts"
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
+from tiny_llama import projection_modules, write_tiny_llama  # noqa: E402  (beside the TGI scripts)
 TGI_PYTHON = os.environ.get("JDLORA_TGI_PYTHON")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not TGI_PYTHON or not (Path(TGI_PYTHON).parent / "text-generation-server").exists(),
@@ -52,47 +56,11 @@ START_TIMEOUT = 300  # seconds for the server to start (about 30 s here)
 
 
 def llama_modules() -> dict[str, tuple[int, int]]:
-    c = LLAMA
-    h, kv, i = c["hidden_size"], c["num_key_value_heads"] * c["head_dim"], c["intermediate_size"]
-    shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-              "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
-    return {f"model.layers.{layer}.{s}": shape
-            for layer in range(c["num_hidden_layers"]) for s, shape in shapes.items()}
+    return projection_modules(LLAMA)
 
 
 def write_base(root: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    c = LLAMA
-    root.mkdir(parents=True)
-    (root / "config.json").write_text(json.dumps({
-        **c, "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-        "torch_dtype": "float32"}))
-    vocab = {w: i for i, w in enumerate(["[UNK]", "<s>", "</s>"] + [f"w{i}" for i in range(c["vocab_size"] - 3)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
-                            model_max_length=c["max_position_embeddings"]).save_pretrained(root)
-    # transformers 5 names its own tokenizer class here; TGI's transformers 4.51 knows the fast one
-    config = json.loads((root / "tokenizer_config.json").read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config.pop("backend", None)
-    (root / "tokenizer_config.json").write_text(json.dumps(config))
-
-    g = torch.Generator().manual_seed(0)
-    h = c["hidden_size"]
-    weights = {f"{m}.weight": torch.randn(*shape, generator=g) / shape[1] ** 0.5
-               for m, shape in llama_modules().items()}
-    weights["model.embed_tokens.weight"] = torch.randn(c["vocab_size"], h, generator=g)
-    weights["lm_head.weight"] = torch.randn(c["vocab_size"], h, generator=g) * LOGIT_SCALE / h ** 0.5
-    for name in ["model.norm"] + [f"model.layers.{layer}.{n}" for layer in range(c["num_hidden_layers"])
-                                  for n in ("input_layernorm", "post_attention_layernorm")]:
-        weights[f"{name}.weight"] = torch.ones(h)
-    save_file(weights, root / "model.safetensors")
-    return weights
+    return write_tiny_llama(root, LLAMA, logit_scale=LOGIT_SCALE, transformers4_tokenizer=True)
 
 
 def write_assets(root: Path) -> SimpleNamespace:

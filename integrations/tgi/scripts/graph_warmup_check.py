@@ -28,7 +28,6 @@ sizes the KV cache from a fixed budget, builds the model through TGI's CPU branc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from tiny_llama import projection_modules, write_tiny_llama  # beside this script
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -145,40 +145,12 @@ def flash_llama_factory(tgi, dry_run: bool):
 def write_assets(root: Path) -> dict[str, Path]:
     """Random flash-llama weights + a word-level tokenizer, a JD collection of 6 synthetic adapters
     (jdlora.compress, rank 8, 2 clusters) and one plain LoRA, on all seven projections of both layers."""
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     import jdlora
     from jdlora.synthetic import save_adapters, synthetic_adapters
 
-    c = LLAMA
-    base, kv = root / "base", c["num_key_value_heads"] * c["head_dim"]
-    base.mkdir(parents=True, exist_ok=True)
-    (base / "config.json").write_text(json.dumps({
-        **c, "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-        "torch_dtype": "float32"}))
-    vocab = {w: i for i, w in enumerate(["[UNK]", "<s>", "</s>"] + [f"w{i}" for i in range(c["vocab_size"] - 3)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
-                            model_max_length=c["max_position_embeddings"]).save_pretrained(base)
-
-    shapes = {"self_attn.q_proj": (c["hidden_size"], c["hidden_size"]), "self_attn.k_proj": (kv, c["hidden_size"]),
-              "self_attn.v_proj": (kv, c["hidden_size"]), "self_attn.o_proj": (c["hidden_size"], c["hidden_size"]),
-              "mlp.gate_proj": (c["intermediate_size"], c["hidden_size"]),
-              "mlp.up_proj": (c["intermediate_size"], c["hidden_size"]),
-              "mlp.down_proj": (c["hidden_size"], c["intermediate_size"])}
-    modules = {f"model.layers.{l}.{s}": shape for l in range(c["num_hidden_layers"]) for s, shape in shapes.items()}
-    g = torch.Generator().manual_seed(0)
-    weights = {f"{m}.weight": torch.randn(*shape, generator=g) / shape[1] ** 0.5 for m, shape in modules.items()}
-    weights["model.embed_tokens.weight"] = torch.randn(c["vocab_size"], c["hidden_size"], generator=g)
-    weights["lm_head.weight"] = torch.randn(c["vocab_size"], c["hidden_size"], generator=g) / c["hidden_size"] ** 0.5
-    for name in ["model.norm"] + [f"model.layers.{l}.{n}" for l in range(c["num_hidden_layers"])
-                                  for n in ("input_layernorm", "post_attention_layernorm")]:
-        weights[f"{name}.weight"] = torch.ones(c["hidden_size"])
-    save_file(weights, base / "model.safetensors")
+    base = root / "base"
+    write_tiny_llama(base, LLAMA)
+    modules = projection_modules(LLAMA)
 
     # alpha = 16 r: updates that move the logits far beyond the graph-vs-eager tolerance
     adapters = synthetic_adapters(6, modules, rank=8, alpha=128, groups=2, seed=1, base_model=str(base))
