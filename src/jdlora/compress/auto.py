@@ -76,10 +76,6 @@ class SweepPoint:
     parameters: int | None = None
     token_work: int | None = None
 
-    def objective(self, normalize: bool) -> float:
-        """The error the JD minimizes under this weighting (mean per adapter, or pooled)."""
-        return self.mean_adapter_error if normalize else self.error
-
     def cost(self) -> tuple[int, int]:
         """What serving it costs: parameters stored, then work per token (smaller is cheaper)."""
         return (self.parameters or 0, self.token_work or 0)
