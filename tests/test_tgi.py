@@ -125,6 +125,23 @@ def test_adapter_configs_are_classified_by_peft_type(tmp_path):
     assert naming.read_adapter_config(str(tmp_path)) is None  # a folder without adapter_config.json
 
 
+@pytest.mark.parametrize("collection_root", ["../../../elsewhere", "/etc", "../x/..", ""])
+def test_a_single_adapter_folder_only_leads_up_to_its_own_collection(tmp_path, collection_root):
+    """An adapter folder listed alone in LORA_ADAPTERS names its collection by ``collection_root``: the
+    saved ``../..`` leads to the collection; anything else in a (downloaded, untrusted) config is refused."""
+    from jdlora.errors import UnsafePathError
+    from jdlora_tgi.patches import _single_adapter_source
+
+    coll = random_collection(["a", "b"], ["self_attn.q_proj"])
+    coll.save_pretrained(tmp_path / "c", progress=False)
+    folder = tmp_path / "c" / "adapters" / "a"
+    config = naming.read_adapter_config(str(folder))
+    source, name = _single_adapter_source(str(folder), config)
+    assert (Path(source.path_or_repo_id), source.adapters, name) == ((tmp_path / "c").resolve(), ("a",), "a")
+    with pytest.raises(UnsafePathError, match="collection_root"):
+        _single_adapter_source(str(folder), dict(config, collection_root=collection_root))
+
+
 # ----- sharding: TGI's split, the dense result ------------------------------------------------------
 
 

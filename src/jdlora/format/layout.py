@@ -111,6 +111,19 @@ def check_relative_path(rel, where: str) -> str:
     return rel
 
 
+def check_collection_root(value, where: str) -> str:
+    """``value`` if it is what writers put in a per-adapter config's ``collection_root``: ``..`` components
+    only (``"../.."``, or deeper for sharded adapter folders); else :class:`UnsafePathError`. So the root a
+    reader goes to is always an ancestor of the adapter folder it started from."""
+    parts = value.split("/") if isinstance(value, str) else None
+    if not parts or any(p != ".." for p in parts):
+        raise UnsafePathError(
+            f"{where}: collection_root {value!r} is not allowed: it must lead from the adapter folder up to its "
+            "collection ('../..'), nowhere else. The config was tampered with or written by a broken tool."
+        )
+    return value
+
+
 def resolve_inside(root: Path, rel: str, where: str, jail: Path | None = None) -> Path:
     """``root / rel`` after :func:`check_relative_path`, refusing it when links lead it outside ``jail``.
 

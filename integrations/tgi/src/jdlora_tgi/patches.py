@@ -30,7 +30,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from jdlora.format.layout import MANIFEST
+from jdlora.format.layout import MANIFEST, PEFT_CONFIG, check_collection_root
 
 from ._log import logger
 from .naming import JDSource, adapter_id, check_unique_ids, classify_adapter_config, read_adapter_config
@@ -143,7 +143,7 @@ def _single_adapter_source(location: str, config: dict):
             f"{location}: a single JD-LoRA adapter folder must be a local path (`name=/path/to/adapter`); "
             "for the Hub, list the whole collection (`org/coll`) and request `org/coll:<adapter>`."
         )
-    root = (folder / config.get("collection_root", "../..")).resolve()
+    root = (folder / check_collection_root(config.get("collection_root", "../.."), f"{folder / PEFT_CONFIG}")).resolve()
     name = config["adapter_name"]
     return JDSource(str(root), None, (name,)), name
 
