@@ -32,11 +32,15 @@ def _add_compression_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", choices=["qr", "eigen"], default=_default("solver"),
                    help=f"JD-Full solver (default {_default('solver')})")
     p.add_argument("--target-error", type=float, default=_default("target_error"),
-                   help="the automatic settings keep every adapter's relative error (on a middle module) at most "
-                        f"this (default {_default('target_error')}, calibrated on our quality study: docs/quality.md)")
+                   help="the automatic settings keep every adapter's relative error (norm-weighted over "
+                        "--search-modules modules) at most this (default "
+                        f"{_default('target_error')}, calibrated on our quality study: docs/quality.md)")
     p.add_argument("--error-quantile", type=float, default=_default("error_quantile"),
                    help="check --target-error on this quantile of the adapters' errors (default "
                         f"{_default('error_quantile')}: the worst adapter)")
+    p.add_argument("--search-modules", type=int, default=_default("search_modules"),
+                   help="modules (spread over depth and module types) the automatic settings are judged on "
+                        f"(default {_default('search_modules')})")
     p.add_argument("--tol", type=float, default=_default("tol"),
                    help=f"convergence tolerance, equation 19 (default {_default('tol')})")
     p.add_argument("--ftol", type=float, default=_default("ftol"),
@@ -57,7 +61,8 @@ def _settings(args):
     return CompressionSettings(
         rank=args.rank, clusters=args.clusters, sigma_kind=args.sigma_kind, normalize=args.normalize,
         solver=args.solver, tol=args.tol, ftol=args.ftol, max_iter=args.max_iter, target_error=args.target_error,
-        error_quantile=args.error_quantile, dtype=torch.float64 if args.float64 else torch.float32, seed=args.seed)
+        error_quantile=args.error_quantile, search_modules=args.search_modules,
+        dtype=torch.float64 if args.float64 else torch.float32, seed=args.seed)
 
 
 def _add_source_options(p: argparse.ArgumentParser) -> None:
@@ -362,8 +367,9 @@ def _sweep_table(points, chosen, target: float) -> str:
 def _print_collection(collection, seconds: float) -> None:
     print(f"\nCompressed in {seconds:.1f} s\n")
     if collection.sweep:
-        print(f"Settings tried on {collection.choice.module} (adapter error: the {_which(collection.settings)} "
-              "adapter's relative error):")
+        judged = collection.choice.modules
+        print(f"Settings tried on {len(judged)} module{'s' if len(judged) > 1 else ''} ({', '.join(judged)}; "
+              f"adapter error: the {_which(collection.settings)} adapter's relative error, norm-weighted over them):")
         print(_sweep_table(collection.sweep, _chosen_point(collection), collection.settings.target_error))
         print()
     print(collection.summary())

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .collection import AdapterInfo, CollectionModule, JDLoraCollection, safe_adapter_name
 from .compress import CompressionSettings, LoraStack, choose_settings, compress_module, project_onto_bases
-from .compress.auto import AutoChoice, SweepPoint
+from .compress.auto import AutoChoice, ModuleSample, SweepPoint
 from .errors import AdapterFormatError, IncompatibleAdaptersError, NonFiniteWeightsError, SettingsError
 from .sources import check_compatible, open_adapter, open_adapters
 
@@ -54,11 +54,12 @@ def compress(
         **overrides: fields of :class:`~jdlora.compress.CompressionSettings` that replace those of
             ``settings`` (``rank=16``, ``clusters=4``, ``sigma_kind="diag"``, ``dtype=torch.float64``, ...).
 
-    With ``rank``, ``clusters`` or ``sigma_kind`` left ``"auto"`` (the default), they are chosen on a
-    middle module (:func:`~jdlora.compress.choose_settings`): the cheapest setting (parameters stored,
-    then work per token) whose worst adapter's relative error is at most ``target_error`` (0.05,
-    calibrated on our quality study, docs/quality.md); the collection's :attr:`choice` says what was
-    chosen and why, or that nothing met the target and what it would take.
+    With ``rank``, ``clusters`` or ``sigma_kind`` left ``"auto"`` (the default), they are chosen on
+    ``search_modules`` modules spread over depth and module types (:func:`sample_modules`,
+    :func:`~jdlora.compress.choose_settings`): the cheapest setting (parameters stored, then work per
+    token) whose worst adapter's relative error, norm-weighted over those modules, is at most
+    ``target_error`` (0.05, calibrated on our quality study, docs/quality.md); the collection's
+    :attr:`choice` says what was chosen and why, or that nothing met the target and what it would take.
 
     Returns:
         The compressed collection, with errors per module and per adapter and parameter counts.
@@ -91,13 +92,15 @@ def compress(
     sweep: list[SweepPoint] = []
     choice: AutoChoice | None = None
     if settings.is_auto:
-        middle = middle_module(module_names, sources)
-        stack, ids, ranks = load(middle)
-        sq_norms = stack.sq_norms()  # an overflowing update must be named before the search measures NaNs
-        check_finite(middle, [sources[i].name for i in ids], sq_norms, torch.zeros_like(sq_norms))
-        with tqdm(desc=f"Choosing settings on {middle}", unit="setting", disable=not progress) as bar:
-            settings, choice, sweep = choose_settings(stack, ranks, settings, module=middle, progress=bar)
-        del stack
+        samples = []
+        for module in sample_modules(module_names, sources, settings.search_modules):
+            stack, ids, ranks = load(module)
+            sq_norms = stack.sq_norms()  # an overflowing update must be named before the search measures NaNs
+            check_finite(module, [sources[i].name for i in ids], sq_norms, torch.zeros_like(sq_norms))
+            samples.append(ModuleSample(module, stack, ranks, ids))
+        with tqdm(desc=f"Choosing settings on {len(samples)} modules", unit="setting", disable=not progress) as bar:
+            settings, choice, sweep = choose_settings(samples, settings, progress=bar)
+        del samples, stack
 
     infos = _adapter_infos(sources)
     if engine != "local":  # distributed: Ray tasks, finished modules staged for resuming (jdlora.distributed)
@@ -179,12 +182,45 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def middle_module(module_names: list[str], sources: Sequence) -> str:
-    """A module from the middle of the network, among those most adapters have (section 6.4)."""
+def most_shared_modules(module_names: list[str], sources: Sequence) -> list[str]:
+    """The modules that the most adapters have, in ``module_names``' order."""
     counts = {m: sum(m in s.modules for s in sources) for m in module_names}
     most = max(counts.values())
-    candidates = [m for m in module_names if counts[m] == most]
+    return [m for m in module_names if counts[m] == most]
+
+
+def middle_module(module_names: list[str], sources: Sequence) -> str:
+    """A module from the middle of the network, among those most adapters have (section 6.4)."""
+    candidates = most_shared_modules(module_names, sources)
     return candidates[len(candidates) // 2]
+
+
+def module_kind(name: str) -> str:
+    """A module's name without its layer number(s): ``model.layers.3.self_attn.q_proj`` -> ``model.layers.#.self_attn.q_proj``."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "#", name)
+
+
+def sample_modules(module_names: list[str], sources: Sequence, count: int) -> list[str]:
+    """``count`` modules the automatic settings are judged on, among those most adapters have: spread over
+    depth (the k-th pick at depth (k + 1/2) / count) and over module kinds (q, k, v, ... in turn).
+    Deterministic; all of them when there are at most ``count``.
+    """
+    candidates = most_shared_modules(module_names, sources)
+    if len(candidates) <= count:
+        return candidates
+    by_kind: dict[str, list[str]] = {}
+    for m in candidates:  # natural order: each kind's modules by depth
+        by_kind.setdefault(module_kind(m), []).append(m)
+    kinds = list(by_kind)
+    chosen: list[str] = []
+    for k in range(count):
+        options = by_kind[kinds[k % len(kinds)]]
+        position = min(int((k + 0.5) / count * len(options)), len(options) - 1)
+        # When a kind's pick is taken already (few layers), the nearest free one of that kind, else any.
+        free = sorted((m for m in options if m not in chosen), key=lambda m: abs(options.index(m) - position)) or \
+            [m for m in candidates if m not in chosen]
+        chosen.append(free[0])
+    return sorted(chosen, key=natural_key)
 
 
 def _to_cpu(result):

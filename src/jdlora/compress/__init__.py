@@ -12,7 +12,7 @@ Each idea of the paper lives in one module:
 - :mod:`.threads`: how many CPU threads a module's products get.
 """
 
-from .auto import AutoChoice, SweepPoint, choose_settings, saved_ratio, sweep
+from .auto import AutoChoice, ModuleSample, SweepPoint, choose_settings, saved_ratio, sweep
 from .baselines import SVDResult, TiesResult, svd_per_adapter, ties_merge
 from .clustering import ClusterResult, assignment_errors, jd, jd_cluster, kmeans
 from .jd import JDResult, jd_diag, jd_full, residuals, sigma_diag, sigma_full
@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_TARGET_ERROR",
     "AutoChoice",
     "ClusterResult",
+    "ModuleSample",
     "CompressionSettings",
     "JDResult",
     "LoraStack",

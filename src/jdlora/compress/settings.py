@@ -22,11 +22,16 @@ SigmaKind = Literal["full", "diag"]
 Solver = Literal["qr", "eigen"]
 Auto = Literal["auto"]
 
-# The worst adapter's relative error (on a middle module) that the automatic settings keep under.
-# Calibrated on the quality study (docs/quality.md, benchmarks/RESULTS.md): every compressed collection
-# whose worst adapter stayed at or below 0.05 kept >= 99.3% of its LoRAs' Rouge-L; every one that kept
-# less than 99% had a worst adapter at 0.097 or above; adapters below 0.04 kept 100.0% on average.
+# The worst adapter's relative error that the automatic settings keep under, each adapter's error
+# norm-weighted over modules: sum_m ||dW_im - R_im||^2 / sum_m ||dW_im||^2 (over all modules in the
+# calibration; over search_modules sampled ones in the search). Calibrated on the quality study
+# (docs/quality.md, benchmarks/RESULTS.md): every compressed collection whose worst adapter stayed at or
+# below 0.05 kept >= 99.3% of its LoRAs' Rouge-L; every one that kept less than 99% had a worst adapter at
+# 0.097 or above; adapters below 0.04 kept 100.0% on average.
 DEFAULT_TARGET_ERROR = 0.05
+# Modules the automatic search judges each setting on (spread over depth and module types): one module
+# is not enough (docs/quality.md), every module would make the search as slow as compressing many times.
+DEFAULT_SEARCH_MODULES = 4
 # Which adapter the target is checked on: 1.0 = the worst one (the quantile of the per-adapter errors).
 DEFAULT_ERROR_QUANTILE = 1.0
 
@@ -74,6 +79,9 @@ class CompressionSettings(Mapping):
     error_quantile: float = field(default=DEFAULT_ERROR_QUANTILE, metadata={"help": (
         "Which adapter target_error is checked on: 1.0 the worst, 0.9 the 90th percentile of the "
         "per-adapter errors.")})
+    search_modules: int = field(default=DEFAULT_SEARCH_MODULES, metadata={"help": (
+        "How many modules (spread over depth and module types) the automatic settings are judged on; each "
+        "adapter's error is norm-weighted over them.")})
     dtype: torch.dtype = field(default=torch.float32, metadata={"help": "float32 or float64."})
     seed: int = field(default=0, metadata={"help": "Seed of every random choice."})
 
@@ -91,7 +99,7 @@ class CompressionSettings(Mapping):
         for name in ("tol", "ftol"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 _invalid(name, getattr(self, name), "a number >= 0")
-        for name in ("max_iter", "max_rounds"):
+        for name in ("max_iter", "max_rounds", "search_modules"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 _invalid(name, getattr(self, name), "a positive integer")
         if not isinstance(self.target_error, (int, float)) or not 0 < self.target_error <= 1:
