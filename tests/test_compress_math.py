@@ -8,6 +8,7 @@ import torch
 from jdlora.compress import (
     CompressionSettings,
     LoraStack,
+    ModuleSample,
     assignment_errors,
     choose_settings,
     compress_module,
@@ -279,8 +280,8 @@ def test_auto_choice_takes_the_cheapest_setting_whose_worst_adapter_meets_the_ta
     settings = CS(tol=1e-6)
     points = sweep(stack, ranks, grid, settings)
     target = sorted(p.quantile_error for p in points)[len(points) // 2]  # half the grid meets it
-    resolved, choice, tried = choose_settings(stack, ranks, settings.replace(rank="auto", clusters="auto",
-                                                                             target_error=target))
+    resolved, choice, tried = choose_settings(ModuleSample.of(stack, ranks),
+                                              settings.replace(rank="auto", clusters="auto", target_error=target))
     assert choice.met and (resolved.rank, resolved.clusters) in {(p.rank, p.clusters) for p in tried}
     chosen = next(p for p in tried if (p.rank, p.clusters) == (resolved.rank, resolved.clusters))
     assert chosen.quantile_error <= target
@@ -295,7 +296,8 @@ def test_auto_choice_takes_the_cheapest_setting_whose_worst_adapter_meets_the_ta
 def test_auto_choice_says_when_nothing_meets_the_target_and_what_it_would_take():
     stack = random_stack(8, 24, 24, 4, seed=3)  # unrelated adapters: nothing to share
     with pytest.warns(UserWarning, match="No setting storing fewer parameters") as record:
-        resolved, choice, tried = choose_settings(stack, [4] * 8, CS(rank="auto", clusters="auto", target_error=1e-3))
+        resolved, choice, tried = choose_settings(ModuleSample.of(stack, [4] * 8),
+                                                  CS(rank="auto", clusters="auto", target_error=1e-3))
     assert not choice.met and "uncompressed" in choice.reason and "target_error=" in str(record[0].message)
     assert all(p.saved_ratio > 0 for p in tried), "the search stays within the LoRAs' own parameter count"
 
