@@ -93,9 +93,12 @@ def claims(study: dict) -> list[str]:
         rl, count = relative(run["scores"], lora, "rouge_l")
         kind = f"JD-{run['sigma'].capitalize()} " if run.get("sigma") else ""
         met = run.get("choice") or {}
+        judged = met.get("modules") or ([met["module"]] if met.get("module") else [])  # one module before 2026-12-04
         out.append(f"{run['method']} settings, n={run['n']} ({kind}rank {run['rank']}, {run['clusters']} clusters, "
                    f"saved {run['saved_ratio']:.3f}"
-                   + (f", worst adapter target {'met' if met.get('met') else 'NOT met'}" if met else "")
+                   + (f", worst adapter target {'met' if met.get('met') else 'NOT met'} on {len(judged)} module(s)"
+                      if met else "")
+                   + f", worst adapter error over all modules {max(run['adapter_errors']):.3f}"
                    + f"): relative Rouge-L {rl:.3f} over {count} learned tasks -> the >= 0.99 claim "
                    f"{'holds' if rl >= 0.99 else 'does NOT hold'}")
     calibrated = [r for r in study["runs"] if r["kind"] in ("jd", "svd") and max(r["adapter_errors"]) <= TARGET]

@@ -6,7 +6,8 @@ and each adapter is scored on its own task's test set:
 
 - ``JD-Full`` / ``JD-Diag`` at ranks 16, 32, 64 (``jdlora.compress``, one cluster), ``JD-Full`` rank 16
   with clusters, the automatic settings (``jdlora.compress`` defaults: the cheapest setting whose worst
-  adapter's error is at most 0.05; ``auto full+diag`` also searches JD-Diag);
+  adapter's error, norm-weighted over 4 sampled modules, is at most 0.05; ``auto full+diag`` also
+  searches JD-Diag);
 - per-adapter SVD at ranks 1, 2, 4, and JD-Full rank 16 with as many clusters as store the same
   parameters as each of them (``JD-Full r16 c<k> =SVD r<s>``: ``k = n s / 16``), the comparison at equal
   stored parameters;
@@ -264,6 +265,8 @@ def run_study(model, tokenizer, folders: Sequence[str], tests, *, sizes: Sequenc
                 auto_settings[n] = (result["rank"], result["clusters"])
             log(f"n={n} {method.name}: error {result['error']:.3f}, saved {result['saved_ratio']:.3f}, "
                 f"compress {result['seconds']:.1f} s ({time.perf_counter() - t0:.0f} s)")
+            if result.get("choice"):  # the library's own automatic choice, as users get it
+                log(f"  chose {result['choice']['reason']}")
 
     if added and n_max > added and n_max in auto_settings:
         rank, clusters = auto_settings[n_max]
