@@ -49,6 +49,7 @@ class MixedBatch:
         self.names = list(adapter_names)
         self.size = len(self.names)
         self.active = True
+        self.storage: dict[str, torch.Tensor] = {}  # the model's packed banks (jdlora.tuner.packing), read by compiled steps
         self._groups: dict[str, object] = {}  # group key -> AdapterGroup
         self._rows: dict[tuple[str, str], JDBatch] = {}  # (group key, device) -> rows batch
         self._unused: set[tuple[str, str]] = set()  # keys whose rows are all -1 in the current mix
