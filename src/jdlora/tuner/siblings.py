@@ -68,6 +68,7 @@ class Siblings:
         self.layers = layers
         self.on = True  # off for good once a kept result went untaken
         self._kept: dict[str, _Kept] = {}  # adapter group key -> the current forward's g
+        self._fusable: dict[str, tuple[list, bool]] = {}  # group key -> (the banks checked, siblings_fusable)
 
     def shrunk(self, layer, group_key: str, x: Tensor, xin: Tensor, batch: JDBatch) -> tuple[ShrunkSiblings, int] | None:
         """``(g of the siblings, layer's index in it)`` for ``layer``'s adapters of ``group_key`` on input ``x``
@@ -84,19 +85,24 @@ class Siblings:
             if kept.pending:  # a sibling did not take its g: their inputs differ (or it did not run)
                 self.on = False
                 return None
-        members = [m for m in self.layers if _usable(m, group_key)]
-        if len(members) < 2 or layer not in members:
+        banks = {}  # member -> (index, (V, sigma, cluster_of))
+        for m in self.layers:
+            tensors = _banks(m, group_key)
+            if tensors is not None:
+                banks[m] = (len(banks), tensors)
+        if len(banks) < 2 or layer not in banks:
             return None
-        banks = {}
-        for m in members:
-            bank = m._jd_banks[group_key]
-            banks[m] = (len(banks), (m._jd_bases[bank.group.rank].V, bank.sigma, bank.cluster_of))
-        Vs, sigmas, cluster_ofs = zip(*(b for _, b in banks.values()))
-        if not siblings_fusable(Vs, sigmas, cluster_ofs) or Vs[0].dtype != xin.dtype:
+        tensors = [t for _, ts in banks.values() for t in ts]
+        known = self._fusable.get(group_key)
+        if known is None or len(known[0]) != len(tensors) or any(a is not b for a, b in zip(known[0], tensors)):
+            Vs, sigmas, cluster_ofs = zip(*(ts for _, ts in banks.values()))
+            known = self._fusable[group_key] = (tensors, siblings_fusable(Vs, sigmas, cluster_ofs))
+        if not known[1] or tensors[0].dtype != xin.dtype:
             return None
+        Vs, sigmas, cluster_ofs = tensors[0::3], tensors[1::3], tensors[2::3]
         shrunk = jd_lora_shrink_siblings(xin, Vs, sigmas, cluster_ofs, batch)
         self._kept[group_key] = _Kept(weakref.ref(x), x._version, batch, batch.row_adapter._version, shrunk, banks,
-                                      set(members) - {layer})
+                                      set(banks) - {layer})
         return shrunk, banks[layer][0]
 
     @staticmethod
@@ -112,14 +118,18 @@ class Siblings:
         return layer._jd_bases[bank.group.rank].V is V and bank.sigma is sigma and bank.cluster_of is cluster_of
 
 
-def _usable(layer, group_key: str) -> bool:
-    """Whether ``layer`` runs its mixed-batch forward with adapters of ``group_key`` (banks made current)."""
-    if layer.disable_adapters or layer.merged or group_key not in layer._jd_banks:
-        return False
-    layer._jd_retie_if_needed()
-    bank = layer._jd_banks[group_key]
-    layer._jd_grow(bank, bank.group.size)
-    return True
+def _banks(layer, group_key: str) -> tuple | None:
+    """``(V, sigma, cluster_of)`` of ``layer``'s banks for ``group_key`` (made current) if its mixed-batch
+    forward uses them (adapters enabled, none merged), else None."""
+    bank = layer._jd_banks.get(group_key)
+    if bank is None or layer.disable_adapters or layer.merged:
+        return None
+    if layer._jd_untied:
+        layer._jd_retie()
+        bank = layer._jd_banks[group_key]
+    if bank.sigma.shape[0] < bank.group.size:
+        layer._jd_grow(bank, bank.group.size)
+    return layer._jd_bases[bank.group.rank].V, bank.sigma, bank.cluster_of
 
 
 def link_siblings(model: nn.Module) -> None:
