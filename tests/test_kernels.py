@@ -525,14 +525,17 @@ def test_siblings_shrunk_together_equal_each_forward_alone(backend, diag, dtype,
     y0 = [torch.randn(T, U.shape[1], device=DEVICE).to(dtype) for U in Us]
     alone = [jd_lora_forward(y.clone(), x, U, V, s, c, batch, scale=0.5, backend=backend)
              for y, (U, V, s, c) in zip(y0, mods)]
-    shrunk = jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend)
-    for i, (y, (U, V, s, c)) in enumerate(zip(y0, mods)):
-        out = jd_lora_expand(y, U, c, shrunk, i, scale=0.5)
-        assert out is y
-        if ON_CUDA and backend == "triton":  # split-K sums meet by atomic adds, in any order
-            torch.testing.assert_close(y, alone[i], rtol=1e-3, atol=1e-3)
-        else:
-            assert torch.equal(y, alone[i]), f"sibling {i}"
+    for _ in range(2):  # on CUDA the second call launches directly (jdlora.kernels.fast_launch)
+        ys = [y.clone() for y in y0]
+        shrunk = jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend)
+        for i, (y, (U, V, s, c)) in enumerate(zip(ys, mods)):
+            out = jd_lora_expand(y, U, c, shrunk, i, scale=0.5)
+            assert out is y
+            if ON_CUDA and backend == "triton":  # split-K sums meet by atomic adds, in any order
+                tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]  # an ulp or two
+                torch.testing.assert_close(y, alone[i], rtol=tol, atol=tol)
+            else:
+                assert torch.equal(y, alone[i]), f"sibling {i}"
     if backend == "triton":  # the siblings' scratch is left zeroed, like the per-layer one
         for h, _ in batch._scratch.values():
             assert not h.any()

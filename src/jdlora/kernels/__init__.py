@@ -22,6 +22,17 @@ API::
     cluster_of [n], token_adapter [T]  int32 or int64; -1 = none. Indices must be < n and < C
                                        (not checked: checking would synchronize with the host)
 
+Sibling modules that read the same ``x`` (q, k and v of an attention block; gate and up) run their first
+two launches together, then each its own expand (5 launches for q, k, v instead of 9; same bits as each
+module's own :func:`jd_lora_forward`)::
+
+    if siblings_fusable(Vs, sigmas, cluster_ofs):     # one rank, dtype and layout; 2-3 siblings
+        shrunk = jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch)   # g_s = Sigma_s[a] V_s[c_s]^T x
+        for s in range(len(Vs)):
+            jd_lora_expand(ys[s], Us[s], cluster_ofs[s], shrunk, s, scale=scale)
+
+The PEFT tuner does this by itself in eager mode (:mod:`jdlora.tuner.siblings`).
+
 ``batch`` may also be the raw ``token_adapter`` tensor (then :func:`prepare_batch` runs per call). A batch
 of rows of S tokens each (a ``[B, S, d]`` input flattened) is ``prepare_batch(row_adapter)`` once and
 ``batch.with_tokens_per_row(S)`` per forward: one sort of the rows serves prefill and decode.
@@ -49,6 +60,11 @@ Kernels (Triton path), three launches per layer, no host synchronization, CUDA-g
    every layer of the forward reuses it without a memset.
 3. :mod:`~jdlora.kernels.expand` -- ``y[t] += scale * U[c] g[t]`` for tiles of d_out. Reads g and
    each present cluster's U tile once per token block, reads and writes y once.
+
+Siblings (:func:`jd_lora_shrink_siblings`): ``jd_shrink_siblings_kernel`` and ``jd_sigma_siblings_kernel`` add a
+sibling axis to the grid of 1. and 2. (program ``(..., s)`` is the same program of sibling s, with its own
+``V_s``, ``Sigma_s``, ``cluster_of_s`` and rows of a ``[S, T, w]`` scratch), so each sibling gets the sums of
+its own launches; the expands stay one per module (each its own ``U``, output and width).
 
 :mod:`~jdlora.kernels.launch` says why three launches and holds the block-size configurations.
 Eager launches go through :mod:`~jdlora.kernels.fast_launch`: after the first launch of a specialization

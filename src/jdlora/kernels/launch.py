@@ -11,6 +11,10 @@ the H200 (measured, see ``benchmarks/RESULTS.md``), less than serializing Sigma 
 one program (what a fused "last program of the block applies Sigma" design did: one Sigma per token,
 16 tokens per block, one SM each).
 
+Siblings that read the same x (q, k, v) share launches 1 and 2 (:func:`jd_lora_shrink_siblings_triton`: the
+same configurations and K slices per sibling, a third grid axis over siblings) and run 3 each
+(:func:`jd_lora_expand_triton`).
+
 Configurations are picked from static shapes only (T, d_in, the GPU's multiprocessor count), never
 from tensor values, so the choice costs no host synchronization and a captured CUDA graph replays
 it. The GPU numbers were chosen from the H200 sweep in ``benchmarks/RESULTS.md``

@@ -19,6 +19,10 @@ slice once per token block. A decode batch (few token blocks) is split over d_in
 has enough blocks and stores its sums directly (``SPLIT`` False). With one cluster (``ONE_CLUSTER``)
 no load waits for the ``cluster_of`` lookup: all rows are shrunk by V[0], only active rows are stored.
 
+``jd_shrink_siblings_kernel`` is the same for up to three sibling modules that read the same x (q, k, v):
+grid ``(cdiv(T, BLOCK_M), split_k, siblings)``, program (i, k, s) is program (i, k) above with sibling s's
+V bank and ``cluster_of`` into ``h[s]`` of a ``[S, T, w]`` scratch (one launch instead of three).
+
 Memory traffic per launch: x once (``T * d_in``), V[c] of every cluster present once per token block
 (from L2 after the first block), and ``split_k * T * r`` float32 atomic adds (or ``T * r`` stores).
 """

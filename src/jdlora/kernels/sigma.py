@@ -16,6 +16,9 @@ the step is one round trip however many distinct adapters the batch holds. Prefi
 share one adapter (a run) loads Sigma once and does one ``[BLOCK_M, r] x [r, r]`` dot; a block
 straddling adapters gathers each token's Sigma, ``SIGMA_ROWS`` rows at a time.
 
+``jd_sigma_siblings_kernel``: the same for up to three siblings (grid ``(cdiv(T, BLOCK_M), siblings)``, sibling
+s's Sigma bank, ``h[s]`` and ``g[s]`` of ``[S, T, w]`` scratch), after ``jd_shrink_siblings_kernel``.
+
 Memory traffic: ``h`` read and zeroed, ``g`` written (``T * r`` float32 each), and Sigma[a] read once
 per program holding adapter a: once per token in decode (the floor: each distinct adapter's Sigma once,
 plus L2 hits for repeats), once per run block in prefill.

@@ -456,8 +456,9 @@ class JDLoraLayer(BaseTunerLayer):
             # No per-call checks: the banks are this layer's own (shapes fixed when adapters are added),
             # x fits them (the base layer would have refused it), the batch is the model's.
             shared = None
-            if self._jd_siblings is not None and _siblings.ENABLED and self._jd_siblings.on and U is bases.U \
-                    and not torch.compiler.is_compiling():
+            # is_compiling first: a compiled graph keeps each layer's own op, and guards on none of the rest
+            if not torch.compiler.is_compiling() and self._jd_siblings is not None and _siblings.ENABLED \
+                    and self._jd_siblings.on and U is bases.U:
                 shared = self._jd_siblings.shrunk(self, bank.group.key, x, xin, prepared)
             if shared is not None:
                 jd_lora_expand(y, U, bank.cluster_of, *shared)
