@@ -212,3 +212,19 @@ def test_the_environment_switch_turns_fusion_off():
     env = {**os.environ, "JDLORA_FUSE_SIBLINGS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_inference_mode_tensors_are_fused_too(base, collection, backend, fusion, launches):
+    """Tensors made under torch.inference_mode keep no version counter: siblings match them by identity."""
+    _, qkv = _qkv(base, collection)
+    batch = MixedBatch([collection.adapter_names[4], "__base__"])
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 64)
+        fusion(False)
+        expected = _run(qkv, [x] * 3, batch)
+        launches.clear()
+        fusion(True)
+        got = _run(qkv, [x] * 3, batch)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    if backend == "triton":
+        assert sum(launches.values()) == 5

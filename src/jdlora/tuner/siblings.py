@@ -14,8 +14,8 @@ graph are cheap):
   :class:`Siblings`.
 - The first sibling to run in a forward computes ``g_s`` for every sibling that can use it (adapters of
   the same group in its banks, enabled, not merged, banks of one rank, dtype and layout) and keeps them,
-  keyed by its input tensor (identity and ``_version``) and the kernel batch (identity and the version of
-  its rows). A sibling whose input, batch or banks are not those of the kept result runs its own three
+  keyed by its input tensor (identity and ``_version``; identity alone for tensors made under
+  ``torch.inference_mode``, which keep no version) and the kernel batch (identity and the version of its rows). A sibling whose input, batch or banks are not those of the kept result runs its own three
   launches: the numbers are the same either way (the fused kernels give each sibling the bits of its own
   forward).
 - A kept result that a sibling never took (it got another input, or did not run) turns fusion off for
@@ -101,21 +101,27 @@ class Siblings:
             return None
         Vs, sigmas, cluster_ofs = tensors[0::3], tensors[1::3], tensors[2::3]
         shrunk = jd_lora_shrink_siblings(xin, Vs, sigmas, cluster_ofs, batch)
-        self._kept[group_key] = _Kept(weakref.ref(x), x._version, batch, batch.row_adapter._version, shrunk, banks,
+        self._kept[group_key] = _Kept(weakref.ref(x), _version(x), batch, _version(batch.row_adapter), shrunk, banks,
                                       set(banks) - {layer})
         return shrunk, banks[layer][0]
 
     @staticmethod
     def _fits(kept: _Kept, layer, group_key: str, x: Tensor, batch: JDBatch) -> bool:
-        if kept.x() is not x or x._version != kept.x_version or batch is not kept.batch:
+        if kept.x() is not x or _version(x) != kept.x_version or batch is not kept.batch:
             return False
-        if batch.row_adapter._version != kept.rows_version or not kept.shrunk.valid:
+        if _version(batch.row_adapter) != kept.rows_version or not kept.shrunk.valid:
             return False
         bank = layer._jd_banks.get(group_key)
         if bank is None:
             return False
         V, sigma, cluster_of = kept.banks[layer][1]
         return layer._jd_bases[bank.group.rank].V is V and bank.sigma is sigma and bank.cluster_of is cluster_of
+
+
+def _version(t: Tensor) -> int:
+    """``t._version``; -1 for tensors made under ``torch.inference_mode``, which keep no version counter (those
+    are matched by identity alone: a change in place between two siblings' calls goes unseen)."""
+    return -1 if t.is_inference() else t._version
 
 
 def _banks(layer, group_key: str) -> tuple | None:
