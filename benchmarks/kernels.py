@@ -564,7 +564,7 @@ def eager_qkv(device, calls: int = 300, *, smoke: bool = False) -> list[dict]:
 
     from jdlora.kernels import expand, shrink, sigma
     from jdlora.tuner import siblings
-    from jdlora.tuner.layer import AdapterGroup, Linear
+    from jdlora.tuner.layer import AdapterGroup, JDLoraLayer, Linear
     from jdlora.tuner.mixed import MixedBatch
 
     d, d_kv, r, n = (64, 32, 16, 8) if smoke else (4096, 1024, 64, 64)
@@ -586,7 +586,7 @@ def eager_qkv(device, calls: int = 300, *, smoke: bool = False) -> list[dict]:
                     layer.add_sigmas(group, [names[i] for i in members], [group_rows[i] for i in members],
                                      torch.randn(len(members), r, r) / r**0.5, f"c{c}")
             setattr(parent, module, layer)
-        siblings.link_siblings(parent)
+        siblings.link_siblings(parent, JDLoraLayer)
         qkv = (parent.q_proj, parent.k_proj, parent.v_proj)
         for T in (1, 64):
             if smoke and T > 1:

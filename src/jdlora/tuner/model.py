@@ -212,7 +212,7 @@ class JDLoraModel(BaseTuner):
             finally:
                 self.__dict__.pop("_jd_resolved", None)
         config.runtime_config.release()
-        link_siblings(model)
+        link_siblings(model, JDLoraLayer)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """JD-LoRA tensors of a layer share banks, so a layer has one dtype: float32 when the base is

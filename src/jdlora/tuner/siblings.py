@@ -138,16 +138,15 @@ def _banks(layer, group_key: str) -> tuple | None:
     return layer._jd_bases[bank.group.rank].V, bank.sigma, bank.cluster_of
 
 
-def link_siblings(model: nn.Module) -> None:
-    """Gives the JD-LoRA children of each parent that form a group of :data:`SIBLING_GROUPS` one :class:`Siblings`
-    (kept as ``_jd_siblings`` on each), and unlinks layers that no longer have siblings."""
-    from .layer import JDLoraLayer
-
+def link_siblings(model: nn.Module, layer_type: type) -> None:
+    """Gives the children of each parent that are ``layer_type`` (JD-LoRA layers) and form a group of
+    :data:`SIBLING_GROUPS` one :class:`Siblings` (kept as ``_jd_siblings`` on each), and unlinks layers that no
+    longer have siblings."""
     for parent in model.modules():
         children = dict(parent.named_children())
         for names in SIBLING_GROUPS:
             layers = [children.get(n) for n in names]
-            layers = [m for m in layers if isinstance(m, JDLoraLayer)]
+            layers = [m for m in layers if isinstance(m, layer_type)]
             if len(layers) < 2 or len(layers) > MAX_SIBLINGS:
                 for m in layers:
                     m._jd_siblings = None
