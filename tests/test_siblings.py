@@ -228,3 +228,57 @@ def test_inference_mode_tensors_are_fused_too(base, collection, backend, fusion,
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     if backend == "triton":
         assert sum(launches.values()) == 5
+
+
+def _triple(groups_per_layer, d=32):
+    """q, k, v tuner layers under one parent; ``groups_per_layer[i]``: (rank, adapter names) groups of layer i."""
+    from torch import nn
+
+    from jdlora.tuner.layer import AdapterGroup, JDLoraLayer, Linear
+
+    groups, parent = {}, nn.Module()
+    for name, layer_groups, d_out in zip(("q_proj", "k_proj", "v_proj"), groups_per_layer, (d, d // 2, d // 2)):
+        layer = Linear(nn.Linear(d, d_out, bias=False))
+        for r, names in layer_groups:
+            group = groups.setdefault(r, AdapterGroup(r, "full"))
+            layer.add_bases(f"r{r}", torch.randn(d_out, r) / r**0.5, torch.randn(d, r) / d**0.5)
+            layer.add_sigmas(group, names, group.add(names), torch.randn(len(names), r, r), f"r{r}")
+        setattr(parent, name, layer)
+    siblings.link_siblings(parent, JDLoraLayer)
+    return parent.q_proj, parent.k_proj, parent.v_proj
+
+
+def test_groups_only_some_siblings_have_and_other_ranks_run_alone(backend, fusion, launches):
+    """k alone has rank-8 adapters ("b"), v has no rank-4 ones: the rank-16 adapters of all three are fused, q and
+    k's rank-4 ones too (a pair), k's rank-8 ones run alone."""
+    qkv = _triple([[(16, ["a0", "a1"]), (4, ["c"])], [(16, ["a0", "a1"]), (8, ["b"]), (4, ["c"])],
+                   [(16, ["a0", "a1"])]])
+    x = torch.randn(5, 1, 32)
+    batch = MixedBatch(["a0", "b", "__base__", "c", "a1"])
+    fusion(False)
+    expected = _run(qkv, [x] * 3, batch)
+    launches.clear()
+    fusion(True)
+    got = _run(qkv, [x] * 3, batch)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    if backend == "triton":  # rank 16: 2 + 3 expands; rank 4: 2 + 2 expands; k's rank 8: 3
+        assert launches == {"launch_shrink_siblings": 2, "launch_sigma_siblings": 2, "launch_expand": 6,
+                            "launch_shrink": 1, "launch_sigma": 1}
+
+
+def test_banks_replaced_between_forwards_are_fused_with_their_new_values(backend, fusion, launches):
+    qkv = _triple([[(16, ["a0", "a1"])]] * 3)
+    x = torch.randn(3, 2, 32)
+    batch = MixedBatch(["a1", "__base__", "a0"])
+    fusion(True)
+    _run(qkv, [x] * 3, batch)
+    for layer in qkv:  # new bank tensors (as .to() and load_state_dict(assign=True) give)
+        layer.jd_cast(torch.float16)
+    launches.clear()
+    got = _run(qkv, [x] * 3, batch)
+    if backend == "triton":
+        assert launches["launch_shrink_siblings"] == 1
+    fusion(False)
+    expected = _run(qkv, [x] * 3, batch)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert qkv[0]._jd_siblings.on
