@@ -206,7 +206,7 @@ class ShrunkSiblings:
     :func:`jd_lora_shrink_siblings` on the same batch overwrites the Triton path's scratch.
     """
 
-    g: tuple[Tensor, ...]
+    g: Tensor | tuple[Tensor, ...]  # Triton: [S, T, w] (one stacked scratch); torch: one [T, r] per sibling
     batch: JDBatch
     call: int
     d_in: int
@@ -263,7 +263,7 @@ def jd_lora_shrink_siblings(
     else:
         from .launch import jd_lora_shrink_siblings_triton  # imports triton
 
-        g = tuple(jd_lora_shrink_siblings_triton(x, Vs, sigmas, cluster_ofs, batch).unbind(0))
+        g = jd_lora_shrink_siblings_triton(x, Vs, sigmas, cluster_ofs, batch)
     return ShrunkSiblings(g, batch, batch.sibling_calls, x.shape[1], backend)
 
 
