@@ -282,3 +282,20 @@ def test_banks_replaced_between_forwards_are_fused_with_their_new_values(backend
     expected = _run(qkv, [x] * 3, batch)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert qkv[0]._jd_siblings.on
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_on_cuda_the_fused_kernels_give_the_unfused_outputs(base, collection, fusion, launches, dtype):
+    model = load_collection(copy.deepcopy(base), collection).to("cuda", dtype=dtype)
+    ids = torch.randint(1, 96, (4, 7), generator=torch.Generator().manual_seed(2)).cuda()
+    names = [collection.adapter_names[0], collection.adapter_names[4], "__base__", collection.adapter_names[2]]
+    fusion(False)
+    unfused = _logits(model, ids, adapter_names=names).float()
+    launches.clear()
+    fusion(True)
+    for _ in range(2):  # the second forward launches directly (jdlora.kernels.fast_launch)
+        fused = _logits(model, ids, adapter_names=names).float()
+        # split-K sums meet by atomic adds in any order: equal up to rounding
+        torch.testing.assert_close(fused, unfused, rtol=0, atol=1e-4 if dtype == torch.float32 else 5e-2)
+    assert launches["launch_shrink_siblings"] == 2 * 4 and launches["launch_expand"] == 2 * 11
