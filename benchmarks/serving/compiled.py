@@ -17,7 +17,9 @@ one process beside the others:
 - *base, eager*: ``disable_compile=True`` with a dynamic cache;
 - *prefill*: the eager prompt forward and first token alone (``max_new_tokens=1``), so that
   ``(wall - prefill) / (new - 1)`` is the time of one decode step;
-- the same three with JD-LoRA (:mod:`.jd`'s synthetic collection at the paper's setting for the size,
+- the same three with JD-LoRA (eager: q, k and v share one shrink and one Sigma launch,
+  :mod:`jdlora.tuner.siblings`; ``JDLORA_FUSE_SIBLINGS=0`` runs each layer's own three, recorded as
+  ``fuse_siblings`` in the results) (:mod:`.jd`'s synthetic collection at the paper's setting for the size,
   loaded by jdlora's tuner, bf16), ``adapter_names`` with ``--batch`` adapters drawn at random every call
   (distinct ones when the collection has enough): a new mix every call.
 
@@ -36,6 +38,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from jdlora.tuner import siblings
 
 from .jd import adapter_name, synthetic_collection
 from .model import adapted_modules, build_model, model_config
@@ -142,7 +146,7 @@ def main() -> None:
     ids = torch.randint(3, config.vocab_size, (args.batch, args.prompt), generator=gen).to(device)
     results = {"batch": args.batch, "prompt": args.prompt, "new": args.new, "device": str(device),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "tiny": args.tiny, "runs": {}}
+               "torch": torch.__version__, "tiny": args.tiny, "fuse_siblings": siblings.ENABLED, "runs": {}}
     args.out.mkdir(parents=True, exist_ok=True)
     print("base", flush=True)
     results["runs"]["base"] = run_paths(model, ids, args, device)

@@ -27,6 +27,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils.other import transpose
 from torch import Tensor, nn
 
+from ..kernels import jd_lora_expand
+from . import siblings as _siblings
 from .mixed import MixedBatch, jd_lora_forward, mark_static
 from .packing import BankTensor
 
@@ -131,6 +133,9 @@ class JDLoraLayer(BaseTunerLayer):
     # The model's MixedBatch (JDLoraModel sets it once and activates it per call): a layer reads the
     # batch from here rather than from a per-call forward hook, so compiled graphs see one object.
     _jd_mixed: Optional[MixedBatch] = None
+    # Layers of the same parent that read the same input (q, k, v), set by siblings.link_siblings: their
+    # shrinks and Sigmas run as one launch each in eager mixed-batch forwards.
+    _jd_siblings: Optional[_siblings.Siblings] = None
     other_param_names = ("jd_U", "jd_V", "jd_basis", "r", "jd_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs):
@@ -442,7 +447,8 @@ class JDLoraLayer(BaseTunerLayer):
 
         No loop over adapters: per group (rank and Sigma kind; usually one), the rows' adapters are
         turned into Sigma-bank rows once per forward (:class:`MixedBatch`) and the kernel applies
-        ``U_c Sigma_a V_c^T`` to every token.
+        ``U_c Sigma_a V_c^T`` to every token. In eager mode, sibling layers that read the same ``x`` (q, k,
+        v) share one shrink and one Sigma launch (:mod:`~jdlora.tuner.siblings`); each runs its own expand.
         """
         result = self.base_layer(x, *args, **kwargs)
         if not self._jd_banks:
@@ -474,7 +480,15 @@ class JDLoraLayer(BaseTunerLayer):
             # no autocast guard needed: the kernels and the torch reference fix their own precision.
             # No per-call checks: the banks are this layer's own (shapes fixed when adapters are added),
             # x fits them (the base layer would have refused it), the batch is the model's.
-            jd_lora_forward(y, xin, U, V, sigma, cluster_of, prepared, check=False)
+            shared = None
+            # is_compiling first: a compiled graph keeps each layer's own op, and guards on none of the rest
+            if not torch.compiler.is_compiling() and self._jd_siblings is not None and _siblings.ENABLED \
+                    and self._jd_siblings.on and U is bases.U:
+                shared = self._jd_siblings.shrunk(self, bank.group.key, x, xin, prepared)
+            if shared is not None:
+                jd_lora_expand(y, U, cluster_of, *shared)
+            else:
+                jd_lora_forward(y, xin, U, V, sigma, cluster_of, prepared, check=False)
             if y is not y2:
                 y2 += y.to(y2.dtype)
         return result

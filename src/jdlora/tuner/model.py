@@ -29,6 +29,7 @@ from .config import JDLoraConfig, JDLoraRuntimeConfig
 from .layer import AdapterGroup, JDLoraLayer, Linear
 from .mixed import BASE, MixedBatch
 from .packing import pack_banks, packed_storage
+from .siblings import link_siblings
 
 
 class UnknownAdapterNameError(UnknownAdapterError, ValueError):
@@ -212,6 +213,7 @@ class JDLoraModel(BaseTuner):
             finally:
                 self.__dict__.pop("_jd_resolved", None)
         config.runtime_config.release()
+        link_siblings(model, JDLoraLayer)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """JD-LoRA tensors of a layer share banks, so a layer has one dtype: float32 when the base is
