@@ -14,7 +14,9 @@ one process beside the others:
   per call, so the graph is recorded again each call;
 - *base, compiled, one cache*: one ``StaticCache`` passed to every call and reset in between (what a
   server does: the recorded graph replays);
-- *base, eager*: ``disable_compile=True`` with a dynamic cache;
+- *base, eager*: ``disable_compile=True`` with a dynamic cache; *eager_unfused*: the same with
+  :data:`jdlora.tuner.siblings.ENABLED` off for the call (JD-LoRA: every layer its own three launches;
+  the base model: eager once more, which shows the run-to-run spread);
 - *prefill*: the eager prompt forward and first token alone (``max_new_tokens=1``), so that
   ``(wall - prefill) / (new - 1)`` is the time of one decode step;
 - the same three with JD-LoRA (eager: q, k and v share one shrink and one Sigma launch,
@@ -98,13 +100,20 @@ def run_paths(model, ids, args, device, mixes=None) -> dict:
         with torch.no_grad():
             model.generate(input_ids=ids, disable_compile=True, **common, **extra())
 
+    def eager_unfused():  # each adapted layer its own three launches (the base model: eager again, a noise check)
+        enabled, siblings.ENABLED = siblings.ENABLED, False
+        try:
+            eager()
+        finally:
+            siblings.ENABLED = enabled
+
     def prefill():  # the prompt's forward and the first token only: what the decode steps add comes on top
         with torch.no_grad():
             model.generate(input_ids=ids, disable_compile=True, max_new_tokens=1, do_sample=False, **extra())
 
     out = {}
-    paths = {"eager": (eager, 1), "compiled": (compiled, args.warmup), "compiled_one_cache": (one_cache, args.warmup),
-             "prefill": (prefill, 1)}
+    paths = {"eager": (eager, 1), "eager_unfused": (eager_unfused, 1), "compiled": (compiled, args.warmup),
+             "compiled_one_cache": (one_cache, args.warmup), "prefill": (prefill, 1)}
     for name in args.paths.split(","):
         call, warm = paths[name]
         out[name] = timed_calls(call, device, warm, args.reps)
