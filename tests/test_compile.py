@@ -119,7 +119,8 @@ def test_generate_with_a_static_cache_compiles_once_for_every_mix_of_adapters(pe
 
 def test_a_new_mix_of_the_same_size_rewrites_the_tensors_a_captured_decode_step_reads(peft_model):
     """A CUDA graph captured over a decode step keeps reading the batch's row tensors and scratch: a new mix
-    of the same batch size (a base-only mix in between too) must land in those tensors, never free them."""
+    of the same batch size must land in those tensors, and no mix in between (base-only, another size) may
+    free them."""
     from jdlora.tuner.mixed import MixedBatch
 
     model, names = peft_model
@@ -138,8 +139,11 @@ def test_a_new_mix_of_the_same_size_rewrites_the_tensors_a_captured_decode_step_
     h2, g2 = again.scratch(16, torch.device("cpu"))
     assert [t.data_ptr() for t in (again.row_adapter, again.order, again.sorted_adapter, h2, g2)] == tensors
     assert again.row_adapter.tolist() == [group.rows[names[4]], -1, group.rows[names[1]]]
-    batch.update(names[:2])  # another batch size: new tensors
+    batch.update(names[:2])  # another batch size (a prefill, say): its own tensors ...
     assert batch.prepared(group, 1, torch.device("cpu")).row_adapter.shape == (2,)
+    batch.update(mix[::-1])  # ... and the 3-row decode batch is still the one captured
+    assert batch.prepared(group, 1, torch.device("cpu")) is decode
+    assert decode.row_adapter.tolist() == [group.rows[names[1]], -1, group.rows[names[4]]]
 
 
 def _placeholders(gm) -> int:

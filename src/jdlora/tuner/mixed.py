@@ -10,8 +10,8 @@ What makes ``generate(..., adapter_names=[...])`` cheap and compilable:
   for all calls and :meth:`MixedBatch.update` writes a new mix into the same device tensors (same batch
   size: in place). A compiled decode step reads them as graph inputs, so a new mix of adapters runs
   the same graph (no recompilation) and a captured CUDA graph replays with the new rows. A server that
-  captures an eager decode step itself (``torch.cuda.graph``) can rely on the same: the decode batch and its
-  scratch survive every update of the same batch size, base-only mixes included.
+  captures an eager decode step itself (``torch.cuda.graph``) can rely on the same: the decode batch of each
+  batch size and its scratch survive every update (of any size, base-only mixes included).
 - **No host work inside the compiled region.** The host -> device copy of the rows (pinned, non
   blocking) happens in :meth:`MixedBatch.update`, before the model runs; inside a layer there is no
   host synchronization and no allocation that depends on the names.
@@ -51,39 +51,41 @@ class MixedBatch:
         self.active = True
         self.storage: dict[str, torch.Tensor] = {}  # the model's packed banks (jdlora.tuner.packing), read by compiled steps
         self._groups: dict[str, object] = {}  # group key -> AdapterGroup
-        self._rows: dict[tuple[str, str], JDBatch] = {}  # (group key, device) -> rows batch
-        self._unused: set[tuple[str, str]] = set()  # keys whose rows are all -1 in the current mix
-        self._eager: dict[tuple[str, str, int], JDBatch] = {}  # + tokens_per_row -> batch with its own scratch
+        # (group key, device, batch size) -> rows batch. One per batch size, kept: a server's CUDA graph
+        # captured at one size reads its tensors while other sizes (a prefill) run in between.
+        self._rows: dict[tuple[str, str, int], JDBatch] = {}
+        self._unused: set[tuple[str, str, int]] = set()  # keys whose rows are all -1 in the current mix
+        self._eager: dict[tuple[str, str, int, int], JDBatch] = {}  # + tokens_per_row -> batch with its own scratch
 
     def __len__(self) -> int:
         return self.size
 
     def update(self, adapter_names: Sequence[str], groups: Iterable = (), devices: Iterable = ()) -> None:
-        """A new mix for the next call (run outside compiled regions): rows of every group and device
-        already prepared, plus those of ``groups`` x ``devices``, are rebuilt, in place where the batch
-        size is unchanged."""
+        """A new mix for the next call (run outside compiled regions): the rows of every group and device
+        prepared before, plus those of ``groups`` x ``devices``, are rewritten for the new names, in place
+        when a mix of this batch size was prepared before (so graphs that read them see the new mix).
+
+        The rows of other batch sizes and the decode batch of each size (one token per row) with its
+        scratch are kept, so a CUDA graph captured over a decode step stays valid across calls of any
+        size; prefill batches (one per prompt length) are dropped, so they cannot pile up over calls.
+        """
         self.names = list(adapter_names)
         self.size = len(self.names)
         for group in groups:
             self._groups[group.key] = group
-        keys = set(self._rows) | {(g, str(torch.device(d))) for g in self._groups for d in devices}
-        for key in keys:
+        pairs = {k[:2] for k in self._rows} | {(g, str(torch.device(d))) for g in self._groups for d in devices}
+        for pair in pairs:
+            key = (*pair, self.size)
             old = self._rows.get(key)
-            new = self._build(self._groups[key[0]], torch.device(key[1]), old)
-            self._rows[key] = new
-            rebuilt = new is not old  # then the per-token-count batches hold the old tensors
-            for eager_key in [k for k in self._eager if k[:2] == key]:
-                if rebuilt or eager_key[2] != 1:
-                    del self._eager[eager_key]
-        # Rows updated in place keep their decode batch (one token per row), and with it its scratch: a CUDA
-        # graph captured over a decode step reads that scratch and these rows, so neither may be freed between
-        # replays. Prefill batches (one per prompt length) are dropped, so they cannot pile up over calls.
+            self._rows[key] = self._build(self._groups[pair[0]], torch.device(pair[1]), old)
+            for eager_key in [k for k in self._eager if k[:3] == key and k[3] != 1]:
+                del self._eager[eager_key]
 
     def prepared(self, group, tokens_per_row: int, device: torch.device) -> JDBatch | None:
         """The kernel batch of ``group`` for rows of ``tokens_per_row`` tokens; None if no row uses it
         (eager only: under ``torch.compile`` the batch is returned anyway, so that the graph does not
         depend on which groups the mix uses; its unused rows are -1 and the kernels skip them)."""
-        key = (group.key, str(device))
+        key = (group.key, str(device), self.size)
         rows = self._rows.get(key)
         if rows is None:
             if torch.compiler.is_compiling():  # not prepared before the compiled region: a graph of these names
@@ -104,16 +106,16 @@ class MixedBatch:
         return batch
 
     def _build(self, group, device: torch.device, old: JDBatch | None) -> JDBatch:
-        """The rows batch of ``group`` for the current names: ``old``'s tensors rewritten in place when the
-        batch size is unchanged (graphs that read them see the new mix), else new tensors."""
+        """The rows batch of ``group`` for the current names: ``old`` (a batch of this size) rewritten in
+        place, or new tensors."""
         rows = [group.rows.get(name, -1) for name in self.names]
-        key = (group.key, str(device))
+        key = (group.key, str(device), self.size)
         if all(r < 0 for r in rows):
             self._unused.add(key)
         else:
             self._unused.discard(key)
         row_adapter = _to_device(torch.tensor(rows, dtype=torch.int32), device)
-        if old is not None and old.row_adapter.shape[0] == len(rows):
+        if old is not None:
             order, sorted_adapter = sort_rows(row_adapter)
             old.row_adapter.copy_(row_adapter)
             old.order.copy_(order)
