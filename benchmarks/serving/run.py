@@ -93,6 +93,7 @@ import torch
 
 from . import report
 from .engine import BasePath, Server
+from .graph import buckets_for
 from .jd import JDPath, synthetic_collection
 from .model import adapted_modules, build_model, model_config
 from .multilora import LoraStore, MultiLoraPath
@@ -112,25 +113,44 @@ class Group:
     slots: int | None = None
     memories: list[str] = field(default_factory=list)
     figure1: bool = True
+    decode: str = "eager"  # "graph" or "eager" (see engine.Server)
+
+    @property
+    def kind(self) -> str:
+        """What the time guesses key on: path and decode mode."""
+        return f"{self.path}/{self.decode}"
 
 
 def plan(args, memories: list[str]) -> list[Group]:
-    """Every group in priority order: Figure 1, then the uncapped baselines, then Figure 4's grid."""
+    """Every group in priority order: per decode mode (``--decode``, in its order), Figure 1 at its sizes
+    (``--sizes`` for the first mode, ``--eager-sizes`` for eager after graph), the uncapped baselines,
+    then Figure 4's grid (first mode only)."""
+    groups = []
+    for i, decode in enumerate(args.decode):
+        sizes = args.eager_sizes if decode == "eager" and i else args.sizes
+        for group in plan_mode(args, memories, sizes, args.grid_sizes if not i else ()):
+            group.decode = decode
+            groups.append(group)
+    return groups
+
+
+def plan_mode(args, memories: list[str], sizes, grid_sizes) -> list[Group]:
+    """One decode mode's groups in priority order: Figure 1, then the uncapped baselines, then Figure 4's grid."""
     primary = memories[0]
     groups = [Group("base", memories=list(memories))]
-    for n in args.sizes:
+    for n in sizes:
         setting = PAPER_SETTINGS[n][0]
         k = slots_for(n, setting, args.k_rule)
         groups.append(Group("multi-lora", n, setting, k, [primary]))
         groups.append(Group("jd", n, setting, None, list(memories)))
-    for n in args.sizes:
+    for n in sizes:
         if primary != "uncapped" and "uncapped" in memories:
             groups.append(Group("multi-lora", n, PAPER_SETTINGS[n][0], slots_for(n, PAPER_SETTINGS[n][0], args.k_rule),
                                 ["uncapped"]))
         if "uncapped" in memories:
             groups.append(Group("multi-lora-all", n, None, n, ["uncapped"]))
     seen = {(g.adapters, g.slots) for g in groups if g.path == "multi-lora" and primary in g.memories}
-    for n in args.grid_sizes:
+    for n in grid_sizes:
         for setting in FIGURE4_SETTINGS:
             if setting == PAPER_SETTINGS.get(n, (None,))[0] or setting.clusters >= n:
                 continue
@@ -161,10 +181,14 @@ class Study:
         self.model = build_model(self.config, self.device, self.dtype, seed=args.seed)
         self.modules = adapted_modules(self.config)
         self.server = Server.for_model(self.model, max_batch=args.max_batch, new_tokens=args.new_tokens,
-                                       max_wait=args.max_wait, profile=args.profile)
+                                       max_wait=args.max_wait, profile=args.profile, decode=args.decode[0],
+                                       max_len=SONNET_LENGTH[3] + args.new_tokens)
         self.store: LoraStore | None = None
-        self.seconds: dict[str, dict[str, float]] = {}  # path kind -> set-up, warm-up and run of its last run
+        self.seconds: dict[str, dict[str, float]] = {}  # group kind -> set-up, warm-up and run of its last run
         self.results = {"setup": self._setup(time.perf_counter() - start), "runs": []}
+        if self.cuda:
+            self.results["setup"]["device_measured"] = measure_device(self.device)
+        self.results["setup"]["weight_bytes_per_step"] = weight_bytes_per_step(self.model)
 
     # ----- bookkeeping --------------------------------------------------------------------------
 
@@ -205,6 +229,9 @@ class Study:
             "max_wait_s": a.max_wait,
             "prompt_lengths": dict(zip(("mean", "std", "min", "max"), SONNET_LENGTH)),
             "sizes": list(a.sizes),
+            "decode": list(a.decode),
+            "eager_sizes": list(a.eager_sizes),
+            "graph_decode_sizes": list(buckets_for(a.max_batch)),
             "grid_sizes": list(a.grid_sizes),
             "k_rule": a.k_rule,
             "run_limit_s": a.run_limit,
@@ -274,10 +301,16 @@ class Study:
         and 393 tokens, decode of 1, 3, 16 and ``max_batch`` tokens.
         """
         limit = min(max(adapters, 1), path.max_adapters or adapters or 1)
+        graph = self.server.decode == "graph"
+        if graph:  # built before the copy below, which must share it (one static cache)
+            decoder = self.server.static_decoder()
         short = Server(**{**self.server.__dict__, "new_tokens": 2})
         for rows, width in ((1, 101), (1, 112), (1, 144), (3, 131), (16, 130), (self.args.max_batch, 130)):
             path.begin_batch([i % limit for i in range(rows)])
             short.generate(path, [[5] * width] * rows)
+        if graph:  # every decode size captured now, not inside a timed run
+            path.begin_batch([i % limit for i in range(self.args.max_batch)])
+            decoder.capture(path)
         path.reset()
 
     def run(self, group: Group, path, memory: str, warm: bool) -> dict:
@@ -296,14 +329,14 @@ class Study:
         record["stats"] = self.server.serve(path, requests, time_limit=self.args.run_limit)
         if self.cuda:
             record["peak_gib"] = torch.cuda.max_memory_reserved() / GIB
-        last = self.seconds.setdefault(group.path, {})
+        last = self.seconds.setdefault(group.kind, {})
         last["run"] = time.perf_counter() - start
         if warm:
             last["warm-up"] = record["warmup_s"]
         return record
 
     def _record(self, group: Group, memory: str) -> dict:
-        record = {"memory": memory, "path": group.path, "adapters": group.adapters,
+        record = {"memory": memory, "decode": group.decode, "path": group.path, "adapters": group.adapters,
                   "setting": group.setting.label if group.setting else None, "slots": group.slots,
                   "figure1": group.figure1}
         if group.path == "jd":  # the multi-LoRA run with the same memory
@@ -322,17 +355,24 @@ class Study:
     def run_group(self, group: Group) -> None:
         """Builds the group's path, runs it under each of its memory modes, records runs, errors and skips."""
         path, recorded = None, []
-        if self.fits(self.guess(group.path, setup=True, warm=True)):
+        if self.server.decode != group.decode:
+            if self.server.decode == "graph":  # the static cache and graphs give their memory back
+                self.server.release()
+                gc.collect()
+                if self.cuda:
+                    torch.cuda.empty_cache()
+            self.server.decode = group.decode
+        if self.fits(self.guess(group.kind, setup=True, warm=True)):
             try:
                 start = time.perf_counter()
                 self.set_memory(group.memories[0])
                 path, nbytes = self.build(group)
                 setup = time.perf_counter() - start
                 for i, memory in enumerate(group.memories):
-                    if i and not self.fits(self.guess(group.path, setup=False, warm=False)):
+                    if i and not self.fits(self.guess(group.kind, setup=False, warm=False)):
                         break
                     record = self.run(group, path, memory, warm=i == 0)
-                    self.seconds[group.path]["setup"] = setup
+                    self.seconds[group.kind]["setup"] = setup
                     record.update(setup_s=setup, adapter_gib=nbytes / GIB)
                     recorded.append(record)
                     self.results["runs"].append(record)
@@ -357,10 +397,12 @@ class Study:
 
     def _log(self, record: dict) -> None:
         s = record["stats"]
-        print(f"[{self.elapsed():6.1f} s] {record['memory']:>8} {record['path']:>14} n={record['adapters']:<5} "
+        step = f" step {s['decode_step_ms']:6.2f} ms" if s.get("decode_step_ms") else ""
+        print(f"[{self.elapsed():6.1f} s] {record['decode']:>5} {record['memory']:>8} {record['path']:>14} "
+              f"n={record['adapters']:<5} "
               f"{record['setting'] or '':>9} K={record['slots'] or '-':<5} {s['requests_per_s']:8.2f} req/s "
               f"batches {s['batches']:3d} mean {s['mean_batch']:5.1f} loads {s['loads']:5d}"
-              + (" (time limit)" if s["truncated"] else ""), flush=True)
+              + step + (" (time limit)" if s["truncated"] else ""), flush=True)
 
     def warm_start(self, groups) -> None:
         """Serves one untimed run on the base model first: the first run of a process pays one-time costs
@@ -410,19 +452,69 @@ def parse_args(argv=None):
     p.add_argument("--run-limit", type=float, default=20.0, help="seconds after which a run starts no new batch")
     p.add_argument("--time-budget", type=float, default=400.0,
                    help="seconds from the start after which no run starts (the rest is listed as skipped)")
+    p.add_argument("--decode", type=_modes, default=("graph", "eager"),
+                   help="decode modes in order: graph (static cache, CUDA graphs), eager (today's loop); "
+                   "default graph,eager")
+    p.add_argument("--eager-sizes", type=_ints, help="collection sizes of the eager runs after graph runs "
+                   "(default 1024; tiny: the --sizes)")
     p.add_argument("--profile", action="store_true", help="synchronize the device around every phase")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     tiny_defaults = {"sizes": (4, 32, 128, 1024), "grid_sizes": (16,), "requests": 48, "max_batch": 8}
-    gpu_defaults = {"sizes": SIZES, "grid_sizes": (16, 128, 1024), "requests": 1024, "max_batch": 256}
+    gpu_defaults = {"sizes": SIZES, "grid_sizes": (16, 128, 1024), "requests": 1024, "max_batch": 256,
+                    "eager_sizes": (1024,)}
     for key, value in (tiny_defaults if args.tiny else gpu_defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.eager_sizes is None:
+        args.eager_sizes = args.sizes
     unknown = [n for n in args.sizes if n not in PAPER_SETTINGS]
     if unknown:
         p.error(f"--sizes must be among the paper's sizes {list(PAPER_SETTINGS)}, got {unknown}")
     return args
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    modes = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not modes or set(modes) - {"graph", "eager"} or len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(f"--decode takes graph and/or eager, comma-separated; got {text!r}")
+    return modes
+
+
+def measure_device(device: torch.device) -> dict:
+    """The device's copy bandwidth and bf16 matmul rate, measured here (the floors of the decode step)."""
+    n = 1 << 30  # bytes per buffer
+    a = torch.empty(n // 2, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    x = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+
+    def timed(fn, reps):
+        fn()
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000 / reps
+
+    copy_s = timed(lambda: b.copy_(a), 20)
+    mm_s = timed(lambda: x @ x, 20)
+    del a, b, x
+    torch.cuda.empty_cache()
+    return {"copy_gb_per_s": 2 * n / copy_s / 1e9,  # read + write
+            "copy_note": "device-to-device copy of 1 GiB, bytes read + written per second",
+            "matmul_tflop_per_s": 2 * 8192**3 / mm_s / 1e12,
+            "matmul_note": "bf16 8192 x 8192 x 8192 matmul"}
+
+
+def weight_bytes_per_step(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step must read: every parameter but the embedding table (of which a
+    step reads one row per token)."""
+    embed = model.get_input_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
 
 
 def _ints(text: str) -> tuple[int, ...]:
