@@ -187,7 +187,8 @@ class Server:
         if self.decode == "graph":
             decoder = self.static_decoder()
             with timer("decode"):
-                out += decoder.decode(path, token, position, mask, common[self.cache_arg], self.new_tokens - 1)
+                decoder.load(path, token, position, mask, common.pop(self.cache_arg), self.new_tokens - 1)
+                out += decoder.decode(path, self.new_tokens - 1)  # the prefill's cache is freed by now
             return torch.stack(out, dim=1).tolist()
         with timer("decode"):
             for _ in range(self.new_tokens - 1):

@@ -83,6 +83,7 @@ class StaticDecoder:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.owner = None  # the path whose graphs these are
         self.captures = 0
+        self.rows = 0  # rows of the loaded batch
 
     @property
     def cache_bytes(self) -> int:
@@ -135,8 +136,13 @@ class StaticDecoder:
 
     def _own(self, path) -> None:
         if self.owner is not path:  # another path's layers: its graphs do not apply
-            self.graphs.clear()
+            self.drop_graphs()
             self.owner = path
+
+    def drop_graphs(self) -> None:
+        """Frees every captured graph (their memory pools too); e.g. when their path is closed."""
+        self.graphs.clear()
+        self.owner = None
 
     def capture(self, path, sizes: Sequence[int] | None = None) -> None:
         """Captures the decode step of ``path`` at every decode size (or ``sizes``), on dummy inputs.
@@ -175,14 +181,15 @@ class StaticDecoder:
 
     # ----- one batch --------------------------------------------------------------------------------
 
-    def decode(self, path, first: Tensor, position: Tensor, attention_mask: Tensor, cache, steps: int) -> list[Tensor]:
-        """``steps`` greedy tokens after ``first`` for a prefilled batch; returns one ``[rows]`` tensor per step.
+    def load(self, path, first: Tensor, position: Tensor, attention_mask: Tensor, cache, steps: int) -> None:
+        """Takes a prefilled batch into the static cache and the step's inputs (then :meth:`decode`).
 
         Args:
             path: the adapter path (its batch begun). first: ``[rows]`` the prefill's tokens.
             position: ``[rows, 1]`` the last prompt position of each row.
             attention_mask: ``[rows, width]`` the prompts' (left-padding) mask.
-            cache: the prefill's ``DynamicCache`` (copied into the static cache, then dropped by the caller).
+            cache: the prefill's ``DynamicCache`` (copied; the caller can drop it).
+            steps: decode steps to come (checked against the cache's length).
         """
         rows, width = attention_mask.shape
         if width + steps > self.max_len:
@@ -202,6 +209,12 @@ class StaticDecoder:
         self.column.fill_(width - 1)
         self.mask[:size].zero_()  # pad rows see only their own decode tokens
         self.mask[:rows, 0, 0, :width].copy_(attention_mask.bool())
+        self.rows = rows
+
+    def decode(self, path, steps: int) -> list[Tensor]:
+        """``steps`` greedy tokens of the batch :meth:`load` took; one ``[rows]`` tensor per step."""
+        rows = self.rows
+        size = self.size_for(rows)
         graph = self.graphs.get(size)
         out = []
         with path.decode_rows(size):

@@ -89,6 +89,7 @@ class JDPath:
 
         self.eager_mixed = self.peft.base_model._jd_mixed_batch("_jd_mixed")
         self.decode_mixed: dict[int, MixedBatch] = {}
+        self._held: dict[int, list] = {}
         self._new_mixed = MixedBatch
 
     def begin_batch(self, adapters: Sequence[int]) -> None:
@@ -112,6 +113,9 @@ class JDPath:
         try:
             with self.peft.base_model._enable_peft_forward_hooks(adapter_names=names):
                 yield
+            if rows not in self._held:  # the kernel batches (and scratch) a graph captured here may read:
+                # kept alive whatever the tuner's next update() does with its own references
+                self._held[rows] = [b for b in (*mixed._rows.values(), *mixed._eager.values()) if b is not None]
         finally:
             self._use_mixed(self.eager_mixed)
 

@@ -113,52 +113,45 @@ class Group:
     slots: int | None = None
     memories: list[str] = field(default_factory=list)
     figure1: bool = True
-    decode: str = "eager"  # "graph" or "eager" (see engine.Server)
+    decodes: list[str] = field(default_factory=lambda: ["eager"])  # "graph", "eager" (engine.Server.decode)
 
     @property
-    def kind(self) -> str:
-        """What the time guesses key on: path and decode mode."""
-        return f"{self.path}/{self.decode}"
+    def runs(self) -> list[tuple[str, str]]:
+        """(decode, memory) of each run, in order."""
+        return [(d, m) for d in self.decodes for m in self.memories]
 
 
 def plan(args, memories: list[str]) -> list[Group]:
-    """Every group in priority order: per decode mode (``--decode``, in its order), Figure 1 at its sizes
-    (``--sizes`` for the first mode, ``--eager-sizes`` for eager after graph), the uncapped baselines,
-    then Figure 4's grid (first mode only)."""
-    groups = []
-    for i, decode in enumerate(args.decode):
-        sizes = args.eager_sizes if decode == "eager" and i else args.sizes
-        for group in plan_mode(args, memories, sizes, args.grid_sizes if not i else ()):
-            group.decode = decode
-            groups.append(group)
-    return groups
+    """Every group in priority order: the base model, then per collection size (in ``--sizes``' order) the
+    memory-matched multi-LoRA, JD-LoRA and multi-LoRA with every adapter resident, then Figure 4's grid.
 
-
-def plan_mode(args, memories: list[str], sizes, grid_sizes) -> list[Group]:
-    """One decode mode's groups in priority order: Figure 1, then the uncapped baselines, then Figure 4's grid."""
+    Each group runs in each decode mode of ``--decode`` (eager only at ``--eager-sizes`` when graph decode
+    runs too; the grid in the first mode only) and each of its memory modes, on one built path.
+    """
     primary = memories[0]
-    groups = [Group("base", memories=list(memories))]
-    for n in sizes:
+    eager_sizes = set(args.eager_sizes) if "graph" in args.decode else None
+
+    def modes(n: int) -> list[str]:
+        return [d for d in args.decode if d != "eager" or eager_sizes is None or n in eager_sizes]
+
+    groups = [Group("base", memories=list(memories), decodes=list(args.decode))]
+    for n in args.sizes:
         setting = PAPER_SETTINGS[n][0]
         k = slots_for(n, setting, args.k_rule)
-        groups.append(Group("multi-lora", n, setting, k, [primary]))
-        groups.append(Group("jd", n, setting, None, list(memories)))
-    for n in sizes:
-        if primary != "uncapped" and "uncapped" in memories:
-            groups.append(Group("multi-lora", n, PAPER_SETTINGS[n][0], slots_for(n, PAPER_SETTINGS[n][0], args.k_rule),
-                                ["uncapped"]))
+        groups.append(Group("multi-lora", n, setting, k, list(memories), decodes=modes(n)))
+        groups.append(Group("jd", n, setting, None, list(memories), decodes=modes(n)))
         if "uncapped" in memories:
-            groups.append(Group("multi-lora-all", n, None, n, ["uncapped"]))
-    seen = {(g.adapters, g.slots) for g in groups if g.path == "multi-lora" and primary in g.memories}
-    for n in grid_sizes:
+            groups.append(Group("multi-lora-all", n, None, n, ["uncapped"], decodes=modes(n)))
+    seen = {(g.adapters, g.slots) for g in groups if g.path == "multi-lora"}
+    for n in args.grid_sizes:
         for setting in FIGURE4_SETTINGS:
             if setting == PAPER_SETTINGS.get(n, (None,))[0] or setting.clusters >= n:
                 continue
             k = slots_for(n, setting, args.k_rule)
             if (n, k) not in seen:
                 seen.add((n, k))
-                groups.append(Group("multi-lora", n, setting, k, [primary], figure1=False))
-            groups.append(Group("jd", n, setting, None, [primary], figure1=False))
+                groups.append(Group("multi-lora", n, setting, k, [primary], figure1=False, decodes=args.decode[:1]))
+            groups.append(Group("jd", n, setting, None, [primary], figure1=False, decodes=args.decode[:1]))
     return groups
 
 
@@ -313,8 +306,8 @@ class Study:
             decoder.capture(path)
         path.reset()
 
-    def run(self, group: Group, path, memory: str, warm: bool) -> dict:
-        record = self._record(group, memory)
+    def run(self, group: Group, path, decode: str, memory: str, warm: bool) -> dict:
+        record = self._record(group, decode, memory)
         self.set_memory(memory)
         start = time.perf_counter()
         if warm and self.cuda:  # (on the CPU the kernels' torch reference runs: nothing to compile)
@@ -329,14 +322,14 @@ class Study:
         record["stats"] = self.server.serve(path, requests, time_limit=self.args.run_limit)
         if self.cuda:
             record["peak_gib"] = torch.cuda.max_memory_reserved() / GIB
-        last = self.seconds.setdefault(group.kind, {})
+        last = self.seconds.setdefault(f"{group.path}/{decode}", {})
         last["run"] = time.perf_counter() - start
         if warm:
             last["warm-up"] = record["warmup_s"]
         return record
 
-    def _record(self, group: Group, memory: str) -> dict:
-        record = {"memory": memory, "decode": group.decode, "path": group.path, "adapters": group.adapters,
+    def _record(self, group: Group, decode: str, memory: str) -> dict:
+        record = {"memory": memory, "decode": decode, "path": group.path, "adapters": group.adapters,
                   "setting": group.setting.label if group.setting else None, "slots": group.slots,
                   "figure1": group.figure1}
         if group.path == "jd":  # the multi-LoRA run with the same memory
@@ -352,27 +345,35 @@ class Study:
     def fits(self, seconds: float) -> bool:
         return self.elapsed() + seconds <= self.args.time_budget
 
+    def use_decode(self, decode: str) -> None:
+        if self.server.decode == decode:
+            return
+        if self.server.decode == "graph":  # the static cache and graphs give their memory back
+            self.server.release()
+            gc.collect()
+            if self.cuda:
+                torch.cuda.empty_cache()
+        self.server.decode = decode
+
     def run_group(self, group: Group) -> None:
-        """Builds the group's path, runs it under each of its memory modes, records runs, errors and skips."""
+        """Builds the group's path, runs it in each (decode, memory) mode, records runs, errors and skips."""
         path, recorded = None, []
-        if self.server.decode != group.decode:
-            if self.server.decode == "graph":  # the static cache and graphs give their memory back
-                self.server.release()
-                gc.collect()
-                if self.cuda:
-                    torch.cuda.empty_cache()
-            self.server.decode = group.decode
-        if self.fits(self.guess(group.kind, setup=True, warm=True)):
+        first_decode, first_memory = group.runs[0]
+        if self.fits(self.guess(f"{group.path}/{first_decode}", setup=True, warm=True)):
             try:
                 start = time.perf_counter()
-                self.set_memory(group.memories[0])
+                self.set_memory(first_memory)
                 path, nbytes = self.build(group)
                 setup = time.perf_counter() - start
-                for i, memory in enumerate(group.memories):
-                    if i and not self.fits(self.guess(group.kind, setup=False, warm=False)):
+                warmed = set()
+                for i, (decode, memory) in enumerate(group.runs):
+                    kind = f"{group.path}/{decode}"
+                    if i and not self.fits(self.guess(kind, setup=False, warm=decode not in warmed)):
                         break
-                    record = self.run(group, path, memory, warm=i == 0)
-                    self.seconds[group.kind]["setup"] = setup
+                    self.use_decode(decode)
+                    record = self.run(group, path, decode, memory, warm=decode not in warmed)
+                    warmed.add(decode)
+                    self.seconds[kind]["setup"] = setup
                     record.update(setup_s=setup, adapter_gib=nbytes / GIB)
                     recorded.append(record)
                     self.results["runs"].append(record)
@@ -381,18 +382,20 @@ class Study:
             except Exception as error:  # e.g. out of memory: record it, go on with the next group
                 traceback.print_exc()
                 message = f"{type(error).__name__}: {str(error)[:200]}"
-                for memory in group.memories[len(recorded):]:
-                    self.results["runs"].append({**self._record(group, memory), "error": message})
+                for decode, memory in group.runs[len(recorded):]:
+                    self.results["runs"].append({**self._record(group, decode, memory), "error": message})
                     recorded.append(None)
             finally:
+                if self.server.decoder is not None:  # graphs of this path's layers: of no use after it
+                    self.server.decoder.drop_graphs()
                 if path is not None:
                     path.close()
                 del path
                 gc.collect()
                 if self.cuda:
                     torch.cuda.empty_cache()
-        for memory in group.memories[len(recorded):]:
-            self.results["runs"].append({**self._record(group, memory), "skipped": "time budget"})
+        for decode, memory in group.runs[len(recorded):]:
+            self.results["runs"].append({**self._record(group, decode, memory), "skipped": "time budget"})
         self.write()
 
     def _log(self, record: dict) -> None:
@@ -415,6 +418,8 @@ class Study:
         requests = make_requests(self.args.max_batch * 2, 1, rate=self.args.rate,
                                  vocab_size=self.config.vocab_size, seed=self.args.seed + 1)
         self.server.serve(path, requests, time_limit=self.args.run_limit)
+        if self.server.decoder is not None:
+            self.server.decoder.drop_graphs()
         path.close()
         print(f"[{self.elapsed():6.1f} s] warm start done", flush=True)
 
