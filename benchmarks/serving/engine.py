@@ -178,17 +178,19 @@ class Server:
             mask[i, width - len(p):] = 1
         ids, mask = ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
         position = (mask.cumsum(-1) - 1).clamp(min=0)
-        common = {"use_cache": True, "logits_to_keep": 1, self.cache_arg: new_cache(self.config)}
+        graph = self.decode == "graph"
+        decoder = self.static_decoder() if graph else None
+        cache = (decoder.prefill_cache(path, rows, width, self.new_tokens - 1) if graph else new_cache(self.config))
+        common = {"use_cache": True, "logits_to_keep": 1, self.cache_arg: cache}
         with timer("prefill"):
             logits = path.forward(input_ids=ids, attention_mask=mask, position_ids=position, **common)
             token = logits[:, -1].argmax(-1)
         out = [token]
         position = position[:, -1:]
-        if self.decode == "graph":
-            decoder = self.static_decoder()
+        if graph:
             with timer("decode"):
-                decoder.load(path, token, position, mask, common.pop(self.cache_arg), self.new_tokens - 1)
-                out += decoder.decode(path, self.new_tokens - 1)  # the prefill's cache is freed by now
+                decoder.load(token, position, mask)
+                out += decoder.decode(path, self.new_tokens - 1)
             return torch.stack(out, dim=1).tolist()
         with timer("decode"):
             for _ in range(self.new_tokens - 1):

@@ -181,27 +181,31 @@ class StaticDecoder:
 
     # ----- one batch --------------------------------------------------------------------------------
 
-    def load(self, path, first: Tensor, position: Tensor, attention_mask: Tensor, cache, steps: int) -> None:
-        """Takes a prefilled batch into the static cache and the step's inputs (then :meth:`decode`).
+    def prefill_cache(self, path, rows: int, width: int, steps: int):
+        """The cache to pass to the batch's (eager) prefill: it writes the prompt's keys and values straight
+        into the static cache (no second copy of them in memory).
 
-        Args:
-            path: the adapter path (its batch begun). first: ``[rows]`` the prefill's tokens.
-            position: ``[rows, 1]`` the last prompt position of each row.
-            attention_mask: ``[rows, width]`` the prompts' (left-padding) mask.
-            cache: the prefill's ``DynamicCache`` (copied; the caller can drop it).
-            steps: decode steps to come (checked against the cache's length).
+        Captures the path's graph for this batch's decode size first if it is missing (the capture's
+        warm-up steps write cache columns the batch then overwrites).
         """
-        rows, width = attention_mask.shape
         if width + steps > self.max_len:
             raise ValueError(f"prompt of {width} tokens + {steps} steps exceeds the static cache's {self.max_len} "
                              "columns: raise max_len")
         size = self.size_for(rows)
         self._own(path)
-        if self.capture_graphs and size not in self.graphs:  # before the batch's keys go in: warm-up writes
+        if self.capture_graphs and size not in self.graphs:
             self.capture(path, [size])
-        for i, layer in enumerate(cache.layers):
-            self.keys[i][:rows, :, :width].copy_(layer.keys)
-            self.values[i][:rows, :, :width].copy_(layer.values)
+        return prefill_cache(self.model.config, self.keys, self.values, rows, width)
+
+    def load(self, first: Tensor, position: Tensor, attention_mask: Tensor) -> None:
+        """Takes the batch prefilled through :meth:`prefill_cache` into the step's inputs (then :meth:`decode`).
+
+        Args:
+            first: ``[rows]`` the prefill's tokens. position: ``[rows, 1]`` the last prompt position of each row.
+            attention_mask: ``[rows, width]`` the prompts' (left-padding) mask.
+        """
+        rows, width = attention_mask.shape
+        size = self.size_for(rows)
         self.token[:rows, 0].copy_(first)
         self.token[rows:size].zero_()
         self.position[:rows].copy_(position)
@@ -225,3 +229,21 @@ class StaticDecoder:
                     graph.replay()
                 out.append(self.token[:rows, 0].clone())
         return out
+
+
+def prefill_cache(config, keys: list[Tensor], values: list[Tensor], rows: int, width: int):
+    """A transformers ``DynamicCache`` whose ``update`` writes a prefill's keys and values into the first
+    ``rows`` rows and ``width`` columns of the static ``keys``/``values`` and keeps nothing itself (the
+    prefill's attention reads the keys and values it is given, as with an empty cache)."""
+    from transformers import DynamicCache
+
+    class IntoStatic(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            keys[layer_idx][:rows, :, :width].copy_(key_states)
+            values[layer_idx][:rows, :, :width].copy_(value_states)
+            return key_states, value_states
+
+    try:
+        return IntoStatic(config=config)
+    except TypeError:  # older transformers
+        return IntoStatic()
