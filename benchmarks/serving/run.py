@@ -1,9 +1,16 @@
-"""Serving throughput of JD-LoRA against standard multi-LoRA: the paper's Figures 1 and 4 (issue 8).
+"""Serving throughput of JD-LoRA against standard multi-LoRA: the paper's Figures 1 and 4 (issues 8 and 13).
 
 Usage::
 
     PYTHONPATH=src python -m benchmarks.serving.run --out DIR                 # the study, on one GPU
     PYTHONPATH=src python -m benchmarks.serving.run --out DIR --device cpu --tiny   # smoke run
+
+Graph decode against a fast base (issue 13), one device call for both batch sizes (about 6 minutes)::
+
+    for b in 256 64; do
+      PYTHONPATH=src python -m benchmarks.serving.run --out OUT/b$b --max-batch $b --sizes 1024,4,64,256,16 \
+          --eager-sizes 1024 --grid-sizes "" --requests 512 --run-limit 10 --time-budget 150
+    done
 
 The whole study takes longer than one 10-minute device call at the default batch size; split it by
 collection size (``--sizes``, ``--grid-sizes``) into several calls and merge their results::
@@ -20,7 +27,7 @@ Set-up (paper section 6.3 and Appendix E, on one H200 instead of an H100):
   weights** (no checkpoint is needed: throughput does not depend on the values), SDPA attention.
 - **Adapters**: rank-16 LoRA (alpha 32) on q, k and v of every layer (96 modules), 4 to 1,024
   unique adapters. Synthetic: random A and B (values do not matter for throughput).
-- **Requests**: ``--requests`` per run (default 1,024) for adapters drawn uniformly at random, Poisson
+- **Requests**: ``--requests`` per run (default 1,024; the graph study above uses 512) for adapters drawn uniformly at random, Poisson
   arrivals at ``--rate`` per second (default 1000: far above the server's capacity, so the measured
   throughput is its capacity), 10 generated tokens each (greedy, no early stop). Prompts: the paper
   used Shakespeare sonnets; without a dataset here they are random token ids with sonnet-like
@@ -29,8 +36,20 @@ Set-up (paper section 6.3 and Appendix E, on one H200 instead of an H100):
 - **Serving loop** (:mod:`.engine`), the same for every configuration: FIFO scheduler with at most
   ``--max-batch`` (256, vLLM's default ``max_num_seqs``) requests per batch and, for multi-LoRA, at most K distinct adapters per
   batch (requests whose adapter would exceed K wait, as in vLLM's scheduler); a 50 ms batching
-  window while the queue is short; static batches: left padding, prefill with ``logits_to_keep=1``,
-  greedy decode with transformers' ``DynamicCache``, the model's forward called directly.
+  window while the queue is short; static batches: left padding, prefill with ``logits_to_keep=1``
+  (the model's forward called directly), then greedy decode in one of two modes (``--decode``, default
+  both, graph first; eager only at ``--eager-sizes``, default 1,024, when both run):
+
+  - *graph* (:mod:`.graph`): a static key/value cache ``[max_batch, 8, 176, 128]`` per layer, allocated
+    once (the prefill writes into it); each decode step is one CUDA graph replay, one graph per path and
+    decode size (16, 32, 64, 96, 128, 192, 256 up to ``--max-batch``; a batch's decode is padded to the
+    next size, its prefill is not), captured in the untimed warm-up. The step calls the model's own
+    modules (q/k/v through whichever adapter layer the path installed) with SDPA over the static cache
+    under a boolean mask; the per-batch adapter choice is device data written in place before the
+    replays (multi-LoRA: the slot of each row, slots swapped in place; JD-LoRA: the tuner's
+    ``MixedBatch``, one per decode size). No host synchronization inside a batch.
+  - *eager*: transformers' ``DynamicCache`` and the model's forward per step (the issue-8 loop).
+
   Throughput = requests / (last completion - first arrival).
 - **Configurations**:
   1. *base model* alone (the ceiling);
@@ -63,12 +82,20 @@ Set-up (paper section 6.3 and Appendix E, on one H200 instead of an H100):
   one untimed run of the base model.
 - **Timers**: without ``--profile``, the swap, prefill and decode times are host time (the device
   is synchronized once per batch); with it, every phase is synchronized and timed on the device's
-  clock (throughput then includes the synchronizations).
+  clock (throughput then includes the synchronizations). On CUDA, CUDA events around each batch's
+  prefill and decode also give their device time (read after the batch's synchronization, so they
+  add none): ``prefill_device_s``, ``decode_device_s`` and ``decode_step_ms`` (decode time / steps).
+- **Floors**: at start the device's copy bandwidth (1 GiB device-to-device copy, bytes read + written
+  per second) and bf16 matmul rate (8192^3) are measured; the report sets the base model's decode
+  step against the weight-read floor (every parameter but the embedding table, read once per step, at
+  that bandwidth) and the compute floor (2 flops per weight and row at that rate).
 
-What it does not model: the model runs eagerly (no CUDA graphs, no continuous batching), so a decode
-step may be bound by the host's kernel launches, and each adapted layer adds the same kind of host work on both adapter
-paths (three Triton launches and a little Python per layer and step; the JD path also goes through
-PEFT's per-forward hooks). vLLM, which the paper used, captures decode in CUDA graphs.
+What it does not model: static batching (no continuous batching: a batch decodes until all its
+requests are done, and a new batch waits for the previous one); prefill runs eagerly (not in graphs),
+with the same host work per adapted layer on both adapter paths. Graph decode pads a batch to the
+next captured size (vLLM does the same with its capture sizes); eager decode is launch-bound (each
+adapted layer adds three Triton launches and a little Python per step; JD also PEFT's hooks). The
+static cache is sized for the longest prompt (160) + ``--new-tokens`` and counts against the cap.
 
 Writes into ``--out``: ``results.json`` (setup and every run, after each run), ``results.md`` (the
 table), ``figure1.png`` (throughput relative to the base model against unique adapters, JD-LoRA vs
