@@ -133,6 +133,12 @@ def markdown(results: dict) -> str:
              "batch's decode); base step / step: the base model's over this run's. prefill s and decode s: device "
              "time where measured (CUDA), host time otherwise.",
              "`*`: the run reached its time limit; throughput over the requests it finished."]
+    checks = [(r["path"], r["adapters"], r["memory"], r["graph_agreement"]) for r in runs
+              if r.get("graph_agreement") is not None]
+    if checks:
+        notes.append("Graph decode check (warm-up, one batch of 24 prompts): fraction of greedy tokens equal to the "
+                     "eager loop's: " + ", ".join(f"{PATH_LABELS[p]} {n or ''} {a:.2f}".replace("  ", " ")
+                                                  for p, n, m, a in checks) + ".")
     if results.get("skipped_note"):
         notes.append(results["skipped_note"])
     return "\n".join(lines + notes + floors(results)) + "\n"

@@ -326,19 +326,35 @@ class Study:
             decoder = self.server.static_decoder()
         short = Server(**{**self.server.__dict__, "new_tokens": 2})
         for rows, width in ((1, 101), (1, 112), (1, 144), (3, 131), (16, 130), (self.args.max_batch, 130)):
+            rows = min(rows, self.args.max_batch)
             path.begin_batch([i % limit for i in range(rows)])
             short.generate(path, [[5] * width] * rows)
+        agreement = None
         if graph:  # every decode size captured now, not inside a timed run
             path.begin_batch([i % limit for i in range(self.args.max_batch)])
             decoder.capture(path)
+            agreement = self.graph_agreement(path, limit)
         path.reset()
+        return agreement
+
+    def graph_agreement(self, path, limit: int) -> float:
+        """Fraction of greedy tokens on which graph decode (replayed) and the eager loop agree, for one
+        batch of (up to) 24 random prompts over ``limit`` adapters: a check that the replays read the batch's
+        adapters (in bf16 the two attention paths round differently, so a few near-ties may differ)."""
+        requests = make_requests(min(24, self.args.max_batch), 1, rate=float("inf"), vocab_size=self.config.vocab_size, seed=self.args.seed + 2)
+        prompts = [r.prompt for r in requests]
+        path.begin_batch([i % limit for i in range(len(prompts))])
+        graph = Server(**{**self.server.__dict__}).generate(path, prompts)
+        eager = Server(**{**self.server.__dict__, "decode": "eager", "decoder": None}).generate(path, prompts)
+        pairs = [(a, b) for g, e in zip(graph, eager) for a, b in zip(g, e)]
+        return sum(a == b for a, b in pairs) / len(pairs)
 
     def run(self, group: Group, path, decode: str, memory: str, warm: bool) -> dict:
         record = self._record(group, decode, memory)
         self.set_memory(memory)
         start = time.perf_counter()
-        if warm and self.cuda:  # (on the CPU the kernels' torch reference runs: nothing to compile)
-            self.warm_up(path, group.adapters)
+        if warm and (self.cuda or decode == "graph"):  # (CPU: nothing to compile, but the graph check runs)
+            record["graph_agreement"] = self.warm_up(path, group.adapters)
         record["warmup_s"] = time.perf_counter() - start
         requests = make_requests(self.args.requests, max(group.adapters, 1), rate=self.args.rate,
                                  vocab_size=self.config.vocab_size, seed=self.args.seed)
@@ -432,7 +448,8 @@ class Study:
               f"n={record['adapters']:<5} "
               f"{record['setting'] or '':>9} K={record['slots'] or '-':<5} {s['requests_per_s']:8.2f} req/s "
               f"batches {s['batches']:3d} mean {s['mean_batch']:5.1f} loads {s['loads']:5d}"
-              + step + (" (time limit)" if s["truncated"] else ""), flush=True)
+              + step + (f" graph check {record['graph_agreement']:.2f}" if record.get("graph_agreement") is not None
+                        else "") + (" (time limit)" if s["truncated"] else ""), flush=True)
 
     def warm_start(self, groups) -> None:
         """Serves one untimed run on the base model first: the first run of a process pays one-time costs
