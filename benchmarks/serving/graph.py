@@ -80,6 +80,7 @@ class StaticDecoder:
         self.position = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
         self.column = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = torch.zeros(max_batch, 1, 1, self.max_len, dtype=torch.bool, device=device)
+        self.columns = torch.arange(self.max_len, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.owner = None  # the path whose graphs these are
         self.captures = 0
@@ -108,7 +109,7 @@ class StaticDecoder:
         token, position, mask = self.token[:rows], self.position[:rows], self.mask[:rows]
         self.column.add_(1)
         position.add_(1)
-        mask.index_fill_(3, self.column, True)
+        mask.logical_or_(self.columns == self.column)  # the new column opens
         h = self.inner.embed_tokens(token)  # [B, 1, d]
         cos, sin = self.inner.rotary_emb(h, position)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
