@@ -115,3 +115,28 @@ def test_generate_with_a_static_cache_compiles_once_for_every_mix_of_adapters(pe
     base_out = generate(model, ids, None, cache_implementation="static", compile_config=config)
     with model.disable_adapter():
         assert torch.equal(base_out, generate(model, ids, None))
+
+
+def test_a_new_mix_of_the_same_size_rewrites_the_tensors_a_captured_decode_step_reads(peft_model):
+    """A CUDA graph captured over a decode step keeps reading the batch's row tensors and scratch: a new mix
+    of the same batch size (a base-only mix in between too) must land in those tensors, never free them."""
+    from jdlora.tuner.mixed import MixedBatch
+
+    model, names = peft_model
+    group = next(iter(model.base_model.jd_groups.values()))
+    batch = MixedBatch()
+    batch.update(names[:3], [group], ["cpu"])
+    decode = batch.prepared(group, 1, torch.device("cpu"))
+    h, g = decode.scratch(16, torch.device("cpu"))
+    tensors = [t.data_ptr() for t in (decode.row_adapter, decode.order, decode.sorted_adapter, h, g)]
+    batch.update(["__base__"] * 3)
+    assert batch.prepared(group, 1, torch.device("cpu")) is None  # eager: nothing to launch
+    mix = [names[4], "__base__", names[1]]
+    batch.update(mix)
+    again = batch.prepared(group, 1, torch.device("cpu"))
+    assert again is decode
+    h2, g2 = again.scratch(16, torch.device("cpu"))
+    assert [t.data_ptr() for t in (again.row_adapter, again.order, again.sorted_adapter, h2, g2)] == tensors
+    assert again.row_adapter.tolist() == [group.rows[names[4]], -1, group.rows[names[1]]]
+    batch.update(names[:2])  # another batch size: new tensors
+    assert batch.prepared(group, 1, torch.device("cpu")).row_adapter.shape == (2,)
