@@ -362,3 +362,24 @@ def test_merge_fills_skipped_runs_and_compares_each_run_with_its_own_calls_base(
     assert jd["stats"]["requests_per_s"] == 90.0  # the skipped run was filled
     assert jd["base_requests_per_s"] == 120.0  # ... and is compared with the base model of its own call
     assert "| 0.75 |" in markdown(merged) and "| 0.90 |" not in markdown(merged)
+
+
+def test_report_sets_the_base_decode_step_against_its_weight_read_floor_and_splits_step_kernels():
+    from benchmarks.serving.report import markdown
+
+    stats = dict(requests_per_s=100.0, tokens_per_s=1000.0, batches=2, mean_batch=200.0, mean_distinct_adapters=1.0,
+                 loads=0, evictions=0, swap_s=0.0, prefill_s=1.0, decode_s=0.1, schedule_s=0.0, wall_s=2.0,
+                 decode="graph", mean_decode_rows=256.0, decode_step_ms=6.0, prefill_device_s=1.5, decode_device_s=0.2)
+    kernels = {"gemm": 4.0, "lora": 0.0, "attention": 0.5, "other": 0.5, "total": 5.0, "kernels": 400, "rows": 256}
+    setup = {"memories": ["uncapped"], "decode": ["graph"], "weight_bytes_per_step": 14_000_000_000,
+             "device_measured": {"copy_gb_per_s": 4000.0, "copy_note": "copy", "matmul_tflop_per_s": 700.0,
+                                 "matmul_note": "mm"}}
+    runs = [{"memory": "uncapped", "decode": "graph", "path": "base", "adapters": 0, "setting": None, "stats": stats,
+             "step_kernels_ms": kernels},
+            {"memory": "uncapped", "decode": "graph", "path": "jd", "adapters": 1024, "setting": "7c r64",
+             "matched_slots": 61, "stats": {**stats, "requests_per_s": 90.0, "decode_step_ms": 7.5}}]
+    table = markdown({"setup": setup, "runs": runs})
+    # 14 GB at 4,000 GB/s: 3.50 ms; the base's 6.00 ms step is 1.71x that; compute floor 14e9/2 x 2 x 256 / 700e12
+    assert "| uncapped | graph | 256 | 6.00 | 3.50 | 1.71 | 5.12 |" in table
+    assert "| graph | uncapped | 1024 | JD-LoRA | 7c r64 | (61) | 90.0 | 1000 | 0.90 | - | 256.0 | 7.50 | 0.80 |" in table
+    assert "| uncapped | - | base model | 256 | 4.00 | 0.00 | 0.50 | 0.50 | 5.00 | 400 | 6.00 |" in table

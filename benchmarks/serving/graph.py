@@ -173,6 +173,38 @@ class StaticDecoder:
         self._reset_inputs()
         torch.cuda.synchronize()
 
+    def step_kernels(self, path, size: int) -> dict:
+        """Where a decode step's device time goes: the step at ``size`` rows run once eagerly under
+        ``torch.profiler`` (the same kernels a replay launches), kernel time summed by kind -- ``gemm``
+        (cuBLAS/CUTLASS), ``lora`` (jdlora's Triton kernels: JD-LoRA and multi-LoRA), ``attention``
+        (SDPA), ``other`` (norms, rotary, elementwise, copies) -- in milliseconds, and the kernel count.
+        CUDA only."""
+        from torch.profiler import ProfilerActivity, profile
+
+        self._reset_inputs()
+        with path.decode_rows(size):
+            self.step(size)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                self.step(size)
+                torch.cuda.synchronize()
+        self._reset_inputs()
+        out = {"gemm": 0.0, "lora": 0.0, "attention": 0.0, "other": 0.0, "kernels": 0, "rows": size}
+        for event in prof.key_averages():
+            us = getattr(event, "device_time_total", None)
+            if us is None:  # older torch
+                us = getattr(event, "cuda_time_total", 0.0)
+            if not us:
+                continue
+            name = event.key.lower()
+            kind = ("lora" if name.startswith("jd_") else
+                    "gemm" if any(k in name for k in ("gemm", "cutlass", "nvjet", "xmma", "cublas")) else
+                    "attention" if any(k in name for k in ("fmha", "attention", "flash", "attn")) else "other")
+            out[kind] += us / 1000
+            out["kernels"] += event.count
+        out["total"] = sum(out[k] for k in ("gemm", "lora", "attention", "other"))
+        return out
+
     def _reset_inputs(self) -> None:
         self.token.zero_()
         self.position.zero_()

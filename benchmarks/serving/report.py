@@ -58,6 +58,27 @@ def relative_to_matched(run: dict, runs: list[dict]) -> float | None:
     return run["stats"]["requests_per_s"] / multi["stats"]["requests_per_s"] if multi else None
 
 
+def kernel_table(runs: list[dict]) -> list[str]:
+    """Where a graph decode step's device time goes, per path (``step_kernels_ms``, from the warm-up)."""
+    rows = [r for r in runs if isinstance(r.get("step_kernels_ms"), dict)]
+    if not rows:
+        return []
+    lines = ["", "Kernel time of one decode step at the largest decode size (torch.profiler, the step run eagerly: the "
+             "kernels a replay launches), ms; beside it the run's graph decode step (mean over its decode sizes):",
+             "", "| memory | adapters | path | rows | gemm | LoRA kernels | attention | other | kernels total | count "
+             "| graph step ms |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        k, s = r["step_kernels_ms"], r.get("stats") or {}
+        if "error" in k:
+            lines.append(f"| {r['memory']} | {r['adapters'] or '-'} | {PATH_LABELS[r['path']]} | {k['error']} |" + " |" * 7)
+            continue
+        step = f"{s['decode_step_ms']:.2f}" if s.get("decode_step_ms") else "-"
+        lines.append(f"| {r['memory']} | {r['adapters'] or '-'} | {PATH_LABELS[r['path']]} | {k['rows']} | {k['gemm']:.2f} "
+                     f"| {k['lora']:.2f} | {k['attention']:.2f} | {k['other']:.2f} | {k['total']:.2f} | {k['kernels']} "
+                     f"| {step} |")
+    return lines
+
+
 def floors(results: dict) -> list[str]:
     """The base model's decode step against the step's floors (weights read at the measured copy bandwidth;
     2 flops per weight and token at the measured matmul rate), one line per base run with a step time."""
@@ -141,7 +162,7 @@ def markdown(results: dict) -> str:
                                                   for p, n, m, a in checks) + ".")
     if results.get("skipped_note"):
         notes.append(results["skipped_note"])
-    return "\n".join(lines + notes + floors(results)) + "\n"
+    return "\n".join(lines + notes + floors(results) + kernel_table(runs)) + "\n"
 
 
 def figure1(results: dict, path: Path) -> None:

@@ -204,6 +204,7 @@ class Study:
                                        max_wait=args.max_wait, profile=args.profile, decode=args.decode[0],
                                        max_len=SONNET_LENGTH[3] + args.new_tokens)
         self.store: LoraStore | None = None
+        self._kernels = None  # the last graph warm-up's step_kernels
         self.seconds: dict[str, dict[str, float]] = {}  # group kind -> set-up, warm-up and run of its last run
         self.results = {"setup": self._setup(time.perf_counter() - start), "runs": []}
         if self.cuda:
@@ -334,6 +335,11 @@ class Study:
             path.begin_batch([i % limit for i in range(self.args.max_batch)])
             decoder.capture(path)
             agreement = self.graph_agreement(path, limit)
+            if self.cuda:
+                try:
+                    self._kernels = decoder.step_kernels(path, self.args.max_batch)
+                except Exception as error:  # a diagnostic: never the run's end
+                    self._kernels = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
         path.reset()
         return agreement
 
@@ -354,7 +360,10 @@ class Study:
         self.set_memory(memory)
         start = time.perf_counter()
         if warm and (self.cuda or decode == "graph"):  # (CPU: nothing to compile, but the graph check runs)
+            self._kernels = None
             record["graph_agreement"] = self.warm_up(path, group.adapters)
+            if self._kernels:
+                record["step_kernels_ms"] = self._kernels
         record["warmup_s"] = time.perf_counter() - start
         requests = make_requests(self.args.requests, max(group.adapters, 1), rate=self.args.rate,
                                  vocab_size=self.config.vocab_size, seed=self.args.seed)
