@@ -321,7 +321,7 @@ def test_graph_decode_generates_what_the_eager_loop_does_on_every_path(model, mo
 
 def test_the_study_runs_end_to_end_on_the_cpu(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks.serving.run", "--out", str(tmp_path), "--device", "cpu", "--tiny",
-           "--sizes", "4,128", "--grid-sizes", "16", "--requests", "6", "--max-batch", "3", "--threads", "1",
+           "--sizes", "4,128", "--grid-sizes", "16", "--requests", "6", "--max-batch", "3,2", "--threads", "1",
            "--eager-sizes", "4"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
     subprocess.run(cmd, cwd=ROOT, check=True, env=env, capture_output=True)
@@ -335,9 +335,10 @@ def test_the_study_runs_end_to_end_on_the_cpu(tmp_path):
     k = {r["adapters"]: r["slots"] for r in results["runs"] if r["path"] == "multi-lora" and r["adapters"] != 16}
     assert k[4] == 2 and k[128] == 8
     table = (tmp_path / "results.md").read_text()
-    assert "| graph | uncapped | 128 | JD-LoRA | 7c r16 | (8) |" in table
-    assert "| eager | uncapped | 4 | JD-LoRA | r16 | (2) |" in table
+    assert "| 3 | graph | uncapped | 128 | JD-LoRA | 7c r16 | (8) |" in table
+    assert "| 3 | eager | uncapped | 4 | JD-LoRA | r16 | (2) |" in table
     assert "| eager | uncapped | 128 |" not in table  # eager only at --eager-sizes
+    assert "| 2 | graph | uncapped | 128 | JD-LoRA | 7c r16 | (8) |" in table  # each group at each --max-batch
     assert (tmp_path / "figure1.png").stat().st_size > 10_000 and (tmp_path / "figure4.png").stat().st_size > 10_000
 
 
@@ -371,15 +372,15 @@ def test_report_sets_the_base_decode_step_against_its_weight_read_floor_and_spli
                  loads=0, evictions=0, swap_s=0.0, prefill_s=1.0, decode_s=0.1, schedule_s=0.0, wall_s=2.0,
                  decode="graph", mean_decode_rows=256.0, decode_step_ms=6.0, prefill_device_s=1.5, decode_device_s=0.2)
     kernels = {"gemm": 4.0, "lora": 0.0, "attention": 0.5, "other": 0.5, "total": 5.0, "kernels": 400, "rows": 256}
-    setup = {"memories": ["uncapped"], "decode": ["graph"], "weight_bytes_per_step": 14_000_000_000,
+    setup = {"memories": ["uncapped"], "decode": ["graph"], "max_batch": [256], "weight_bytes_per_step": 14_000_000_000,
              "device_measured": {"copy_gb_per_s": 4000.0, "copy_note": "copy", "matmul_tflop_per_s": 700.0,
                                  "matmul_note": "mm"}}
-    runs = [{"memory": "uncapped", "decode": "graph", "path": "base", "adapters": 0, "setting": None, "stats": stats,
+    runs = [{"max_batch": 256, "memory": "uncapped", "decode": "graph", "path": "base", "adapters": 0, "setting": None, "stats": stats,
              "step_kernels_ms": kernels},
-            {"memory": "uncapped", "decode": "graph", "path": "jd", "adapters": 1024, "setting": "7c r64",
+            {"max_batch": 256, "memory": "uncapped", "decode": "graph", "path": "jd", "adapters": 1024, "setting": "7c r64",
              "matched_slots": 61, "stats": {**stats, "requests_per_s": 90.0, "decode_step_ms": 7.5}}]
     table = markdown({"setup": setup, "runs": runs})
     # 14 GB at 4,000 GB/s: 3.50 ms; the base's 6.00 ms step is 1.71x that; compute floor 14e9/2 x 2 x 256 / 700e12
-    assert "| uncapped | graph | 256 | 6.00 | 3.50 | 1.71 | 5.12 |" in table
-    assert "| graph | uncapped | 1024 | JD-LoRA | 7c r64 | (61) | 90.0 | 1000 | 0.90 | - | 256.0 | 7.50 | 0.80 |" in table
-    assert "| uncapped | - | base model | 256 | 4.00 | 0.00 | 0.50 | 0.50 | 5.00 | 400 | 6.00 |" in table
+    assert "| 256 | uncapped | graph | 256 | 6.00 | 3.50 | 1.71 | 5.12 |" in table
+    assert "| 256 | graph | uncapped | 1024 | JD-LoRA | 7c r64 | (61) | 90.0 | 1000 | 0.90 | - | 256.0 | 7.50 | 0.80 |" in table
+    assert "| 256 | uncapped | - | base model | 256 | 4.00 | 0.00 | 0.50 | 0.50 | 5.00 | 400 | 6.00 |" in table

@@ -141,11 +141,12 @@ class Group:
     memories: list[str] = field(default_factory=list)
     figure1: bool = True
     decodes: list[str] = field(default_factory=lambda: ["eager"])  # "graph", "eager" (engine.Server.decode)
+    batches: list[int] = field(default_factory=lambda: [256])  # max batch sizes
 
     @property
-    def runs(self) -> list[tuple[str, str]]:
-        """(decode, memory) of each run, in order."""
-        return [(d, m) for d in self.decodes for m in self.memories]
+    def runs(self) -> list[tuple[int, str, str]]:
+        """(max batch, decode, memory) of each run, in order."""
+        return [(b, d, m) for b in self.batches for d in self.decodes for m in self.memories]
 
 
 def plan(args, memories: list[str]) -> list[Group]:
@@ -161,14 +162,14 @@ def plan(args, memories: list[str]) -> list[Group]:
     def modes(n: int) -> list[str]:
         return [d for d in args.decode if d != "eager" or eager_sizes is None or n in eager_sizes]
 
-    groups = [Group("base", memories=list(memories), decodes=list(args.decode))]
+    groups = [Group("base", memories=list(memories), decodes=list(args.decode), batches=list(args.max_batch))]
     for n in args.sizes:
         setting = PAPER_SETTINGS[n][0]
         k = slots_for(n, setting, args.k_rule)
-        groups.append(Group("multi-lora", n, setting, k, list(memories), decodes=modes(n)))
-        groups.append(Group("jd", n, setting, None, list(memories), decodes=modes(n)))
+        groups.append(Group("multi-lora", n, setting, k, list(memories), decodes=modes(n), batches=list(args.max_batch)))
+        groups.append(Group("jd", n, setting, None, list(memories), decodes=modes(n), batches=list(args.max_batch)))
         if "uncapped" in memories:
-            groups.append(Group("multi-lora-all", n, None, n, ["uncapped"], decodes=modes(n)))
+            groups.append(Group("multi-lora-all", n, None, n, ["uncapped"], decodes=modes(n), batches=list(args.max_batch)))
     seen = {(g.adapters, g.slots) for g in groups if g.path == "multi-lora"}
     for n in args.grid_sizes:
         for setting in FIGURE4_SETTINGS:
@@ -177,8 +178,10 @@ def plan(args, memories: list[str]) -> list[Group]:
             k = slots_for(n, setting, args.k_rule)
             if (n, k) not in seen:
                 seen.add((n, k))
-                groups.append(Group("multi-lora", n, setting, k, [primary], figure1=False, decodes=args.decode[:1]))
-            groups.append(Group("jd", n, setting, None, [primary], figure1=False, decodes=args.decode[:1]))
+                groups.append(Group("multi-lora", n, setting, k, [primary], figure1=False, decodes=args.decode[:1],
+                                    batches=list(args.max_batch[:1])))
+            groups.append(Group("jd", n, setting, None, [primary], figure1=False, decodes=args.decode[:1],
+                                    batches=list(args.max_batch[:1])))
     return groups
 
 
@@ -200,7 +203,7 @@ class Study:
         self.config = model_config(tiny=args.tiny)
         self.model = build_model(self.config, self.device, self.dtype, seed=args.seed)
         self.modules = adapted_modules(self.config)
-        self.server = Server.for_model(self.model, max_batch=args.max_batch, new_tokens=args.new_tokens,
+        self.server = Server.for_model(self.model, max_batch=args.max_batch[0], new_tokens=args.new_tokens,
                                        max_wait=args.max_wait, profile=args.profile, decode=args.decode[0],
                                        max_len=SONNET_LENGTH[3] + args.new_tokens)
         self.store: LoraStore | None = None
@@ -244,7 +247,7 @@ class Study:
             "adapted_modules": len(self.modules),
             "lora_rank": 16,
             "requests_per_run": a.requests,
-            "max_batch": a.max_batch,
+            "max_batch": list(a.max_batch),
             "new_tokens": a.new_tokens,
             "arrival_rate_per_s": a.rate,
             "max_wait_s": a.max_wait,
@@ -252,7 +255,7 @@ class Study:
             "sizes": list(a.sizes),
             "decode": list(a.decode),
             "eager_sizes": list(a.eager_sizes),
-            "graph_decode_sizes": list(buckets_for(a.max_batch)),
+            "graph_decode_sizes": {b: list(buckets_for(b)) for b in a.max_batch},
             "grid_sizes": list(a.grid_sizes),
             "k_rule": a.k_rule,
             "run_limit_s": a.run_limit,
@@ -326,18 +329,19 @@ class Study:
         if graph:  # built before the copy below, which must share it (one static cache)
             decoder = self.server.static_decoder()
         short = Server(**{**self.server.__dict__, "new_tokens": 2})
-        for rows, width in ((1, 101), (1, 112), (1, 144), (3, 131), (16, 130), (self.args.max_batch, 130)):
-            rows = min(rows, self.args.max_batch)
+        max_batch = self.server.max_batch
+        for rows, width in ((1, 101), (1, 112), (1, 144), (3, 131), (16, 130), (max_batch, 130)):
+            rows = min(rows, max_batch)
             path.begin_batch([i % limit for i in range(rows)])
             short.generate(path, [[5] * width] * rows)
         agreement = None
         if graph:  # every decode size captured now, not inside a timed run
-            path.begin_batch([i % limit for i in range(self.args.max_batch)])
+            path.begin_batch([i % limit for i in range(max_batch)])
             decoder.capture(path)
             agreement = self.graph_agreement(path, limit)
             if self.cuda:
                 try:
-                    self._kernels = decoder.step_kernels(path, self.args.max_batch)
+                    self._kernels = decoder.step_kernels(path, max_batch)
                 except Exception as error:  # a diagnostic: never the run's end
                     self._kernels = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
         path.reset()
@@ -347,7 +351,7 @@ class Study:
         """Fraction of greedy tokens on which graph decode (replayed) and the eager loop agree, for one
         batch of (up to) 24 random prompts over ``limit`` adapters: a check that the replays read the batch's
         adapters (in bf16 the two attention paths round differently, so a few near-ties may differ)."""
-        requests = make_requests(min(24, self.args.max_batch), 1, rate=float("inf"), vocab_size=self.config.vocab_size, seed=self.args.seed + 2)
+        requests = make_requests(min(24, self.server.max_batch), 1, rate=float("inf"), vocab_size=self.config.vocab_size, seed=self.args.seed + 2)
         prompts = [r.prompt for r in requests]
         path.begin_batch([i % limit for i in range(len(prompts))])
         graph = Server(**{**self.server.__dict__}).generate(path, prompts)
@@ -365,6 +369,7 @@ class Study:
             if self._kernels:
                 record["step_kernels_ms"] = self._kernels
         record["warmup_s"] = time.perf_counter() - start
+        path.reset()  # every run starts with empty slots (or all resident), whatever ran before on this path
         requests = make_requests(self.args.requests, max(group.adapters, 1), rate=self.args.rate,
                                  vocab_size=self.config.vocab_size, seed=self.args.seed)
         if self.cuda:
@@ -374,14 +379,14 @@ class Study:
         record["stats"] = self.server.serve(path, requests, time_limit=self.args.run_limit)
         if self.cuda:
             record["peak_gib"] = torch.cuda.max_memory_reserved() / GIB
-        last = self.seconds.setdefault(f"{group.path}/{decode}", {})
+        last = self.seconds.setdefault(f"{group.path}/{decode}/{self.server.max_batch}", {})
         last["run"] = time.perf_counter() - start
         if warm:
             last["warm-up"] = record["warmup_s"]
         return record
 
-    def _record(self, group: Group, decode: str, memory: str) -> dict:
-        record = {"memory": memory, "decode": decode, "path": group.path, "adapters": group.adapters,
+    def _record(self, group: Group, decode: str, memory: str, max_batch: int | None = None) -> dict:
+        record = {"max_batch": max_batch or self.server.max_batch, "memory": memory, "decode": decode, "path": group.path, "adapters": group.adapters,
                   "setting": group.setting.label if group.setting else None, "slots": group.slots,
                   "figure1": group.figure1}
         if group.path == "jd":  # the multi-LoRA run with the same memory
@@ -397,34 +402,36 @@ class Study:
     def fits(self, seconds: float) -> bool:
         return self.elapsed() + seconds <= self.args.time_budget
 
-    def use_decode(self, decode: str) -> None:
-        if self.server.decode == decode:
+    def use(self, max_batch: int, decode: str) -> None:
+        """Sets the server's batch limit and decode mode; the static cache (sized by the batch) goes when
+        either changes, and gives its memory back."""
+        if (self.server.max_batch, self.server.decode) == (max_batch, decode):
             return
-        if self.server.decode == "graph":  # the static cache and graphs give their memory back
+        if self.server.decoder is not None:
             self.server.release()
             gc.collect()
             if self.cuda:
                 torch.cuda.empty_cache()
-        self.server.decode = decode
+        self.server.max_batch, self.server.decode = max_batch, decode
 
     def run_group(self, group: Group) -> None:
         """Builds the group's path, runs it in each (decode, memory) mode, records runs, errors and skips."""
         path, recorded = None, []
-        first_decode, first_memory = group.runs[0]
-        if self.fits(self.guess(f"{group.path}/{first_decode}", setup=True, warm=True)):
+        first_batch, first_decode, first_memory = group.runs[0]
+        if self.fits(self.guess(f"{group.path}/{first_decode}/{first_batch}", setup=True, warm=True)):
             try:
                 start = time.perf_counter()
                 self.set_memory(first_memory)
                 path, nbytes = self.build(group)
                 setup = time.perf_counter() - start
                 warmed = set()
-                for i, (decode, memory) in enumerate(group.runs):
-                    kind = f"{group.path}/{decode}"
-                    if i and not self.fits(self.guess(kind, setup=False, warm=decode not in warmed)):
+                for i, (batch, decode, memory) in enumerate(group.runs):
+                    kind = f"{group.path}/{decode}/{batch}"
+                    if i and not self.fits(self.guess(kind, setup=False, warm=kind not in warmed)):
                         break
-                    self.use_decode(decode)
-                    record = self.run(group, path, decode, memory, warm=decode not in warmed)
-                    warmed.add(decode)
+                    self.use(batch, decode)
+                    record = self.run(group, path, decode, memory, warm=kind not in warmed)
+                    warmed.add(kind)
                     self.seconds[kind]["setup"] = setup
                     record.update(setup_s=setup, adapter_gib=nbytes / GIB)
                     recorded.append(record)
@@ -434,8 +441,8 @@ class Study:
             except Exception as error:  # e.g. out of memory: record it, go on with the next group
                 traceback.print_exc()
                 message = f"{type(error).__name__}: {str(error)[:200]}"
-                for decode, memory in group.runs[len(recorded):]:
-                    self.results["runs"].append({**self._record(group, decode, memory), "error": message})
+                for batch, decode, memory in group.runs[len(recorded):]:
+                    self.results["runs"].append({**self._record(group, decode, memory, batch), "error": message})
                     recorded.append(None)
             finally:
                 if self.server.decoder is not None:  # graphs of this path's layers: of no use after it
@@ -446,14 +453,15 @@ class Study:
                 gc.collect()
                 if self.cuda:
                     torch.cuda.empty_cache()
-        for decode, memory in group.runs[len(recorded):]:
-            self.results["runs"].append({**self._record(group, decode, memory), "skipped": "time budget"})
+        for batch, decode, memory in group.runs[len(recorded):]:
+            self.results["runs"].append({**self._record(group, decode, memory, batch), "skipped": "time budget"})
         self.write()
 
     def _log(self, record: dict) -> None:
         s = record["stats"]
         step = f" step {s['decode_step_ms']:6.2f} ms" if s.get("decode_step_ms") else ""
-        print(f"[{self.elapsed():6.1f} s] {record['decode']:>5} {record['memory']:>8} {record['path']:>14} "
+        print(f"[{self.elapsed():6.1f} s] B={record['max_batch']:<4} {record['decode']:>5} {record['memory']:>8} "
+              f"{record['path']:>14} "
               f"n={record['adapters']:<5} "
               f"{record['setting'] or '':>9} K={record['slots'] or '-':<5} {s['requests_per_s']:8.2f} req/s "
               f"batches {s['batches']:3d} mean {s['mean_batch']:5.1f} loads {s['loads']:5d}"
@@ -468,7 +476,7 @@ class Study:
             return
         path, _ = self.build(base)
         self.warm_up(path, 0)
-        requests = make_requests(self.args.max_batch * 2, 1, rate=self.args.rate,
+        requests = make_requests(self.server.max_batch * 2, 1, rate=self.args.rate,
                                  vocab_size=self.config.vocab_size, seed=self.args.seed + 1)
         self.server.serve(path, requests, time_limit=self.args.run_limit)
         if self.server.decoder is not None:
@@ -500,7 +508,8 @@ def parse_args(argv=None):
     p.add_argument("--grid-sizes", type=_ints, help="sizes at which Figure 4 tries every compression setting "
                    "(default 16,128,1024; tiny: 16; empty: none)")
     p.add_argument("--requests", type=int, help="requests per run (default 1024; tiny: 48)")
-    p.add_argument("--max-batch", type=int, help="requests per batch (default 256; tiny: 8)")
+    p.add_argument("--max-batch", type=_ints, help="requests per batch; several (e.g. 256,64): each group runs at "
+                   "each, in order (default 256; tiny: 8)")
     p.add_argument("--new-tokens", type=int, default=10)
     p.add_argument("--rate", type=float, default=1000.0, help="mean arrivals per second (Poisson)")
     p.add_argument("--max-wait", type=float, default=0.05, help="batching window in seconds")
@@ -519,8 +528,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    tiny_defaults = {"sizes": (4, 32, 128, 1024), "grid_sizes": (16,), "requests": 48, "max_batch": 8}
-    gpu_defaults = {"sizes": SIZES, "grid_sizes": (16, 128, 1024), "requests": 1024, "max_batch": 256,
+    tiny_defaults = {"sizes": (4, 32, 128, 1024), "grid_sizes": (16,), "requests": 48, "max_batch": (8,)}
+    gpu_defaults = {"sizes": SIZES, "grid_sizes": (16, 128, 1024), "requests": 1024, "max_batch": (256,),
                     "eager_sizes": (1024,)}
     for key, value in (tiny_defaults if args.tiny else gpu_defaults).items():
         if getattr(args, key) is None:
