@@ -5,12 +5,13 @@ Usage::
     PYTHONPATH=src python -m benchmarks.serving.run --out DIR                 # the study, on one GPU
     PYTHONPATH=src python -m benchmarks.serving.run --out DIR --device cpu --tiny   # smoke run
 
-Graph decode against a fast base (issue 13), one device call for both batch sizes (about 6 minutes)::
+Graph decode against a fast base (issue 13): both batch limits in one process and one device call
+(the model, the adapter store and each collection built once; sizes in priority order; the time
+budget skips what does not fit and lists it)::
 
-    for b in 256 64; do
-      PYTHONPATH=src python -m benchmarks.serving.run --out OUT/b$b --max-batch $b --sizes 1024,4,64,256,16 \
-          --eager-sizes 1024 --grid-sizes "" --requests 512 --run-limit 10 --time-budget 150
-    done
+    PYTHONPATH=src python -m benchmarks.serving.run --out OUT --max-batch 256,64 \\
+        --sizes 1024,4,64,256,16 --eager-sizes 1024 --grid-sizes "" --requests 512 --run-limit 10 \\
+        --time-budget 230
 
 The whole study takes longer than one 10-minute device call at the default batch size; split it by
 collection size (``--sizes``, ``--grid-sizes``) into several calls and merge their results::
