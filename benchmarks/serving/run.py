@@ -11,7 +11,7 @@ budget skips what does not fit and lists it)::
 
     PYTHONPATH=src python -m benchmarks.serving.run --out OUT --max-batch 256,64 \\
         --sizes 1024,4,64,256,16 --eager-sizes 1024 --grid-sizes "" --requests 512 --run-limit 10 \\
-        --time-budget 230
+        --time-budget 230 --step-kernels
 
 The whole study takes longer than one 10-minute device call at the default batch size; split it by
 collection size (``--sizes``, ``--grid-sizes``) into several calls and merge their results::
@@ -89,7 +89,10 @@ Set-up (paper section 6.3 and Appendix E, on one H200 instead of an H100):
 - **Floors**: at start the device's copy bandwidth (1 GiB device-to-device copy, bytes read + written
   per second) and bf16 matmul rate (8192^3) are measured; the report sets the base model's decode
   step against the weight-read floor (every parameter but the embedding table, read once per step, at
-  that bandwidth) and the compute floor (2 flops per weight and row at that rate).
+  that bandwidth) and the compute floor (2 flops per weight and row at that rate). With
+  ``--step-kernels``, the warm-up of the base model and of the largest collection's paths also runs one
+  decode step (eagerly: the kernels a replay launches) under ``torch.profiler`` and records its kernel
+  time by kind (GEMM, LoRA kernels, attention, other): where a step's time goes.
 
 What it does not model: static batching (no continuous batching: a batch decodes until all its
 requests are done, and a new batch waits for the previous one); prefill runs eagerly (not in graphs),
@@ -340,7 +343,7 @@ class Study:
             path.begin_batch([i % limit for i in range(max_batch)])
             decoder.capture(path)
             agreement = self.graph_agreement(path, limit)
-            if self.cuda:
+            if self.cuda and self.args.step_kernels and adapters in (0, max(self.args.sizes, default=0)):
                 try:
                     self._kernels = decoder.step_kernels(path, max_batch)
                 except Exception as error:  # a diagnostic: never the run's end
@@ -525,6 +528,9 @@ def parse_args(argv=None):
                    "default graph,eager")
     p.add_argument("--eager-sizes", type=_ints, help="collection sizes of the eager runs after graph runs "
                    "(default 1024; tiny: the --sizes)")
+    p.add_argument("--step-kernels", action="store_true",
+                   help="graph decode, base model and the largest collection: profile one decode step's kernels "
+                   "(torch.profiler, in the warm-up) to show where its time goes")
     p.add_argument("--profile", action="store_true", help="synchronize the device around every phase")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
