@@ -8,7 +8,10 @@ batch, None for none), ``begin_batch(adapters)`` (e.g. swap adapters in), ``forw
 Per batch (static batching): prompts left-padded to the longest, one prefill forward with
 ``logits_to_keep=1`` (no full-vocabulary logits for the prompt), then greedy decode with the model's
 own key/value cache (``DynamicCache``) until every request has ``new_tokens`` tokens, calling the
-model's forward directly (not ``generate``). Next tokens stay on the device; the batch's only host
+model's forward directly (not ``generate``). With ``decode="graph"`` the prefill writes into a static
+cache and each decode step is one CUDA graph replay (:mod:`.graph`; paths then also have
+``decode_rows(rows)``, a context in which the model's modules apply the batch's adapters to ``rows``
+rows from tensors updated in place). Next tokens stay on the device; the batch's only host
 synchronization is reading its tokens at the end (with ``profile``, every phase is also
 synchronized, so its timer measures the device's work rather than the host's enqueueing).
 
