@@ -108,7 +108,8 @@ def floors(results: dict) -> list[str]:
             continue
         rows = s.get("mean_decode_rows", s["mean_batch"])
         compute_ms = weights / 2 * 2 * rows / (device["matmul_tflop_per_s"] * 1e12) * 1000  # bf16: 2 bytes/weight
-        lines.append(f"| {run.get('max_batch') or '-'} | {run['memory']} | {decode_of(run)} | {rows:.0f} | {s['decode_step_ms']:.2f} | {read_ms:.2f} "
+        lines.append(f"| {run.get('max_batch') or '-'} | {run['memory']} | {decode_of(run)} | {rows:.0f} "
+                     f"| {s['decode_step_ms']:.2f} | {read_ms:.2f} "
                      f"| {s['decode_step_ms'] / read_ms:.2f} | {compute_ms:.2f} |")
     return lines
 
@@ -137,7 +138,8 @@ def markdown(results: dict) -> str:
 
     for run in ordered:
         k = run.get("slots") or (f"({run['matched_slots']})" if run.get("matched_slots") else "-")
-        where = f"| {run.get('max_batch') or '-'} | {decode_of(run)} | {run['memory']} | {run['adapters'] or '-'} | {PATH_LABELS[run['path']]} " \
+        where = f"| {run.get('max_batch') or '-'} | {decode_of(run)} | {run['memory']} | {run['adapters'] or '-'} " \
+                f"| {PATH_LABELS[run['path']]} " \
                 f"| {run.get('setting') or '-'} | {k} "
         if "stats" not in run:
             lines.append(where + f"| {run.get('error') or run.get('skipped')} |" + " |" * 17)
@@ -191,7 +193,7 @@ def figure1(results: dict, path: Path) -> None:
     styles = {"capped": "-", "uncapped": "--"}
     colors = {"jd": "tab:blue", "multi-lora": "tab:orange", "multi-lora-all": "tab:green"}
     for memory in ("capped", "uncapped"):
-        if not base_throughput(results["runs"], memory, decode, batch):  # no base run in this memory mode: nothing to plot against
+        if not base_throughput(results["runs"], memory, decode, batch):  # no base run to plot against
             continue
         for kind in ("jd", "multi-lora", "multi-lora-all"):
             points = sorted((r["adapters"], relative_to_base(r, results["runs"]), r) for r in runs
