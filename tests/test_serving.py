@@ -373,6 +373,7 @@ def test_report_sets_the_base_decode_step_against_its_weight_read_floor_and_spli
                  decode="graph", mean_decode_rows=256.0, decode_step_ms=6.0, prefill_device_s=1.5, decode_device_s=0.2)
     kernels = {"gemm": 4.0, "lora": 0.0, "attention": 0.5, "other": 0.5, "total": 5.0, "kernels": 400, "rows": 256}
     setup = {"memories": ["uncapped"], "decode": ["graph"], "max_batch": [256], "weight_bytes_per_step": 14_000_000_000,
+             "kv_bytes_per_row_step": 20_000_000, "static_cache_len": 176,
              "device_measured": {"copy_gb_per_s": 4000.0, "copy_note": "copy", "matmul_tflop_per_s": 700.0,
                                  "matmul_note": "mm"}}
     runs = [{"max_batch": 256, "memory": "uncapped", "decode": "graph", "path": "base", "adapters": 0, "setting": None, "stats": stats,
@@ -381,6 +382,6 @@ def test_report_sets_the_base_decode_step_against_its_weight_read_floor_and_spli
              "matched_slots": 61, "stats": {**stats, "requests_per_s": 90.0, "decode_step_ms": 7.5}}]
     table = markdown({"setup": setup, "runs": runs})
     # 14 GB at 4,000 GB/s: 3.50 ms; the base's 6.00 ms step is 1.71x that; compute floor 14e9/2 x 2 x 256 / 700e12
-    assert "| 256 | uncapped | graph | 256 | 6.00 | 3.50 | 1.71 | 5.12 |" in table
+    assert "| 256 | uncapped | graph | 256 | 6.00 | 3.50 | 1.71 | 5.12 | 1.28 |" in table  # KV: 256 x 20 MB / 4 TB/s
     assert "| 256 | graph | uncapped | 1024 | JD-LoRA | 7c r64 | (61) | 90.0 | 1000 | 0.90 | - | 256.0 | 7.50 | 0.80 |" in table
     assert "| 256 | uncapped | - | base model | 256 | 4.00 | 0.00 | 0.50 | 0.50 | 5.00 | 400 | 6.00 |" in table

@@ -99,18 +99,22 @@ def floors(results: dict) -> list[str]:
     lines = ["", f"Base decode step against its floors: {weights / 1e9:.2f} GB of weights per step (every "
              f"parameter but the embedding table) at the measured copy bandwidth {device['copy_gb_per_s']:.0f} GB/s "
              f"({device['copy_note']}) = **{read_ms:.2f} ms**; compute floor: 2 x weights x rows flops at the "
-             f"measured {device['matmul_tflop_per_s']:.0f} TFLOP/s ({device['matmul_note']}).", "",
+             f"measured {device['matmul_tflop_per_s']:.0f} TFLOP/s ({device['matmul_note']}); KV read: the keys and values "
+             f"graph decode's attention reads per step (every one of the static cache's "
+             f"{setup.get('static_cache_len', '?')} columns, for every decode row) at that bandwidth.", "",
              "| max batch | memory | decode | mean decode rows | base step ms | weight-read floor ms | step / floor | "
-             "compute floor ms |", "|---:|---|---|---:|---:|---:|---:|---:|"]
+             "compute floor ms | KV read ms |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for run in results["runs"]:
         s = run.get("stats") or {}
         if run["path"] != "base" or not s.get("decode_step_ms"):
             continue
         rows = s.get("mean_decode_rows", s["mean_batch"])
         compute_ms = weights / 2 * 2 * rows / (device["matmul_tflop_per_s"] * 1e12) * 1000  # bf16: 2 bytes/weight
+        kv = setup.get("kv_bytes_per_row_step")
+        kv_ms = f"{kv * rows / bandwidth * 1000:.2f}" if kv else "-"
         lines.append(f"| {run.get('max_batch') or '-'} | {run['memory']} | {decode_of(run)} | {rows:.0f} "
                      f"| {s['decode_step_ms']:.2f} | {read_ms:.2f} "
-                     f"| {s['decode_step_ms'] / read_ms:.2f} | {compute_ms:.2f} |")
+                     f"| {s['decode_step_ms'] / read_ms:.2f} | {compute_ms:.2f} | {kv_ms} |")
     return lines
 
 

@@ -217,6 +217,12 @@ class Study:
         if self.cuda:
             self.results["setup"]["device_measured"] = measure_device(self.device)
         self.results["setup"]["weight_bytes_per_step"] = weight_bytes_per_step(self.model)
+        c = self.config
+        cache_len = -(-(SONNET_LENGTH[3] + args.new_tokens) // 16) * 16  # graph.StaticDecoder's columns
+        self.results["setup"]["static_cache_len"] = cache_len
+        # what graph decode's attention reads per row and step: keys and values of every column and layer
+        self.results["setup"]["kv_bytes_per_row_step"] = (cache_len * 2 * c.num_key_value_heads * c.num_hidden_layers
+                                                         * (c.hidden_size // c.num_attention_heads) * self.dtype.itemsize)
 
     # ----- bookkeeping --------------------------------------------------------------------------
 
