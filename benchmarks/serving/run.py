@@ -485,14 +485,18 @@ class Study:
         if not self.cuda or base is None:
             return
         path, _ = self.build(base)
-        self.warm_up(path, 0)
-        requests = make_requests(self.server.max_batch * 2, 1, rate=self.args.rate,
-                                 vocab_size=self.config.vocab_size, seed=self.args.seed + 1)
-        self.server.serve(path, requests, time_limit=self.args.run_limit)
-        if self.server.decoder is not None:
-            self.server.decoder.drop_graphs()
-        path.close()
-        print(f"[{self.elapsed():6.1f} s] warm start done", flush=True)
+        try:
+            self.warm_up(path, 0)
+            requests = make_requests(self.server.max_batch * 2, 1, rate=self.args.rate,
+                                     vocab_size=self.config.vocab_size, seed=self.args.seed + 1)
+            self.server.serve(path, requests, time_limit=self.args.run_limit)
+            print(f"[{self.elapsed():6.1f} s] warm start done", flush=True)
+        except Exception:  # the groups record the error themselves; the other modes may still run
+            traceback.print_exc()
+        finally:
+            if self.server.decoder is not None:
+                self.server.decoder.drop_graphs()
+            path.close()
 
     def main(self) -> None:
         groups = plan(self.args, self.memories)
