@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -81,12 +82,45 @@ class JDPath:
             for layer in self.peft.base_model.jd_layers().values():
                 layer.jd_cast(dtype)  # the tuner keeps float32 under a bf16 base unless told otherwise
         self.row_names: list[str] = []
+        # Graph decode: one MixedBatch per row count (the tuner's update() is in place only for the same
+        # count, and a captured graph reads its tensors), another for the eager forwards (prefill).
+        # The tuner reads the model's MixedBatch from its "_jd_mixed" attribute.
+        from jdlora.tuner.mixed import MixedBatch
+
+        self.eager_mixed = self.peft.base_model._jd_mixed_batch("_jd_mixed")
+        self.decode_mixed: dict[int, MixedBatch] = {}
+        self._held: dict[int, list] = {}
+        self._new_mixed = MixedBatch
 
     def begin_batch(self, adapters: Sequence[int]) -> None:
         self.row_names = [self.names[a] for a in adapters]
 
     def forward(self, **inputs) -> Tensor:
+        self._use_mixed(self.eager_mixed)
         return self.peft(**inputs, adapter_names=self.row_names).logits
+
+    @contextmanager
+    def decode_rows(self, rows: int):
+        """Graph decode (:mod:`.graph`): the tuner's layers apply the batch's adapters (padded with the
+        first row's to ``rows`` rows) when called directly, from this row count's own ``MixedBatch``,
+        updated in place (the tuner's ``adapter_names`` hooks, as ``generate`` uses them)."""
+        names = self.row_names + self.row_names[:1] * (rows - len(self.row_names))
+        mixed = self.decode_mixed.get(rows)
+        if mixed is None:
+            mixed = self.decode_mixed[rows] = self._new_mixed()
+            mixed.active = False  # as the tuner's own: active only inside its hooks
+        self._use_mixed(mixed)
+        try:
+            with self.peft.base_model._enable_peft_forward_hooks(adapter_names=names):
+                yield
+            if rows not in self._held:  # the kernel batches (and scratch) a graph captured here may read:
+                # kept alive whatever the tuner's next update() does with its own references
+                self._held[rows] = [b for b in (*mixed._rows.values(), *mixed._eager.values()) if b is not None]
+        finally:
+            self._use_mixed(self.eager_mixed)
+
+    def _use_mixed(self, mixed) -> None:
+        self.peft.base_model.__dict__["_jd_mixed"] = mixed
 
     def counters(self) -> dict[str, int]:
         return {}
