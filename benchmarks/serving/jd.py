@@ -82,45 +82,23 @@ class JDPath:
             for layer in self.peft.base_model.jd_layers().values():
                 layer.jd_cast(dtype)  # the tuner keeps float32 under a bf16 base unless told otherwise
         self.row_names: list[str] = []
-        # Graph decode: one MixedBatch per row count (the tuner's update() is in place only for the same
-        # count, and a captured graph reads its tensors), another for the eager forwards (prefill).
-        # The tuner reads the model's MixedBatch from its "_jd_mixed" attribute.
-        from jdlora.tuner.mixed import MixedBatch
-
-        self.eager_mixed = self.peft.base_model._jd_mixed_batch("_jd_mixed")
-        self.decode_mixed: dict[int, MixedBatch] = {}
-        self._held: dict[int, list] = {}
-        self._new_mixed = MixedBatch
 
     def begin_batch(self, adapters: Sequence[int]) -> None:
         self.row_names = [self.names[a] for a in adapters]
 
     def forward(self, **inputs) -> Tensor:
-        self._use_mixed(self.eager_mixed)
         return self.peft(**inputs, adapter_names=self.row_names).logits
 
     @contextmanager
     def decode_rows(self, rows: int):
         """Graph decode (:mod:`.graph`): the tuner's layers apply the batch's adapters (padded with the
-        first row's to ``rows`` rows) when called directly, from this row count's own ``MixedBatch``,
-        updated in place (the tuner's ``adapter_names`` hooks, as ``generate`` uses them)."""
+        first row's to ``rows`` rows) when called directly: the mix set by the tuner's ``adapter_names``
+        hooks, as ``generate`` sets it. The tuner keeps one rows batch per batch size and rewrites it in
+        place (:class:`jdlora.tuner.mixed.MixedBatch`), so a graph captured at ``rows`` rows stays valid
+        while prefills of other sizes run in between."""
         names = self.row_names + self.row_names[:1] * (rows - len(self.row_names))
-        mixed = self.decode_mixed.get(rows)
-        if mixed is None:
-            mixed = self.decode_mixed[rows] = self._new_mixed()
-            mixed.active = False  # as the tuner's own: active only inside its hooks
-        self._use_mixed(mixed)
-        try:
-            with self.peft.base_model._enable_peft_forward_hooks(adapter_names=names):
-                yield
-            if rows not in self._held:  # the kernel batches (and scratch) a graph captured here may read:
-                # kept alive whatever the tuner's next update() does with its own references
-                self._held[rows] = [b for b in (*mixed._rows.values(), *mixed._eager.values()) if b is not None]
-        finally:
-            self._use_mixed(self.eager_mixed)
-
-    def _use_mixed(self, mixed) -> None:
-        self.peft.base_model.__dict__["_jd_mixed"] = mixed
+        with self.peft.base_model._enable_peft_forward_hooks(adapter_names=names):
+            yield
 
     def counters(self) -> dict[str, int]:
         return {}
