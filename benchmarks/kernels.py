@@ -32,6 +32,13 @@ Usage::
     PYTHONPATH=src python benchmarks/kernels.py --json $OUT/kernels.json      # everything (H200)
     PYTHONPATH=src python benchmarks/kernels.py --sweep                        # configuration sweep
     TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke                    # CPU: the code runs
+    PYTHONPATH=src python benchmarks/kernels.py --qkv --json $OUT/qkv.json     # eager q, k, v: fusion on/off
+    JDLORA_KERNELS=triton TRITON_INTERPRET=1 python benchmarks/kernels.py --qkv --smoke   # CPU: the code runs
+
+``--qkv``: the host cost of one eager mixed-batch forward of q, k and v (Mistral-7B shapes: 4096 -> 4096,
+1024, 1024) through jdlora's PEFT tuner layers (``JDLoraLayer.forward`` with a ``MixedBatch``), with the
+siblings' shrink and Sigma fused (one launch each, then three expands: 5 launches) and without (9), beside
+the three base linears alone; see :func:`eager_qkv`.
 """
 
 from __future__ import annotations
@@ -441,6 +448,8 @@ def main():
     p.add_argument("--host", action="store_true",
                    help="eager wall time per call, and a profile of the host side of jd_lora_forward (cProfile)")
     p.add_argument("--once", action="store_true", help="run the issue's target shape a few times, eagerly (for ncu)")
+    p.add_argument("--qkv", action="store_true",
+                   help="eager wall time of one mixed-batch q, k, v forward of tuner layers, sibling fusion on and off")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -468,6 +477,12 @@ def main():
             batch = prepare_batch(ta)
             for _ in range(3):
                 jd_lora_forward(y, x, U, V, sigma, cluster_of, batch, backend="triton")
+        return
+    if args.qkv:
+        rows = eager_qkv(device, calls=300 if device.type == "cuda" else 2, smoke=args.smoke)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(meta=meta, qkv=rows), f, indent=1)
         return
     if args.host:
         per_call = eager_per_call(device, calls=500 if device.type == "cuda" else 2)
@@ -533,6 +548,87 @@ def eager_per_call(device, calls: int = 500) -> dict:
             torch.cuda.synchronize()
         out[name] = (time.perf_counter() - t0) / calls
     return out
+
+
+def eager_qkv(device, calls: int = 300, *, smoke: bool = False) -> list[dict]:
+    """Wall time per eager forward of q, k and v (tuner layers, one mixed batch), sibling fusion on and off.
+
+    Mistral-7B's attention projections (d 4096; q 4096 out, k and v 1024), bf16, rank 64 JD-Full, 1 and 8
+    clusters per module (each module its own clustering), T 1 and 64 decode tokens each with its own
+    adapter (64 adapters). The three layers are ``jdlora.tuner`` layers linked as siblings, called as a
+    model calls them: ``q(x), k(x), v(x)`` with the model's ``MixedBatch``. Without a synchronization per
+    forward, the wall time of many forwards is the host's cost whenever the host is the bottleneck (eager
+    decode is). ``per_layer_us``: (JD forward - base forward) / 3, the host cost JD adds per layer.
+    """
+    from torch import nn
+
+    from jdlora.kernels import expand, shrink, sigma
+    from jdlora.tuner import siblings
+    from jdlora.tuner.layer import AdapterGroup, JDLoraLayer, Linear
+    from jdlora.tuner.mixed import MixedBatch
+
+    d, d_kv, r, n = (64, 32, 16, 8) if smoke else (4096, 1024, 64, 64)
+    launchers = [shrink._shrink_launch, shrink._siblings_launch, sigma._sigma_launch, sigma._siblings_launch,
+                 expand._expand_launch]
+    rows = []
+    for C in (1, 8):
+        group = AdapterGroup(r, "full")
+        names = [f"a{i}" for i in range(n)]
+        group_rows = group.add(names)
+        parent = nn.Module()
+        for module, d_out in (("q_proj", d), ("k_proj", d_kv), ("v_proj", d_kv)):
+            layer = Linear(nn.Linear(d, d_out, bias=False, device=device, dtype=DTYPE))
+            clusters = torch.randperm(max(C, n))[:n] % C
+            for c in range(C):
+                layer.add_bases(f"c{c}", torch.randn(d_out, r) / r**0.5, torch.randn(d, r) / d**0.5, dtype=DTYPE)
+                members = [i for i in range(n) if clusters[i] == c]
+                if members:
+                    layer.add_sigmas(group, [names[i] for i in members], [group_rows[i] for i in members],
+                                     torch.randn(len(members), r, r) / r**0.5, f"c{c}")
+            setattr(parent, module, layer)
+        siblings.link_siblings(parent, JDLoraLayer)
+        qkv = (parent.q_proj, parent.k_proj, parent.v_proj)
+        for T in (1, 64):
+            if smoke and T > 1:
+                T = 4
+            batch = MixedBatch([names[i % n] for i in torch.randperm(T).tolist()])
+            x = torch.randn(T, 1, d, device=device, dtype=DTYPE)
+            bases = [layer.base_layer for layer in qkv]
+
+            def base_forward():
+                for layer in bases:
+                    layer(x)
+
+            def jd_forward():
+                for layer in qkv:
+                    layer(x, adapter_names=batch)
+
+            row = dict(C=C, T=T, r=r, d=d, d_kv=d_kv, adapters=min(T, n))
+            with torch.no_grad():
+                for label, op, fuse in (("base", base_forward, True), ("fused", jd_forward, True),
+                                        ("unfused", jd_forward, False)):
+                    siblings.ENABLED = fuse
+                    for _ in range(10 if not smoke else 1):
+                        op()
+                    launched = sum(f.hits + f.misses for f in launchers)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        op()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    row[f"{label}_us"] = (time.perf_counter() - t0) / calls * 1e6
+                    row[f"{label}_launches"] = (sum(f.hits + f.misses for f in launchers) - launched) / calls
+            siblings.ENABLED = True
+            for label in ("fused", "unfused"):
+                row[f"{label}_per_layer_us"] = (row[f"{label}_us"] - row["base_us"]) / 3
+            rows.append(row)
+            print(f"q,k,v eager C={C} T={T}: base {row['base_us']:.1f} us, fused {row['fused_us']:.1f} us "
+                  f"({row['fused_launches']:.0f} launches, +{row['fused_per_layer_us']:.1f} us/layer), unfused "
+                  f"{row['unfused_us']:.1f} us ({row['unfused_launches']:.0f} launches, "
+                  f"+{row['unfused_per_layer_us']:.1f} us/layer)", flush=True)
+    return rows
 
 
 def profile_host(device) -> None:

@@ -115,3 +115,71 @@ def test_generate_with_a_static_cache_compiles_once_for_every_mix_of_adapters(pe
     base_out = generate(model, ids, None, cache_implementation="static", compile_config=config)
     with model.disable_adapter():
         assert torch.equal(base_out, generate(model, ids, None))
+
+
+def test_a_new_mix_of_the_same_size_rewrites_the_tensors_a_captured_decode_step_reads(peft_model):
+    """A CUDA graph captured over a decode step keeps reading the batch's row tensors and scratch: a new mix
+    of the same batch size must land in those tensors, and no mix in between (base-only, another size) may
+    free them."""
+    from jdlora.tuner.mixed import MixedBatch
+
+    model, names = peft_model
+    group = next(iter(model.base_model.jd_groups.values()))
+    batch = MixedBatch()
+    batch.update(names[:3], [group], ["cpu"])
+    decode = batch.prepared(group, 1, torch.device("cpu"))
+    h, g = decode.scratch(16, torch.device("cpu"))
+    tensors = [t.data_ptr() for t in (decode.row_adapter, decode.order, decode.sorted_adapter, h, g)]
+    batch.update(["__base__"] * 3)
+    assert batch.prepared(group, 1, torch.device("cpu")) is None  # eager: nothing to launch
+    mix = [names[4], "__base__", names[1]]
+    batch.update(mix)
+    again = batch.prepared(group, 1, torch.device("cpu"))
+    assert again is decode
+    h2, g2 = again.scratch(16, torch.device("cpu"))
+    assert [t.data_ptr() for t in (again.row_adapter, again.order, again.sorted_adapter, h2, g2)] == tensors
+    assert again.row_adapter.tolist() == [group.rows[names[4]], -1, group.rows[names[1]]]
+    batch.update(names[:2])  # another batch size (a prefill, say): its own tensors ...
+    assert batch.prepared(group, 1, torch.device("cpu")).row_adapter.shape == (2,)
+    batch.update(mix[::-1])  # ... and the 3-row decode batch is still the one captured
+    assert batch.prepared(group, 1, torch.device("cpu")) is decode
+    assert decode.row_adapter.tolist() == [group.rows[names[1]], -1, group.rows[names[4]]]
+
+
+def _placeholders(gm) -> int:
+    return sum(1 for node in gm.graph.nodes if node.op == "placeholder")
+
+
+def test_a_compiled_mixed_step_reads_every_layers_banks_as_a_few_graph_inputs(peft_model):
+    """Each graph input costs host time on every compiled call; the banks of all 8 adapted layers (bases, Sigmas,
+    cluster maps: 32 tensors) are views of one flat tensor per dtype, so the step has a handful more inputs
+    than the base model's."""
+    model, names = peft_model
+    graphs = Graphs()
+    config = CompileConfig(backend=graphs.backend, fullgraph=True, mode=None)
+    config._compile_all_devices = True
+    ids = torch.randint(1, 96, (3, 6))
+    generate(model, ids, names[:3], cache_implementation="static", compile_config=config)
+    generate(model, ids, None, cache_implementation="static", compile_config=config)
+    jd_graph, base_graph = graphs.graphs
+    extra = _placeholders(jd_graph) - _placeholders(base_graph)
+    # the float banks, the int64 cluster maps, the batch's rows, order and sorted rows
+    assert extra <= 5, f"{extra} more graph inputs than the base model"
+
+
+def test_adapter_weights_changed_in_place_after_packing_reach_the_mixed_batch(peft_model):
+    """Packing moves the banks; the PEFT parameters must still be views of them (an optimizer step or a
+    load_state_dict writes through), so a Sigma scaled in place changes the mixed-batch output."""
+    model, names = peft_model
+    ids = torch.randint(1, 96, (2, 5))
+    with torch.no_grad():
+        before = model(input_ids=ids, adapter_names=[names[0], names[1]]).logits  # packs the banks
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        old = layer.jd_sigma[names[0]].detach().clone()
+        layer.jd_sigma[names[0]].mul_(3.0)
+        after = model(input_ids=ids, adapter_names=[names[0], names[1]]).logits
+        layer.jd_sigma[names[0]].copy_(old)
+        restored = model(input_ids=ids, adapter_names=[names[0], names[1]]).logits
+    assert not torch.allclose(before[0], after[0])
+    torch.testing.assert_close(before[1], after[1])  # the other adapter's row is untouched
+    torch.testing.assert_close(before, restored)

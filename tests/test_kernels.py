@@ -497,3 +497,75 @@ def test_linear_overlapped_on_a_side_stream_matches_serial_eager_and_in_a_graph(
         base = torch.nn.functional.linear(x_static, W)
         ref = factored_float64(base, x_static, U, V, sigma, cluster_of, ta_static, 1.0)
         assert rel_err(y_static, ref, base) < 1e-2
+
+
+# ----- siblings: one shrink and one Sigma launch for modules that read the same x ----------------------
+
+
+def _siblings(T, d_in, r, n, clusters, *, diag, dtype, runs=False):
+    """Sibling modules (own U, V, Sigma, cluster_of; one rank) over one x and one batch of adapters."""
+    problems = [make_problem(T, d_in, 8 + 8 * s, r, C, n, diag=diag, dtype=dtype, runs=runs)
+                for s, C in enumerate(clusters)]
+    x, ta = problems[0][0], problems[0][5]
+    return x, ta, [p[1:5] for p in problems]  # (U, V, sigma, cluster_of) per sibling
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("diag", [False, True], ids=["full", "diag"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("T,tokens_per_row", [(7, 1), (40, 4)], ids=["decode", "prefill-rows"])
+def test_siblings_shrunk_together_equal_each_forward_alone(backend, diag, dtype, T, tokens_per_row):
+    from jdlora.kernels import jd_lora_expand, jd_lora_shrink_siblings, siblings_fusable
+
+    _backend(backend)
+    x, _, mods = _siblings(T, 32, 16, 6, (1, 3, 2), diag=diag, dtype=dtype)
+    batch = prepare_batch(torch.randint(-1, 6, (T // tokens_per_row,), device=DEVICE), tokens_per_row=tokens_per_row)
+    Us, Vs, sigmas, cluster_ofs = zip(*mods)
+    assert siblings_fusable(Vs, sigmas, cluster_ofs)
+    y0 = [torch.randn(T, U.shape[1], device=DEVICE).to(dtype) for U in Us]
+    alone = [jd_lora_forward(y.clone(), x, U, V, s, c, batch, scale=0.5, backend=backend)
+             for y, (U, V, s, c) in zip(y0, mods)]
+    for _ in range(2):  # on CUDA the second call launches directly (jdlora.kernels.fast_launch)
+        ys = [y.clone() for y in y0]
+        shrunk = jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend)
+        for i, (y, (U, V, s, c)) in enumerate(zip(ys, mods)):
+            out = jd_lora_expand(y, U, c, shrunk, i, scale=0.5)
+            assert out is y
+            if ON_CUDA and backend == "triton":  # split-K sums meet by atomic adds, in any order
+                tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]  # an ulp or two
+                torch.testing.assert_close(y, alone[i], rtol=tol, atol=tol)
+            else:
+                assert torch.equal(y, alone[i]), f"sibling {i}"
+    if backend == "triton":  # the siblings' scratch is left zeroed, like the per-layer one
+        for h, _ in batch._scratch.values():
+            assert not h.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_later_sibling_shrink_invalidates_the_earlier_g(backend):
+    from jdlora.kernels import jd_lora_expand, jd_lora_shrink_siblings
+
+    _backend(backend)
+    x, ta, mods = _siblings(5, 32, 16, 4, (2, 2), diag=False, dtype=torch.float32)
+    batch = prepare_batch(ta)
+    Us, Vs, sigmas, cluster_ofs = zip(*mods)
+    first = jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend)
+    second = jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend)
+    assert second.valid and not first.valid
+    with pytest.raises(RuntimeError, match="overwrote"):
+        jd_lora_expand(torch.zeros(5, Us[0].shape[1], device=DEVICE), Us[0], cluster_ofs[0], first, 0)
+
+
+def test_siblings_of_other_ranks_dtypes_or_empty_banks_are_not_fused():
+    from jdlora.kernels import siblings_fusable
+
+    _, _, mods = _siblings(3, 32, 16, 4, (1, 2, 1, 1), diag=False, dtype=torch.float32)
+    Us, Vs, sigmas, cluster_ofs = zip(*mods)
+    assert siblings_fusable(Vs[:3], sigmas[:3], cluster_ofs[:3])
+    assert not siblings_fusable(Vs, sigmas, cluster_ofs)  # four: more than the kernels' sibling axis
+    _, _, other = _siblings(3, 32, 8, 4, (1,), diag=False, dtype=torch.float32)
+    assert not siblings_fusable((Vs[0], other[0][1]), (sigmas[0], other[0][2]), cluster_ofs[:2])  # rank 16 and 8
+    assert not siblings_fusable((Vs[0], Vs[1].half()), sigmas[:2], cluster_ofs[:2])
+    assert not siblings_fusable((Vs[0], Vs[1][:0]), sigmas[:2], cluster_ofs[:2])
+    assert not siblings_fusable((Vs[0], Vs[1].transpose(1, 2).contiguous().transpose(1, 2)), sigmas[:2],
+                                cluster_ofs[:2])  # other strides

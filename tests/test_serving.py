@@ -288,12 +288,41 @@ def test_jd_path_generates_what_dense_u_sigma_vt_does(model, modules, config):
     assert differs >= len(requests) // 2
 
 
+# ----- graph decode: static cache, the step the H200 captures in CUDA graphs ---------------------------
+
+
+def test_graph_decode_generates_what_the_eager_loop_does_on_every_path(model, modules, store, config):
+    """Same requests, same tokens: eager loop vs static cache + the capturable step (run eagerly on the CPU),
+    batches padded to a decode size (max_batch 20: sizes 16 and 20), with adapters swapped in place."""
+    requests = make_requests(12, 6, rate=float("inf"), vocab_size=config.vocab_size, lengths=SHORT, seed=8)
+    collection = synthetic_collection(modules, 6, JDSetting(8, 2), seed=4)
+    paths = {"base": lambda: BasePath(model), "multi-lora": lambda: MultiLoraPath(model, store, slots=2, device="cpu"),
+             "jd": lambda: JDPath(model, collection)}
+    for kind, make in paths.items():
+        tokens = {}
+        for decode in ("eager", "graph"):
+            served = copy.deepcopy(requests)
+            path = make()
+            try:
+                server = server_for(model, max_batch=20, decode=decode, max_len=SHORT[3] + NEW_TOKENS)
+                stats = server.serve(path, served)
+            finally:
+                path.close()
+            tokens[decode] = [r.tokens for r in served]
+            if decode == "graph":
+                assert server.decoder.sizes == (16, 20) and stats["mean_decode_rows"] in (16, 20)
+                assert stats["decode"] == "graph" and stats["batches"] >= (3 if kind == "multi-lora" else 1)
+        assert tokens["graph"] == tokens["eager"], kind
+        assert all(len(t) == NEW_TOKENS for t in tokens["graph"])
+
+
 # ----- the whole study, tiny ----------------------------------------------------------------------
 
 
 def test_the_study_runs_end_to_end_on_the_cpu(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks.serving.run", "--out", str(tmp_path), "--device", "cpu", "--tiny",
-           "--sizes", "4,128", "--grid-sizes", "16", "--requests", "6", "--max-batch", "3", "--threads", "1"]
+           "--sizes", "4,128", "--grid-sizes", "16", "--requests", "6", "--max-batch", "3,2", "--threads", "1",
+           "--eager-sizes", "4"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
     subprocess.run(cmd, cwd=ROOT, check=True, env=env, capture_output=True)
     results = json.loads((tmp_path / "results.json").read_text())
@@ -301,9 +330,15 @@ def test_the_study_runs_end_to_end_on_the_cpu(tmp_path):
     assert ("base", 0, None) in done and ("jd", 128, "7c r16") in done and ("multi-lora", 4, "r16") in done
     assert ("multi-lora-all", 128, None) in done and ("jd", 16, "7c r64") in done
     assert all(r["stats"]["requests"] == 6 for r in results["runs"] if "stats" in r)
+    checks = [r["graph_agreement"] for r in results["runs"] if r.get("graph_agreement") is not None]
+    assert len(checks) >= 5 and all(a == 1.0 for a in checks)  # float32 on the CPU: graph decode = eager loop
     k = {r["adapters"]: r["slots"] for r in results["runs"] if r["path"] == "multi-lora" and r["adapters"] != 16}
     assert k[4] == 2 and k[128] == 8
-    assert "| uncapped | 128 | JD-LoRA | 7c r16 | (8) |" in (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results.md").read_text()
+    assert "| 3 | graph | uncapped | 128 | JD-LoRA | 7c r16 | (8) |" in table
+    assert "| 3 | eager | uncapped | 4 | JD-LoRA | r16 | (2) |" in table
+    assert "| eager | uncapped | 128 |" not in table  # eager only at --eager-sizes
+    assert "| 2 | graph | uncapped | 128 | JD-LoRA | 7c r16 | (8) |" in table  # each group at each --max-batch
     assert (tmp_path / "figure1.png").stat().st_size > 10_000 and (tmp_path / "figure4.png").stat().st_size > 10_000
 
 
@@ -328,3 +363,25 @@ def test_merge_fills_skipped_runs_and_compares_each_run_with_its_own_calls_base(
     assert jd["stats"]["requests_per_s"] == 90.0  # the skipped run was filled
     assert jd["base_requests_per_s"] == 120.0  # ... and is compared with the base model of its own call
     assert "| 0.75 |" in markdown(merged) and "| 0.90 |" not in markdown(merged)
+
+
+def test_report_sets_the_base_decode_step_against_its_weight_read_floor_and_splits_step_kernels():
+    from benchmarks.serving.report import markdown
+
+    stats = dict(requests_per_s=100.0, tokens_per_s=1000.0, batches=2, mean_batch=200.0, mean_distinct_adapters=1.0,
+                 loads=0, evictions=0, swap_s=0.0, prefill_s=1.0, decode_s=0.1, schedule_s=0.0, wall_s=2.0,
+                 decode="graph", mean_decode_rows=256.0, decode_step_ms=6.0, prefill_device_s=1.5, decode_device_s=0.2)
+    kernels = {"gemm": 4.0, "lora": 0.0, "attention": 0.5, "other": 0.5, "total": 5.0, "kernels": 400, "rows": 256}
+    setup = {"memories": ["uncapped"], "decode": ["graph"], "max_batch": [256], "weight_bytes_per_step": 14_000_000_000,
+             "kv_bytes_per_row_step": 20_000_000, "static_cache_len": 176,
+             "device_measured": {"copy_gb_per_s": 4000.0, "copy_note": "copy", "matmul_tflop_per_s": 700.0,
+                                 "matmul_note": "mm"}}
+    runs = [{"max_batch": 256, "memory": "uncapped", "decode": "graph", "path": "base", "adapters": 0, "setting": None, "stats": stats,
+             "step_kernels_ms": kernels},
+            {"max_batch": 256, "memory": "uncapped", "decode": "graph", "path": "jd", "adapters": 1024, "setting": "7c r64",
+             "matched_slots": 61, "stats": {**stats, "requests_per_s": 90.0, "decode_step_ms": 7.5}}]
+    table = markdown({"setup": setup, "runs": runs})
+    # 14 GB at 4,000 GB/s: 3.50 ms; the base's 6.00 ms step is 1.71x that; compute floor 14e9/2 x 2 x 256 / 700e12
+    assert "| 256 | uncapped | graph | 256 | 6.00 | 3.50 | 1.71 | 5.12 | 1.28 |" in table  # KV: 256 x 20 MB / 4 TB/s
+    assert "| 256 | graph | uncapped | 1024 | JD-LoRA | 7c r64 | (61) | 90.0 | 1000 | 0.90 | - | 256.0 | 7.50 | 0.80 |" in table
+    assert "| 256 | uncapped | - | base model | 256 | 4.00 | 0.00 | 0.50 | 0.50 | 5.00 | 400 | 6.00 |" in table

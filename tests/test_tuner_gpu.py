@@ -74,3 +74,43 @@ def test_compiled_generate_with_a_static_cache_matches_eager_for_every_mix():
             assert ((a - b).norm() / b.norm()).item() < 1e-3
     assert graphs[0] >= 1 and graphs[1] == graphs[0] == graphs[2], f"compiled graphs after each call: {graphs}"
     torch._dynamo.reset()
+
+
+def test_a_decode_step_captured_in_a_cuda_graph_replays_every_new_mix():
+    """A server captures the eager decode step once per batch size and replays it: the mix is set outside
+    the graph (the tuner's adapter_names hooks, as forward and generate set it) and lands in the tensors the
+    graph reads, also after a call of another batch size (a prefill) in between."""
+    from jdlora.tuner import load_collection
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, pad_token_id=0)
+    adapters = synthetic_adapters(12, llama_modules(2, 256, 128, ("q_proj", "k_proj", "v_proj")), rank=8)
+    collection = jdlora.compress(adapters, rank=16, clusters=3, progress=False)
+    model = load_collection(LlamaForCausalLM(config).eval(), collection).to("cuda")
+    names = collection.adapter_names
+    static_ids = torch.randint(1, 512, (4, 1), device="cuda")
+
+    def step():
+        return model.base_model.model(input_ids=static_ids, use_cache=False).logits
+
+    mixes = [[names[0], names[5], "__base__", names[11]], [names[3], names[3], names[7], "__base__"],
+             ["__base__"] * 4, [names[9], names[1], names[2], names[4]]]
+    with torch.no_grad():
+        with model.base_model._enable_peft_forward_hooks(adapter_names=mixes[0]):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up outside the capture: kernels compiled, scratch allocated
+                step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step()
+        for i, mix in enumerate(mixes):
+            if i == 2:  # a call of another batch size between replays
+                model(input_ids=torch.randint(1, 512, (3, 7), device="cuda"), adapter_names=names[:3])
+            static_ids.copy_(torch.randint(1, 512, (4, 1), device="cuda"))
+            with model.base_model._enable_peft_forward_hooks(adapter_names=mix):
+                graph.replay()
+            expected = model(input_ids=static_ids, adapter_names=mix).logits
+            assert ((out - expected).norm() / expected.norm()).item() < 1e-5, mix

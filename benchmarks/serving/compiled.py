@@ -14,10 +14,14 @@ one process beside the others:
   per call, so the graph is recorded again each call;
 - *base, compiled, one cache*: one ``StaticCache`` passed to every call and reset in between (what a
   server does: the recorded graph replays);
-- *base, eager*: ``disable_compile=True`` with a dynamic cache;
+- *base, eager*: ``disable_compile=True`` with a dynamic cache; *eager_unfused*: the same with
+  :data:`jdlora.tuner.siblings.ENABLED` off for the call (JD-LoRA: every layer its own three launches;
+  the base model: eager once more, which shows the run-to-run spread);
 - *prefill*: the eager prompt forward and first token alone (``max_new_tokens=1``), so that
   ``(wall - prefill) / (new - 1)`` is the time of one decode step;
-- the same three with JD-LoRA (:mod:`.jd`'s synthetic collection at the paper's setting for the size,
+- the same three with JD-LoRA (eager: q, k and v share one shrink and one Sigma launch,
+  :mod:`jdlora.tuner.siblings`; ``JDLORA_FUSE_SIBLINGS=0`` runs each layer's own three, recorded as
+  ``fuse_siblings`` in the results) (:mod:`.jd`'s synthetic collection at the paper's setting for the size,
   loaded by jdlora's tuner, bf16), ``adapter_names`` with ``--batch`` adapters drawn at random every call
   (distinct ones when the collection has enough): a new mix every call.
 
@@ -36,6 +40,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from jdlora.tuner import siblings
 
 from .jd import adapter_name, synthetic_collection
 from .model import adapted_modules, build_model, model_config
@@ -94,13 +100,20 @@ def run_paths(model, ids, args, device, mixes=None) -> dict:
         with torch.no_grad():
             model.generate(input_ids=ids, disable_compile=True, **common, **extra())
 
+    def eager_unfused():  # each adapted layer its own three launches (the base model: eager again, a noise check)
+        enabled, siblings.ENABLED = siblings.ENABLED, False
+        try:
+            eager()
+        finally:
+            siblings.ENABLED = enabled
+
     def prefill():  # the prompt's forward and the first token only: what the decode steps add comes on top
         with torch.no_grad():
             model.generate(input_ids=ids, disable_compile=True, max_new_tokens=1, do_sample=False, **extra())
 
     out = {}
-    paths = {"eager": (eager, 1), "compiled": (compiled, args.warmup), "compiled_one_cache": (one_cache, args.warmup),
-             "prefill": (prefill, 1)}
+    paths = {"eager": (eager, 1), "eager_unfused": (eager_unfused, 1), "compiled": (compiled, args.warmup),
+             "compiled_one_cache": (one_cache, args.warmup), "prefill": (prefill, 1)}
     for name in args.paths.split(","):
         call, warm = paths[name]
         out[name] = timed_calls(call, device, warm, args.reps)
@@ -142,7 +155,7 @@ def main() -> None:
     ids = torch.randint(3, config.vocab_size, (args.batch, args.prompt), generator=gen).to(device)
     results = {"batch": args.batch, "prompt": args.prompt, "new": args.new, "device": str(device),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "tiny": args.tiny, "runs": {}}
+               "torch": torch.__version__, "tiny": args.tiny, "fuse_siblings": siblings.ENABLED, "runs": {}}
     args.out.mkdir(parents=True, exist_ok=True)
     print("base", flush=True)
     results["runs"]["base"] = run_paths(model, ids, args, device)

@@ -8,7 +8,10 @@ batch, None for none), ``begin_batch(adapters)`` (e.g. swap adapters in), ``forw
 Per batch (static batching): prompts left-padded to the longest, one prefill forward with
 ``logits_to_keep=1`` (no full-vocabulary logits for the prompt), then greedy decode with the model's
 own key/value cache (``DynamicCache``) until every request has ``new_tokens`` tokens, calling the
-model's forward directly (not ``generate``). Next tokens stay on the device; the batch's only host
+model's forward directly (not ``generate``). With ``decode="graph"`` the prefill writes into a static
+cache and each decode step is one CUDA graph replay (:mod:`.graph`; paths then also have
+``decode_rows(rows)``, a context in which the model's modules apply the batch's adapters to ``rows``
+rows from tensors updated in place). Next tokens stay on the device; the batch's only host
 synchronization is reading its tokens at the end (with ``profile``, every phase is also
 synchronized, so its timer measures the device's work rather than the host's enqueueing).
 
@@ -24,12 +27,13 @@ import inspect
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .graph import StaticDecoder
 from .scheduler import FifoScheduler
 from .workload import Request
 
@@ -49,6 +53,10 @@ class BasePath:
     def forward(self, **inputs) -> Tensor:
         return self.model(**inputs).logits
 
+    def decode_rows(self, rows: int):
+        """Graph decode (:mod:`.graph`): nothing to set for ``rows`` rows without adapters."""
+        return nullcontext()
+
     def counters(self) -> dict[str, int]:
         return {}
 
@@ -60,23 +68,44 @@ class BasePath:
 
 
 class PhaseTimer:
-    """Seconds per phase; with ``sync``, the device is synchronized around each phase."""
+    """Seconds per phase; with ``sync``, the device is synchronized around each phase.
 
-    def __init__(self, sync: bool):
+    With ``events`` (CUDA), the device's own time of a phase is also recorded (CUDA events around it,
+    read by :meth:`collect` after the batch's synchronization, so timing adds no synchronization):
+    ``device_seconds[phase]``.
+    """
+
+    def __init__(self, sync: bool, events: bool = False):
         self.sync = sync
+        self.events = events
         self.seconds: dict[str, float] = defaultdict(float)
+        self.device_seconds: dict[str, float] = defaultdict(float)
+        self._pending: list[tuple[str, object, object]] = []
 
     @contextmanager
     def __call__(self, phase: str):
         if self.sync:
             torch.cuda.synchronize()
         start = time.perf_counter()
+        if self.events:
+            begin = torch.cuda.Event(enable_timing=True)
+            begin.record()
         try:
             yield
         finally:
+            if self.events:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self._pending.append((phase, begin, end))
             if self.sync:
                 torch.cuda.synchronize()
             self.seconds[phase] += time.perf_counter() - start
+
+    def collect(self) -> None:
+        """Adds the device time of the phases recorded so far (call after the device reached them)."""
+        for phase, begin, end in self._pending:
+            self.device_seconds[phase] += begin.elapsed_time(end) / 1000
+        self._pending.clear()
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -104,6 +133,10 @@ class Server:
         max_wait: seconds the oldest waiting request may wait for a fuller batch.
         profile: synchronize the device around every phase, so phase timers measure device work.
         cache_arg: the model's cache argument (see :func:`cache_argument`).
+        decode: ``"eager"`` (the model's forward per step with a ``DynamicCache``) or ``"graph"``
+            (:class:`~.graph.StaticDecoder`: a static cache, each step one CUDA graph replay on CUDA).
+        max_len: longest prompt + new tokens (the static cache's columns; graph decode only).
+        model: the served model (graph decode calls its modules directly).
     """
 
     device: torch.device
@@ -114,11 +147,28 @@ class Server:
     profile: bool = False
     cache_arg: str = "cache"
     pad_id: int = 0
+    decode: str = "eager"
+    max_len: int = 0
+    model: nn.Module | None = None
+    decoder: StaticDecoder | None = None
 
     @classmethod
     def for_model(cls, model: nn.Module, **kwargs) -> Server:
         device = next(model.parameters()).device
-        return cls(device=device, config=model.config, cache_arg=cache_argument(model), **kwargs)
+        return cls(device=device, config=model.config, cache_arg=cache_argument(model), model=model, **kwargs)
+
+    def static_decoder(self) -> StaticDecoder:
+        """The graph decode's cache and graphs, built on first use (once per server)."""
+        if self.decode != "graph":
+            raise ValueError(f"the server decodes {self.decode!r}, not with graphs")
+        if self.decoder is None:
+            self.decoder = StaticDecoder(self.model, self.max_batch, self.max_len,
+                                         capture=self.device.type == "cuda")
+        return self.decoder
+
+    def release(self) -> None:
+        """Frees the graph decode's cache and graphs (e.g. before eager runs that need the memory)."""
+        self.decoder = None
 
     def generate(self, path, prompts: Sequence[Sequence[int]], timer: PhaseTimer | None = None) -> list[list[int]]:
         """Greedy ``new_tokens`` tokens for each prompt with ``path`` (whose batch is already begun)."""
@@ -131,12 +181,20 @@ class Server:
             mask[i, width - len(p):] = 1
         ids, mask = ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
         position = (mask.cumsum(-1) - 1).clamp(min=0)
-        common = {"use_cache": True, "logits_to_keep": 1, self.cache_arg: new_cache(self.config)}
+        graph = self.decode == "graph"
+        decoder = self.static_decoder() if graph else None
+        cache = (decoder.prefill_cache(path, rows, width, self.new_tokens - 1) if graph else new_cache(self.config))
+        common = {"use_cache": True, "logits_to_keep": 1, self.cache_arg: cache}
         with timer("prefill"):
             logits = path.forward(input_ids=ids, attention_mask=mask, position_ids=position, **common)
             token = logits[:, -1].argmax(-1)
         out = [token]
         position = position[:, -1:]
+        if graph:
+            with timer("decode"):
+                decoder.load(token, position, mask)
+                out += decoder.decode(path, self.new_tokens - 1)
+            return torch.stack(out, dim=1).tolist()
         with timer("decode"):
             for _ in range(self.new_tokens - 1):
                 mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
@@ -157,8 +215,8 @@ class Server:
         scheduler = FifoScheduler(self.max_batch, path.max_adapters)
         pending = deque(sorted(requests, key=lambda r: r.arrival))
         sync = self.profile and self.device.type == "cuda"
-        timer = PhaseTimer(sync)
-        sizes, distinct = [], []
+        timer = PhaseTimer(sync, events=self.device.type == "cuda")
+        sizes, distinct, decoded = [], [], []
         before = path.counters()
         idle = 0.0
         t0 = clock()
@@ -187,15 +245,18 @@ class Server:
             with timer("swap"):
                 path.begin_batch(adapters)
             tokens = self.generate(path, [r.prompt for r in batch], timer)
+            timer.collect()  # generate's tolist synchronized: the events are done
             finish = clock() - t0
             for request, toks in zip(batch, tokens):
                 request.start, request.finish, request.tokens = start, finish, toks
             sizes.append(len(batch))
             distinct.append(len(set(adapters)))
+            decoded.append(self.decoder.size_for(len(batch)) if self.decode == "graph" else len(batch))
         served = [r for r in requests if r.finish is not None]
         wall = max(r.finish for r in served) - min(r.arrival for r in requests)
         after = path.counters()
         served_tokens = sum(len(r.tokens) for r in served)
+        steps = len(sizes) * (self.new_tokens - 1)
         return {
             "requests": len(served),
             "requests_offered": len(requests),
@@ -213,8 +274,16 @@ class Server:
             "swap_s": timer.seconds["swap"],
             "prefill_s": timer.seconds["prefill"],
             "decode_s": timer.seconds["decode"],
+            "decode": self.decode,
+            "decode_steps": steps,
+            "mean_decode_rows": sum(decoded) / len(decoded),  # graph decode: rows padded to a captured size
+            "prefill_device_s": timer.device_seconds.get("prefill"),
+            "decode_device_s": timer.device_seconds.get("decode"),
+            "decode_step_ms": (timer.device_seconds["decode"] / steps * 1000
+                               if steps and "decode" in timer.device_seconds else None),
             "schedule_s": timer.seconds["schedule"],
             "idle_s": idle,
             "mean_latency_s": sum(r.finish - r.arrival for r in served) / len(served),
             "timers": "cuda-synchronized" if sync else "host (enqueue time; one device sync per batch)",
+            "device_timers": "CUDA events around prefill and decode of each batch" if timer.events else None,
         }

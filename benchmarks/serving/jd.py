@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +88,17 @@ class JDPath:
 
     def forward(self, **inputs) -> Tensor:
         return self.peft(**inputs, adapter_names=self.row_names).logits
+
+    @contextmanager
+    def decode_rows(self, rows: int):
+        """Graph decode (:mod:`.graph`): the tuner's layers apply the batch's adapters (padded with the
+        first row's to ``rows`` rows) when called directly: the mix set by the tuner's ``adapter_names``
+        hooks, as ``generate`` sets it. The tuner keeps one rows batch per batch size and rewrites it in
+        place (:class:`jdlora.tuner.mixed.MixedBatch`), so a graph captured at ``rows`` rows stays valid
+        while prefills of other sizes run in between."""
+        names = self.row_names + self.row_names[:1] * (rows - len(self.row_names))
+        with self.peft.base_model._enable_peft_forward_hooks(adapter_names=names):
+            yield
 
     def counters(self) -> dict[str, int]:
         return {}

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from jdlora.kernels import jd_lora_forward, prepare_batch
+from jdlora.kernels.batch import sort_rows
 
 from .settings import LORA_RANK
 
@@ -226,6 +228,7 @@ class MultiLoraPath:
         self.cluster_of = torch.arange(slots, dtype=torch.int32, device=device)
         self.row_slots: Tensor | None = None
         self.batch = None
+        self.decode_batches: dict[int, object] = {}  # graph decode: rows -> JDBatch whose tensors graphs read
         self.resident = False
         self._originals = {}
         for k, s in enumerate(store.slices):
@@ -244,6 +247,27 @@ class MultiLoraPath:
         self.batch = prepare_batch(self.row_slots.repeat_interleave(tokens_per_row))  # once for all layers
         try:
             return self.model(**inputs).logits
+        finally:
+            self.batch = None
+
+    @contextmanager
+    def decode_rows(self, rows: int):
+        """Graph decode (:mod:`.graph`): the layers apply the batch's adapters to ``rows`` rows (the batch
+        padded with its first row's slot) from one fixed :class:`~jdlora.kernels.JDBatch` per row count,
+        written in place (a captured graph reads its tensors; its scratch stays allocated)."""
+        real = self.row_slots
+        slots = torch.cat([real, real[:1].expand(rows - len(real))]) if rows > len(real) else real
+        batch = self.decode_batches.get(rows)
+        if batch is None:
+            batch = self.decode_batches[rows] = prepare_batch(slots.clone())
+        else:
+            order, sorted_slots = sort_rows(slots)
+            batch.row_adapter.copy_(slots)
+            batch.order.copy_(order)
+            batch.sorted_adapter.copy_(sorted_slots)
+        self.batch = batch
+        try:
+            yield
         finally:
             self.batch = None
 

@@ -22,6 +22,17 @@ API::
     cluster_of [n], token_adapter [T]  int32 or int64; -1 = none. Indices must be < n and < C
                                        (not checked: checking would synchronize with the host)
 
+Sibling modules that read the same ``x`` (q, k and v of an attention block; gate and up) run their first
+two launches together, then each its own expand (5 launches for q, k, v instead of 9; same bits as each
+module's own :func:`jd_lora_forward`)::
+
+    if siblings_fusable(Vs, sigmas, cluster_ofs):     # one rank, dtype and layout; 2-3 siblings
+        shrunk = jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch)   # g_s = Sigma_s[a] V_s[c_s]^T x
+        for s in range(len(Vs)):
+            jd_lora_expand(ys[s], Us[s], cluster_ofs[s], shrunk, s, scale=scale)
+
+The PEFT tuner does this by itself in eager mode (:mod:`jdlora.tuner.siblings`).
+
 ``batch`` may also be the raw ``token_adapter`` tensor (then :func:`prepare_batch` runs per call). A batch
 of rows of S tokens each (a ``[B, S, d]`` input flattened) is ``prepare_batch(row_adapter)`` once and
 ``batch.with_tokens_per_row(S)`` per forward: one sort of the rows serves prefill and decode.
@@ -50,6 +61,11 @@ Kernels (Triton path), three launches per layer, no host synchronization, CUDA-g
 3. :mod:`~jdlora.kernels.expand` -- ``y[t] += scale * U[c] g[t]`` for tiles of d_out. Reads g and
    each present cluster's U tile once per token block, reads and writes y once.
 
+Siblings (:func:`jd_lora_shrink_siblings`): ``jd_shrink_siblings_kernel`` and ``jd_sigma_siblings_kernel`` add a
+sibling axis to the grid of 1. and 2. (program ``(..., s)`` is the same program of sibling s, with its own
+``V_s``, ``Sigma_s``, ``cluster_of_s`` and rows of a ``[S, T, w]`` scratch), so each sibling gets the sums of
+its own launches; the expands stay one per module (each its own ``U``, output and width).
+
 :mod:`~jdlora.kernels.launch` says why three launches and holds the block-size configurations.
 Eager launches go through :mod:`~jdlora.kernels.fast_launch`: after the first launch of a specialization
 it calls the compiled kernel's launcher directly, skipping Triton's per-call argument handling (most of
@@ -65,16 +81,18 @@ and re-reads of bases by several token blocks (from L2).
 from __future__ import annotations
 
 import os
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from .batch import JDBatch, prepare_batch
 from .ops import jd_lora_forward_op
-from .reference import jd_lora_forward_reference
+from .reference import jd_lora_expand_reference, jd_lora_forward_reference, jd_lora_shrink_reference
 
-__all__ = ["JDBatch", "prepare_batch", "jd_lora_forward", "jd_lora_linear", "jd_lora_forward_reference"]
+__all__ = ["JDBatch", "prepare_batch", "jd_lora_forward", "jd_lora_linear", "jd_lora_forward_reference",
+           "ShrunkSiblings", "siblings_fusable", "jd_lora_shrink_siblings", "jd_lora_expand", "MAX_SIBLINGS"]
 
 Backend = Literal["auto", "triton", "torch"]
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -174,6 +192,93 @@ def jd_lora_linear(
     from .launch import jd_lora_linear_triton  # imports triton
 
     return jd_lora_linear_triton(x, weight, bias, U, V, sigma, cluster_of, batch, scale=scale, overlap=overlap)
+
+
+MAX_SIBLINGS = 3  # the fused kernels' sibling axis (q, k, v)
+
+
+@dataclass(frozen=True)
+class ShrunkSiblings:
+    """``g_s = Sigma_s[a] V_s[c_s]^T x`` of sibling modules, from :func:`jd_lora_shrink_siblings`.
+
+    ``g[s]`` is what sibling s's :func:`jd_lora_expand` reads (Triton: rows in the batch's adapter order,
+    in the batch's sibling scratch; torch: rows in token order). Valid while :attr:`valid`: the next
+    :func:`jd_lora_shrink_siblings` on the same batch overwrites the Triton path's scratch.
+    """
+
+    g: Tensor | tuple[Tensor, ...]  # Triton: [S, T, w] (one stacked scratch); torch: one [T, r] per sibling
+    batch: JDBatch
+    call: int
+    d_in: int
+    backend: str
+
+    @property
+    def valid(self) -> bool:
+        return self.batch.sibling_calls == self.call
+
+
+def siblings_fusable(Vs: Sequence[Tensor], sigmas: Sequence[Tensor], cluster_ofs: Sequence[Tensor]) -> bool:
+    """Whether :func:`jd_lora_shrink_siblings` takes these banks: 1 to :data:`MAX_SIBLINGS` non-empty ones of one
+    rank, dtype, Sigma kind and the same strides (contiguous banks of one rank always are), cluster_of of one
+    dtype. Siblings that are not go through :func:`jd_lora_forward` each."""
+    if not 0 < len(Vs) <= MAX_SIBLINGS or not len(Vs) == len(sigmas) == len(cluster_ofs):
+        return False
+    V0, s0, c0 = Vs[0], sigmas[0], cluster_ofs[0]
+    for V, sigma, cluster_of in zip(Vs, sigmas, cluster_ofs):
+        if (V.dim() != 3 or V.shape[0] == 0 or V.shape[1:] != V0.shape[1:] or V.stride() != V0.stride()
+                or V.dtype != V0.dtype or sigma.dim() != s0.dim() or sigma.shape[1:] != s0.shape[1:]
+                or sigma.stride()[1:] != s0.stride()[1:] or sigma.stride(0) != s0.stride(0)
+                or sigma.dtype != s0.dtype or cluster_of.dtype != c0.dtype or cluster_of.shape[0] == 0):
+            return False
+    return True
+
+
+def jd_lora_shrink_siblings(
+    x: Tensor,
+    Vs: Sequence[Tensor],
+    sigmas: Sequence[Tensor],
+    cluster_ofs: Sequence[Tensor],
+    batch: JDBatch,
+    *,
+    backend: Backend = "auto",
+) -> ShrunkSiblings:
+    """The first half of :func:`jd_lora_forward` for up to three sibling modules that read the same ``x``
+    (q, k and v; gate and up): ``g_s[t] = Sigma_s[a] V_s[c_s]^T x[t]``, two launches in all on the Triton path.
+
+    Then :func:`jd_lora_expand` per sibling gives, bit for bit, what its own :func:`jd_lora_forward` gives.
+    Each sibling has its own bases bank ``V_s [C_s, d_in, r]``, Sigma bank and ``cluster_of_s``; they share
+    the rank, dtypes and strides (:func:`siblings_fusable`, not checked here: the caller checks once).
+
+    Example::
+
+        shrunk = jd_lora_shrink_siblings(x, (Vq, Vk, Vv), (Sq, Sk, Sv), (cq, ck, cv), batch)
+        for s, (y, U, c) in enumerate(((yq, Uq, cq), (yk, Uk, ck), (yv, Uv, cv))):
+            jd_lora_expand(y, U, c, shrunk, s)
+    """
+    backend = _ENV_BACKEND or ("triton" if x.is_cuda else "torch") if backend == "auto" else backend
+    batch.sibling_calls += 1
+    if backend == "torch":
+        ta = batch.token_adapter
+        g = tuple(jd_lora_shrink_reference(x, V, s, c, ta, V.dtype) for V, s, c in zip(Vs, sigmas, cluster_ofs))
+    else:
+        from .launch import jd_lora_shrink_siblings_triton  # imports triton
+
+        g = jd_lora_shrink_siblings_triton(x, Vs, sigmas, cluster_ofs, batch)
+    return ShrunkSiblings(g, batch, batch.sibling_calls, x.shape[1], backend)
+
+
+def jd_lora_expand(y: Tensor, U: Tensor, cluster_of: Tensor, shrunk: ShrunkSiblings, sibling: int, *,
+                   scale: float = 1.0) -> Tensor:
+    """In place ``y[t] += scale * U[c] g[t]`` with sibling ``sibling``'s ``g`` of ``shrunk``
+    (:func:`jd_lora_shrink_siblings`): the expand launch of :func:`jd_lora_forward`. Returns ``y``."""
+    if not shrunk.valid:
+        raise RuntimeError("jd_lora_expand: a later jd_lora_shrink_siblings on this batch overwrote this g")
+    g = shrunk.g[sibling]
+    if shrunk.backend == "torch":
+        return jd_lora_expand_reference(y, U, g, cluster_of, shrunk.batch.token_adapter, scale=scale)
+    from .launch import jd_lora_expand_triton  # imports triton
+
+    return jd_lora_expand_triton(y, U, g, cluster_of, shrunk.batch, scale=scale, d_in=shrunk.d_in)
 
 
 def _op_forward(y, x, U, V, sigma, cluster_of, batch: JDBatch, scale: float, backend: str) -> None:

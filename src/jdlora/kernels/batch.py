@@ -37,6 +37,9 @@ class JDBatch:
         sorted_adapter: ``[R]`` int32, ``row_adapter[order]``: runs of equal adapters, then -1s.
         tokens_per_row: tokens in each row (1: rows are tokens). The batch has ``R * tokens_per_row``
             tokens, row by row (rows of a flattened ``[R, S, d]`` tensor).
+        sibling_calls: how many :func:`~jdlora.kernels.jd_lora_shrink_siblings` calls this batch has
+            served; only the latest one's ``g`` is valid (the Triton path keeps them in scratch that the next
+            call overwrites).
 
     The Triton path also keeps two small float32 scratch buffers here (``[T, r]``); the one that
     must start zeroed is left zeroed by every call, so all layers of a forward share them (no memset
@@ -48,6 +51,7 @@ class JDBatch:
     sorted_adapter: Tensor
     tokens_per_row: int = 1
     _scratch: dict = field(default_factory=dict, repr=False, compare=False)
+    sibling_calls: int = field(default=0, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -69,7 +73,7 @@ class JDBatch:
         """The same rows with ``tokens_per_row`` tokens each (same tensors, no device work, own scratch)."""
         if tokens_per_row == self.tokens_per_row:
             return self
-        return dataclasses.replace(self, tokens_per_row=tokens_per_row, _scratch={})
+        return dataclasses.replace(self, tokens_per_row=tokens_per_row, _scratch={}, sibling_calls=0)
 
     def scratch(self, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """``(h [T, w] float32 zeros, g [T, w] float32)`` with ``w >= width``.
@@ -84,6 +88,21 @@ class JDBatch:
             buf = (
                 torch.zeros(t, width, dtype=torch.float32, device=device),
                 torch.empty(t, width, dtype=torch.float32, device=device),
+            )
+            self._scratch[key] = buf
+        return buf
+
+    def sibling_scratch(self, count: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(h [count, T, w] float32 zeros, g [count, T, w] float32)``: :meth:`scratch` for ``count`` sibling
+        modules at once (:func:`~jdlora.kernels.jd_lora_shrink_siblings`). Apart from :meth:`scratch`'s
+        buffers, so that the siblings' ``g`` outlive the per-layer launches that run between their expands."""
+        key = ("siblings", count, str(device))
+        buf = self._scratch.get(key)
+        if buf is None or buf[0].shape[2] < width:
+            t = max(self.num_tokens, 1)
+            buf = (
+                torch.zeros(count, t, width, dtype=torch.float32, device=device),
+                torch.empty(count, t, width, dtype=torch.float32, device=device),
             )
             self._scratch[key] = buf
         return buf

@@ -11,6 +11,10 @@ the H200 (measured, see ``benchmarks/RESULTS.md``), less than serializing Sigma 
 one program (what a fused "last program of the block applies Sigma" design did: one Sigma per token,
 16 tokens per block, one SM each).
 
+Siblings that read the same x (q, k, v) share launches 1 and 2 (:func:`jd_lora_shrink_siblings_triton`: the
+same configurations and K slices per sibling, a third grid axis over siblings) and run 3 each
+(:func:`jd_lora_expand_triton`).
+
 Configurations are picked from static shapes only (T, d_in, the GPU's multiprocessor count), never
 from tensor values, so the choice costs no host synchronization and a captured CUDA graph replays
 it. The GPU numbers were chosen from the H200 sweep in ``benchmarks/RESULTS.md``
@@ -27,8 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from .expand import launch_expand
-from .shrink import launch_shrink
-from .sigma import launch_sigma
+from .shrink import launch_shrink, launch_shrink_siblings
+from .sigma import launch_sigma, launch_sigma_siblings
 from .sizes import block_rank
 
 
@@ -168,5 +172,36 @@ def jd_lora_forward_triton(
     h, g = batch.scratch(block_rank(U.shape[2]), x.device)
     launch_shrink(x, V, cluster_of, batch, h, config=shrink_cfg)
     launch_sigma(h, g, sigma, batch, exact=x.dtype == torch.float32, config=sigma_cfg)
+    launch_expand(y, U, g, cluster_of, batch, scale=scale, config=expand_cfg)
+    return y
+
+
+def jd_lora_shrink_siblings_triton(x, Vs, sigmas, cluster_ofs, batch, *, configs: Configs | None = None):
+    """Two launches for up to three siblings that read ``x``: the shrink of all, then Sigma of all.
+
+    Returns ``g [len(Vs), T, w]`` (rows in adapter order; the batch's sibling scratch), what
+    :func:`jd_lora_expand_triton` of sibling s reads as ``g[s]``. Every bank non-empty (the caller checks).
+    """
+    T = x.shape[0]
+    _check_device(x)
+    shrink_cfg, sigma_cfg, _ = configs or pick_configs(T, x.shape[1], x.device)
+    h, g = batch.sibling_scratch(len(Vs), block_rank(Vs[0].shape[2]), x.device)
+    if T == 0:
+        return g
+    launch_shrink_siblings(x, Vs, cluster_ofs, batch, h, config=shrink_cfg)
+    launch_sigma_siblings(h, g, sigmas, batch, exact=x.dtype == torch.float32, config=sigma_cfg)
+    return g
+
+
+def jd_lora_expand_triton(y, U, g, cluster_of, batch, *, scale: float = 1.0, d_in: int, configs: Configs | None = None):
+    """The expand launch alone: ``y += scale * U[c] g`` with ``g`` from :func:`jd_lora_shrink_siblings_triton`.
+
+    ``d_in``: the input width, which picks the configurations as for the whole forward. Returns y.
+    """
+    T = y.shape[0]
+    if T == 0 or U.shape[0] == 0 or cluster_of.shape[0] == 0:
+        return y
+    _check_device(y)
+    expand_cfg = (configs or pick_configs(T, d_in, y.device))[2]
     launch_expand(y, U, g, cluster_of, batch, scale=scale, config=expand_cfg)
     return y

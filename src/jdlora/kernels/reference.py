@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["jd_lora_forward_reference", "jd_lora_delta_reference"]
+__all__ = ["jd_lora_forward_reference", "jd_lora_delta_reference", "jd_lora_shrink_reference",
+           "jd_lora_expand_reference"]
 
 
 def jd_lora_delta_reference(
@@ -39,9 +40,16 @@ def jd_lora_delta_reference(
 
 
 def _delta(x, U, V, sigma, cluster_of, token_adapter):
-    T = x.shape[0]
-    acc = torch.float64 if torch.float64 in (x.dtype, U.dtype, V.dtype, sigma.dtype) else torch.float32
-    C, r = U.shape[0], U.shape[2]
+    g, active = _g(x, V, sigma, cluster_of, token_adapter, U.dtype)
+    return _expand(g, U, cluster_of, token_adapter), active
+
+
+def _accumulation(x, u_dtype, V, sigma) -> torch.dtype:
+    return torch.float64 if torch.float64 in (x.dtype, u_dtype, V.dtype, sigma.dtype) else torch.float32
+
+
+def _clusters(cluster_of, token_adapter):
+    """``(a_safe, c_safe, active)`` per token: adapter and cluster (0 where none) and whether it has an update."""
     a = token_adapter.long()
     has_adapter = a >= 0
     a_safe = torch.where(has_adapter, a, torch.zeros_like(a))
@@ -50,19 +58,54 @@ def _delta(x, U, V, sigma, cluster_of, token_adapter):
     else:
         c = torch.where(has_adapter, cluster_of.long()[a_safe.clamp(max=cluster_of.numel() - 1)], -1)
     active = c >= 0
-    c_safe = torch.where(active, c, torch.zeros_like(c))
+    return a_safe, torch.where(active, c, torch.zeros_like(c)), active
 
+
+def _g(x, V, sigma, cluster_of, token_adapter, u_dtype):
+    """``(g [T, r], active [T])``: ``Sigma[a] V[c]^T x`` per token (zero rows where inactive)."""
+    T, r = x.shape[0], V.shape[2]
+    acc = _accumulation(x, u_dtype, V, sigma)
+    a_safe, c_safe, active = _clusters(cluster_of, token_adapter)
     h_all = torch.einsum("ti,cir->tcr", x.to(acc), V.to(acc))  # [T, C, r]
     h = h_all.gather(1, c_safe.view(T, 1, 1).expand(T, 1, r)).squeeze(1)  # [T, r]
     if sigma.dim() == 2:  # JD-Diag: Sigma_a = diag(sigma[a])
         g = h * sigma.to(acc)[a_safe]
     else:  # JD-Full
         g = torch.bmm(sigma.to(acc)[a_safe], h.unsqueeze(2)).squeeze(2)
-    g = g * active.unsqueeze(1)
-    g_slots = torch.zeros(T, C, r, dtype=acc, device=x.device)
+    return g * active.unsqueeze(1), active
+
+
+def _expand(g, U, cluster_of, token_adapter):
+    """``delta [T, d_out]``: ``U[c] g[t]`` per token, in g's precision."""
+    T, C, r = g.shape[0], U.shape[0], U.shape[2]
+    _, c_safe, _ = _clusters(cluster_of, token_adapter)
+    g_slots = torch.zeros(T, C, r, dtype=g.dtype, device=g.device)
     g_slots.scatter_(1, c_safe.view(T, 1, 1).expand(T, 1, r), g.unsqueeze(1))
-    delta = torch.einsum("tcr,cor->to", g_slots, U.to(acc))  # [T, d_out]
-    return delta, active
+    return torch.einsum("tcr,cor->to", g_slots, U.to(g.dtype))  # [T, d_out]
+
+
+def jd_lora_shrink_reference(x: Tensor, V: Tensor, sigma: Tensor, cluster_of: Tensor, token_adapter: Tensor,
+                             u_dtype: torch.dtype) -> Tensor:
+    """``g [T, r]`` (float32, float64 when an input is): ``Sigma[a] V[c]^T x[t]`` per token in the caller's
+    order, zero rows for tokens without an update: the first half of :func:`jd_lora_forward_reference`."""
+    if x.shape[0] == 0:
+        return torch.zeros(0, V.shape[2], dtype=_accumulation(x, u_dtype, V, sigma), device=x.device)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _g(x, V, sigma, cluster_of, token_adapter, u_dtype)[0]
+
+
+def jd_lora_expand_reference(y: Tensor, U: Tensor, g: Tensor, cluster_of: Tensor, token_adapter: Tensor, *,
+                             scale: float = 1.0) -> Tensor:
+    """In place ``y[t] += scale * U[c] g[t]`` with ``g`` from :func:`jd_lora_shrink_reference`: the second
+    half of :func:`jd_lora_forward_reference` (same bits). Returns y."""
+    if y.shape[0] == 0:
+        return y
+    with torch.autocast(device_type=y.device.type, enabled=False):
+        delta = _expand(g, U, cluster_of, token_adapter)
+        active = _clusters(cluster_of, token_adapter)[2]
+    updated = (y.to(delta.dtype) + scale * delta).to(y.dtype)
+    y.copy_(torch.where(active.unsqueeze(1), updated, y))
+    return y
 
 
 def jd_lora_forward_reference(

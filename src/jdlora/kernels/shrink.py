@@ -19,6 +19,10 @@ slice once per token block. A decode batch (few token blocks) is split over d_in
 has enough blocks and stores its sums directly (``SPLIT`` False). With one cluster (``ONE_CLUSTER``)
 no load waits for the ``cluster_of`` lookup: all rows are shrunk by V[0], only active rows are stored.
 
+``jd_shrink_siblings_kernel`` is the same for up to three sibling modules that read the same x (q, k, v):
+grid ``(cdiv(T, BLOCK_M), split_k, siblings)``, program (i, k, s) is program (i, k) above with sibling s's
+V bank and ``cluster_of`` into ``h[s]`` of a ``[S, T, w]`` scratch (one launch instead of three).
+
 Memory traffic per launch: x once (``T * d_in``), V[c] of every cluster present once per token block
 (from L2 after the first block), and ``split_k * T * r`` float32 atomic adds (or ``T * r`` stores).
 """
@@ -45,33 +49,13 @@ def _store_h(acc, h_ptr, offs_m, offs_r, active, r, stride_h, SPLIT: tl.constexp
 
 
 @triton.jit
-def jd_shrink_kernel(
-    x_ptr,
-    v_ptr,
-    cluster_of_ptr,
-    order_ptr,
-    sorted_adapter_ptr,
-    h_ptr,
-    T,
-    tpr,
-    d_in,
-    r,
-    k_per_split,
-    stride_xt,
-    stride_xd,
-    stride_vc,
-    stride_vd,
-    stride_vr,
-    stride_h,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    SPLIT: tl.constexpr,
-    ONE_CLUSTER: tl.constexpr,
-    PRECISION: tl.constexpr,
+def _shrink_block(
+    pid_m, pid_k, x_ptr, v_ptr, cluster_of_ptr, order_ptr, sorted_adapter_ptr, h_ptr,
+    T, tpr, d_in, r, k_per_split, stride_xt, stride_xd, stride_vc, stride_vd, stride_vr, stride_h,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
+    ONE_CLUSTER: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    """Program (pid_m, pid_k) of the shrink: tokens of block pid_m, slice pid_k of d_in."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_batch = offs_m < T
     slot = offs_m // tpr  # the row of token m of the sorted order (tpr == 1: Triton folds this away)
@@ -117,23 +101,139 @@ def jd_shrink_kernel(
         _store_h(acc, h_ptr, offs_m, offs_r, active, r, stride_h, SPLIT)
 
 
+@triton.jit
+def jd_shrink_kernel(
+    x_ptr,
+    v_ptr,
+    cluster_of_ptr,
+    order_ptr,
+    sorted_adapter_ptr,
+    h_ptr,
+    T,
+    tpr,
+    d_in,
+    r,
+    k_per_split,
+    stride_xt,
+    stride_xd,
+    stride_vc,
+    stride_vd,
+    stride_vr,
+    stride_h,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ONE_CLUSTER: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    _shrink_block(tl.program_id(0), tl.program_id(1), x_ptr, v_ptr, cluster_of_ptr, order_ptr, sorted_adapter_ptr,
+                  h_ptr, T, tpr, d_in, r, k_per_split, stride_xt, stride_xd, stride_vc, stride_vd, stride_vr, stride_h,
+                  BLOCK_M, BLOCK_K, BLOCK_R, SPLIT, ONE_CLUSTER, PRECISION)
+
+
+@triton.jit
+def jd_shrink_siblings_kernel(
+    x_ptr,
+    v0_ptr,
+    v1_ptr,
+    v2_ptr,
+    cluster_of0_ptr,
+    cluster_of1_ptr,
+    cluster_of2_ptr,
+    order_ptr,
+    sorted_adapter_ptr,
+    h_ptr,
+    T,
+    tpr,
+    d_in,
+    r,
+    k_per_split,
+    stride_xt,
+    stride_xd,
+    stride_vc,
+    stride_vd,
+    stride_vr,
+    stride_hs,
+    stride_h,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ONE_CLUSTER0: tl.constexpr,
+    ONE_CLUSTER1: tl.constexpr,
+    ONE_CLUSTER2: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The shrink of up to three sibling modules that read the same x: program (i, k, s) is program
+    (i, k) of :func:`jd_shrink_kernel` for sibling s (its V bank, its cluster_of, its scratch ``h[s]``)."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    h_s = h_ptr + pid_s.to(tl.int64) * stride_hs
+    if pid_s == 0:
+        _shrink_block(pid_m, pid_k, x_ptr, v0_ptr, cluster_of0_ptr, order_ptr, sorted_adapter_ptr, h_s, T, tpr, d_in,
+                      r, k_per_split, stride_xt, stride_xd, stride_vc, stride_vd, stride_vr, stride_h,
+                      BLOCK_M, BLOCK_K, BLOCK_R, SPLIT, ONE_CLUSTER0, PRECISION)
+    elif pid_s == 1:
+        _shrink_block(pid_m, pid_k, x_ptr, v1_ptr, cluster_of1_ptr, order_ptr, sorted_adapter_ptr, h_s, T, tpr, d_in,
+                      r, k_per_split, stride_xt, stride_xd, stride_vc, stride_vd, stride_vr, stride_h,
+                      BLOCK_M, BLOCK_K, BLOCK_R, SPLIT, ONE_CLUSTER1, PRECISION)
+    else:
+        _shrink_block(pid_m, pid_k, x_ptr, v2_ptr, cluster_of2_ptr, order_ptr, sorted_adapter_ptr, h_s, T, tpr, d_in,
+                      r, k_per_split, stride_xt, stride_xd, stride_vc, stride_vd, stride_vr, stride_h,
+                      BLOCK_M, BLOCK_K, BLOCK_R, SPLIT, ONE_CLUSTER2, PRECISION)
+
+
 _shrink_launch = FastLauncher(jd_shrink_kernel)  # kernel[grid](...) with less host work per call
+
+
+def _split(T: int, d_in: int, config) -> tuple[int, int, int]:
+    """``(token blocks, K slices, K per slice)`` of a shrink of T tokens over d_in."""
+    m_blocks = cdiv(T, config.block_m)
+    split_k = max(1, min(config.split_k(m_blocks, d_in), cdiv(d_in, config.block_k)))
+    k_per_split = cdiv(cdiv(d_in, split_k), config.block_k) * config.block_k
+    return m_blocks, cdiv(d_in, k_per_split), k_per_split
 
 
 def launch_shrink(x, V, cluster_of, batch, h, *, config) -> None:
     """Launch :func:`jd_shrink_kernel`: ``h[m] (+)= V[c]^T x[order[m]]`` into the zeroed scratch."""
     T, d_in = x.shape
     r = V.shape[2]
-    block_m, block_k = config.block_m, config.block_k
-    m_blocks = cdiv(T, block_m)
-    split_k = max(1, min(config.split_k(m_blocks, d_in), cdiv(d_in, block_k)))
-    k_per_split = cdiv(cdiv(d_in, split_k), block_k) * block_k
-    split_k = cdiv(d_in, k_per_split)
+    m_blocks, split_k, k_per_split = _split(T, d_in, config)
     _shrink_launch(
         (m_blocks, split_k), x, V, cluster_of, batch.order, batch.sorted_adapter, h,
         T, batch.tokens_per_row, d_in, r, k_per_split,
         x.stride(0), x.stride(1), V.stride(0), V.stride(1), V.stride(2), h.stride(0),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_rank(r), SPLIT=split_k > 1,
+        BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=block_rank(r), SPLIT=split_k > 1,
         ONE_CLUSTER=V.shape[0] == 1, PRECISION="ieee" if x.dtype.itemsize == 4 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+_siblings_launch = FastLauncher(jd_shrink_siblings_kernel)
+
+
+def launch_shrink_siblings(x, Vs, cluster_ofs, batch, h, *, config) -> None:
+    """Launch :func:`jd_shrink_siblings_kernel`: ``h[s, m] (+)= V_s[c_s]^T x[order[m]]`` for each sibling s.
+
+    ``Vs``, ``cluster_ofs``: 1 to 3 banks of one rank, one dtype and the same strides (the caller checks:
+    :func:`jdlora.kernels.siblings_fusable`); ``h``: ``[len(Vs), T, w]`` zeroed scratch. The token blocks
+    and K slices are those of :func:`launch_shrink`, per sibling, so each ``h[s]`` gets the same sums.
+    """
+    T, d_in = x.shape
+    V0 = Vs[0]
+    r = V0.shape[2]
+    m_blocks, split_k, k_per_split = _split(T, d_in, config)
+    n = len(Vs)
+    Vp = tuple(Vs) + (V0,) * (3 - n)
+    Cp = tuple(cluster_ofs) + (cluster_ofs[0],) * (3 - n)
+    _siblings_launch(
+        (m_blocks, split_k, n), x, *Vp, *Cp, batch.order, batch.sorted_adapter, h,
+        T, batch.tokens_per_row, d_in, r, k_per_split,
+        x.stride(0), x.stride(1), V0.stride(0), V0.stride(1), V0.stride(2), h.stride(0), h.stride(1),
+        BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=block_rank(r), SPLIT=split_k > 1,
+        ONE_CLUSTER0=Vp[0].shape[0] == 1, ONE_CLUSTER1=Vp[1].shape[0] == 1, ONE_CLUSTER2=Vp[2].shape[0] == 1,
+        PRECISION="ieee" if x.dtype.itemsize == 4 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -16,6 +16,9 @@ the step is one round trip however many distinct adapters the batch holds. Prefi
 share one adapter (a run) loads Sigma once and does one ``[BLOCK_M, r] x [r, r]`` dot; a block
 straddling adapters gathers each token's Sigma, ``SIGMA_ROWS`` rows at a time.
 
+``jd_sigma_siblings_kernel``: the same for up to three siblings (grid ``(cdiv(T, BLOCK_M), siblings)``, sibling
+s's Sigma bank, ``h[s]`` and ``g[s]`` of ``[S, T, w]`` scratch), after ``jd_shrink_siblings_kernel``.
+
 Memory traffic: ``h`` read and zeroed, ``g`` written (``T * r`` float32 each), and Sigma[a] read once
 per program holding adapter a: once per token in decode (the floor: each distinct adapter's Sigma once,
 plus L2 hits for repeats), once per run block in prefill.
@@ -33,25 +36,12 @@ _BIG = tl.constexpr(2147483647)
 
 
 @triton.jit
-def jd_sigma_kernel(
-    h_ptr,
-    g_ptr,
-    sigma_ptr,
-    sorted_adapter_ptr,
-    T,
-    tpr,
-    r,
-    stride_h,
-    stride_sa,
-    stride_si,
-    stride_sj,
-    BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    SIGMA_DIAG: tl.constexpr,
-    SIGMA_ROWS: tl.constexpr,
+def _sigma_block(
+    pid_m, h_ptr, g_ptr, sigma_ptr, sorted_adapter_ptr, T, tpr, r, stride_h, stride_sa, stride_si, stride_sj,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, SIGMA_DIAG: tl.constexpr, SIGMA_ROWS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    """Program pid_m of the Sigma launch (one token in decode, BLOCK_M tokens in prefill)."""
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < r
     if BLOCK_M == 1:  # decode: one token per program, its whole Sigma loaded at once
@@ -108,6 +98,67 @@ def jd_sigma_kernel(
 
 
 @triton.jit
+def jd_sigma_kernel(
+    h_ptr,
+    g_ptr,
+    sigma_ptr,
+    sorted_adapter_ptr,
+    T,
+    tpr,
+    r,
+    stride_h,
+    stride_sa,
+    stride_si,
+    stride_sj,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    SIGMA_DIAG: tl.constexpr,
+    SIGMA_ROWS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    _sigma_block(tl.program_id(0), h_ptr, g_ptr, sigma_ptr, sorted_adapter_ptr, T, tpr, r, stride_h, stride_sa,
+                 stride_si, stride_sj, BLOCK_M, BLOCK_R, SIGMA_DIAG, SIGMA_ROWS, PRECISION)
+
+
+@triton.jit
+def jd_sigma_siblings_kernel(
+    h_ptr,
+    g_ptr,
+    sigma0_ptr,
+    sigma1_ptr,
+    sigma2_ptr,
+    sorted_adapter_ptr,
+    T,
+    tpr,
+    r,
+    stride_hs,
+    stride_h,
+    stride_sa,
+    stride_si,
+    stride_sj,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    SIGMA_DIAG: tl.constexpr,
+    SIGMA_ROWS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Sigma for up to three siblings: program (i, s) is program i of :func:`jd_sigma_kernel` for sibling s
+    (its Sigma bank; ``h[s]``, ``g[s]`` of stacked ``[S, T, w]`` scratch)."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    off = pid_s.to(tl.int64) * stride_hs
+    if pid_s == 0:
+        _sigma_block(pid_m, h_ptr + off, g_ptr + off, sigma0_ptr, sorted_adapter_ptr, T, tpr, r, stride_h, stride_sa,
+                     stride_si, stride_sj, BLOCK_M, BLOCK_R, SIGMA_DIAG, SIGMA_ROWS, PRECISION)
+    elif pid_s == 1:
+        _sigma_block(pid_m, h_ptr + off, g_ptr + off, sigma1_ptr, sorted_adapter_ptr, T, tpr, r, stride_h, stride_sa,
+                     stride_si, stride_sj, BLOCK_M, BLOCK_R, SIGMA_DIAG, SIGMA_ROWS, PRECISION)
+    else:
+        _sigma_block(pid_m, h_ptr + off, g_ptr + off, sigma2_ptr, sorted_adapter_ptr, T, tpr, r, stride_h, stride_sa,
+                     stride_si, stride_sj, BLOCK_M, BLOCK_R, SIGMA_DIAG, SIGMA_ROWS, PRECISION)
+
+
+@triton.jit
 def _sigma_gather(h, a64, active, offs_r, r, sigma_ptr, stride_sa, stride_si, stride_sj, g_ptr, row,
                   SIGMA_ROWS: tl.constexpr):
     """Each token its own Sigma: gather SIGMA_ROWS rows of every token's Sigma at a time."""
@@ -141,6 +192,31 @@ def launch_sigma(h, g, sigma, batch, *, exact: bool, config) -> None:
     _sigma_launch(
         (cdiv(T, config.block_m),), h, g, sigma, batch.sorted_adapter,
         T, batch.tokens_per_row, r, h.stride(0), sigma.stride(0), sigma.stride(1), 0 if diag else sigma.stride(2),
+        BLOCK_M=config.block_m, BLOCK_R=block_r, SIGMA_DIAG=diag, SIGMA_ROWS=sigma_rows,
+        PRECISION="ieee" if exact else "tf32",
+        num_warps=config.num_warps,
+    )
+
+
+_siblings_launch = FastLauncher(jd_sigma_siblings_kernel)
+
+
+def launch_sigma_siblings(h, g, sigmas, batch, *, exact: bool, config) -> None:
+    """Launch :func:`jd_sigma_siblings_kernel`: ``g[s, m] = Sigma_s[a] h[s, m]``, then ``h[s, m] = 0``.
+
+    ``h``, ``g``: ``[len(sigmas), T, w]`` with the same strides; ``sigmas``: 1 to 3 banks of one shape kind,
+    dtype and strides (the caller checks).
+    """
+    T = batch.num_tokens
+    s0 = sigmas[0]
+    r = s0.shape[1]
+    block_r = block_rank(r)
+    diag = s0.dim() == 2
+    sigma_rows = max(1, min(block_r, config.sigma_elems // (config.block_m * block_r)))
+    sp = tuple(sigmas) + (s0,) * (3 - len(sigmas))
+    _siblings_launch(
+        (cdiv(T, config.block_m), len(sigmas)), h, g, *sp, batch.sorted_adapter,
+        T, batch.tokens_per_row, r, h.stride(0), h.stride(1), s0.stride(0), s0.stride(1), 0 if diag else s0.stride(2),
         BLOCK_M=config.block_m, BLOCK_R=block_r, SIGMA_DIAG=diag, SIGMA_ROWS=sigma_rows,
         PRECISION="ieee" if exact else "tf32",
         num_warps=config.num_warps,

@@ -9,7 +9,9 @@ What makes ``generate(..., adapter_names=[...])`` cheap and compilable:
 - **The mix is tensor data.** :class:`~jdlora.tuner.model.JDLoraModel` keeps one :class:`MixedBatch`
   for all calls and :meth:`MixedBatch.update` writes a new mix into the same device tensors (same batch
   size: in place). A compiled decode step reads them as graph inputs, so a new mix of adapters runs
-  the same graph (no recompilation) and a captured CUDA graph replays with the new rows.
+  the same graph (no recompilation) and a captured CUDA graph replays with the new rows. A server that
+  captures an eager decode step itself (``torch.cuda.graph``) can rely on the same: the decode batch of each
+  batch size and its scratch survive every update (of any size, base-only mixes included).
 - **No host work inside the compiled region.** The host -> device copy of the rows (pinned, non
   blocking) happens in :meth:`MixedBatch.update`, before the model runs; inside a layer there is no
   host synchronization and no allocation that depends on the names.
@@ -47,58 +49,82 @@ class MixedBatch:
         self.names = list(adapter_names)
         self.size = len(self.names)
         self.active = True
+        self.storage: dict[str, torch.Tensor] = {}  # the model's packed banks (jdlora.tuner.packing), read by compiled steps
         self._groups: dict[str, object] = {}  # group key -> AdapterGroup
-        self._rows: dict[tuple[str, str], JDBatch | None] = {}  # (group key, device) -> rows batch; None: unused
-        self._eager: dict[tuple[str, str, int], JDBatch] = {}  # + tokens_per_row -> batch with its own scratch
+        # (group key, device, batch size) -> rows batch. One per batch size, kept: a server's CUDA graph
+        # captured at one size reads its tensors while other sizes (a prefill) run in between.
+        self._rows: dict[tuple[str, str, int], JDBatch] = {}
+        self._unused: set[tuple[str, str, int]] = set()  # keys whose rows are all -1 in the current mix
+        self._eager: dict[tuple[str, str, int, int], JDBatch] = {}  # + tokens_per_row -> batch with its own scratch
 
     def __len__(self) -> int:
         return self.size
 
     def update(self, adapter_names: Sequence[str], groups: Iterable = (), devices: Iterable = ()) -> None:
-        """A new mix for the next call (run outside compiled regions): rows of every group and device
-        already prepared, plus those of ``groups`` x ``devices``, are rebuilt, in place where the batch
-        size is unchanged."""
+        """A new mix for the next call (run outside compiled regions): the rows of every group and device
+        prepared before, plus those of ``groups`` x ``devices``, are rewritten for the new names, in place
+        when a mix of this batch size was prepared before (so graphs that read them see the new mix).
+
+        The rows of other batch sizes and the decode batch of each size (one token per row) with its
+        scratch are kept, so a CUDA graph captured over a decode step stays valid across calls of any
+        size; prefill batches (one per prompt length) are dropped, so they cannot pile up over calls.
+        """
         self.names = list(adapter_names)
         self.size = len(self.names)
-        self._eager.clear()
         for group in groups:
             self._groups[group.key] = group
-        keys = set(self._rows) | {(g, str(torch.device(d))) for g in self._groups for d in devices}
-        for key in keys:
+        pairs = {k[:2] for k in self._rows} | {(g, str(torch.device(d))) for g in self._groups for d in devices}
+        for pair in pairs:
+            key = (*pair, self.size)
             old = self._rows.get(key)
-            new = self._build(self._groups[key[0]], torch.device(key[1]), old)
-            self._rows[key] = new
+            self._rows[key] = self._build(self._groups[pair[0]], torch.device(pair[1]), old)
+            for eager_key in [k for k in self._eager if k[:3] == key and k[3] != 1]:
+                del self._eager[eager_key]
 
     def prepared(self, group, tokens_per_row: int, device: torch.device) -> JDBatch | None:
-        """The kernel batch of ``group`` for rows of ``tokens_per_row`` tokens; None if no row uses it."""
-        key = (group.key, str(device))
-        rows = self._rows.get(key, False)
-        if rows is False:
+        """The kernel batch of ``group`` for rows of ``tokens_per_row`` tokens; None if no row uses it
+        (eager only: under ``torch.compile`` the batch is returned anyway, so that the graph does not
+        depend on which groups the mix uses; its unused rows are -1 and the kernels skip them)."""
+        key = (group.key, str(device), self.size)
+        rows = self._rows.get(key)
+        if rows is None:
             if torch.compiler.is_compiling():  # not prepared before the compiled region: a graph of these names
-                rows = _rows_batch([group.rows.get(n, -1) for n in self.names], device, pinned=False)
-                return None if rows is None else rows.with_tokens_per_row(tokens_per_row)
+                ids = [group.rows.get(n, -1) for n in self.names]
+                if all(r < 0 for r in ids):
+                    return None
+                return prepare_batch(torch.tensor(ids, dtype=torch.int32, device=device), tokens_per_row=tokens_per_row)
             self._groups[group.key] = group
             rows = self._rows[key] = self._build(group, device, None)
-        if rows is None:
-            return None
         if torch.compiler.is_compiling():  # the custom op keeps its own scratch
             return rows.with_tokens_per_row(tokens_per_row)
+        if key in self._unused:
+            return None
         eager_key = (*key, tokens_per_row)
         batch = self._eager.get(eager_key)
         if batch is None:  # one per token count, so the layers of a forward share its scratch
             batch = self._eager[eager_key] = rows.with_tokens_per_row(tokens_per_row)
         return batch
 
-    def _build(self, group, device: torch.device, old: JDBatch | None) -> JDBatch | None:
+    def _build(self, group, device: torch.device, old: JDBatch | None) -> JDBatch:
+        """The rows batch of ``group`` for the current names: ``old`` (a batch of this size) rewritten in
+        place, or new tensors."""
         rows = [group.rows.get(name, -1) for name in self.names]
-        if old is not None and old.row_adapter.shape[0] == len(rows) and any(r >= 0 for r in rows):
-            row_adapter = _to_device(torch.tensor(rows, dtype=torch.int32), device)
+        key = (group.key, str(device), self.size)
+        if all(r < 0 for r in rows):
+            self._unused.add(key)
+        else:
+            self._unused.discard(key)
+        row_adapter = _to_device(torch.tensor(rows, dtype=torch.int32), device)
+        if old is not None:
             order, sorted_adapter = sort_rows(row_adapter)
-            old.row_adapter.copy_(row_adapter)  # the same tensors: graphs that read them see the new mix
+            old.row_adapter.copy_(row_adapter)
             old.order.copy_(order)
             old.sorted_adapter.copy_(sorted_adapter)
             return old
-        return _rows_batch(rows, device, pinned=True)
+        batch = prepare_batch(row_adapter)
+        for t in (batch.row_adapter, batch.order, batch.sorted_adapter):  # updated in place from now on
+            mark_static(t)
+        return batch
 
 
 def mark_static(t: torch.Tensor) -> None:
@@ -112,14 +138,3 @@ def _to_device(rows, device: torch.device):
     if device.type == "cuda":  # pinned + non_blocking: the host does not wait for the GPU's queue
         return rows.pin_memory().to(device, non_blocking=True)
     return rows.to(device)
-
-
-def _rows_batch(rows: list[int], device: torch.device, *, pinned: bool) -> JDBatch | None:
-    if all(r < 0 for r in rows):
-        return None
-    if not pinned:  # inside a compiled region: plain tensors of the graph
-        return prepare_batch(torch.tensor(rows, dtype=torch.int32, device=device))
-    batch = prepare_batch(_to_device(torch.tensor(rows, dtype=torch.int32), device))
-    for t in (batch.row_adapter, batch.order, batch.sorted_adapter):  # updated in place by MixedBatch.update
-        mark_static(t)
-    return batch

@@ -28,6 +28,8 @@ from .bulk import inject_collection
 from .config import JDLoraConfig, JDLoraRuntimeConfig
 from .layer import AdapterGroup, JDLoraLayer, Linear
 from .mixed import BASE, MixedBatch
+from .packing import pack_banks, packed_storage
+from .siblings import link_siblings
 
 
 class UnknownAdapterNameError(UnknownAdapterError, ValueError):
@@ -211,6 +213,7 @@ class JDLoraModel(BaseTuner):
             finally:
                 self.__dict__.pop("_jd_resolved", None)
         config.runtime_config.release()
+        link_siblings(model, JDLoraLayer)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """JD-LoRA tensors of a layer share banks, so a layer has one dtype: float32 when the base is
@@ -306,6 +309,7 @@ class JDLoraModel(BaseTuner):
         batch = self._jd_mixed_batch("_jd_mixed")
         per_input = self._jd_mixed_batch("_jd_mixed_encoder") if in_encoder else batch
         handles, devices = [], set()
+        storage = self._jd_pack_banks()
         for module in self.modules():
             if isinstance(module, JDLoraLayer):  # the encoder runs once per input, not per beam
                 if module.__dict__.get("_jd_mixed") is not (per_input if module in in_encoder else batch):
@@ -322,6 +326,7 @@ class JDLoraModel(BaseTuner):
         used = {id(b): b for b in (batch, per_input)}.values()
         for b in used:
             b.active = True
+            b.storage = storage
         try:
             yield
         finally:
@@ -329,6 +334,17 @@ class JDLoraModel(BaseTuner):
                 b.active = False
             for handle in handles:
                 handle.remove()
+
+    def _jd_pack_banks(self) -> dict[str, torch.Tensor]:
+        """Packs every layer's banks into one flat tensor per dtype and device (after they changed; else a no-op),
+        so that a compiled step reads them as a few graph inputs (:mod:`jdlora.tuner.packing`). Returns
+        those flat tensors by kind."""
+        layers = [m for m in self.modules() if isinstance(m, JDLoraLayer)]
+        pairs = [pair for layer in layers for pair in layer._jd_bank_tensors()]
+        if pack_banks(pairs):
+            for layer in layers:
+                layer._jd_after_pack()
+        return packed_storage(pairs)
 
     def _jd_mixed_batch(self, attribute: str) -> MixedBatch:
         """The model's one :class:`MixedBatch` under ``attribute`` (created on first use)."""

@@ -1,0 +1,301 @@
+"""jdlora.tuner.siblings: q, k, v (and gate, up) of a tiny random Llama share one shrink and one Sigma launch.
+
+Fused runs must give the bits of unfused runs (each layer its own three launches), and the outputs of each
+row's adapter run alone; whatever a model does between siblings (another input, an input changed in place,
+a disabled sibling, float64), the result stays right. The Triton kernels run through Triton's interpreter on
+CPU (TRITON_INTERPRET=1, set by conftest.py), the torch reference on the same path otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import jdlora
+from jdlora.synthetic import llama_modules, synthetic_adapters
+from jdlora.tuner import load_collection, siblings
+from jdlora.tuner.mixed import MixedBatch
+
+LLAMA = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, pad_token_id=0)
+MLP = {f"model.layers.{i}.mlp.{t}": (96, 64) for i in range(2) for t in ("gate_proj", "up_proj")}
+ATTN = "base_model.model.model.layers.{}.self_attn.{}"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
+
+
+@pytest.fixture(scope="module")
+def collection():
+    modules = llama_modules(2, 64, 32, ("q_proj", "k_proj", "v_proj", "o_proj")) | MLP
+    del modules["model.layers.1.self_attn.v_proj"]  # layer 1: q and k only (a pair)
+    return jdlora.compress(synthetic_adapters(5, modules, rank=4, groups=2, seed=3), rank=6, clusters=2,
+                           progress=False)
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    if request.param == "triton":
+        pytest.importorskip("triton")
+        if os.environ.get("TRITON_INTERPRET") != "1":  # tests/test_kernels.py runs the sibling kernels on CUDA
+            pytest.skip("the tiny model runs on CPU: Triton needs TRITON_INTERPRET=1 (conftest.py sets it without CUDA)")
+    monkeypatch.setattr(jdlora.kernels, "_ENV_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts the Triton launches by kind (the launch functions the Triton path calls)."""
+    from jdlora.kernels import launch
+
+    counts = Counter()
+    for name in ("launch_shrink", "launch_sigma", "launch_expand", "launch_shrink_siblings", "launch_sigma_siblings"):
+        def counted(*args, _f=getattr(launch, name), _name=name, **kwargs):
+            counts[_name] += 1
+            return _f(*args, **kwargs)
+
+        monkeypatch.setattr(launch, name, counted)
+    return counts
+
+
+@pytest.fixture
+def fusion(monkeypatch):
+    def set_to(on: bool):
+        monkeypatch.setattr(siblings, "ENABLED", on)
+
+    return set_to
+
+
+def _logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits
+
+
+def test_siblings_are_linked_by_parent_and_name(base, collection):
+    model = load_collection(copy.deepcopy(base), collection)
+    layers = dict(model.named_modules())
+    qkv = [layers[ATTN.format(0, n)] for n in ("q_proj", "k_proj", "v_proj")]
+    assert all(m._jd_siblings is qkv[0]._jd_siblings for m in qkv) and qkv[0]._jd_siblings.layers == qkv
+    assert len(layers[ATTN.format(1, "q_proj")]._jd_siblings.layers) == 2  # q and k
+    assert layers[ATTN.format(0, "o_proj")]._jd_siblings is None
+    gate = layers["base_model.model.model.layers.0.mlp.gate_proj"]
+    assert [m is gate._jd_siblings.layers[i] for i, m in enumerate(
+        (gate, layers["base_model.model.model.layers.0.mlp.up_proj"]))] == [True, True]
+
+
+def test_a_fused_mixed_batch_equals_the_unfused_one_and_each_row_alone(base, collection, backend, fusion, launches):
+    model = load_collection(copy.deepcopy(base), collection)
+    ids = torch.randint(1, 96, (3, 5), generator=torch.Generator().manual_seed(1))
+    names = [collection.adapter_names[3], "__base__", collection.adapter_names[1]]
+    fusion(False)
+    unfused = _logits(model, ids, adapter_names=names)
+    off = Counter(launches)
+    launches.clear()
+    fusion(True)
+    fused = _logits(model, ids, adapter_names=names)
+    assert torch.equal(fused, unfused)
+    if backend == "triton":
+        # 11 adapted layers; q, k, v 9 -> 5 launches (layer 1: q, k 6 -> 4), gate, up 6 -> 4, o 3 either way
+        assert off == {"launch_shrink": 11, "launch_sigma": 11, "launch_expand": 11}
+        assert launches == {"launch_shrink_siblings": 4, "launch_sigma_siblings": 4, "launch_shrink": 2,
+                            "launch_sigma": 2, "launch_expand": 11}
+    assert all(m._jd_siblings.on for m in model.modules() if getattr(m, "_jd_siblings", None) is not None)
+    for i, name in enumerate(names):
+        if name == "__base__":
+            alone = _logits(base, ids[i : i + 1])
+        else:
+            model.set_adapter(name)
+            alone = _logits(model, ids[i : i + 1])
+        torch.testing.assert_close(fused[i : i + 1], alone, rtol=0, atol=1e-5)
+
+
+def _qkv(base, collection):
+    model = load_collection(copy.deepcopy(base), collection)
+    layers = dict(model.named_modules())
+    return model, [layers[ATTN.format(0, n)] for n in ("q_proj", "k_proj", "v_proj")]
+
+
+def _run(layers, inputs, batch):
+    with torch.no_grad():
+        return [m(x, adapter_names=batch) for m, x in zip(layers, inputs)]
+
+
+def test_one_qkv_forward_takes_five_launches_instead_of_nine(base, collection, backend, fusion, launches):
+    _, qkv = _qkv(base, collection)
+    x = torch.randn(4, 1, 64)
+    batch = MixedBatch([collection.adapter_names[0], "__base__", collection.adapter_names[2], collection.adapter_names[4]])
+    fusion(False)
+    unfused = _run(qkv, [x] * 3, batch)
+    if backend == "triton":
+        assert sum(launches.values()) == 9
+    launches.clear()
+    fusion(True)
+    fused = _run(qkv, [x] * 3, batch)
+    assert all(torch.equal(a, b) for a, b in zip(fused, unfused))
+    if backend == "triton":
+        assert sum(launches.values()) == 5 and launches["launch_expand"] == 3
+    assert not qkv[0]._jd_siblings._kept  # every sibling took its g: nothing kept past the forward
+
+
+def test_a_sibling_given_another_input_runs_alone_and_fusion_stops(base, collection, backend, fusion, launches):
+    _, qkv = _qkv(base, collection)
+    x, other = torch.randn(2, 3, 64), torch.randn(2, 3, 64)
+    batch = MixedBatch([collection.adapter_names[1], collection.adapter_names[2]])
+    fusion(False)
+    expected = _run(qkv, [x, other, x], batch)
+    fusion(True)
+    got = _run(qkv, [x, other, x], batch)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert not qkv[0]._jd_siblings.on  # k did not take the g computed from q's input
+    launches.clear()
+    assert all(torch.equal(a, b) for a, b in zip(_run(qkv, [x] * 3, batch), _run(qkv, [x] * 3, batch)))
+    assert launches["launch_shrink_siblings"] == 0
+
+
+def test_an_input_changed_in_place_between_siblings_is_not_served_a_stale_g(base, collection, backend, fusion):
+    _, qkv = _qkv(base, collection)
+    batch = MixedBatch([collection.adapter_names[0], collection.adapter_names[3]])
+    x = torch.randn(2, 3, 64)
+    fusion(True)
+    with torch.no_grad():
+        q = qkv[0](x, adapter_names=batch)
+        x.mul_(2)
+        k, v = qkv[1](x, adapter_names=batch), qkv[2](x, adapter_names=batch)
+    fusion(False)
+    expected = _run(qkv, [x / 2, x, x], batch)
+    assert torch.equal(q, expected[0]) and torch.equal(k, expected[1]) and torch.equal(v, expected[2])
+
+
+def test_a_disabled_sibling_is_left_out_of_the_fused_launch(base, collection, backend, fusion, launches):
+    _, qkv = _qkv(base, collection)
+    qkv[1].enable_adapters(False)
+    x = torch.randn(3, 2, 64)
+    batch = MixedBatch([collection.adapter_names[2], "__base__", collection.adapter_names[0]])
+    fusion(False)
+    expected = _run(qkv, [x] * 3, batch)
+    launches.clear()
+    fusion(True)
+    got = _run(qkv, [x] * 3, batch)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert torch.equal(got[1], qkv[1].base_layer(x))
+    assert qkv[0]._jd_siblings.on
+    if backend == "triton":  # q and v fused: 2 + 2 expands, instead of 6
+        assert sum(launches.values()) == 4
+
+
+def test_float64_layers_run_unfused_with_the_same_numbers(base, collection, fusion):
+    model, qkv = _qkv(base, collection)
+    model.double()
+    x = torch.randn(2, 3, 64, dtype=torch.float64)
+    batch = MixedBatch([collection.adapter_names[0], collection.adapter_names[1]])
+    fusion(False)
+    expected = _run(qkv, [x] * 3, batch)
+    fusion(True)
+    got = _run(qkv, [x] * 3, batch)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert not qkv[0]._jd_siblings._kept
+
+
+def test_the_environment_switch_turns_fusion_off():
+    code = "import jdlora.tuner.siblings as s; print(s.ENABLED)"
+    env = {**os.environ, "JDLORA_FUSE_SIBLINGS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_inference_mode_tensors_are_fused_too(base, collection, backend, fusion, launches):
+    """Tensors made under torch.inference_mode keep no version counter: siblings match them by identity."""
+    _, qkv = _qkv(base, collection)
+    batch = MixedBatch([collection.adapter_names[4], "__base__"])
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 64)
+        fusion(False)
+        expected = _run(qkv, [x] * 3, batch)
+        launches.clear()
+        fusion(True)
+        got = _run(qkv, [x] * 3, batch)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    if backend == "triton":
+        assert sum(launches.values()) == 5
+
+
+def _triple(groups_per_layer, d=32):
+    """q, k, v tuner layers under one parent; ``groups_per_layer[i]``: (rank, adapter names) groups of layer i."""
+    from torch import nn
+
+    from jdlora.tuner.layer import AdapterGroup, JDLoraLayer, Linear
+
+    groups, parent = {}, nn.Module()
+    for name, layer_groups, d_out in zip(("q_proj", "k_proj", "v_proj"), groups_per_layer, (d, d // 2, d // 2)):
+        layer = Linear(nn.Linear(d, d_out, bias=False))
+        for r, names in layer_groups:
+            group = groups.setdefault(r, AdapterGroup(r, "full"))
+            layer.add_bases(f"r{r}", torch.randn(d_out, r) / r**0.5, torch.randn(d, r) / d**0.5)
+            layer.add_sigmas(group, names, group.add(names), torch.randn(len(names), r, r), f"r{r}")
+        setattr(parent, name, layer)
+    siblings.link_siblings(parent, JDLoraLayer)
+    return parent.q_proj, parent.k_proj, parent.v_proj
+
+
+def test_groups_only_some_siblings_have_and_other_ranks_run_alone(backend, fusion, launches):
+    """k alone has rank-8 adapters ("b"), v has no rank-4 ones: the rank-16 adapters of all three are fused, q and
+    k's rank-4 ones too (a pair), k's rank-8 ones run alone."""
+    qkv = _triple([[(16, ["a0", "a1"]), (4, ["c"])], [(16, ["a0", "a1"]), (8, ["b"]), (4, ["c"])],
+                   [(16, ["a0", "a1"])]])
+    x = torch.randn(5, 1, 32)
+    batch = MixedBatch(["a0", "b", "__base__", "c", "a1"])
+    fusion(False)
+    expected = _run(qkv, [x] * 3, batch)
+    launches.clear()
+    fusion(True)
+    got = _run(qkv, [x] * 3, batch)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    if backend == "triton":  # rank 16: 2 + 3 expands; rank 4: 2 + 2 expands; k's rank 8: 3
+        assert launches == {"launch_shrink_siblings": 2, "launch_sigma_siblings": 2, "launch_expand": 6,
+                            "launch_shrink": 1, "launch_sigma": 1}
+
+
+def test_banks_replaced_between_forwards_are_fused_with_their_new_values(backend, fusion, launches):
+    qkv = _triple([[(16, ["a0", "a1"])]] * 3)
+    x = torch.randn(3, 2, 32)
+    batch = MixedBatch(["a1", "__base__", "a0"])
+    fusion(True)
+    _run(qkv, [x] * 3, batch)
+    for layer in qkv:  # new bank tensors (as .to() and load_state_dict(assign=True) give)
+        layer.jd_cast(torch.float16)
+    launches.clear()
+    got = _run(qkv, [x] * 3, batch)
+    if backend == "triton":
+        assert launches["launch_shrink_siblings"] == 1
+    fusion(False)
+    expected = _run(qkv, [x] * 3, batch)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert qkv[0]._jd_siblings.on
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_on_cuda_the_fused_kernels_give_the_unfused_outputs(base, collection, fusion, launches, dtype):
+    model = load_collection(copy.deepcopy(base), collection).to("cuda", dtype=dtype)
+    ids = torch.randint(1, 96, (4, 7), generator=torch.Generator().manual_seed(2)).cuda()
+    names = [collection.adapter_names[0], collection.adapter_names[4], "__base__", collection.adapter_names[2]]
+    fusion(False)
+    unfused = _logits(model, ids, adapter_names=names).float()
+    launches.clear()
+    fusion(True)
+    for _ in range(2):  # the second forward launches directly (jdlora.kernels.fast_launch)
+        fused = _logits(model, ids, adapter_names=names).float()
+        # split-K sums meet by atomic adds in any order: equal up to rounding
+        torch.testing.assert_close(fused, unfused, rtol=0, atol=1e-4 if dtype == torch.float32 else 5e-2)
+    assert launches["launch_shrink_siblings"] == 2 * 4 and launches["launch_expand"] == 2 * 11
