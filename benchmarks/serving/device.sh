@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Issue 13's GPU runs on a bare machine (one H200), each step within one 10-minute device call:
+#   bash benchmarks/serving/device.sh generate   # GPU tests + eager q/k/v host cost + generate (eager, fused or not; compiled)
+#   bash benchmarks/serving/device.sh study      # the serving study with graph-captured decode (benchmarks/serving/run.py)
+# Results and logs go to $OUT (the device tool's output folder) or ./device-out.
+set -euo pipefail
+OUT=${OUT:-device-out}
+mkdir -p "$OUT"
+export PYTHONPATH=src:. PYTHONUNBUFFERED=1
+case "$1" in
+  generate)
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+    python -m pytest -q -x -p no:cacheprovider tests/test_tuner_gpu.py tests/test_siblings.py tests/test_fast_launch.py \
+      tests/test_compile.py 2>&1 | tail -15 | tee "$OUT/tests.log"
+    python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+      -k "sibling or decode_batches or prefill_runs or clusterings or cuda_graph or rows_equals" 2>&1 | tail -5 \
+      | tee -a "$OUT/tests.log"
+    python -m benchmarks.kernels --qkv --json "$OUT/qkv.json" 2>&1 | tee "$OUT/qkv.log"
+    python -m benchmarks.serving.compiled --out "$OUT/generate" --sizes 64 --warmup 2 --reps 5 \
+      --paths eager,eager_unfused,compiled_one_cache,prefill 2>&1 | tee "$OUT/generate.log" ;;
+  study)
+    mkdir -p "$OUT/serving_graph"
+    python -m benchmarks.serving.run --out "$OUT/serving_graph" --max-batch 256,64 --sizes 1024,4,64,256,16 \
+      --eager-sizes 1024 --grid-sizes "" --requests 512 --run-limit 10 --time-budget "${TIME_BUDGET:-230}" \
+      --step-kernels 2>&1 | tee "$OUT/serving_graph/log.txt" ;;
+  *) echo "usage: $0 generate|study" >&2; exit 2 ;;
+esac
