@@ -11,10 +11,10 @@ case "$1" in
   generate)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
     python -m pytest -q -x -p no:cacheprovider tests/test_tuner_gpu.py tests/test_siblings.py tests/test_fast_launch.py \
-      tests/test_compile.py 2>&1 | tail -15 | tee "$OUT/tests.log"
+      tests/test_compile.py 2>&1 | tail -15 | tee "$OUT/tests.log" || echo "TESTS FAILED" | tee -a "$OUT/tests.log"
     python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
       -k "sibling or decode_batches or prefill_runs or clusterings or cuda_graph or rows_equals" 2>&1 | tail -5 \
-      | tee -a "$OUT/tests.log"
+      | tee -a "$OUT/tests.log" || echo "KERNEL TESTS FAILED" | tee -a "$OUT/tests.log"
     python -m benchmarks.kernels --qkv --json "$OUT/qkv.json" 2>&1 | tee "$OUT/qkv.log"
     python -m benchmarks.serving.compiled --out "$OUT/generate" --sizes 64 --warmup 2 --reps 5 \
       --paths eager,eager_unfused,compiled_one_cache,prefill 2>&1 | tee "$OUT/generate.log" ;;
