@@ -30,7 +30,6 @@ from torch import Tensor, nn
 from ..kernels import jd_lora_expand
 from . import siblings as _siblings
 from .mixed import MixedBatch, jd_lora_forward, mark_static
-from .packing import BankTensor
 
 
 class AdapterGroup:
@@ -69,10 +68,6 @@ class AdapterGroup:
 class _BasesBank:
     """All bases of one rank in one layer: ``U [C, d_out, r]``, ``V [C, d_in, r]``, slot -> basis key."""
 
-    U = BankTensor()
-    V = BankTensor()
-    tensors = ("U", "V")
-
     def __init__(self, U: Tensor, V: Tensor):
         self.U, self.V = U, V
         self.keys: list[Optional[str]] = [None] * U.shape[0]
@@ -80,10 +75,6 @@ class _BasesBank:
 
 class _SigmaBank:
     """The Sigmas of one :class:`AdapterGroup` in one layer, and each row's bases slot (-1: none)."""
-
-    sigma = BankTensor()
-    cluster_of = BankTensor()
-    tensors = ("sigma", "cluster_of")
 
     def __init__(self, group: AdapterGroup, sigma: Tensor, cluster_of: Tensor):
         self.group, self.sigma, self.cluster_of = group, sigma, cluster_of
@@ -420,27 +411,16 @@ class JDLoraLayer(BaseTunerLayer):
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
             )
 
-    def _jd_bank_tensors(self) -> list[tuple[object, BankTensor]]:
-        """Every bank tensor of this layer as ``(bank, descriptor)`` (what :func:`~jdlora.tuner.packing.pack_banks` takes)."""
-        self._jd_retie_if_needed()
-        banks = list(self._jd_bases.values()) + list(self._jd_banks.values())
-        return [(bank, getattr(type(bank), name)) for bank in banks for name in bank.tensors]
-
-    def _jd_after_pack(self) -> None:
-        """Points the PEFT dicts' entries at the packed banks (they are views of the bank rows)."""
-        for bank in self._jd_bases.values():
-            self._jd_view_bases(bank)
-        for name, param in self.jd_sigma.items():
-            bank = self._jd_banks[self._jd_group_key(name)]
-            param.data = bank.sigma[bank.group.rows[name]]
-
     def _jd_mark_static(self) -> None:
-        """Marks the banks' storage as tensors at fixed addresses for ``torch.compile`` (as transformers marks
-        its static cache): a graph reads them as inputs, and CUDA graphs would otherwise copy every input
+        """Marks the banks as tensors at fixed addresses for ``torch.compile`` (as transformers marks its
+        static cache): a graph reads them as inputs, and CUDA graphs would otherwise copy every input
         that is not a parameter or buffer into their own memory at each replay (all bases and Sigmas,
         per step). A bank that is replaced (grown, moved) is marked anew; graphs then record again."""
-        for bank, attr in self._jd_bank_tensors():
-            mark_static(attr.flat(bank))
+        self._jd_retie_if_needed()
+        banks = [t for b in self._jd_bases.values() for t in (b.U, b.V)]
+        banks += [t for b in self._jd_banks.values() for t in (b.sigma, b.cluster_of)]
+        for t in banks:
+            mark_static(t)
 
     def _mixed_batch_forward(self, x: Tensor, *args: Any, adapter_names, **kwargs: Any) -> Tensor:
         """Each row of the batch with its own adapter: one gathered JD product per adapter group.
@@ -466,12 +446,7 @@ class JDLoraLayer(BaseTunerLayer):
                 continue
             self._jd_grow(bank, bank.group.size)
             bases = self._jd_bases[bank.group.rank]
-            if torch.compiler.is_compiling():  # views of the model's packed banks: one graph input for all layers
-                storage = batch.storage
-                U, V = _BasesBank.U.graph(bases, storage), _BasesBank.V.graph(bases, storage)
-                sigma, cluster_of = _SigmaBank.sigma.graph(bank, storage), _SigmaBank.cluster_of.graph(bank, storage)
-            else:
-                U, V, sigma, cluster_of = bases.U, bases.V, bank.sigma, bank.cluster_of
+            U, V, sigma, cluster_of = bases.U, bases.V, bank.sigma, bank.cluster_of
             y = y2
             if U.dtype not in _KERNEL_DTYPES or y2.dtype not in _KERNEL_DTYPES:  # e.g. float64: kernels in fp32
                 U, V, sigma = U.float(), V.float(), sigma.float()

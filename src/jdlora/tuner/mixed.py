@@ -49,7 +49,6 @@ class MixedBatch:
         self.names = list(adapter_names)
         self.size = len(self.names)
         self.active = True
-        self.storage: dict[str, torch.Tensor] = {}  # the model's packed banks (jdlora.tuner.packing), read by compiled steps
         self._groups: dict[str, object] = {}  # group key -> AdapterGroup
         # (group key, device, batch size) -> rows batch. One per batch size, kept: a server's CUDA graph
         # captured at one size reads its tensors while other sizes (a prefill) run in between.

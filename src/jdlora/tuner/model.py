@@ -28,7 +28,6 @@ from .bulk import inject_collection
 from .config import JDLoraConfig, JDLoraRuntimeConfig
 from .layer import AdapterGroup, JDLoraLayer, Linear
 from .mixed import BASE, MixedBatch
-from .packing import pack_banks, packed_storage
 from .siblings import link_siblings
 
 
@@ -309,7 +308,6 @@ class JDLoraModel(BaseTuner):
         batch = self._jd_mixed_batch("_jd_mixed")
         per_input = self._jd_mixed_batch("_jd_mixed_encoder") if in_encoder else batch
         handles, devices = [], set()
-        storage = self._jd_pack_banks()
         for module in self.modules():
             if isinstance(module, JDLoraLayer):  # the encoder runs once per input, not per beam
                 if module.__dict__.get("_jd_mixed") is not (per_input if module in in_encoder else batch):
@@ -326,7 +324,6 @@ class JDLoraModel(BaseTuner):
         used = {id(b): b for b in (batch, per_input)}.values()
         for b in used:
             b.active = True
-            b.storage = storage
         try:
             yield
         finally:
@@ -334,17 +331,6 @@ class JDLoraModel(BaseTuner):
                 b.active = False
             for handle in handles:
                 handle.remove()
-
-    def _jd_pack_banks(self) -> dict[str, torch.Tensor]:
-        """Packs every layer's banks into one flat tensor per dtype and device (after they changed; else a no-op),
-        so that a compiled step reads them as a few graph inputs (:mod:`jdlora.tuner.packing`). Returns
-        those flat tensors by kind."""
-        layers = [m for m in self.modules() if isinstance(m, JDLoraLayer)]
-        pairs = [pair for layer in layers for pair in layer._jd_bank_tensors()]
-        if pack_banks(pairs):
-            for layer in layers:
-                layer._jd_after_pack()
-        return packed_storage(pairs)
 
     def _jd_mixed_batch(self, attribute: str) -> MixedBatch:
         """The model's one :class:`MixedBatch` under ``attribute`` (created on first use)."""
