@@ -306,6 +306,9 @@ def test_graph_decode_generates_what_the_eager_loop_does_on_every_path(model, mo
             try:
                 server = server_for(model, max_batch=20, decode=decode, max_len=SHORT[3] + NEW_TOKENS)
                 stats = server.serve(path, served)
+                if decode == "graph":  # what the warm-up captures on CUDA: every size with a max_batch batch begun
+                    path.begin_batch([i % 2 for i in range(20)])
+                    server.decoder.capture(path)
             finally:
                 path.close()
             tokens[decode] = [r.tokens for r in served]

@@ -154,12 +154,14 @@ class StaticDecoder:
         (``path.begin_batch``); its ``decode_rows(size)`` context makes them device data the graph reads.
         """
         self._own(path)
-        if not self.capture_graphs:
-            return
         for size in sizes or self.sizes:
             if size in self.graphs:
                 continue
             self._reset_inputs()
+            if not self.capture_graphs:  # no CUDA: the same steps run eagerly, so their shapes are checked here too
+                with path.decode_rows(size):
+                    self.step(size)
+                continue
             with path.decode_rows(size):
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
@@ -173,7 +175,8 @@ class StaticDecoder:
             self.graphs[size] = graph
             self.captures += 1
         self._reset_inputs()
-        torch.cuda.synchronize()
+        if self.capture_graphs:
+            torch.cuda.synchronize()
 
     def step_kernels(self, path, size: int) -> dict:
         """Where a decode step's device time goes: the step at ``size`` rows run once eagerly under

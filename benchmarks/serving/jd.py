@@ -91,12 +91,12 @@ class JDPath:
 
     @contextmanager
     def decode_rows(self, rows: int):
-        """Graph decode (:mod:`.graph`): the tuner's layers apply the batch's adapters (padded with the
-        first row's to ``rows`` rows) when called directly: the mix set by the tuner's ``adapter_names``
+        """Graph decode (:mod:`.graph`): the tuner's layers apply the batch's adapters (its first ``rows`` rows,
+        padded with the first row's) when called directly: the mix set by the tuner's ``adapter_names``
         hooks, as ``generate`` sets it. The tuner keeps one rows batch per batch size and rewrites it in
         place (:class:`jdlora.tuner.mixed.MixedBatch`), so a graph captured at ``rows`` rows stays valid
         while prefills of other sizes run in between."""
-        names = self.row_names + self.row_names[:1] * (rows - len(self.row_names))
+        names = (self.row_names + self.row_names[:1] * rows)[:rows]
         with self.peft.base_model._enable_peft_forward_hooks(adapter_names=names):
             yield
 

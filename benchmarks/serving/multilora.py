@@ -252,11 +252,11 @@ class MultiLoraPath:
 
     @contextmanager
     def decode_rows(self, rows: int):
-        """Graph decode (:mod:`.graph`): the layers apply the batch's adapters to ``rows`` rows (the batch
-        padded with its first row's slot) from one fixed :class:`~jdlora.kernels.JDBatch` per row count,
+        """Graph decode (:mod:`.graph`): the layers apply the batch's adapters to ``rows`` rows (its first ``rows``
+        rows, padded with its first row's slot) from one fixed :class:`~jdlora.kernels.JDBatch` per row count,
         written in place (a captured graph reads its tensors; its scratch stays allocated)."""
         real = self.row_slots
-        slots = torch.cat([real, real[:1].expand(rows - len(real))]) if rows > len(real) else real
+        slots = torch.cat([real, real[:1].expand(rows - len(real))]) if rows > len(real) else real[:rows]
         batch = self.decode_batches.get(rows)
         if batch is None:
             batch = self.decode_batches[rows] = prepare_batch(slots.clone())
