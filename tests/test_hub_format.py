@@ -180,3 +180,16 @@ def test_a_network_failure_during_push_is_a_push_error(hub, collection, monkeypa
     monkeypatch.setattr(hfc, "ENDPOINT", dead)
     with pytest.raises(PushError, match="nothing was uploaded"):
         collection.push_to_hub(REPO, progress=False)
+
+
+def test_engines_tell_a_collection_from_a_plain_lora_by_one_small_download(hub, collection):
+    """What TGI and vLLM ask first (jdlora.format.read_adapter_config): a collection's root or one adapter's
+    folder on the Hub, read from its adapter_config.json alone; a repo that does not exist is not JD-LoRA
+    (the engine's own loader reports it)."""
+    from jdlora.format import adapter_config_kind, read_adapter_config
+
+    collection.push_to_hub(REPO, progress=False)
+    hub.requests.clear()
+    assert adapter_config_kind(read_adapter_config(REPO)) == "collection"
+    assert hub.downloads() == ["adapter_config.json"]
+    assert read_adapter_config("jdlora-test/no-such-repo") is None

@@ -16,6 +16,7 @@ import torch
 
 from jdlora.collection import AdapterInfo, CollectionModule, JDLoraCollection
 from jdlora.compress import ModuleCompression
+from jdlora.format import adapter_config_kind, read_adapter_config
 
 TGI_SRC = Path(__file__).resolve().parents[1] / "integrations" / "tgi" / "src"
 if str(TGI_SRC) not in sys.path:
@@ -117,12 +118,13 @@ def test_colliding_adapter_ids_are_refused_naming_both_entries():
 def test_adapter_configs_are_classified_by_peft_type(tmp_path):
     coll = random_collection(["a", "b"], ["self_attn.q_proj"])
     coll.save_pretrained(tmp_path / "c", progress=False)
-    root = naming.read_adapter_config(str(tmp_path / "c"))
-    one = naming.read_adapter_config(str(tmp_path / "c" / "adapters" / "a"))
-    assert naming.classify_adapter_config(root) == "collection"
-    assert naming.classify_adapter_config(one) == "adapter"
-    assert naming.classify_adapter_config({"peft_type": "LORA", "r": 8}) is None
-    assert naming.read_adapter_config(str(tmp_path)) is None  # a folder without adapter_config.json
+    root = read_adapter_config(str(tmp_path / "c"))
+    one = read_adapter_config(str(tmp_path / "c" / "adapters" / "a"))
+    assert adapter_config_kind(root) == "collection"
+    assert adapter_config_kind(one) == "adapter"
+    assert adapter_config_kind({"peft_type": "LORA", "r": 8}) is None
+    assert read_adapter_config(str(tmp_path)) is None  # a folder without adapter_config.json
+    assert read_adapter_config(str(tmp_path / "missing")) is None  # a local path: no Hub lookup, the engine reports it
 
 
 @pytest.mark.parametrize("collection_root", ["../../../elsewhere", "/etc", "../x/..", ""])
@@ -135,7 +137,7 @@ def test_a_single_adapter_folder_only_leads_up_to_its_own_collection(tmp_path, c
     coll = random_collection(["a", "b"], ["self_attn.q_proj"])
     coll.save_pretrained(tmp_path / "c", progress=False)
     folder = tmp_path / "c" / "adapters" / "a"
-    config = naming.read_adapter_config(str(folder))
+    config = read_adapter_config(str(folder))
     source, name = _single_adapter_source(str(folder), config)
     assert (Path(source.path_or_repo_id), source.adapters, name) == ((tmp_path / "c").resolve(), ("a",), "a")
     with pytest.raises(UnsafePathError, match="collection_root"):

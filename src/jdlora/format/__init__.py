@@ -8,7 +8,8 @@
 from .export import export_lora
 from .hub import push_collection
 from .layout import FORMAT_VERSION, read_manifest
-from .load import fetch_manifest, load_collection
+from .load import adapter_config_kind, fetch_manifest, load_collection, read_adapter_config
 from .save import save_collection
 
-__all__ = ["FORMAT_VERSION", "export_lora", "fetch_manifest", "load_collection", "push_collection", "read_manifest", "save_collection"]
+__all__ = ["FORMAT_VERSION", "adapter_config_kind", "export_lora", "fetch_manifest", "load_collection", "push_collection", "read_adapter_config", "read_manifest",
+           "save_collection"]

@@ -16,7 +16,8 @@ from ..compress import ModuleCompression, SweepPoint
 from ..errors import CollectionFormatError, CollectionIntegrityError, UnknownAdapterError
 from ..sources import looks_local
 from .layout import (
-    ADAPTER_WEIGHTS, BASES_TENSORS, MANIFEST, check_relative_path, read_manifest, resolve_inside, sha256_file, sigma_tensor_key,
+    ADAPTER_WEIGHTS, BASES_TENSORS, MANIFEST, PEFT_CONFIG, PEFT_TYPE, check_relative_path, read_manifest, resolve_inside, sha256_file,
+    sigma_tensor_key,
 )
 
 
@@ -117,6 +118,43 @@ def fetch_manifest(path_or_repo_id: str | os.PathLike, *, revision: str | None =
                    token: str | bool | None = None) -> dict:
     """Reads only ``collection.json`` of a folder or Hub repo (nothing else is downloaded)."""
     return read_manifest(_Fetcher(path_or_repo_id, revision, token, False, None).manifest())
+
+
+def read_adapter_config(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> dict | None:
+    """``adapter_config.json`` of a local folder or a Hub repo, or None when there is none.
+
+    What a serving engine reads first to tell a JD-LoRA collection (or one adapter's folder of it) from a plain
+    LoRA: on the Hub only that small file is downloaded. A local path (:func:`~jdlora.sources.looks_local`)
+    is never looked up on the Hub. None also for a local path that does not exist and for a repo that does
+    not exist or cannot be seen (a private one without a token): the engine's own loader then reports it.
+    Network errors propagate: a collection that cannot be reached must not load as something else.
+    """
+    local = Path(path_or_repo_id).expanduser()
+    if local.is_dir():
+        file = local / PEFT_CONFIG
+        return json.loads(file.read_text()) if file.is_file() else None
+    if looks_local(path_or_repo_id):
+        return None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        file = hf_hub_download(str(path_or_repo_id), PEFT_CONFIG, revision=revision)
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: the Hub could not be reached
+        raise
+    except (EntryNotFoundError, RepositoryNotFoundError):
+        return None
+    return json.loads(Path(file).read_text())
+
+
+def adapter_config_kind(config: dict | None) -> str | None:
+    """What an ``adapter_config.json`` (:func:`read_adapter_config`) describes: ``"collection"`` (a collection's
+    root), ``"adapter"`` (one adapter's folder inside a collection), or None (not JD-LoRA, e.g. a plain LoRA)."""
+    if not config or str(config.get("peft_type", "")).upper() != PEFT_TYPE:
+        return None
+    if config.get("collection"):
+        return "collection"
+    return "adapter" if config.get("adapter_name") else "collection"
 
 
 def _read_adapter_folder(root: Path, entry: dict, checked: _Checked) -> dict:

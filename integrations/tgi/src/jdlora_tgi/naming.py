@@ -17,12 +17,9 @@ last one silently. Give one of them another id with ``name=path``.
 
 from __future__ import annotations
 
-import json
-import os
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 __all__ = [
     "SEPARATOR",
@@ -31,13 +28,9 @@ __all__ = [
     "adapter_id",
     "split_adapter_id",
     "check_unique_ids",
-    "classify_adapter_config",
-    "read_adapter_config",
 ]
 
 SEPARATOR = ":"
-JD_PEFT_TYPE = "JDLORA"
-CONFIG_NAME = "adapter_config.json"
 
 
 class AdapterIdCollisionError(ValueError):
@@ -85,34 +78,3 @@ def check_unique_ids(ids_by_entry: Iterable[tuple[str, str]]) -> None:
             f"LORA_ADAPTERS gives the same adapter_id more than once: {lines}. Requests could not tell these "
             "adapters apart. List each collection once, or give one entry another id with `name=/local/path`."
         )
-
-
-def classify_adapter_config(config: dict) -> str | None:
-    """``"collection"``, ``"adapter"`` (one adapter folder of a collection), or None (not JD-LoRA)."""
-    if str(config.get("peft_type", "")).upper() != JD_PEFT_TYPE:
-        return None
-    if config.get("collection"):
-        return "collection"
-    return "adapter" if config.get("adapter_name") else "collection"
-
-
-def read_adapter_config(path_or_repo_id: str, revision: str | None = None) -> dict | None:
-    """``adapter_config.json`` of a local folder or a Hub repo, or None when there is none.
-
-    On the Hub this downloads that one small file (TGI's own LoRA loader reads it too). Network and
-    authorization errors propagate: a collection that cannot be reached must not silently load as nothing.
-    """
-    local = Path(path_or_repo_id)
-    if local.is_dir():
-        file = local / CONFIG_NAME
-        return json.loads(file.read_text()) if file.is_file() else None
-    if os.path.isabs(path_or_repo_id) or path_or_repo_id.startswith("."):
-        return None  # a path that does not exist: let TGI report it
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        file = hf_hub_download(path_or_repo_id, CONFIG_NAME, revision=revision)
-    except EntryNotFoundError:
-        return None
-    return json.loads(Path(file).read_text())

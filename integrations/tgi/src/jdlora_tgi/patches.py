@@ -31,9 +31,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from jdlora.format.layout import MANIFEST, PEFT_CONFIG, check_collection_root
+from jdlora.format.load import adapter_config_kind, read_adapter_config
 
 from ._log import logger
-from .naming import JDSource, adapter_id, check_unique_ids, classify_adapter_config, read_adapter_config
+from .naming import JDSource, adapter_id, check_unique_ids
 from .registry import JDRegistry, current_registry, use_registry
 
 __all__ = ["HOOKS", "apply_hook", "patch_loaded_modules"]
@@ -76,7 +77,7 @@ def patch_utils(module) -> None:
 def _collection_files(model_id: str, revision) -> list[str] | None:
     """Downloads (and checks) a JD collection; its files, or None when ``model_id`` is no JD collection."""
     try:
-        kind = classify_adapter_config(read_adapter_config(str(model_id), revision) or {})
+        kind = adapter_config_kind(read_adapter_config(str(model_id), revision=revision))
     except Exception:
         return None
     if kind != "collection":
@@ -120,10 +121,10 @@ def _resolve_single(registry: JDRegistry, adapter_id: str, adapter_path, revisio
     """``(source, name)`` when the adapter is one JD adapter folder; raises for a whole collection."""
     location = adapter_path or adapter_id
     try:
-        config = read_adapter_config(location, revision)
+        config = read_adapter_config(location, revision=revision)
     except Exception:
         return None  # TGI's loader reports it
-    kind = classify_adapter_config(config or {})
+    kind = adapter_config_kind(config)
     if kind is None:
         registry.plain.add(adapter_id)
         return None
@@ -298,8 +299,8 @@ def expand_adapters(lora_adapters: list, registry: JDRegistry) -> list:
     for info in lora_adapters:
         entry = info.id + (f"={info.path}" if info.path else "") + (f"@{info.revision}" if info.revision else "")
         location = info.path or info.id
-        config = read_adapter_config(location, info.revision)
-        kind = classify_adapter_config(config or {})
+        config = read_adapter_config(location, revision=info.revision)
+        kind = adapter_config_kind(config)
         if kind == "collection":
             source = JDSource(location, info.revision)
             collection = registry.collection(source)

@@ -11,17 +11,17 @@ that is one adapter's folder of a collection (``<collection>/adapters/math``) na
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from jdlora.format.layout import MANIFEST, PEFT_CONFIG, PEFT_TYPE
+from jdlora.format.layout import MANIFEST
+from jdlora.format.load import adapter_config_kind, read_adapter_config
+from jdlora.sources import looks_local
 
-__all__ = ["SEPARATOR", "JDTarget", "adapter_request_name", "split_request_name", "read_adapter_config", "jd_target"]
+__all__ = ["SEPARATOR", "JDTarget", "adapter_request_name", "split_request_name", "jd_target"]
 
 SEPARATOR = ":"
-JD_PEFT_TYPE, CONFIG_NAME, MANIFEST_NAME = PEFT_TYPE, PEFT_CONFIG, MANIFEST  # one home: jdlora.format.layout
 
 
 @dataclass(frozen=True)
@@ -48,29 +48,6 @@ def split_request_name(lora_name: str) -> tuple[str, str] | None:
     return entry, name
 
 
-def _is_local(path: str) -> bool:
-    return os.path.isabs(path) or path.startswith((".", "~")) or Path(path).exists()
-
-
-def read_adapter_config(path_or_repo_id: str) -> dict | None:
-    """``adapter_config.json`` of a local folder or a Hub repo, or None when there is none.
-
-    On the Hub this downloads that one small file (vLLM downloads the whole repo for a plain LoRA anyway).
-    Network and authorization errors propagate: a collection that cannot be reached must not load as nothing.
-    """
-    if _is_local(path_or_repo_id):
-        file = Path(os.path.expanduser(path_or_repo_id)) / CONFIG_NAME
-        return json.loads(file.read_text()) if file.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        file = hf_hub_download(path_or_repo_id, CONFIG_NAME)
-    except (EntryNotFoundError, RepositoryNotFoundError):
-        return None  # not ours: vLLM's own loader reports it
-    return json.loads(Path(file).read_text())
-
-
 def jd_target(lora_name: str, lora_path: str) -> JDTarget | None:
     """The JD-LoRA adapter a ``LoRARequest`` asks for, or None when ``lora_path`` is not JD-LoRA (a plain LoRA).
 
@@ -79,15 +56,16 @@ def jd_target(lora_name: str, lora_path: str) -> JDTarget | None:
     ``collection.json`` above it.
     """
     config = read_adapter_config(lora_path)
-    if config is None or str(config.get("peft_type", "")).upper() != JD_PEFT_TYPE:
+    kind = adapter_config_kind(config)
+    if kind is None:
         return None
-    local = _is_local(lora_path)
+    local = looks_local(lora_path)
     # one key per collection, however the path was written (the registry loads each collection once)
     source = str(Path(os.path.expanduser(lora_path)).resolve()) if local else lora_path
-    own_name = config.get("adapter_name")
-    if own_name and not config.get("collection") and local:
+    own_name = config.get("adapter_name") if kind == "adapter" else None
+    if own_name and local:
         for root in Path(source).parents:
-            if (root / MANIFEST_NAME).is_file():
+            if (root / MANIFEST).is_file():
                 return JDTarget(str(root), own_name)
         return JDTarget(source, own_name)  # no manifest above: the loader reports the missing file
     split = split_request_name(lora_name)

@@ -24,7 +24,9 @@ import dataclasses
 import functools
 import logging
 
-from .naming import adapter_request_name, jd_target, read_adapter_config
+from jdlora.format.load import adapter_config_kind, read_adapter_config
+
+from .naming import adapter_request_name, jd_target
 from .registry import JDRegistry
 from .tables import JDLayer
 
@@ -212,8 +214,7 @@ def expand_lora_modules(modules: list) -> list:
 
     expanded = []
     for module in modules:
-        config = read_adapter_config(module.path)
-        if not config or str(config.get("peft_type", "")).upper() != "JDLORA" or not config.get("collection"):
+        if adapter_config_kind(read_adapter_config(module.path)) != "collection":
             expanded.append(module)
             continue
         names = [a["name"] for a in fetch_manifest(module.path)["adapters"]]
