@@ -174,8 +174,8 @@ def markdown(results: dict) -> str:
     checks = [(r["path"], r["adapters"], r.get("max_batch"), r["graph_agreement"]) for r in runs
               if r.get("graph_agreement") is not None]
     if checks:
-        notes.append("Graph decode check (warm-up, one batch of 24 prompts): fraction of greedy tokens equal to the "
-                     "eager loop's: " + ", ".join(f"{PATH_LABELS[p]} {n or ''} (batch {b}) {a:.2f}".replace("  ", " ")
+        notes.append("Graph decode check (warm-up, one batch of 24 prompts): fraction of rows whose first decoded token "
+                     "(the first replay's) equals the eager loop's: " + ", ".join(f"{PATH_LABELS[p]} {n or ''} (batch {b}) {a:.2f}".replace("  ", " ")
                                                   for p, n, b, a in checks) + ".")
     if results.get("skipped_note"):
         notes.append(results["skipped_note"])
