@@ -38,6 +38,10 @@ class MixedBatch:
     with rows shared by every layer, so the row -> Sigma-row map and its sort are built once per
     group and device (:meth:`update`, or lazily on first use), not per layer.
 
+    One set of row tensors per batch size seen is kept for the model's life, with the decode scratch of that
+    size (``3 B`` int32 and ``2 B w`` float32 per group: about 130 KB at B = 256, rank 64), so that CUDA graphs
+    captured at any of those sizes stay valid.
+
     Attributes:
         names: the adapter of each row.
         size: ``len(names)`` (what layers check; reading ``names`` in a compiled region would make
