@@ -123,9 +123,13 @@ def run_paths(model, ids, args, device, mixes=None) -> dict:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 call()
                 sync(device)
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
-            print(table, flush=True)
+            averages = prof.key_averages()
+            table = averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+            # the host's side: what the CPU spends its time in (guards, graph replays, launches, Python)
+            host = averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+            print(table, host, sep="\n", flush=True)
             out[name]["profile"] = table
+            out[name]["profile_host"] = host
         out[name]["tok_s"] = ids.shape[0] * (1 if name == "prefill" else args.new) / out[name]["median_s"]
         print(f"  {name}: {out[name]['median_s'] * 1e3:.1f} ms  {out[name]['tok_s']:.0f} tok/s  "
               f"(warm-up {out[name]['warmup_s']:.1f} s, graphs {out[name]['graphs_warmup']} then {out[name]['graphs_timed']})",
