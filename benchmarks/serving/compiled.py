@@ -127,9 +127,23 @@ def run_paths(model, ids, args, device, mixes=None) -> dict:
             table = averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
             # the host's side: what the CPU spends its time in (guards, graph replays, launches, Python)
             host = averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
-            print(table, host, sep="\n", flush=True)
+            # and the host's Python (cudagraph trees, aot wrappers, transformers' loop, the tuner), one more call
+            import cProfile
+            import io
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+            call()
+            sync(device)
+            profiler.disable()
+            stream = io.StringIO()
+            pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(30)
+            python = stream.getvalue()
+            print(table, host, python, sep="\n", flush=True)
             out[name]["profile"] = table
             out[name]["profile_host"] = host
+            out[name]["profile_python"] = python
         out[name]["tok_s"] = ids.shape[0] * (1 if name == "prefill" else args.new) / out[name]["median_s"]
         print(f"  {name}: {out[name]['median_s'] * 1e3:.1f} ms  {out[name]['tok_s']:.0f} tok/s  "
               f"(warm-up {out[name]['warmup_s']:.1f} s, graphs {out[name]['graphs_warmup']} then {out[name]['graphs_timed']})",
@@ -148,7 +162,8 @@ def main() -> None:
     p.add_argument("--sizes", default="64,1024")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--profile", action="store_true", help="profile one more call of each path (torch.profiler)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more call of each path (torch.profiler: device and host) and one with cProfile")
     p.add_argument("--paths", default="eager,compiled,compiled_one_cache,prefill")
     args = p.parse_args()
     device = torch.device(args.device)
