@@ -183,6 +183,21 @@ def time_graph(ops, replays: int, device) -> float:
     return statistics.median(times) / len(ops)
 
 
+def mean_host_seconds(op, calls: int, device, warmup: int) -> float:
+    """Mean wall seconds per call of ``op`` over ``calls`` calls with no synchronization between them (after
+    ``warmup`` calls): the host's cost per call whenever the host, not the GPU, is the bottleneck."""
+    for _ in range(warmup):
+        op()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        op()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls
+
+
 def time_eager(ops, replays: int, device) -> float:
     """Median seconds per op, eager (for code that a CUDA graph cannot capture)."""
     for op in ops:
@@ -535,19 +550,7 @@ def eager_per_call(device, calls: int = 500) -> dict:
 
     ops = {"base": lambda: torch.nn.functional.linear(x, W), "serial": serial,
            "overlap": lambda: jd_lora_linear(x, W, None, U, V, sigma, cluster_of, batch, backend="triton")}
-    out = {}
-    for name, op in ops.items():
-        for _ in range(20):
-            op()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            op()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out[name] = (time.perf_counter() - t0) / calls
-    return out
+    return {name: mean_host_seconds(op, calls, device, warmup=20) for name, op in ops.items()}
 
 
 def eager_qkv(device, calls: int = 300, *, smoke: bool = False) -> list[dict]:
@@ -608,17 +611,10 @@ def eager_qkv(device, calls: int = 300, *, smoke: bool = False) -> list[dict]:
                 for label, op, fuse in (("base", base_forward, True), ("fused", jd_forward, True),
                                         ("unfused", jd_forward, False)):
                     siblings.ENABLED = fuse
-                    for _ in range(10 if not smoke else 1):
+                    for _ in range(10 if not smoke else 1):  # warm-up (compiles), its launches not counted
                         op()
                     launched = sum(f.hits + f.misses for f in launchers)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    for _ in range(calls):
-                        op()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    row[f"{label}_us"] = (time.perf_counter() - t0) / calls * 1e6
+                    row[f"{label}_us"] = mean_host_seconds(op, calls, device, warmup=0) * 1e6
                     row[f"{label}_launches"] = (sum(f.hits + f.misses for f in launchers) - launched) / calls
             siblings.ENABLED = True
             for label in ("fused", "unfused"):

@@ -131,6 +131,16 @@ def _run(layers, inputs, batch):
         return [m(x, adapter_names=batch) for m, x in zip(layers, inputs)]
 
 
+def _unfused_and_fused(layers, inputs, batch, fusion, launches=None):
+    """The layers' outputs with fusion off, then on (``launches`` then counts the fused run alone)."""
+    fusion(False)
+    unfused = _run(layers, inputs, batch)
+    if launches is not None:
+        launches.clear()
+    fusion(True)
+    return unfused, _run(layers, inputs, batch)
+
+
 def test_one_qkv_forward_takes_five_launches_instead_of_nine(base, collection, backend, fusion, launches):
     _, qkv = _qkv(base, collection)
     x = torch.randn(4, 1, 64)
@@ -152,10 +162,7 @@ def test_a_sibling_given_another_input_runs_alone_and_fusion_stops(base, collect
     _, qkv = _qkv(base, collection)
     x, other = torch.randn(2, 3, 64), torch.randn(2, 3, 64)
     batch = MixedBatch([collection.adapter_names[1], collection.adapter_names[2]])
-    fusion(False)
-    expected = _run(qkv, [x, other, x], batch)
-    fusion(True)
-    got = _run(qkv, [x, other, x], batch)
+    expected, got = _unfused_and_fused(qkv, [x, other, x], batch, fusion)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert not qkv[0]._jd_siblings.on  # k did not take the g computed from q's input
     launches.clear()
@@ -182,11 +189,7 @@ def test_a_disabled_sibling_is_left_out_of_the_fused_launch(base, collection, ba
     qkv[1].enable_adapters(False)
     x = torch.randn(3, 2, 64)
     batch = MixedBatch([collection.adapter_names[2], "__base__", collection.adapter_names[0]])
-    fusion(False)
-    expected = _run(qkv, [x] * 3, batch)
-    launches.clear()
-    fusion(True)
-    got = _run(qkv, [x] * 3, batch)
+    expected, got = _unfused_and_fused(qkv, [x] * 3, batch, fusion, launches)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert torch.equal(got[1], qkv[1].base_layer(x))
     assert qkv[0]._jd_siblings.on
@@ -199,10 +202,7 @@ def test_float64_layers_run_unfused_with_the_same_numbers(base, collection, fusi
     model.double()
     x = torch.randn(2, 3, 64, dtype=torch.float64)
     batch = MixedBatch([collection.adapter_names[0], collection.adapter_names[1]])
-    fusion(False)
-    expected = _run(qkv, [x] * 3, batch)
-    fusion(True)
-    got = _run(qkv, [x] * 3, batch)
+    expected, got = _unfused_and_fused(qkv, [x] * 3, batch, fusion)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert not qkv[0]._jd_siblings._kept
 
@@ -220,11 +220,7 @@ def test_inference_mode_tensors_are_fused_too(base, collection, backend, fusion,
     batch = MixedBatch([collection.adapter_names[4], "__base__"])
     with torch.inference_mode():
         x = torch.randn(2, 3, 64)
-        fusion(False)
-        expected = _run(qkv, [x] * 3, batch)
-        launches.clear()
-        fusion(True)
-        got = _run(qkv, [x] * 3, batch)
+        expected, got = _unfused_and_fused(qkv, [x] * 3, batch, fusion, launches)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     if backend == "triton":
         assert sum(launches.values()) == 5
@@ -255,11 +251,7 @@ def test_groups_only_some_siblings_have_and_other_ranks_run_alone(backend, fusio
                    [(16, ["a0", "a1"])]])
     x = torch.randn(5, 1, 32)
     batch = MixedBatch(["a0", "b", "__base__", "c", "a1"])
-    fusion(False)
-    expected = _run(qkv, [x] * 3, batch)
-    launches.clear()
-    fusion(True)
-    got = _run(qkv, [x] * 3, batch)
+    expected, got = _unfused_and_fused(qkv, [x] * 3, batch, fusion, launches)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     if backend == "triton":  # rank 16: 2 + 3 expands; rank 4: 2 + 2 expands; k's rank 8: 3
         assert launches == {"launch_shrink_siblings": 2, "launch_sigma_siblings": 2, "launch_expand": 6,

@@ -45,20 +45,25 @@ def test_mixed_batch_on_cuda_matches_the_cpu_path(sigma, dtype, tol, monkeypatch
     assert err < tol, f"relative error {err:.2e}"
 
 
-def test_compiled_generate_with_a_static_cache_matches_eager_for_every_mix():
-    """On CUDA transformers compiles the decode step when the cache is static (inductor, CUDA graphs):
-    mixed adapters go through it, a new mix runs the same graph, and the result is the eager one."""
-    from torch._dynamo.utils import counters
-
+def _qkv_llama_on_cuda():
+    """A random 2-layer Llama on CUDA with a collection of 12 adapters (rank 16, 3 clusters) on q, k, v."""
     from jdlora.tuner import load_collection
 
-    torch._dynamo.reset()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=4, pad_token_id=0)
     adapters = synthetic_adapters(12, llama_modules(2, 256, 128, ("q_proj", "k_proj", "v_proj")), rank=8)
     collection = jdlora.compress(adapters, rank=16, clusters=3, progress=False)
-    model = load_collection(LlamaForCausalLM(config).eval(), collection).to("cuda")
+    return load_collection(LlamaForCausalLM(config).eval(), collection).to("cuda"), collection
+
+
+def test_compiled_generate_with_a_static_cache_matches_eager_for_every_mix():
+    """On CUDA transformers compiles the decode step when the cache is static (inductor, CUDA graphs):
+    mixed adapters go through it, a new mix runs the same graph, and the result is the eager one."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model, collection = _qkv_llama_on_cuda()
     ids = torch.randint(1, 512, (4, 12), generator=torch.Generator().manual_seed(2)).cuda()
     names = collection.adapter_names
     kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
@@ -80,14 +85,7 @@ def test_a_decode_step_captured_in_a_cuda_graph_replays_every_new_mix():
     """A server captures the eager decode step once per batch size and replays it: the mix is set outside
     the graph (the tuner's adapter_names hooks, as forward and generate set it) and lands in the tensors the
     graph reads, also after a call of another batch size (a prefill) in between."""
-    from jdlora.tuner import load_collection
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=4, pad_token_id=0)
-    adapters = synthetic_adapters(12, llama_modules(2, 256, 128, ("q_proj", "k_proj", "v_proj")), rank=8)
-    collection = jdlora.compress(adapters, rank=16, clusters=3, progress=False)
-    model = load_collection(LlamaForCausalLM(config).eval(), collection).to("cuda")
+    model, collection = _qkv_llama_on_cuda()
     names = collection.adapter_names
     static_ids = torch.randint(1, 512, (4, 1), device="cuda")
 

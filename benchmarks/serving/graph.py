@@ -158,11 +158,10 @@ class StaticDecoder:
             if size in self.graphs:
                 continue
             self._reset_inputs()
-            if not self.capture_graphs:  # no CUDA: the same steps run eagerly, so their shapes are checked here too
-                with path.decode_rows(size):
-                    self.step(size)
-                continue
             with path.decode_rows(size):
+                if not self.capture_graphs:  # no CUDA: the same step runs eagerly, so its shapes are checked here too
+                    self.step(size)
+                    continue
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
