@@ -77,11 +77,9 @@ class MixedBatch:
         for group in groups:
             self._groups[group.key] = group
         pairs = {k[:2] for k in self._rows} | {(g, str(torch.device(d))) for g in self._groups for d in devices}
-        for pair in pairs:
-            key = (*pair, self.size)
-            old = self._rows.get(key)
-            self._rows[key] = self._build(self._groups[pair[0]], torch.device(pair[1]), old)
-            for eager_key in [k for k in self._eager if k[:3] == key and k[3] != 1]:
+        for group_key, device in pairs:
+            self._build(self._groups[group_key], torch.device(device))
+            for eager_key in [k for k in self._eager if k[:3] == (group_key, device, self.size) and k[3] != 1]:
                 del self._eager[eager_key]
 
     def prepared(self, group, tokens_per_row: int, device: torch.device) -> JDBatch | None:
@@ -97,7 +95,7 @@ class MixedBatch:
                     return None
                 return prepare_batch(torch.tensor(ids, dtype=torch.int32, device=device), tokens_per_row=tokens_per_row)
             self._groups[group.key] = group
-            rows = self._rows[key] = self._build(group, device, None)
+            rows = self._build(group, device)
         if torch.compiler.is_compiling():  # the custom op keeps its own scratch
             return rows.with_tokens_per_row(tokens_per_row)
         if key in self._unused:
@@ -108,11 +106,12 @@ class MixedBatch:
             batch = self._eager[eager_key] = rows.with_tokens_per_row(tokens_per_row)
         return batch
 
-    def _build(self, group, device: torch.device, old: JDBatch | None) -> JDBatch:
-        """The rows batch of ``group`` for the current names: ``old`` (a batch of this size) rewritten in
-        place, or new tensors."""
+    def _build(self, group, device: torch.device) -> JDBatch:
+        """The rows batch of ``group`` for the current names, kept under this batch size: the one prepared
+        before for this size rewritten in place, or new tensors."""
         rows = [group.rows.get(name, -1) for name in self.names]
         key = (group.key, str(device), self.size)
+        old = self._rows.get(key)
         if all(r < 0 for r in rows):
             self._unused.add(key)
         else:
@@ -124,7 +123,7 @@ class MixedBatch:
             old.order.copy_(order)
             old.sorted_adapter.copy_(sorted_adapter)
             return old
-        batch = prepare_batch(row_adapter)
+        batch = self._rows[key] = prepare_batch(row_adapter)
         for t in (batch.row_adapter, batch.order, batch.sorted_adapter):  # updated in place from now on
             mark_static(t)
         return batch
