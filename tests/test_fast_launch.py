@@ -15,6 +15,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+tl = triton.language
 
 from jdlora.kernels import prepare_batch  # noqa: E402
 
@@ -47,17 +48,75 @@ def _run(problem, configs):
     return jd_lora_forward_triton(y0.clone(), *rest, scale=0.7, configs=configs)
 
 
-def test_the_argument_key_separates_what_triton_specializes_on():
-    from jdlora.kernels.fast_launch import _arg_key
+def test_the_launch_key_separates_what_triton_specializes_on():
+    from jdlora.kernels.fast_launch import keyable, launch_key
 
     base = torch.zeros(64, dtype=torch.float16)
-    assert _arg_key(base) != _arg_key(base[1:])  # 16-byte aligned or not
-    assert _arg_key(base) != _arg_key(base.float())  # dtype
-    assert _arg_key(torch.nn.Parameter(base, requires_grad=False)) == _arg_key(base)
-    assert len({_arg_key(v) for v in (1, 2, 16, 2**31)}) == 4  # == 1, % 16, int32 range
-    assert _arg_key(3) == _arg_key(5) and _arg_key(32) == _arg_key(48)
-    assert _arg_key(0.5) == _arg_key(2.0) != _arg_key(True)
-    assert _arg_key("tf32") is None and _arg_key(None) is None  # unknown kinds: the normal launch
+
+    def key(tensors=(base,), scalars=(3,), constexprs=None, device=0):
+        return launch_key(device, tensors, scalars, constexprs or {"BLOCK": 16, "num_warps": 4})
+
+    assert key() == key() and hash(key()) == hash(key())
+    assert key() != key((base[1:],))  # 16-byte aligned or not
+    assert key((base, base[1:])) != key((base[1:], base))  # which tensor is not
+    assert key() != key((base.float(),))  # dtype
+    assert key((torch.nn.Parameter(base, requires_grad=False),)) == key()
+    assert key(scalars=(3,)) != key(scalars=(5,))  # scalars by value: finer than Triton's buckets
+    assert len({key(scalars=(1,)), key(scalars=(True,)), key(scalars=(1.0,))}) == 3  # equal values, other kinds
+    assert key(constexprs={"BLOCK": 32, "num_warps": 4}) != key() != key(constexprs={"BLOCK": 16, "num_warps": 8})
+    assert key(device=1) != key()
+    assert launch_key(0, (base, 3), (), {}) is None  # a non-tensor where the kernel takes a pointer
+    assert keyable(key()) and keyable(key(scalars=(1, 0.5, False)))
+    assert not keyable(key(scalars=("tf32",))) and not keyable(key(scalars=(None,))) and not keyable(None)
+
+
+def _toy_kernel(x_ptr, y_ptr, n, scale, BLOCK: tl.constexpr, MODE: tl.constexpr):  # read as source only
+    pass
+
+
+def test_a_direct_launch_hands_triton_s_launcher_the_arguments_of_the_normal_launch():
+    """The argument order of a direct launch, checked where no GPU runs: Triton's compiled kernel is replaced
+    by a recorder (the CUDA tests above check the bits on a GPU)."""
+    from triton.runtime.jit import JITFunction
+
+    from jdlora.kernels.fast_launch import FastLauncher
+
+    kernel = JITFunction(_toy_kernel)  # a real JITFunction (triton.jit gives an interpreted one here)
+    launcher = FastLauncher(kernel)
+    assert launcher._fast
+    normal, direct = [], []
+
+    class Compiled:
+        function, packed_metadata = "function", "metadata"
+
+        def run(self, *launch):
+            direct.append(launch)
+
+    class Kernel:  # kernel[grid](...): Triton's normal launch, which compiles and returns the compiled kernel
+        params, pre_run_hooks = kernel.params, []
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: normal.append((grid, args, kwargs)) or Compiled()
+
+    launcher.kernel = Kernel()
+    launcher._device, launcher._stream = (lambda: 0), (lambda device: "stream")
+    x, y = torch.zeros(16), torch.zeros(16)
+
+    def launch(*args, grid=(3, 2)):
+        launcher(grid, *args, BLOCK=4, MODE="m", num_warps=2)
+
+    launch(x, y, 16, 0.5)
+    launch(x, y, 16, 0.5)
+    assert len(normal) == 1 and launcher.hits == 1
+    (launched,) = direct
+    assert launched[:7] == (3, 2, 1, "stream", "function", "metadata", None)
+    assert launched[9:] == (x, y, 16, 0.5, 4, "m")  # the arguments, then the constexprs in signature order
+    launch(x[1:], y, 16, 0.5)  # unaligned
+    launch(x, y, 17, 0.5)  # another size
+    launch(x, y, 16, 1)  # an int where a float was
+    assert len(normal) == 4 and launcher.hits == 1
+    launch(x, y, 16, 0.5, grid=(5,))  # the grid is not part of the key
+    assert launcher.hits == 2 and direct[-1][:3] == (5, 1, 1)
 
 
 @pytest.mark.skipif(ON_CUDA or os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter only")

@@ -99,6 +99,18 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _INTS = (torch.int32, torch.int64)
 # Read once, at import: a lookup per call cost more host time than the rest of the dispatch.
 _ENV_BACKEND = os.environ.get("JDLORA_KERNELS")
+_launch_module = None
+
+
+def _triton():
+    """:mod:`~jdlora.kernels.launch`, imported on first use (it imports triton); a global after that, not an
+    ``import`` statement per eager call."""
+    global _launch_module
+    if _launch_module is None:
+        from . import launch
+
+        _launch_module = launch
+    return _launch_module
 
 
 def jd_lora_forward(
@@ -143,9 +155,7 @@ def jd_lora_forward(
         return y
     if backend == "torch":
         return jd_lora_forward_reference(y, x, U, V, sigma, cluster_of, batch.token_adapter, scale=scale)
-    from .launch import jd_lora_forward_triton  # imports triton
-
-    return jd_lora_forward_triton(y, x, U, V, sigma, cluster_of, batch, scale=scale)
+    return _triton().jd_lora_forward_triton(y, x, U, V, sigma, cluster_of, batch, scale=scale)
 
 
 def jd_lora_linear(
@@ -189,9 +199,7 @@ def jd_lora_linear(
     if backend == "torch":
         y = torch.nn.functional.linear(x, weight, bias)
         return jd_lora_forward_reference(y, x, U, V, sigma, cluster_of, batch.token_adapter, scale=scale)
-    from .launch import jd_lora_linear_triton  # imports triton
-
-    return jd_lora_linear_triton(x, weight, bias, U, V, sigma, cluster_of, batch, scale=scale, overlap=overlap)
+    return _triton().jd_lora_linear_triton(x, weight, bias, U, V, sigma, cluster_of, batch, scale=scale, overlap=overlap)
 
 
 MAX_SIBLINGS = 3  # the fused kernels' sibling axis (q, k, v)
@@ -261,9 +269,7 @@ def jd_lora_shrink_siblings(
         ta = batch.token_adapter
         g = tuple(jd_lora_shrink_reference(x, V, s, c, ta, V.dtype) for V, s, c in zip(Vs, sigmas, cluster_ofs))
     else:
-        from .launch import jd_lora_shrink_siblings_triton  # imports triton
-
-        g = jd_lora_shrink_siblings_triton(x, Vs, sigmas, cluster_ofs, batch)
+        g = _triton().jd_lora_shrink_siblings_triton(x, Vs, sigmas, cluster_ofs, batch)
     return ShrunkSiblings(g, batch, batch.sibling_calls, x.shape[1], backend)
 
 
@@ -276,9 +282,7 @@ def jd_lora_expand(y: Tensor, U: Tensor, cluster_of: Tensor, shrunk: ShrunkSibli
     g = shrunk.g[sibling]
     if shrunk.backend == "torch":
         return jd_lora_expand_reference(y, U, g, cluster_of, shrunk.batch.token_adapter, scale=scale)
-    from .launch import jd_lora_expand_triton  # imports triton
-
-    return jd_lora_expand_triton(y, U, g, cluster_of, shrunk.batch, scale=scale, d_in=shrunk.d_in)
+    return _triton().jd_lora_expand_triton(y, U, g, cluster_of, shrunk.batch, scale=scale, d_in=shrunk.d_in)
 
 
 def _op_forward(y, x, U, V, sigma, cluster_of, batch: JDBatch, scale: float, backend: str) -> None:

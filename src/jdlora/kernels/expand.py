@@ -112,7 +112,7 @@ def launch_expand(y, U, g, cluster_of, batch, *, scale: float, config) -> None:
     _expand_launch(
         grid, y, U, g, cluster_of, batch.order, batch.sorted_adapter,
         T, batch.tokens_per_row, d_out, r, float(scale),
-        y.stride(0), y.stride(1), U.stride(0), U.stride(1), U.stride(2), g.stride(0),
+        *y.stride(), *U.stride(), g.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, ONE_CLUSTER=U.shape[0] == 1,
         PRECISION="ieee" if U.dtype.itemsize == 4 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,

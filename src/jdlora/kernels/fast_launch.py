@@ -16,9 +16,14 @@ compiled kernel's low-level launcher directly, exactly as ``JITFunction.run`` do
                launch_metadata, launch_enter_hook, launch_exit_hook, *all_arguments)
 
 Our key is never coarser than Triton's specialization (Triton 3.x): per tensor its dtype and whether
-its address is 16-byte aligned; per int whether it is 1, divisible by 16 and fits in int32; floats
-and bools by type; every constexpr and launch option (``num_warps``, ``num_stages``) by value; the
-current device. So a hit always reuses the kernel Triton itself would have picked.
+its address is 16-byte aligned; ints, floats and bools by value (Triton keys ints on whether they are 1,
+divisible by 16 and fit in int32, floats and bools by type: a value is finer); every constexpr and launch
+option (``num_warps``, ``num_stages``) by value; the current device. So a hit always reuses the kernel
+Triton itself would have picked. Computing it is a few C-level passes over the arguments: the kernels take
+their tensors first (parameters named ``*_ptr``) and their scalars after, so the key is the tensors' dtypes,
+one alignment flag for all of them (the OR of their addresses; one flag per tensor only when some are not
+aligned), and the tuple of scalars as given. Exact scalar values make a new prefill length one normal launch
+before its direct ones; the cache is emptied when it passes :data:`MAX_ENTRIES`.
 
 The normal launch runs instead whenever: an argument is of another kind (the key would not be safe),
 Triton's interpreter runs (``TRITON_INTERPRET=1``: the kernel is not a ``JITFunction``), dynamo traces
@@ -31,6 +36,8 @@ arguments (``TRITON_DEBUG``, instrumentation) are taken as they were at the firs
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 import warnings
 
@@ -39,24 +46,34 @@ import triton
 from triton.runtime.jit import JITFunction
 
 ENABLED = os.environ.get("JDLORA_FAST_LAUNCH", "1") != "0"
-_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
-
-
-def _arg_key(a):
-    """What Triton specializes an argument on (or finer); None: not a kind we key safely."""
-    t = type(a)
-    if t is int:
-        return a == 1, a % 16 == 0, _I32_MIN <= a <= _I32_MAX
-    if t is float or t is bool:
-        return t
-    if isinstance(a, torch.Tensor):  # nn.Parameter too
-        return a.dtype, a.data_ptr() % 16 == 0
-    return None
+MAX_ENTRIES = 4096  # specializations kept per kernel (decode: one per batch size; prefill: one per length)
+_SCALARS = (int, float, bool)
+_dtype = operator.attrgetter("dtype")
+_data_ptr = torch.Tensor.data_ptr
 
 
 def _hook_set(hook) -> bool:
     # Triton <= 3.6: None or a callable; later: a HookChain, set when it has calls.
     return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def launch_key(device: int, tensors: tuple, scalars: tuple, constexprs: dict):
+    """What a launch is specialized on, never coarser than Triton's key (see the module docstring); None when
+    a tensor argument is not a tensor. Scalars are keyed by value and type (``1``, ``1.0`` and ``True`` are equal
+    as values); :func:`keyable` says whether they are all of a kind a key may hold."""
+    try:
+        dtypes = tuple(map(_dtype, tensors))
+        addresses = functools.reduce(operator.or_, map(_data_ptr, tensors), 0)
+    except (AttributeError, TypeError):
+        return None
+    aligned = True if addresses % 16 == 0 else tuple(_data_ptr(t) % 16 == 0 for t in tensors)
+    return device, dtypes, aligned, scalars, tuple(map(type, scalars)), tuple(constexprs.items())
+
+
+def keyable(key) -> bool:
+    """Whether the scalars of a :func:`launch_key` are all ints, floats or bools (checked once, when a key is
+    stored: a key with anything else is never stored, so a lookup with it always misses)."""
+    return key is not None and all(t in _SCALARS for t in key[4])
 
 
 class FastLauncher:
@@ -70,14 +87,20 @@ class FastLauncher:
         self.kernel = kernel
         self.hits = 0
         self.misses = 0
-        self._cache: dict = {}
+        self._cache: dict = {}  # launch_key -> the CompiledKernel
         self._proven = False  # a direct launch has gone through once
         self._fast = ENABLED and isinstance(kernel, JITFunction)
         if self._fast:
-            self._constexprs = tuple(p.name for p in kernel.params if p.is_constexpr)
-            self._n_args = len(kernel.params) - len(self._constexprs)
-            # Every constexpr after every plain parameter: positional args + constexprs in order = the signature.
-            self._fast = all(p.is_constexpr for p in kernel.params[self._n_args:])
+            params = kernel.params
+            self._constexprs = tuple(p.name for p in params if p.is_constexpr)
+            self._n_args = len(params) - len(self._constexprs)
+            self._n_tensors = next((i for i, p in enumerate(params) if not p.name.endswith("_ptr")), len(params))
+            names = self._constexprs  # their values in signature order, from the keywords
+            self._tail = operator.itemgetter(*names) if len(names) > 1 else (lambda kw: tuple(kw[n] for n in names))
+            # Every constexpr after every plain parameter, and every pointer before the scalars: the layout
+            # the key relies on (our kernels' signatures).
+            self._fast = (all(p.is_constexpr for p in params[self._n_args:])
+                          and not any(p.name.endswith("_ptr") for p in params[self._n_tensors:]))
             try:
                 from triton import knobs  # Triton >= 3.4
             except ImportError:
@@ -89,24 +112,23 @@ class FastLauncher:
     def __call__(self, grid, *args, **kwargs):
         if not self._fast or len(args) != self._n_args or torch.compiler.is_compiling():
             return self._normal(grid, args, kwargs, None)
-        enter, exit_ = self._knobs.launch_enter_hook, self._knobs.launch_exit_hook
+        knobs = self._knobs
+        enter, exit_ = knobs.launch_enter_hook, knobs.launch_exit_hook
         if _hook_set(enter) or _hook_set(exit_) or getattr(self.kernel, "pre_run_hooks", None):
-            return self._normal(grid, args, kwargs, None)
-        arg_keys = tuple(map(_arg_key, args))
-        if None in arg_keys:
             return self._normal(grid, args, kwargs, None)
         if self._device is None:
             driver = triton.runtime.driver.active
             self._device, self._stream = driver.get_current_device, driver.get_current_stream
         device = self._device()
-        key = (device, arg_keys, tuple(kwargs.items()))
-        entry = self._cache.get(key)
-        if entry is None:
+        n = self._n_tensors
+        key = launch_key(device, args[:n], args[n:], kwargs)
+        if key is None:
+            return self._normal(grid, args, kwargs, None)
+        compiled = self._cache.get(key)
+        if compiled is None:
             return self._normal(grid, args, kwargs, key)
-        compiled, tail = entry
-        stream = self._stream(device)
-        launch = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-                  compiled.function, compiled.packed_metadata, None, enter, exit_, *args, *[kwargs[n] for n in tail])
+        launch = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, self._stream(device),
+                  compiled.function, compiled.packed_metadata, None, enter, exit_, *args, *self._tail(kwargs))
         if self._proven:
             compiled.run(*launch)
         else:  # a Triton whose launcher takes other arguments fails here, before launching: stay on the normal path
@@ -123,6 +145,8 @@ class FastLauncher:
     def _normal(self, grid, args, kwargs, key):
         self.misses += 1
         compiled = self.kernel[grid](*args, **kwargs)
-        if key is not None and compiled is not None and set(self._constexprs) <= kwargs.keys():
-            self._cache[key] = (compiled, self._constexprs)
+        if keyable(key) and compiled is not None and set(self._constexprs) <= kwargs.keys():
+            if len(self._cache) >= MAX_ENTRIES:
+                self._cache.clear()
+            self._cache[key] = compiled
         return compiled

@@ -204,7 +204,7 @@ def launch_shrink(x, V, cluster_of, batch, h, *, config) -> None:
     _shrink_launch(
         (m_blocks, split_k), x, V, cluster_of, batch.order, batch.sorted_adapter, h,
         T, batch.tokens_per_row, d_in, r, k_per_split,
-        x.stride(0), x.stride(1), V.stride(0), V.stride(1), V.stride(2), h.stride(0),
+        *x.stride(), *V.stride(), h.stride(0),
         BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=block_rank(r), SPLIT=split_k > 1,
         ONE_CLUSTER=V.shape[0] == 1, PRECISION="ieee" if x.dtype.itemsize == 4 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -231,7 +231,7 @@ def launch_shrink_siblings(x, Vs, cluster_ofs, batch, h, *, config) -> None:
     _siblings_launch(
         (m_blocks, split_k, n), x, *Vp, *Cp, batch.order, batch.sorted_adapter, h,
         T, batch.tokens_per_row, d_in, r, k_per_split,
-        x.stride(0), x.stride(1), V0.stride(0), V0.stride(1), V0.stride(2), h.stride(0), h.stride(1),
+        *x.stride(), *V0.stride(), h.stride(0), h.stride(1),
         BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=block_rank(r), SPLIT=split_k > 1,
         ONE_CLUSTER0=Vp[0].shape[0] == 1, ONE_CLUSTER1=Vp[1].shape[0] == 1, ONE_CLUSTER2=Vp[2].shape[0] == 1,
         PRECISION="ieee" if x.dtype.itemsize == 4 else "tf32",

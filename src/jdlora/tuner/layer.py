@@ -431,21 +431,29 @@ class JDLoraLayer(BaseTunerLayer):
         v) share one shrink and one Sigma launch (:mod:`~jdlora.tuner.siblings`); each runs its own expand.
         """
         result = self.base_layer(x, *args, **kwargs)
-        if not self._jd_banks:
+        banks = self._jd_banks
+        if not banks:
             return result
-        self._jd_retie_if_needed()
+        if self._jd_untied:
+            self._jd_retie()
         batch = adapter_names if isinstance(adapter_names, MixedBatch) else MixedBatch(adapter_names)
-        tokens_per_row = math.prod(x.shape[1:-1])  # [B, S, d]: S; [B, d]: 1 (static shapes: no recompile per mix)
+        shape = x.shape
+        tokens_per_row = math.prod(shape[1:-1])  # [B, S, d]: S; [B, d]: 1 (static shapes: no recompile per mix)
         if not result.is_contiguous():
             result = result.contiguous()
         y2 = result.view(-1, result.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        for bank in self._jd_banks.values():
-            prepared = batch.prepared(bank.group, tokens_per_row, x.device)
+        x2 = x.reshape(-1, shape[-1])
+        device = x.device
+        # is_compiling first: a compiled graph keeps each layer's own op, and guards on none of the rest
+        siblings = None if torch.compiler.is_compiling() or not _siblings.ENABLED else self._jd_siblings
+        for bank in banks.values():
+            group = bank.group
+            prepared = batch.prepared(group, tokens_per_row, device)
             if prepared is None:
                 continue
-            self._jd_grow(bank, bank.group.size)
-            bases = self._jd_bases[bank.group.rank]
+            if bank.sigma.shape[0] < group.size:
+                self._jd_grow(bank, group.size)
+            bases = self._jd_bases[group.rank]
             U, V, sigma, cluster_of = bases.U, bases.V, bank.sigma, bank.cluster_of
             y = y2
             if U.dtype not in _KERNEL_DTYPES or y2.dtype not in _KERNEL_DTYPES:  # e.g. float64: kernels in fp32
@@ -456,10 +464,8 @@ class JDLoraLayer(BaseTunerLayer):
             # No per-call checks: the banks are this layer's own (shapes fixed when adapters are added),
             # x fits them (the base layer would have refused it), the batch is the model's.
             shared = None
-            # is_compiling first: a compiled graph keeps each layer's own op, and guards on none of the rest
-            if not torch.compiler.is_compiling() and self._jd_siblings is not None and _siblings.ENABLED \
-                    and self._jd_siblings.on and U is bases.U:
-                shared = self._jd_siblings.shrunk(self, bank.group.key, x, xin, prepared)
+            if siblings is not None and siblings.on and U is bases.U:
+                shared = siblings.shrunk(self, group.key, x, xin, prepared)
             if shared is not None:
                 jd_lora_expand(y, U, cluster_of, *shared)
             else:
@@ -512,11 +518,13 @@ class Linear(nn.Module, JDLoraLayer):
                 self.get_base_weight().sub_(self.get_delta_weight(adapter))
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        mixed = self._jd_mixed
-        if kwargs.get("adapter_names") is None and mixed is not None and mixed.active:
-            kwargs["adapter_names"] = mixed  # the model's batch for this call (JDLoraModel._enable_peft_forward_hooks)
-        self._check_forward_args(x, *args, **kwargs)
         adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            mixed = self._jd_mixed  # the model's batch for this call (JDLoraModel._enable_peft_forward_hooks)
+            if mixed is not None and mixed.active:
+                adapter_names = mixed
+        if adapter_names is not None:
+            self._check_forward_args(x, adapter_names=adapter_names)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
