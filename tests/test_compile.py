@@ -10,16 +10,15 @@ import random
 
 import pytest
 import torch
-from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
+from transformers import CompileConfig
 
 import jdlora
 from jdlora.kernels import jd_lora_forward, jd_lora_forward_reference, prepare_batch
 from jdlora.synthetic import llama_modules, synthetic_adapters
 from jdlora.tuner import load_collection
+from tiny_models import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-LLAMA = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, pad_token_id=0)
 OP = "jdlora.jd_lora_forward_"
 
 
@@ -78,8 +77,7 @@ def test_the_kernels_trace_as_one_graph_node_and_match_eager(backend):
 
 @pytest.fixture(scope="module")
 def peft_model():
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
+    base = tiny_llama()
     modules = llama_modules(2, 64, 32, ("q_proj", "k_proj", "v_proj", "o_proj"))
     collection = jdlora.compress(synthetic_adapters(6, modules, rank=4, groups=2, seed=3), rank=6, clusters=2,
                                  progress=False)

@@ -16,15 +16,13 @@ from collections import Counter
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import jdlora
 from jdlora.synthetic import llama_modules, synthetic_adapters
 from jdlora.tuner import load_collection, siblings
 from jdlora.tuner.mixed import MixedBatch
+from tiny_models import tiny_llama
 
-LLAMA = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, pad_token_id=0)
 MLP = {f"model.layers.{i}.mlp.{t}": (96, 64) for i in range(2) for t in ("gate_proj", "up_proj")}
 ATTN = "base_model.model.model.layers.{}.self_attn.{}"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,8 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def base():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
+    return tiny_llama()
 
 
 @pytest.fixture(scope="module")

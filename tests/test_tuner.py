@@ -14,7 +14,6 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import PeftType
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import jdlora
 from jdlora.collection import AdapterInfo, CollectionModule, JDLoraCollection
@@ -25,11 +24,9 @@ from jdlora.tuner import JDLoraConfig, JDLoraModel, UnknownAdapterNameError, loa
 from jdlora.tuner.layer import JDLoraLayer
 from jdlora.tuner.mixed import MixedBatch
 from jdlora.tuner._peft_compat import check_peft_version
+from tiny_models import tiny_llama
 
 SRC = Path(jdlora.__file__).parent
-# hidden 64, 4 query heads and 2 key/value heads of 16: q, o 64 x 64, k, v 32 x 64
-LLAMA = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, pad_token_id=0)
 MODULES = llama_modules(2, 64, 32, ("q_proj", "k_proj", "v_proj", "o_proj"))
 Q0 = "model.layers.0.self_attn.q_proj"
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is fastest
@@ -37,8 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread 
 
 @pytest.fixture(scope="module")
 def base():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
+    return tiny_llama()
 
 
 @pytest.fixture(scope="module")
