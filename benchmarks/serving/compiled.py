@@ -27,7 +27,9 @@ one process beside the others:
 
 Every compiled path is warmed up (``--warmup`` calls: the first compiles) and then timed over ``--reps``
 calls (wall clock, synchronized); dynamo's count of compiled graphs before and after the timed calls
-shows whether a new mix recompiled. Throughput = batch x new tokens / median wall.
+shows whether a new mix recompiled. Throughput = batch x new tokens / median wall. A path listed twice is timed
+twice, the second time as ``name#2`` (``--paths eager,compiled_one_cache,eager``: eager before and after the
+compiled paths in one process).
 """
 
 from __future__ import annotations
@@ -114,8 +116,10 @@ def run_paths(model, ids, args, device, mixes=None) -> dict:
     out = {}
     paths = {"eager": (eager, 1), "eager_unfused": (eager_unfused, 1), "compiled": (compiled, args.warmup),
              "compiled_one_cache": (one_cache, args.warmup), "prefill": (prefill, 1)}
-    for name in args.paths.split(","):
-        call, warm = paths[name]
+    for path in args.paths.split(","):
+        call, warm = paths[path]
+        # a path named again is timed again under "name#2", ...: e.g. eager before and after the compiled paths
+        name = path if path not in out else f"{path}#{sum(k.split('#')[0] == path for k in out) + 1}"
         out[name] = timed_calls(call, device, warm, args.reps)
         if args.profile and device.type == "cuda":  # where one more call's device time goes, by kernel
             from torch.profiler import ProfilerActivity, profile
@@ -144,7 +148,7 @@ def run_paths(model, ids, args, device, mixes=None) -> dict:
             out[name]["profile"] = table
             out[name]["profile_host"] = host
             out[name]["profile_python"] = python
-        out[name]["tok_s"] = ids.shape[0] * (1 if name == "prefill" else args.new) / out[name]["median_s"]
+        out[name]["tok_s"] = ids.shape[0] * (1 if path == "prefill" else args.new) / out[name]["median_s"]
         print(f"  {name}: {out[name]['median_s'] * 1e3:.1f} ms  {out[name]['tok_s']:.0f} tok/s  "
               f"(warm-up {out[name]['warmup_s']:.1f} s, graphs {out[name]['graphs_warmup']} then {out[name]['graphs_timed']})",
               flush=True)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Issue 13's GPU runs on a bare machine (one H200), each step within one 10-minute device call:
-#   bash benchmarks/serving/device.sh generate   # GPU tests + eager q/k/v host cost + generate (eager, fused or not; compiled)
+#   bash benchmarks/serving/device.sh generate   # GPU tests + eager q/k/v host cost + generate at 64 adapters (eager, fused
+#                                                # or not; compiled; eager again after the compiled path: the process order)
+#   bash benchmarks/serving/device.sh generate1024   # compiled and eager generate at 1,024 adapters
 #   bash benchmarks/serving/device.sh study      # the serving study with graph-captured decode (benchmarks/serving/run.py)
 # Results and logs go to $OUT (the device tool's output folder) or ./device-out.
 set -euo pipefail
@@ -17,11 +19,14 @@ case "$1" in
       | tee -a "$OUT/tests.log" || echo "KERNEL TESTS FAILED" | tee -a "$OUT/tests.log"
     python -m benchmarks.kernels --qkv --json "$OUT/qkv.json" 2>&1 | tee "$OUT/qkv.log"
     python -m benchmarks.serving.compiled --out "$OUT/generate" --sizes 64 --warmup 2 --reps 5 \
-      --paths eager,eager_unfused,compiled_one_cache,prefill 2>&1 | tee "$OUT/generate.log" ;;
+      --paths eager,eager_unfused,compiled_one_cache,prefill,eager 2>&1 | tee "$OUT/generate.log" ;;
+  generate1024)
+    python -m benchmarks.serving.compiled --out "$OUT/generate1024" --sizes 1024 --warmup 2 --reps 3 \
+      --paths compiled_one_cache,prefill,eager 2>&1 | tee "$OUT/generate1024.log" ;;
   study)
     mkdir -p "$OUT/serving_graph"
     python -m benchmarks.serving.run --out "$OUT/serving_graph" --max-batch 256,64 --sizes 1024,4,64,256,16 \
       --eager-sizes 1024 --grid-sizes "" --requests 512 --run-limit 10 --time-budget "${TIME_BUDGET:-230}" \
       --step-kernels 2>&1 | tee "$OUT/serving_graph/log.txt" ;;
-  *) echo "usage: $0 generate|study" >&2; exit 2 ;;
+  *) echo "usage: $0 generate|generate1024|study" >&2; exit 2 ;;
 esac
