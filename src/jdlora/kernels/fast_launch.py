@@ -46,7 +46,7 @@ import triton
 from triton.runtime.jit import JITFunction
 
 ENABLED = os.environ.get("JDLORA_FAST_LAUNCH", "1") != "0"
-MAX_ENTRIES = 1024  # keys kept per kernel (decode: one per batch size; prefill: one per token count); ~1 KB each
+MAX_ENTRIES = 1024  # keys kept per kernel (decode: one per batch size; prefill: one per token count)
 _SCALARS = (int, float, bool)
 _dtype = operator.attrgetter("dtype")
 _data_ptr = torch.Tensor.data_ptr
