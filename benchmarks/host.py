@@ -193,6 +193,9 @@ def main() -> None:
     results = {"torch": torch.__version__, "batch": args.batch, "adapters": args.adapters}
     if args.only in (None, "layer"):
         results["layer"] = c = layer_costs(args)
+        c["direct_launches"] = {name: launcher.hits for name, launcher in LAUNCHERS.items()}
+        if not all(c["direct_launches"].values()):  # then this measured Triton's normal path, not ours
+            raise SystemExit(f"some kernels never launched directly: {c['direct_launches']}")
         print(f"q, k, v forward: base {c['base_qkv_us']:.1f} us; JD adds per layer "
               f"{c['fused']['per_layer_us']:.1f} us fused, {c['unfused']['per_layer_us']:.1f} us unfused", flush=True)
     if args.only in (None, "generate"):

@@ -194,3 +194,19 @@ def test_direct_launches_captured_in_a_cuda_graph_replay_the_same_bits():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, expected)
+
+
+def test_the_host_benchmark_runs_our_direct_launch_path():
+    """benchmarks/host.py measures our eager Python through the direct launches (Triton's kernels made no-ops):
+    it must still reach them after changes to the launcher (it stops, saying so, when a kernel never did)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "JDLORA_FAST_LAUNCH")}
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root)])
+    out = subprocess.run([sys.executable, "-m", "benchmarks.host", "--only", "layer", "--calls", "20", "--repeats", "1"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "JD adds per layer" in out.stdout
