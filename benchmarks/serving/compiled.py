@@ -29,12 +29,14 @@ Every compiled path is warmed up (``--warmup`` calls: the first compiles) and th
 calls (wall clock, synchronized); dynamo's count of compiled graphs before and after the timed calls
 shows whether a new mix recompiled. Throughput = batch x new tokens / median wall. A path listed twice is timed
 twice, the second time as ``name#2`` (``--paths eager,compiled_one_cache,eager``: eager before and after the
-compiled paths in one process).
+compiled paths in one process). ``--null-kernels`` times each JD collection's paths once more with its Triton launches
+made no-ops (:func:`kernels_off`): where the time between the base and JD goes, kernels or everything else.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -79,6 +81,31 @@ def timed_calls(call, device, warmup: int, reps: int) -> dict:
         walls.append(time.perf_counter() - t)
     return {"median_s": statistics.median(walls), "walls_s": walls, "warmup_s": warm,
             "graphs_warmup": g1 - g0, "graphs_timed": graphs_compiled() - g1}
+
+
+@contextlib.contextmanager
+def kernels_off():
+    """JD-LoRA's Triton launches made no-ops, with the host code that prepares them: the same model, compiled graph
+    and tuner Python without the kernels. So (JD - JD without kernels) is what the kernels and their launches cost,
+    and (JD without kernels - base) what everything else costs (the tuner, graph inputs and guards, lost fusion).
+    The outputs are the base model's then; the token counts stay fixed (``min_new_tokens``)."""
+    from jdlora.kernels import launch
+    from jdlora.kernels.sizes import block_rank
+
+    names = ("jd_lora_forward_triton", "jd_lora_shrink_siblings_triton", "jd_lora_expand_triton")
+    saved = {name: getattr(launch, name) for name in names}
+
+    def shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, **kwargs):  # the g its expands would read
+        return batch.sibling_scratch(len(Vs), block_rank(Vs[0].shape[2]), x.device)[1]
+
+    launch.jd_lora_forward_triton = lambda y, *args, **kwargs: y
+    launch.jd_lora_shrink_siblings_triton = shrink_siblings
+    launch.jd_lora_expand_triton = lambda y, *args, **kwargs: y
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(launch, name, function)
 
 
 def run_paths(model, ids, args, device, mixes=None) -> dict:
@@ -169,6 +196,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true",
                    help="profile one more call of each path (torch.profiler: device and host) and one with cProfile")
     p.add_argument("--paths", default="eager,compiled,compiled_one_cache,prefill")
+    p.add_argument("--null-kernels", action="store_true",
+                   help="time each JD path again with its Triton launches made no-ops (kernels_off)")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -202,6 +231,13 @@ def main() -> None:
         print(f"JD-LoRA, {n} adapters ({setting.label})", flush=True)
         results["runs"][f"jd_{n}"] = {"setting": setting.label, **run_paths(peft, ids, args, device, mixes)}
         (args.out / "compiled.json").write_text(json.dumps(results, indent=1))
+        if args.null_kernels:
+            print(f"JD-LoRA, {n} adapters, kernels off", flush=True)
+            torch._dynamo.reset()  # a graph recorded without the kernels
+            with kernels_off():
+                results["runs"][f"jd_{n}_null"] = {"setting": setting.label + ", kernels off",
+                                                   **run_paths(peft, ids, args, device, mixes)}
+            (args.out / "compiled.json").write_text(json.dumps(results, indent=1))
         model = peft.unload()
         del peft, collection
         torch._dynamo.reset()  # the next collection has other shapes: a fresh compile either way

@@ -3,6 +3,8 @@
 #   bash benchmarks/serving/device.sh generate   # GPU tests + eager q/k/v host cost + generate at 64 adapters (eager, fused
 #                                                # or not; compiled; eager again after the compiled path: the process order)
 #   bash benchmarks/serving/device.sh generate1024   # compiled and eager generate at 1,024 adapters
+#   bash benchmarks/serving/device.sh anatomy    # generate at 64 adapters with JD's kernels and without (kernels_off):
+#                                                # what the kernels cost and what the rest does, eager and compiled
 #   bash benchmarks/serving/device.sh study      # the serving study with graph-captured decode (benchmarks/serving/run.py)
 # Results and logs go to $OUT (the device tool's output folder) or ./device-out.
 set -euo pipefail
@@ -23,10 +25,13 @@ case "$1" in
   generate1024)
     python -m benchmarks.serving.compiled --out "$OUT/generate1024" --sizes 1024 --warmup 2 --reps 3 \
       --paths compiled_one_cache,prefill,eager 2>&1 | tee "$OUT/generate1024.log" ;;
+  anatomy)
+    python -m benchmarks.serving.compiled --out "$OUT/anatomy" --sizes 64 --warmup 2 --reps 5 --null-kernels \
+      --paths eager,compiled_one_cache,prefill 2>&1 | tee "$OUT/anatomy.log" ;;
   study)
     mkdir -p "$OUT/serving_graph"
     python -m benchmarks.serving.run --out "$OUT/serving_graph" --max-batch 256,64 --sizes 1024,4,64,256,16 \
       --eager-sizes 1024 --grid-sizes "" --requests 512 --run-limit 10 --time-budget "${TIME_BUDGET:-230}" \
       --step-kernels 2>&1 | tee "$OUT/serving_graph/log.txt" ;;
-  *) echo "usage: $0 generate|generate1024|study" >&2; exit 2 ;;
+  *) echo "usage: $0 generate|generate1024|anatomy|study" >&2; exit 2 ;;
 esac
