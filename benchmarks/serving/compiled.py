@@ -108,6 +108,25 @@ def kernels_off():
             setattr(launch, name, function)
 
 
+def launch_counts(model) -> dict:
+    """Direct and normal Triton launches so far (:mod:`jdlora.kernels.fast_launch`; only once Triton is imported)
+    and how many sets of sibling layers have their fusion turned off (:mod:`jdlora.tuner.siblings`): what to look at
+    when an eager path is slower than it was."""
+    import sys
+
+    counts = {"direct": 0, "normal": 0}
+    if "jdlora.kernels.launch" in sys.modules:
+        from jdlora.kernels import expand, shrink, sigma
+
+        for launcher in (shrink._shrink_launch, shrink._siblings_launch, sigma._sigma_launch, sigma._siblings_launch,
+                         expand._expand_launch):
+            counts["direct"] += launcher.hits
+            counts["normal"] += launcher.misses
+    sets = {id(m._jd_siblings): m._jd_siblings for m in model.modules() if getattr(m, "_jd_siblings", None) is not None}
+    counts["sibling_sets_off"] = sum(not s.on for s in sets.values())
+    return counts
+
+
 def run_paths(model, ids, args, device, mixes=None) -> dict:
     """The three generate paths on ``model`` (a PeftModel when ``mixes`` draws adapter names per call)."""
     from transformers import StaticCache
@@ -147,7 +166,11 @@ def run_paths(model, ids, args, device, mixes=None) -> dict:
         call, warm = paths[path]
         # a path named again is timed again under "name#2", ...: e.g. eager before and after the compiled paths
         name = path if path not in out else f"{path}#{sum(k.split('#')[0] == path for k in out) + 1}"
+        before = launch_counts(model)
         out[name] = timed_calls(call, device, warm, args.reps)
+        after = launch_counts(model)
+        out[name]["launches"] = {"direct": after["direct"] - before["direct"], "normal": after["normal"] - before["normal"],
+                                 "sibling_sets_off": after["sibling_sets_off"]}
         if args.profile and device.type == "cuda":  # where one more call's device time goes, by kernel
             from torch.profiler import ProfilerActivity, profile
 
@@ -177,7 +200,8 @@ def run_paths(model, ids, args, device, mixes=None) -> dict:
             out[name]["profile_python"] = python
         out[name]["tok_s"] = ids.shape[0] * (1 if path == "prefill" else args.new) / out[name]["median_s"]
         print(f"  {name}: {out[name]['median_s'] * 1e3:.1f} ms  {out[name]['tok_s']:.0f} tok/s  "
-              f"(warm-up {out[name]['warmup_s']:.1f} s, graphs {out[name]['graphs_warmup']} then {out[name]['graphs_timed']})",
+              f"(warm-up {out[name]['warmup_s']:.1f} s, graphs {out[name]['graphs_warmup']} then {out[name]['graphs_timed']}; "
+              f"launches {out[name]['launches']})",
               flush=True)
     return out
 
