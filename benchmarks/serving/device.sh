@@ -5,7 +5,8 @@
 #   bash benchmarks/serving/device.sh generate1024   # compiled and eager generate at 1,024 adapters
 #   bash benchmarks/serving/device.sh anatomy    # generate at 64 adapters with JD's kernels and without (kernels_off):
 #                                                # what the kernels cost and what the rest does, eager and compiled
-#   bash benchmarks/serving/device.sh study      # the serving study with graph-captured decode (benchmarks/serving/run.py)
+#   bash benchmarks/serving/device.sh study      # the serving study with graph-captured decode (benchmarks/serving/run.py);
+#                                                # MAX_BATCH=256 or 64 runs one batch size (the whole grid does not fit one call)
 # Results and logs go to $OUT (the device tool's output folder) or ./device-out.
 set -euo pipefail
 OUT=${OUT:-device-out}
@@ -30,7 +31,7 @@ case "$1" in
       --paths eager,compiled_one_cache,prefill 2>&1 | tee "$OUT/anatomy.log" ;;
   study)
     mkdir -p "$OUT/serving_graph"
-    python -m benchmarks.serving.run --out "$OUT/serving_graph" --max-batch 256,64 --sizes 1024,4,64,256,16 \
+    python -m benchmarks.serving.run --out "$OUT/serving_graph" --max-batch "${MAX_BATCH:-256,64}" --sizes 1024,4,64,256,16 \
       --eager-sizes 1024 --grid-sizes "" --requests 512 --run-limit 10 --time-budget "${TIME_BUDGET:-230}" \
       --step-kernels 2>&1 | tee "$OUT/serving_graph/log.txt" ;;
   *) echo "usage: $0 generate|generate1024|anatomy|study" >&2; exit 2 ;;
