@@ -40,8 +40,9 @@ def jd_lora_delta_reference(
 
 
 def _delta(x, U, V, sigma, cluster_of, token_adapter):
-    g, active = _g(x, V, sigma, cluster_of, token_adapter, U.dtype)
-    return _expand(g, U, cluster_of, token_adapter), active
+    a_safe, c_safe, active = _clusters(cluster_of, token_adapter)
+    g = _g(x, V, sigma, a_safe, c_safe, active, U.dtype)
+    return _expand(g, U, c_safe), active
 
 
 def _accumulation(x, u_dtype, V, sigma) -> torch.dtype:
@@ -61,24 +62,22 @@ def _clusters(cluster_of, token_adapter):
     return a_safe, torch.where(active, c, torch.zeros_like(c)), active
 
 
-def _g(x, V, sigma, cluster_of, token_adapter, u_dtype):
-    """``(g [T, r], active [T])``: ``Sigma[a] V[c]^T x`` per token (zero rows where inactive)."""
+def _g(x, V, sigma, a_safe, c_safe, active, u_dtype):
+    """``g [T, r]``: ``Sigma[a] V[c]^T x`` per token (zero rows where inactive; the rest from :func:`_clusters`)."""
     T, r = x.shape[0], V.shape[2]
     acc = _accumulation(x, u_dtype, V, sigma)
-    a_safe, c_safe, active = _clusters(cluster_of, token_adapter)
     h_all = torch.einsum("ti,cir->tcr", x.to(acc), V.to(acc))  # [T, C, r]
     h = h_all.gather(1, c_safe.view(T, 1, 1).expand(T, 1, r)).squeeze(1)  # [T, r]
     if sigma.dim() == 2:  # JD-Diag: Sigma_a = diag(sigma[a])
         g = h * sigma.to(acc)[a_safe]
     else:  # JD-Full
         g = torch.bmm(sigma.to(acc)[a_safe], h.unsqueeze(2)).squeeze(2)
-    return g * active.unsqueeze(1), active
+    return g * active.unsqueeze(1)
 
 
-def _expand(g, U, cluster_of, token_adapter):
-    """``delta [T, d_out]``: ``U[c] g[t]`` per token, in g's precision."""
+def _expand(g, U, c_safe):
+    """``delta [T, d_out]``: ``U[c] g[t]`` per token (``c_safe`` from :func:`_clusters`), in g's precision."""
     T, C, r = g.shape[0], U.shape[0], U.shape[2]
-    _, c_safe, _ = _clusters(cluster_of, token_adapter)
     g_slots = torch.zeros(T, C, r, dtype=g.dtype, device=g.device)
     g_slots.scatter_(1, c_safe.view(T, 1, 1).expand(T, 1, r), g.unsqueeze(1))
     return torch.einsum("tcr,cor->to", g_slots, U.to(g.dtype))  # [T, d_out]
@@ -91,7 +90,7 @@ def jd_lora_shrink_reference(x: Tensor, V: Tensor, sigma: Tensor, cluster_of: Te
     if x.shape[0] == 0:
         return torch.zeros(0, V.shape[2], dtype=_accumulation(x, u_dtype, V, sigma), device=x.device)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _g(x, V, sigma, cluster_of, token_adapter, u_dtype)[0]
+        return _g(x, V, sigma, *_clusters(cluster_of, token_adapter), u_dtype)
 
 
 def jd_lora_expand_reference(y: Tensor, U: Tensor, g: Tensor, cluster_of: Tensor, token_adapter: Tensor, *,
@@ -101,8 +100,14 @@ def jd_lora_expand_reference(y: Tensor, U: Tensor, g: Tensor, cluster_of: Tensor
     if y.shape[0] == 0:
         return y
     with torch.autocast(device_type=y.device.type, enabled=False):
-        delta = _expand(g, U, cluster_of, token_adapter)
-        active = _clusters(cluster_of, token_adapter)[2]
+        _, c_safe, active = _clusters(cluster_of, token_adapter)
+        delta = _expand(g, U, c_safe)
+    return _add_update(y, delta, active, scale)
+
+
+def _add_update(y: Tensor, delta: Tensor, active: Tensor, scale: float) -> Tensor:
+    """``y[t] = y[t] + scale * delta[t]`` in delta's precision, rounded once to y's dtype, for active rows only
+    (the others keep their exact bits). Returns y."""
     updated = (y.to(delta.dtype) + scale * delta).to(y.dtype)
     y.copy_(torch.where(active.unsqueeze(1), updated, y))
     return y
@@ -123,6 +128,4 @@ def jd_lora_forward_reference(
     if x.shape[0] == 0:
         return y
     delta, active = jd_lora_delta_reference(x, U, V, sigma, cluster_of, token_adapter)
-    updated = (y.to(delta.dtype) + scale * delta).to(y.dtype)
-    y.copy_(torch.where(active.unsqueeze(1), updated, y))
-    return y
+    return _add_update(y, delta, active, scale)
