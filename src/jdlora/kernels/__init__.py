@@ -263,7 +263,7 @@ def jd_lora_shrink_siblings(
         for s, (y, U, c) in enumerate(((yq, Uq, cq), (yk, Uk, ck), (yv, Uv, cv))):
             jd_lora_expand(y, U, c, shrunk, s)
     """
-    backend = _ENV_BACKEND or ("triton" if x.is_cuda else "torch") if backend == "auto" else backend
+    backend = _resolve_backend(backend, x)
     batch.sibling_calls += 1
     if backend == "torch":
         ta = batch.token_adapter
@@ -294,13 +294,19 @@ def _prepare(y, x, U, V, sigma, cluster_of, batch, backend: Backend, check: bool
     """The batch (prepared if given as ``token_adapter``) and the backend that runs, after checking the inputs."""
     if not isinstance(batch, JDBatch):
         batch = prepare_batch(batch)
+    backend = _resolve_backend(backend, x)
+    if check:
+        _check_inputs(y, x, U, V, sigma, cluster_of, batch, allow_float64=backend == "torch")
+    return batch, backend
+
+
+def _resolve_backend(backend: Backend, x: Tensor) -> str:
+    """``"triton"`` or ``"torch"``: ``"auto"`` is ``JDLORA_KERNELS`` if set, else Triton for CUDA tensors."""
     if backend == "auto":
         backend = _ENV_BACKEND or ("triton" if x.is_cuda else "torch")
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if check:
-        _check_inputs(y, x, U, V, sigma, cluster_of, batch, allow_float64=backend == "torch")
-    return batch, backend
+    return backend
 
 
 def _check_inputs(y, x, U, V, sigma, cluster_of, batch: JDBatch, *, allow_float64: bool = False) -> None:
