@@ -81,29 +81,21 @@ class JDBatch:
         Allocated on first use and re-allocated for a wider rank. The Sigma kernel re-zeroes the
         rows of ``h`` that the shrink kernel filled, so ``h`` is all zeros between calls.
         """
-        key = str(device)
-        buf = self._scratch.get(key)
-        if buf is None or buf[0].shape[1] < width:
-            t = max(self.num_tokens, 1)
-            buf = (
-                torch.zeros(t, width, dtype=torch.float32, device=device),
-                torch.empty(t, width, dtype=torch.float32, device=device),
-            )
-            self._scratch[key] = buf
-        return buf
+        return self._buffers(str(device), (), width, device)
 
     def sibling_scratch(self, count: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """``(h [count, T, w] float32 zeros, g [count, T, w] float32)``: :meth:`scratch` for ``count`` sibling
         modules at once (:func:`~jdlora.kernels.jd_lora_shrink_siblings`). Apart from :meth:`scratch`'s
         buffers, so that the siblings' ``g`` outlive the per-layer launches that run between their expands."""
-        key = ("siblings", count, str(device))
+        return self._buffers(("siblings", count, str(device)), (count,), width, device)
+
+    def _buffers(self, key, lead: tuple[int, ...], width: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The ``(zeros, empty)`` float32 pair ``[*lead, T, w]`` kept under ``key``, made anew for a wider rank."""
         buf = self._scratch.get(key)
-        if buf is None or buf[0].shape[2] < width:
-            t = max(self.num_tokens, 1)
-            buf = (
-                torch.zeros(count, t, width, dtype=torch.float32, device=device),
-                torch.empty(count, t, width, dtype=torch.float32, device=device),
-            )
+        if buf is None or buf[0].shape[-1] < width:
+            shape = (*lead, max(self.num_tokens, 1), width)
+            buf = (torch.zeros(shape, dtype=torch.float32, device=device),
+                   torch.empty(shape, dtype=torch.float32, device=device))
             self._scratch[key] = buf
         return buf
 

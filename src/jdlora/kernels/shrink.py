@@ -205,10 +205,15 @@ def launch_shrink(x, V, cluster_of, batch, h, *, config) -> None:
         (m_blocks, split_k), x, V, cluster_of, batch.order, batch.sorted_adapter, h,
         T, batch.tokens_per_row, d_in, r, k_per_split,
         *x.stride(), *V.stride(), h.stride(0),
-        BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=block_rank(r), SPLIT=split_k > 1,
-        ONE_CLUSTER=V.shape[0] == 1, PRECISION="ieee" if x.dtype.itemsize == 4 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        ONE_CLUSTER=V.shape[0] == 1, **_shrink_options(x, r, split_k, config),
     )
+
+
+def _shrink_options(x, r: int, split_k: int, config) -> dict:
+    """The constexprs and launch options of a shrink launch but the cluster flags (one module's or the siblings')."""
+    return dict(BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=block_rank(r), SPLIT=split_k > 1,
+                PRECISION="ieee" if x.dtype.itemsize == 4 else "tf32", num_warps=config.num_warps,
+                num_stages=config.num_stages)
 
 
 _siblings_launch = FastLauncher(jd_shrink_siblings_kernel)
@@ -232,8 +237,6 @@ def launch_shrink_siblings(x, Vs, cluster_ofs, batch, h, *, config) -> None:
         (m_blocks, split_k, n), x, *Vp, *Cp, batch.order, batch.sorted_adapter, h,
         T, batch.tokens_per_row, d_in, r, k_per_split,
         *x.stride(), *V0.stride(), h.stride(0), h.stride(1),
-        BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=block_rank(r), SPLIT=split_k > 1,
         ONE_CLUSTER0=Vp[0].shape[0] == 1, ONE_CLUSTER1=Vp[1].shape[0] == 1, ONE_CLUSTER2=Vp[2].shape[0] == 1,
-        PRECISION="ieee" if x.dtype.itemsize == 4 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        **_shrink_options(x, r, split_k, config),
     )

@@ -186,16 +186,20 @@ def launch_sigma(h, g, sigma, batch, *, exact: bool, config) -> None:
     """
     T = batch.num_tokens
     r = sigma.shape[1]
-    block_r = block_rank(r)
     diag = sigma.dim() == 2
-    sigma_rows = max(1, min(block_r, config.sigma_elems // (config.block_m * block_r)))
     _sigma_launch(
         (cdiv(T, config.block_m),), h, g, sigma, batch.sorted_adapter,
         T, batch.tokens_per_row, r, h.stride(0), sigma.stride(0), sigma.stride(1), 0 if diag else sigma.stride(2),
-        BLOCK_M=config.block_m, BLOCK_R=block_r, SIGMA_DIAG=diag, SIGMA_ROWS=sigma_rows,
-        PRECISION="ieee" if exact else "tf32",
-        num_warps=config.num_warps,
+        **_sigma_options(r, diag, exact, config),
     )
+
+
+def _sigma_options(r: int, diag: bool, exact: bool, config) -> dict:
+    """The constexprs and launch options of a Sigma launch (one module's or the siblings')."""
+    block_r = block_rank(r)
+    return dict(BLOCK_M=config.block_m, BLOCK_R=block_r, SIGMA_DIAG=diag,
+                SIGMA_ROWS=max(1, min(block_r, config.sigma_elems // (config.block_m * block_r))),
+                PRECISION="ieee" if exact else "tf32", num_warps=config.num_warps)
 
 
 _siblings_launch = FastLauncher(jd_sigma_siblings_kernel)
@@ -210,14 +214,10 @@ def launch_sigma_siblings(h, g, sigmas, batch, *, exact: bool, config) -> None:
     T = batch.num_tokens
     s0 = sigmas[0]
     r = s0.shape[1]
-    block_r = block_rank(r)
     diag = s0.dim() == 2
-    sigma_rows = max(1, min(block_r, config.sigma_elems // (config.block_m * block_r)))
     sp = tuple(sigmas) + (s0,) * (3 - len(sigmas))
     _siblings_launch(
         (cdiv(T, config.block_m), len(sigmas)), h, g, *sp, batch.sorted_adapter,
         T, batch.tokens_per_row, r, h.stride(0), h.stride(1), s0.stride(0), s0.stride(1), 0 if diag else s0.stride(2),
-        BLOCK_M=config.block_m, BLOCK_R=block_r, SIGMA_DIAG=diag, SIGMA_ROWS=sigma_rows,
-        PRECISION="ieee" if exact else "tf32",
-        num_warps=config.num_warps,
+        **_sigma_options(r, diag, exact, config),
     )
