@@ -451,7 +451,7 @@ class JDLoraLayer(BaseTunerLayer):
             prepared = batch.prepared(group, tokens_per_row, device)
             if prepared is None:
                 continue
-            if bank.sigma.shape[0] < group.size:
+            if bank.sigma.shape[0] < group.size:  # _jd_grow's own test, first: no call per layer on the hot path
                 self._jd_grow(bank, group.size)
             bases = self._jd_bases[group.rank]
             U, V, sigma, cluster_of = bases.U, bases.V, bank.sigma, bank.cluster_of

@@ -131,10 +131,9 @@ def _banks(layer, group_key: str) -> tuple | None:
     if bank is None or layer.disable_adapters or layer.merged:
         return None
     if layer._jd_untied:
-        layer._jd_retie()
+        layer._jd_retie()  # rebuilds the banks
         bank = layer._jd_banks[group_key]
-    if bank.sigma.shape[0] < bank.group.size:
-        layer._jd_grow(bank, bank.group.size)
+    layer._jd_grow(bank, bank.group.size)
     return layer._jd_bases[bank.group.rank].V, bank.sigma, bank.cluster_of
 
 
