@@ -556,6 +556,17 @@ def test_a_later_sibling_shrink_invalidates_the_earlier_g(backend):
         jd_lora_expand(torch.zeros(5, Us[0].shape[1], device=DEVICE), Us[0], cluster_ofs[0], first, 0)
 
 
+def test_an_unknown_backend_name_is_refused_by_the_siblings_shrink_too():
+    from jdlora.kernels import jd_lora_shrink_siblings
+
+    x, ta, mods = _siblings(3, 32, 16, 4, (1, 1), diag=False, dtype=torch.float32)
+    Us, Vs, sigmas, cluster_ofs = zip(*mods)
+    batch = prepare_batch(ta)
+    with pytest.raises(ValueError, match="backend must be"):
+        jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend="cuda")
+    assert batch.sibling_calls == 0  # refused before anything changed
+
+
 def test_siblings_of_other_ranks_dtypes_or_empty_banks_are_not_fused():
     from jdlora.kernels import siblings_fusable
 
