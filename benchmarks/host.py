@@ -40,11 +40,9 @@ os.environ.pop("TRITON_INTERPRET", None)  # real JITFunctions, so that the direc
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from jdlora.kernels import expand, launch, shrink, sigma  # noqa: E402
+from jdlora.kernels import launch  # noqa: E402 (imports every kernel, so that every launcher exists)
+from jdlora.kernels.fast_launch import LAUNCHERS  # noqa: E402
 from jdlora.tuner import siblings  # noqa: E402
-
-LAUNCHERS = {"shrink": shrink._shrink_launch, "shrink_siblings": shrink._siblings_launch,
-             "sigma": sigma._sigma_launch, "sigma_siblings": sigma._siblings_launch, "expand": expand._expand_launch}
 
 
 class _NoKernel:
@@ -71,7 +69,7 @@ class _Compiler:
 def free_launches() -> None:
     """Every Triton launch of jdlora becomes free past our own Python; CPU tensors take the Triton path."""
     launch._check_device = lambda x: None
-    for launcher in LAUNCHERS.values():
+    for launcher in LAUNCHERS:
         if not launcher._fast:
             raise SystemExit("the direct launch is off (JDLORA_FAST_LAUNCH=0?): nothing of ours to measure")
         launcher.kernel = _Compiler(launcher.kernel)
@@ -193,7 +191,7 @@ def main() -> None:
     results = {"torch": torch.__version__, "batch": args.batch, "adapters": args.adapters}
     if args.only in (None, "layer"):
         results["layer"] = c = layer_costs(args)
-        c["direct_launches"] = {name: launcher.hits for name, launcher in LAUNCHERS.items()}
+        c["direct_launches"] = {launcher.name: launcher.hits for launcher in LAUNCHERS}
         if not all(c["direct_launches"].values()):  # then this measured Triton's normal path, not ours
             raise SystemExit(f"some kernels never launched directly: {c['direct_launches']}")
         print(f"q, k, v forward: base {c['base_qkv_us']:.1f} us; JD adds per layer "

@@ -565,14 +565,13 @@ def eager_qkv(device, calls: int = 300, *, smoke: bool = False) -> list[dict]:
     """
     from torch import nn
 
-    from jdlora.kernels import expand, shrink, sigma
+    from jdlora.kernels import launch  # noqa: F401 (imports every kernel: the launchers below exist)
+    from jdlora.kernels.fast_launch import LAUNCHERS as launchers
     from jdlora.tuner import siblings
     from jdlora.tuner.layer import AdapterGroup, JDLoraLayer, Linear
     from jdlora.tuner.mixed import MixedBatch
 
     d, d_kv, r, n = (64, 32, 16, 8) if smoke else (4096, 1024, 64, 64)
-    launchers = [shrink._shrink_launch, shrink._siblings_launch, sigma._sigma_launch, sigma._siblings_launch,
-                 expand._expand_launch]
     rows = []
     for C in (1, 8):
         group = AdapterGroup(r, "full")

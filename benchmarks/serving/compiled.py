@@ -115,11 +115,10 @@ def launch_counts(model) -> dict:
     import sys
 
     counts = {"direct": 0, "normal": 0}
-    if "jdlora.kernels.launch" in sys.modules:
-        from jdlora.kernels import expand, shrink, sigma
+    if "jdlora.kernels.fast_launch" in sys.modules:
+        from jdlora.kernels.fast_launch import LAUNCHERS
 
-        for launcher in (shrink._shrink_launch, shrink._siblings_launch, sigma._sigma_launch, sigma._siblings_launch,
-                         expand._expand_launch):
+        for launcher in LAUNCHERS:
             counts["direct"] += launcher.hits
             counts["normal"] += launcher.misses
     sets = {id(m._jd_siblings): m._jd_siblings for m in model.modules() if getattr(m, "_jd_siblings", None) is not None}

@@ -46,6 +46,7 @@ import triton
 from triton.runtime.jit import JITFunction
 
 ENABLED = os.environ.get("JDLORA_FAST_LAUNCH", "1") != "0"
+LAUNCHERS: list[FastLauncher] = []  # every launcher made, one per kernel (their counters, for benchmarks)
 MAX_ENTRIES = 1024  # keys kept per kernel (decode: one per batch size; prefill: one per token count)
 _SCALARS = (int, float, bool)
 _dtype = operator.attrgetter("dtype")
@@ -80,11 +81,14 @@ class FastLauncher:
     """``launcher(grid, *args, **constexprs_and_options)`` launches ``kernel`` like ``kernel[grid](...)``.
 
     ``args``: the kernel's non-constexpr parameters, in order; the constexprs and ``num_warps`` /
-    ``num_stages`` by keyword. ``hits`` and ``misses`` count direct and normal launches.
+    ``num_stages`` by keyword. ``hits`` and ``misses`` count direct and normal launches; ``name`` is the kernel's.
+    Every launcher is listed in :data:`LAUNCHERS`.
     """
 
     def __init__(self, kernel):
         self.kernel = kernel
+        self.name = getattr(kernel, "__name__", repr(kernel))
+        LAUNCHERS.append(self)
         self.hits = 0
         self.misses = 0
         self._cache: dict = {}  # launch_key -> the CompiledKernel
