@@ -388,3 +388,32 @@ def test_report_sets_the_base_decode_step_against_its_weight_read_floor_and_spli
     assert "| 256 | uncapped | graph | 256 | 6.00 | 3.50 | 1.71 | 5.12 | 1.28 |" in table  # KV: 256 x 20 MB / 4 TB/s
     assert "| 256 | graph | uncapped | 1024 | JD-LoRA | 7c r64 | (61) | 90.0 | 1000 | 0.90 | - | 256.0 | 7.50 | 0.80 |" in table
     assert "| 256 | uncapped | - | base model | 256 | 4.00 | 0.00 | 0.50 | 0.50 | 5.00 | 400 | 6.00 |" in table
+
+
+def test_generate_benchmark_times_base_and_jd_side_by_side_in_abba_rounds():
+    from benchmarks.serving.compiled import timed_calls
+
+    order = []
+    calls = {"base": lambda: order.append("base"), "jd": lambda: order.append("jd")}
+    counter = {"base": 0, "jd": 0}
+
+    def counts(label):
+        counter[label] += 1  # one more "launch" each time a subject's counters are read
+        return {"direct": counter[label]}
+
+    out = timed_calls(calls, torch.device("cpu"), warmup=1, reps=4, counts=counts)
+    assert order == ["base", "jd"] + ["base", "jd", "jd", "base", "base", "jd", "jd", "base"]
+    assert [len(out[k]["walls_s"]) for k in calls] == [4, 4]
+    assert out["base"]["launches"] == {"direct": 4}  # the counters' increase over the timed calls alone
+
+
+def test_prefill_tool_times_each_path_on_the_studys_model(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks.serving.prefill", "--out", str(tmp_path), "--device", "cpu", "--tiny",
+           "--shapes", "3x10", "--reps", "1"]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, cwd=ROOT, check=True, env=env, capture_output=True)
+    results = json.loads((tmp_path / "prefill.json").read_text())
+    assert [(r["path"], r["tokens"]) for r in results["runs"]] == [("base", 30), ("jd", 30), ("multi-lora", 30)]
+    assert results["setting"] == "7c r64" and results["slots"] == 61
+    assert all(r["median_s"] > 0 for r in results["runs"])
+    assert 1 <= results["runs"][2]["distinct"] <= 3

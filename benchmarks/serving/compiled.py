@@ -6,8 +6,10 @@ Usage::
     PYTHONPATH=src python -m benchmarks.serving.compiled --out DIR --tiny --device cpu   # smoke run
 
 Set-up: Mistral-7B's shapes with random bf16 weights (:mod:`.model`), a batch of ``--batch`` prompts of
-``--prompt`` random tokens (no padding), ``--new`` greedy tokens each (no early stop). Paths, each in
-one process beside the others:
+``--prompt`` random tokens (no padding), ``--new`` greedy tokens each (no early stop). The base model and
+JD-LoRA are two models with the same weights in one process, **timed side by side**: per path, each one's
+warm-up, then rounds of one call of each, the order reversed every other round (:func:`timed_calls`), so a
+host whose speed drifts (eager walls are host time) weighs on both alike. Paths:
 
 - *base, compiled*: ``generate(..., cache_implementation="static")``; on CUDA transformers compiles the
   decode step by itself (inductor, ``mode="reduce-overhead"``: CUDA graphs) and builds a new static cache
@@ -26,11 +28,13 @@ one process beside the others:
   (distinct ones when the collection has enough): a new mix every call.
 
 Every compiled path is warmed up (``--warmup`` calls: the first compiles) and then timed over ``--reps``
-calls (wall clock, synchronized); dynamo's count of compiled graphs before and after the timed calls
+rounds (wall clock, synchronized); dynamo's count of compiled graphs before and after the timed calls
 shows whether a new mix recompiled. Throughput = batch x new tokens / median wall. A path listed twice is timed
 twice, the second time as ``name#2`` (``--paths eager,compiled_one_cache,eager``: eager before and after the
 compiled paths in one process). ``--null-kernels`` times each JD collection's paths once more with its Triton launches
 made no-ops (:func:`kernels_off`): where the time between the base and JD goes, kernels or everything else.
+Writes ``compiled.json``: per collection, ``base`` and ``jd`` results per path and their ``ratio`` (JD / base
+throughput).
 """
 
 from __future__ import annotations
@@ -63,24 +67,38 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed_calls(call, device, warmup: int, reps: int) -> dict:
-    """Median wall of ``reps`` calls after ``warmup`` ones; graphs compiled during warm-up and timed calls."""
-    g0 = graphs_compiled()
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        call()
-    sync(device)
-    warm = time.perf_counter() - t0
-    g1 = graphs_compiled()
-    walls = []
-    for _ in range(reps):
+def timed_calls(calls: dict, device, warmup: int, reps: int, counts=None) -> dict:
+    """``{subject: call}`` timed side by side: each subject's ``warmup`` calls, then ``reps`` rounds of one timed
+    call per subject, the order reversed every other round (ABBA), so that a host whose speed drifts over the
+    process (the H200 host's eager walls moved 440 -> 650 ms within one run) weighs on every subject alike.
+
+    Per subject: the median wall of its ``reps`` calls (synchronized), the walls, the warm-up seconds, dynamo's
+    graphs compiled during the warm-up and during the timed calls, and (``counts(subject)``: a dict of counters)
+    the counters' increase over the timed calls."""
+    out = {}
+    for name, call in calls.items():
+        g0 = graphs_compiled()
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            call()
         sync(device)
-        t = time.perf_counter()
-        call()
-        sync(device)
-        walls.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(walls), "walls_s": walls, "warmup_s": warm,
-            "graphs_warmup": g1 - g0, "graphs_timed": graphs_compiled() - g1}
+        out[name] = {"warmup_s": time.perf_counter() - t0, "graphs_warmup": graphs_compiled() - g0, "walls_s": [],
+                     "graphs_timed": 0, "launches": {}}
+    names = list(calls)
+    for rep in range(reps):
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            before, g0 = counts(name) if counts else {}, graphs_compiled()
+            sync(device)
+            t = time.perf_counter()
+            calls[name]()
+            sync(device)
+            out[name]["walls_s"].append(time.perf_counter() - t)
+            out[name]["graphs_timed"] += graphs_compiled() - g0
+            for key, value in (counts(name) if counts else {}).items():
+                out[name]["launches"][key] = out[name]["launches"].get(key, 0) + value - before[key]
+    for result in out.values():
+        result["median_s"] = statistics.median(result["walls_s"])
+    return out
 
 
 @contextlib.contextmanager
@@ -109,9 +127,8 @@ def kernels_off():
 
 
 def launch_counts(model) -> dict:
-    """Direct and normal Triton launches so far (:mod:`jdlora.kernels.fast_launch`; only once Triton is imported)
-    and how many sets of sibling layers have their fusion turned off (:mod:`jdlora.tuner.siblings`): what to look at
-    when an eager path is slower than it was."""
+    """Direct and normal Triton launches so far (:mod:`jdlora.kernels.fast_launch`; only once Triton is imported):
+    what to look at when an eager path is slower than it was."""
     import sys
 
     counts = {"direct": 0, "normal": 0}
@@ -121,13 +138,18 @@ def launch_counts(model) -> dict:
         for launcher in LAUNCHERS:
             counts["direct"] += launcher.hits
             counts["normal"] += launcher.misses
-    sets = {id(m._jd_siblings): m._jd_siblings for m in model.modules() if getattr(m, "_jd_siblings", None) is not None}
-    counts["sibling_sets_off"] = sum(not s.on for s in sets.values())
     return counts
 
 
-def run_paths(model, ids, args, device, mixes=None) -> dict:
-    """The three generate paths on ``model`` (a PeftModel when ``mixes`` draws adapter names per call)."""
+def sibling_sets_off(model) -> int:
+    """How many sets of sibling layers have their fusion turned off (:mod:`jdlora.tuner.siblings`)."""
+    sets = {id(m._jd_siblings): m._jd_siblings for m in model.modules() if getattr(m, "_jd_siblings", None) is not None}
+    return sum(not s.on for s in sets.values())
+
+
+def path_calls(model, ids, args, mixes=None) -> dict:
+    """The generate paths on ``model`` (a PeftModel when ``mixes`` draws adapter names per call): ``{path: (call,
+    warm-up calls)}``."""
     from transformers import StaticCache
 
     common = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
@@ -158,51 +180,60 @@ def run_paths(model, ids, args, device, mixes=None) -> dict:
         with torch.no_grad():
             model.generate(input_ids=ids, disable_compile=True, max_new_tokens=1, do_sample=False, **extra())
 
-    out = {}
-    paths = {"eager": (eager, 1), "eager_unfused": (eager_unfused, 1), "compiled": (compiled, args.warmup),
-             "compiled_one_cache": (one_cache, args.warmup), "prefill": (prefill, 1)}
-    for path in args.paths.split(","):
-        call, warm = paths[path]
-        # a path named again is timed again under "name#2", ...: e.g. eager before and after the compiled paths
-        name = path if path not in out else f"{path}#{sum(k.split('#')[0] == path for k in out) + 1}"
-        before = launch_counts(model)
-        out[name] = timed_calls(call, device, warm, args.reps)
-        after = launch_counts(model)
-        out[name]["launches"] = {"direct": after["direct"] - before["direct"], "normal": after["normal"] - before["normal"],
-                                 "sibling_sets_off": after["sibling_sets_off"]}
-        if args.profile and device.type == "cuda":  # where one more call's device time goes, by kernel
-            from torch.profiler import ProfilerActivity, profile
+    return {"eager": (eager, 1), "eager_unfused": (eager_unfused, 1), "compiled": (compiled, args.warmup),
+            "compiled_one_cache": (one_cache, args.warmup), "prefill": (prefill, 1)}
 
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                call()
-                sync(device)
-            averages = prof.key_averages()
-            table = averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
-            # the host's side: what the CPU spends its time in (guards, graph replays, launches, Python)
-            host = averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
-            # and the host's Python (cudagraph trees, aot wrappers, transformers' loop, the tuner), one more call
-            import cProfile
-            import io
-            import pstats
 
-            profiler = cProfile.Profile()
-            profiler.enable()
-            call()
-            sync(device)
-            profiler.disable()
-            stream = io.StringIO()
-            pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(30)
-            python = stream.getvalue()
-            print(table, host, python, sep="\n", flush=True)
-            out[name]["profile"] = table
-            out[name]["profile_host"] = host
-            out[name]["profile_python"] = python
-        out[name]["tok_s"] = ids.shape[0] * (1 if path == "prefill" else args.new) / out[name]["median_s"]
-        print(f"  {name}: {out[name]['median_s'] * 1e3:.1f} ms  {out[name]['tok_s']:.0f} tok/s  "
-              f"(warm-up {out[name]['warmup_s']:.1f} s, graphs {out[name]['graphs_warmup']} then {out[name]['graphs_timed']}; "
-              f"launches {out[name]['launches']})",
-              flush=True)
+def run_paths(subjects: dict, ids, args, device) -> dict:
+    """Every path of ``args.paths`` for every subject (``{label: (model, mixes or None)}``), the subjects timed side
+    by side (:func:`timed_calls`). Returns ``{label: {path: result}}``."""
+    calls = {label: path_calls(model, ids, args, mixes) for label, (model, mixes) in subjects.items()}
+    out = {label: {} for label in subjects}
+    first = next(iter(subjects))
+    # a path named again is timed again under "name#2", ...: e.g. eager before and after the compiled paths
+    for path, name in zip(args.paths.split(","), args_paths(args)):
+        warm = calls[first][path][1]
+        timed = timed_calls({label: c[path][0] for label, c in calls.items()}, device, warm, args.reps,
+                            counts=lambda label: launch_counts(subjects[label][0]))
+        for label, result in timed.items():
+            result["sibling_sets_off"] = sibling_sets_off(subjects[label][0])
+            result["tok_s"] = ids.shape[0] * (1 if path == "prefill" else args.new) / result["median_s"]
+            out[label][name] = result
+            print(f"  {label} {name}: {result['median_s'] * 1e3:.1f} ms  {result['tok_s']:.0f} tok/s  "
+                  f"(walls {' '.join(f'{w * 1e3:.0f}' for w in result['walls_s'])}; warm-up {result['warmup_s']:.1f} s, "
+                  f"graphs {result['graphs_warmup']} then {result['graphs_timed']}; launches {result['launches']})",
+                  flush=True)
+        if args.profile and device.type == "cuda":
+            for label in subjects:
+                out[label][name].update(profile_call(calls[label][path][0], device))
     return out
+
+
+def profile_call(call, device) -> dict:
+    """Where one more call's time goes: device and host (torch.profiler) and the host's Python (cProfile: cudagraph
+    trees, aot wrappers, transformers' loop, the tuner)."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        call()
+        sync(device)
+    averages = prof.key_averages()
+    table = averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+    host = averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    call()
+    sync(device)
+    profiler.disable()
+    stream = io.StringIO()
+    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(30)
+    python = stream.getvalue()
+    print(table, host, python, sep="\n", flush=True)
+    return {"profile": table, "profile_host": host, "profile_python": python}
 
 
 def main() -> None:
@@ -232,9 +263,7 @@ def main() -> None:
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "tiny": args.tiny, "fuse_siblings": siblings.ENABLED, "runs": {}}
     args.out.mkdir(parents=True, exist_ok=True)
-    print("base", flush=True)
-    results["runs"]["base"] = run_paths(model, ids, args, device)
-    (args.out / "compiled.json").write_text(json.dumps(results, indent=1))
+    jd_model = build_model(config, device, dtype)  # the same seed: the base's weights, for the adapters
     rng = random.Random(0)
     for n in (int(s) for s in args.sizes.split(",") if s):
         setting = PAPER_SETTINGS[n][0] if n in PAPER_SETTINGS else JDSetting(16)
@@ -243,7 +272,7 @@ def main() -> None:
         from jdlora.tuner import load_collection
 
         collection = synthetic_collection(adapted_modules(config), n, setting, device=device)
-        peft = load_collection(model, collection)
+        peft = load_collection(jd_model, collection)
         for layer in peft.base_model.jd_layers().values():
             layer.jd_cast(dtype)
         names = [adapter_name(i) for i in range(n)]
@@ -251,25 +280,36 @@ def main() -> None:
         def mixes():
             return rng.sample(names, args.batch) if n >= args.batch else [rng.choice(names) for _ in range(args.batch)]
 
-        print(f"JD-LoRA, {n} adapters ({setting.label})", flush=True)
-        results["runs"][f"jd_{n}"] = {"setting": setting.label, **run_paths(peft, ids, args, device, mixes)}
-        (args.out / "compiled.json").write_text(json.dumps(results, indent=1))
+        runs = {f"jd_{n}": (peft, mixes)}
         if args.null_kernels:
-            print(f"JD-LoRA, {n} adapters, kernels off", flush=True)
-            torch._dynamo.reset()  # a graph recorded without the kernels
-            with kernels_off():
-                results["runs"][f"jd_{n}_null"] = {"setting": setting.label + ", kernels off",
-                                                   **run_paths(peft, ids, args, device, mixes)}
+            runs[f"jd_{n}_null"] = (peft, mixes)
+        for key, jd in runs.items():
+            null = key.endswith("_null")
+            print(f"base and JD-LoRA, {n} adapters ({setting.label}{', kernels off' if null else ''})", flush=True)
+            if null:
+                torch._dynamo.reset()  # graphs recorded without the kernels
+            with kernels_off() if null else contextlib.nullcontext():
+                timed = run_paths({"base": (model, None), "jd": jd}, ids, args, device)
+            results["runs"][key] = {"setting": setting.label + (", kernels off" if null else ""), **timed,
+                                    "ratio": {path: timed["jd"][path]["tok_s"] / timed["base"][path]["tok_s"]
+                                              for path in timed["jd"]}}
             (args.out / "compiled.json").write_text(json.dumps(results, indent=1))
-        model = peft.unload()
+        jd_model = peft.unload()
         del peft, collection
         torch._dynamo.reset()  # the next collection has other shapes: a fresh compile either way
-    base = results["runs"]["base"]
-    print("\n| path | " + " | ".join(k for k in results["runs"]) + " |")
-    for kind in base:
-        cells = [f"{r[kind]['tok_s']:.0f} tok/s ({r[kind]['tok_s'] / base[kind]['tok_s']:.2f}x)"
+    print("\n| path | " + " | ".join(f"{k}: base, JD (JD/base)" for k in results["runs"]) + " |")
+    for path in args_paths(args):
+        cells = [f"{r['base'][path]['tok_s']:.0f}, {r['jd'][path]['tok_s']:.0f} tok/s ({r['ratio'][path]:.2f}x)"
                  for r in results["runs"].values()]
-        print(f"| {kind} | " + " | ".join(cells) + " |")
+        print(f"| {path} | " + " | ".join(cells) + " |")
+
+
+def args_paths(args) -> list[str]:
+    """The result names of ``args.paths``: a path named again is ``name#2``, ..."""
+    names = []
+    for path in args.paths.split(","):
+        names.append(path if path not in names else f"{path}#{sum(n.split('#')[0] == path for n in names) + 1}")
+    return names
 
 
 if __name__ == "__main__":

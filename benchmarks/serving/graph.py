@@ -179,9 +179,7 @@ class StaticDecoder:
 
     def step_kernels(self, path, size: int) -> dict:
         """Where a decode step's device time goes: the step at ``size`` rows run once eagerly under
-        ``torch.profiler`` (the same kernels a replay launches), kernel time summed by kind -- ``gemm``
-        (cuBLAS/CUTLASS), ``lora`` (jdlora's Triton kernels: JD-LoRA and multi-LoRA), ``attention``
-        (SDPA), ``other`` (norms, rotary, elementwise, copies) -- in milliseconds, and the kernel count.
+        ``torch.profiler`` (the same kernels a replay launches), kernel time by kind (:func:`kernel_times`).
         CUDA only."""
         from torch.profiler import ProfilerActivity, profile
 
@@ -193,21 +191,7 @@ class StaticDecoder:
                 self.step(size)
                 torch.cuda.synchronize()
         self._reset_inputs()
-        out = {"gemm": 0.0, "lora": 0.0, "attention": 0.0, "other": 0.0, "kernels": 0, "rows": size}
-        for event in prof.key_averages():
-            us = getattr(event, "device_time_total", None)
-            if us is None:  # older torch
-                us = getattr(event, "cuda_time_total", 0.0)
-            if not us:
-                continue
-            name = event.key.lower()
-            kind = ("lora" if name.startswith("jd_") else
-                    "gemm" if any(k in name for k in ("gemm", "cutlass", "nvjet", "xmma", "cublas")) else
-                    "attention" if any(k in name for k in ("fmha", "attention", "flash", "attn")) else "other")
-            out[kind] += us / 1000
-            out["kernels"] += event.count
-        out["total"] = sum(out[k] for k in ("gemm", "lora", "attention", "other"))
-        return out
+        return {**kernel_times(prof), "rows": size}
 
     def _reset_inputs(self) -> None:
         self.token.zero_()
@@ -284,3 +268,29 @@ def prefill_cache(config, keys: list[Tensor], values: list[Tensor], rows: int, w
         return IntoStatic(config=config)
     except TypeError:  # older transformers
         return IntoStatic()
+
+
+def kernel_times(prof, top: int = 0) -> dict:
+    """Kernel time of a ``torch.profiler`` run summed by kind, in milliseconds -- ``gemm`` (cuBLAS/CUTLASS),
+    ``lora`` (jdlora's Triton kernels: JD-LoRA and multi-LoRA), ``attention`` (SDPA), ``other`` (norms,
+    rotary, elementwise, copies) -- with ``total`` and the kernel count; with ``top``, also ``top``: the
+    ``top`` largest kernels by name (``name``, ``ms``, ``count``)."""
+    out = {"gemm": 0.0, "lora": 0.0, "attention": 0.0, "other": 0.0, "kernels": 0}
+    named = []
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None)
+        if us is None:  # older torch
+            us = getattr(event, "cuda_time_total", 0.0)
+        if not us:
+            continue
+        name = event.key.lower()
+        kind = ("lora" if name.startswith("jd_") else
+                "gemm" if any(k in name for k in ("gemm", "cutlass", "nvjet", "xmma", "cublas")) else
+                "attention" if any(k in name for k in ("fmha", "attention", "flash", "attn")) else "other")
+        out[kind] += us / 1000
+        out["kernels"] += event.count
+        named.append({"name": event.key, "ms": us / 1000, "count": event.count})
+    out["total"] = sum(out[k] for k in ("gemm", "lora", "attention", "other"))
+    if top:
+        out["top"] = sorted(named, key=lambda k: -k["ms"])[:top]
+    return out

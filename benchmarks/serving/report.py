@@ -132,9 +132,9 @@ def markdown(results: dict) -> str:
     lines = [
         "| max batch | decode | memory | adapters | path | JD setting | K | req/s | tok/s | vs base | vs multi-LoRA | "
         "decode rows | step ms | base step / step | batches | mean batch | distinct/batch | loads | evictions | "
-        "swap s | prefill s | decode s | sched s | wall s | peak GiB |",
+        "swap s | prefill s | decode s | sched s | wall s | peak GiB | alloc retries |",
         "|---:|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-        "---:|---:|",
+        "---:|---:|---:|",
     ]
 
     def ratio(x):
@@ -146,11 +146,12 @@ def markdown(results: dict) -> str:
                 f"| {PATH_LABELS[run['path']]} " \
                 f"| {run.get('setting') or '-'} | {k} "
         if "stats" not in run:
-            lines.append(where + f"| {run.get('error') or run.get('skipped')} |" + " |" * 17)
+            lines.append(where + f"| {run.get('error') or run.get('skipped')} |" + " |" * 18)
             continue
         s = run["stats"]
         truncated = "*" if s.get("truncated") else ""
         peak = f"{run['peak_gib']:.1f}" if "peak_gib" in run else "-"
+        retries = run.get("allocator", {}).get("num_alloc_retries", "-")
         step = f"{s['decode_step_ms']:.2f}" if s.get("decode_step_ms") else "-"
         rows = s.get("mean_decode_rows", s["mean_batch"])
         # device time of the phases where it was measured (CUDA events), host time otherwise
@@ -161,7 +162,7 @@ def markdown(results: dict) -> str:
             f"| {ratio(relative_to_matched(run, runs))} | {rows:.1f} | {step} | {ratio(step_relative_to_base(run, runs))} "
             f"| {s['batches']} | {s['mean_batch']:.1f} | {s['mean_distinct_adapters']:.1f} | {s['loads']} "
             f"| {s['evictions']} | {s['swap_s']:.2f} | {prefill:.2f} | {decode:.2f} | {s['schedule_s']:.3f} "
-            f"| {s['wall_s']:.2f} | {peak} |"
+            f"| {s['wall_s']:.2f} | {peak} | {retries} |"
         )
     notes = ["", "K: multi-LoRA slots; in parentheses for JD-LoRA, the K of the multi-LoRA run with the same memory. "
              "JD setting of a multi-LoRA row: the setting whose memory its K matches.",
@@ -169,7 +170,8 @@ def markdown(results: dict) -> str:
              "the memory-matched multi-LoRA run's. decode rows: mean rows per decode step (graph decode pads a batch "
              "to the next captured size). step ms: mean decode step on the device's clock (CUDA events around each "
              "batch's decode); base step / step: the base model's over this run's. prefill s and decode s: device "
-             "time where measured (CUDA), host time otherwise.",
+             "time where measured (CUDA), host time otherwise. alloc retries: allocations that found the memory (cap) "
+             "full, freed the allocator's cache and synchronized the device before retrying.",
              "`*`: the run reached its time limit; throughput over the requests it finished."]
     checks = [(r["path"], r["adapters"], r.get("max_batch"), r["graph_agreement"]) for r in runs
               if r.get("graph_agreement") is not None]

@@ -387,10 +387,12 @@ class Study:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            allocator = allocator_counts()
         start = time.perf_counter()
         record["stats"] = self.server.serve(path, requests, time_limit=self.args.run_limit)
         if self.cuda:
             record["peak_gib"] = torch.cuda.max_memory_reserved() / GIB
+            record["allocator"] = {k: v - allocator[k] for k, v in allocator_counts().items()}
         last = self.seconds.setdefault(f"{group.path}/{decode}/{self.server.max_batch}", {})
         last["run"] = time.perf_counter() - start
         if warm:
@@ -594,6 +596,14 @@ def measure_device(device: torch.device) -> dict:
             "copy_note": "device-to-device copy of 1 GiB, bytes read + written per second",
             "matmul_tflop_per_s": 2 * 8192**3 / mm_s / 1e12,
             "matmul_note": "bf16 8192 x 8192 x 8192 matmul"}
+
+
+def allocator_counts() -> dict[str, int]:
+    """The CUDA caching allocator's counters that say a run was short of memory: ``num_alloc_retries`` (an
+    allocation that failed, freed the cache and synchronized the device, then retried), ``num_device_alloc`` and
+    ``num_device_free`` (cudaMalloc and cudaFree calls; a cudaFree synchronizes the device)."""
+    stats = torch.cuda.memory_stats()
+    return {k: int(stats.get(k, 0)) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
 
 
 def weight_bytes_per_step(model: torch.nn.Module) -> int:
