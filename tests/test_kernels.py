@@ -221,6 +221,16 @@ def test_one_batch_serves_layers_with_different_clusterings(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("runs", [False, True], ids=["decode", "prefill"])
+def test_a_few_adapters_among_many_clusters(backend, runs):
+    """One cluster per adapter among hundreds (multi-LoRA slots; the automatic settings' per-adapter clusters):
+    a block's few adapters sit far apart in cluster order, and the kernels visit only the clusters present."""
+    _backend(backend)
+    check(backend, T=60 if runs else 24, d_in=32, d_out=24, r=8, C=300, n=300, diag=False, dtype=torch.float32,
+          runs=runs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     """Strided views (transposed bases, every other row/column) give the contiguous result."""
     _backend(backend)

@@ -72,7 +72,7 @@ class PhaseTimer:
 
     With ``events`` (CUDA), the device's own time of a phase is also recorded (CUDA events around it,
     read by :meth:`collect` after the batch's synchronization, so timing adds no synchronization):
-    ``device_seconds[phase]``.
+    ``device_seconds[phase]``, and per batch (one entry per :meth:`collect`) ``device_batches[phase]``.
     """
 
     def __init__(self, sync: bool, events: bool = False):
@@ -80,6 +80,7 @@ class PhaseTimer:
         self.events = events
         self.seconds: dict[str, float] = defaultdict(float)
         self.device_seconds: dict[str, float] = defaultdict(float)
+        self.device_batches: dict[str, list[float]] = defaultdict(list)
         self._pending: list[tuple[str, object, object]] = []
 
     @contextmanager
@@ -103,8 +104,12 @@ class PhaseTimer:
 
     def collect(self) -> None:
         """Adds the device time of the phases recorded so far (call after the device reached them)."""
+        batch = defaultdict(float)
         for phase, begin, end in self._pending:
-            self.device_seconds[phase] += begin.elapsed_time(end) / 1000
+            batch[phase] += begin.elapsed_time(end) / 1000
+        for phase, seconds in batch.items():
+            self.device_seconds[phase] += seconds
+            self.device_batches[phase].append(round(seconds, 5))
         self._pending.clear()
 
 
@@ -279,6 +284,7 @@ class Server:
             "mean_decode_rows": sum(decoded) / len(decoded),  # graph decode: rows padded to a captured size
             "prefill_device_s": timer.device_seconds.get("prefill"),
             "decode_device_s": timer.device_seconds.get("decode"),
+            "prefill_device_batches_s": timer.device_batches.get("prefill"),  # where a slow run lost its time
             "decode_step_ms": (timer.device_seconds["decode"] / steps * 1000
                                if steps and "decode" in timer.device_seconds else None),
             "schedule_s": timer.seconds["schedule"],

@@ -78,9 +78,10 @@ Set-up (paper section 6.3 and Appendix E, on one H200 instead of an H100):
   ``--grid-sizes`` (default 16, 128 and 1,024; JD vs multi-LoRA with the K matched to that
   setting). A run stops starting new batches after ``--run-limit`` seconds (its throughput then
   covers the requests it finished, marked ``*``), and a run or group that would end after
-  ``--time-budget`` seconds from the start is skipped and listed as skipped. Each adapter path's
-  first run starts with warm-up batches (Triton compilation; not timed), and the process starts with
-  one untimed run of the base model.
+  ``--time-budget`` seconds from the start is skipped and listed as skipped. Each path's first run
+  (per batch limit and decode mode) starts with warm-up batches (Triton compilation, graph capture) and,
+  on CUDA, one untimed rehearsal of the run itself; the process starts with one untimed run of the base
+  model. ``prefill_device_batches_s`` lists each batch's prefill device time.
 - **Timers**: without ``--profile``, the swap, prefill and decode times are host time (the device
   is synchronized once per batch); with it, every phase is synchronized and timed on the device's
   clock (throughput then includes the synchronizations). On CUDA, CUDA events around each batch's
@@ -380,10 +381,19 @@ class Study:
             record["graph_agreement"] = self.warm_up(path, group.adapters)
             if self._kernels:
                 record["step_kernels_ms"] = self._kernels
+        def requests():
+            return make_requests(self.args.requests, max(group.adapters, 1), rate=self.args.rate,
+                                 vocab_size=self.config.vocab_size, seed=self.args.seed)
+
+        if warm and self.cuda:
+            # One untimed rehearsal of the run: on the H200 the first run after the warm-up spent 0.6-1.0 s more in
+            # prefill than the path's next run (2026-12-04, benchmarks/RESULTS.md), a one-time cost of the
+            # workload's own shapes that the shape-class warm-up above does not pay.
+            path.reset()
+            self.server.serve(path, requests(), time_limit=self.args.run_limit)
         record["warmup_s"] = time.perf_counter() - start
         path.reset()  # every run starts with empty slots (or all resident), whatever ran before on this path
-        requests = make_requests(self.args.requests, max(group.adapters, 1), rate=self.args.rate,
-                                 vocab_size=self.config.vocab_size, seed=self.args.seed)
+        requests = requests()
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
