@@ -107,13 +107,17 @@ def launch_expand(y, U, g, cluster_of, batch, *, scale: float, config) -> None:
     """Launch :func:`jd_expand_kernel`: ``y[order[m]] += scale * U[c] g[m]`` in place."""
     T, d_out = y.shape
     r = U.shape[2]
-    block_r = block_rank(r)
     grid = (cdiv(T, config.block_m), cdiv(d_out, config.block_n))
     _expand_launch(
         grid, y, U, g, cluster_of, batch.order, batch.sorted_adapter,
         T, batch.tokens_per_row, d_out, r, float(scale),
         *y.stride(), *U.stride(), g.stride(0),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, ONE_CLUSTER=U.shape[0] == 1,
-        PRECISION="ieee" if U.dtype.itemsize == 4 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        ONE_CLUSTER=U.shape[0] == 1, **_expand_options(U, r, config),
     )
+
+
+def _expand_options(U, r: int, config) -> dict:
+    """The constexprs and launch options of an expand launch but the cluster flag."""
+    return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_rank(r),
+                PRECISION="ieee" if U.dtype.itemsize == 4 else "tf32", num_warps=config.num_warps,
+                num_stages=config.num_stages)
