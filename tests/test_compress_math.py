@@ -120,18 +120,24 @@ def test_theorem_1_bounds_hold_on_random_inputs(seed):
     assert math.isclose(kept, recon.square().sum().item(), rel_tol=1e-10)
 
 
-@pytest.mark.parametrize("solver", ["qr", "eigen"])
-def test_single_adapter_reduces_to_truncated_svd(solver):
+@pytest.mark.parametrize("method", ["qr", "eigen", "diag"])
+def test_single_adapter_is_its_truncated_svd_in_closed_form(method):
+    """n = 1: the optimum of equation 7 is the truncated SVD (diagonal Sigma: JD-Diag's optimum too), with no
+    iteration, whatever the settings' iteration budget."""
     stack = random_stack(1, 30, 25, 8, seed=4)
     dense = stack.dense()[0]
     W, S, Zh = torch.linalg.svd(dense)
-    for rank in (1, 3, 5):
-        result = jd_full(stack, CS(rank=rank, solver=solver, tol=1e-12, ftol=0, max_iter=2000))
-        truncated = W[:, :rank] @ torch.diag(S[:rank]) @ Zh[:rank]
-        recon = result.U @ result.sigma[0] @ result.V.T
-        assert torch.allclose(recon, truncated, atol=1e-8 * S[0].item())
-        expected = (S[rank:].square().sum() / S.square().sum()).item()
-        assert math.isclose(result.history[-1], expected, rel_tol=1e-7, abs_tol=1e-12)
+    for rank in (1, 3, 5, 12):
+        settings = CS(rank=rank, solver="qr" if method == "diag" else method, max_iter=1)
+        result = jd_diag(stack, settings) if method == "diag" else jd_full(stack, settings)
+        r = min(rank, 8)  # clamped to the adapter's rank
+        sigma = result.sigma[0] if method != "diag" else torch.diag(result.sigma[0])
+        assert result.U.shape == (30, r) and result.converged and len(result.history) == 1
+        truncated = W[:, :r] @ torch.diag(S[:r]) @ Zh[:r]
+        assert torch.allclose(result.U @ sigma @ result.V.T, truncated, atol=1e-10 * S[0].item())
+        expected = (S[r:].square().sum() / S.square().sum()).item()
+        assert math.isclose(result.history[-1], expected, rel_tol=1e-9, abs_tol=1e-12)
+        assert torch.allclose(result.residuals, residuals(stack, result.U, result.V, result.sigma), atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["qr", "eigen", "diag"])
@@ -168,11 +174,12 @@ def test_clustered_error_at_most_single_cluster_error(sigma):
         assert all(b <= a * (1 + 1e-9) for a, b in zip(clustered.history, clustered.history[1:]))
 
 
-def test_as_many_clusters_as_adapters_is_per_adapter_svd():
+@pytest.mark.parametrize("sigma", ["full", "diag"])
+def test_as_many_clusters_as_adapters_is_per_adapter_svd(sigma):
     stack = random_stack(4, 20, 16, 5, seed=7)
-    clustered = jd_cluster(stack, CS(rank=3, clusters=4, tol=1e-12, ftol=0, max_iter=2000))
+    clustered = jd_cluster(stack, CS(rank=3, clusters=4, sigma_kind=sigma, tol=1e-12, ftol=0, max_iter=2000))
     svd = svd_per_adapter(stack, 3)
-    assert torch.allclose(clustered.residuals, svd.residuals, rtol=1e-6)
+    assert torch.allclose(clustered.residuals, svd.residuals, rtol=1e-9)
 
 
 @pytest.mark.parametrize("sigma", ["full", "diag"])

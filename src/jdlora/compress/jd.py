@@ -6,6 +6,7 @@
   alternating eigen-solver of Appendix A.1 (case 1) or the QR subspace iteration of Appendix A.2.
 - :func:`jd_diag`: unconstrained U, V and a diagonal ``Sigma_i`` (equation 3), solved by the
   alternating least squares of Appendix A.1 (case 2).
+- One adapter (a cluster of one, e.g. one cluster per adapter) needs no iteration: :func:`jd_one_adapter`.
 
 Both stop on the subspace criterion of equation 19 (tolerance ``tol``), when an iteration lowers
 the relative error by less than ``ftol`` (the iterations reach the optimum's first digits fast and
@@ -20,10 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .settings import CompressionSettings, Solver
+from .baselines import svd_per_adapter
+from .settings import CompressionSettings, SigmaKind, Solver
 from .stack import LoraStack, times, times_transposed
 
-__all__ = ["JDResult", "Solver", "jd_diag", "jd_full", "residuals", "sigma_diag", "sigma_full"]
+__all__ = ["JDResult", "Solver", "jd_diag", "jd_full", "jd_one_adapter", "residuals", "sigma_diag", "sigma_full"]
 
 # Solving in the span of the stacked factors pays off once it shrinks d at least this much.
 _REDUCE_FACTOR = 2
@@ -202,6 +204,8 @@ def jd_full(
     """
     solver, tol, ftol, max_iter, seed = settings.solver, settings.tol, settings.ftol, settings.max_iter, settings.seed
     rank = effective_rank(stack, _int_rank(settings))
+    if stack.n == 1:
+        return jd_one_adapter(stack, rank, "full")
     k = stack.n * stack.r_max
     d = min(stack.d_out, stack.d_in)
     if solver == "eigen" and k >= d:
@@ -459,6 +463,8 @@ def jd_diag(
     """
     tol, ftol, max_iter, seed = settings.tol, settings.ftol, settings.max_iter, settings.seed
     rank = effective_rank(stack, _int_rank(settings))
+    if stack.n == 1:
+        return jd_one_adapter(stack, rank, "diag")
     k = stack.n * stack.r_max
     if k * _REDUCE_FACTOR > min(stack.d_out, stack.d_in):
         return _jd_diag_iterate(stack, rank, tol, ftol, max_iter, init or range_init(stack, rank, seed))
@@ -503,6 +509,24 @@ def _jd_diag_iterate(
             break
     U, V, s, res = best
     return JDResult(U, V, s, res, history, converged)
+
+
+def jd_one_adapter(stack: LoraStack, rank: int, sigma_kind: SigmaKind) -> JDResult:
+    """The JD of one adapter in closed form: the rank-``rank`` truncated SVD of ``B_1 A_1``.
+
+    For n = 1, equation 7 is ``||U^T B_1 A_1 V||_F^2`` over orthonormal U, V, which the top singular vectors
+    maximize (Eckart-Young). Their Sigma (equation 6) is ``diag(s_1, .., s_r)``: diagonal, so the same U, V and
+    Sigma are also optimal for JD-Diag (equation 3). Computed through the factors
+    (:func:`~jdlora.compress.baselines.svd_per_adapter`); the iterations would only approach it.
+
+    Returns:
+        A converged :class:`JDResult`, Sigma ``[1, r, r]`` (``sigma_kind="full"``) or ``[1, r]`` (``"diag"``).
+    """
+    svd = svd_per_adapter(stack, rank)
+    s = svd.S[0]
+    sigma = torch.diag_embed(s)[None] if sigma_kind == "full" else s[None]
+    error = (svd.residuals.sum() / stack.sq_norms().sum().clamp_min(torch.finfo(s.dtype).tiny)).item()
+    return JDResult(svd.U[0], svd.V[0], sigma, svd.residuals, [error], converged=True)
 
 
 def _int_rank(settings: CompressionSettings) -> int:
