@@ -381,7 +381,8 @@ class Study:
             record["graph_agreement"] = self.warm_up(path, group.adapters)
             if self._kernels:
                 record["step_kernels_ms"] = self._kernels
-        def requests():
+
+        def new_requests():  # the same requests each time (one seed): the rehearsal's and the timed run's
             return make_requests(self.args.requests, max(group.adapters, 1), rate=self.args.rate,
                                  vocab_size=self.config.vocab_size, seed=self.args.seed)
 
@@ -390,10 +391,10 @@ class Study:
             # prefill than the path's next run (2026-12-04, benchmarks/RESULTS.md), a one-time cost of the
             # workload's own shapes that the shape-class warm-up above does not pay.
             path.reset()
-            self.server.serve(path, requests(), time_limit=self.args.run_limit)
+            self.server.serve(path, new_requests(), time_limit=self.args.run_limit)
         record["warmup_s"] = time.perf_counter() - start
         path.reset()  # every run starts with empty slots (or all resident), whatever ran before on this path
-        requests = requests()
+        requests = new_requests()
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
