@@ -126,7 +126,7 @@ def kernels_off():
             setattr(launch, name, function)
 
 
-def launch_counts(model) -> dict:
+def launch_counts() -> dict:
     """Direct and normal Triton launches so far (:mod:`jdlora.kernels.fast_launch`; only once Triton is imported):
     what to look at when an eager path is slower than it was."""
     import sys
@@ -194,7 +194,7 @@ def run_paths(subjects: dict, ids, args, device) -> dict:
     for path, name in zip(args.paths.split(","), args_paths(args)):
         warm = calls[first][path][1]
         timed = timed_calls({label: c[path][0] for label, c in calls.items()}, device, warm, args.reps,
-                            counts=lambda label: launch_counts(subjects[label][0]))
+                            counts=lambda label: launch_counts())  # a subject's calls add only its own
         for label, result in timed.items():
             result["sibling_sets_off"] = sibling_sets_off(subjects[label][0])
             result["tok_s"] = ids.shape[0] * (1 if path == "prefill" else args.new) / result["median_s"]
