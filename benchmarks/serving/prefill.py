@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from ..kernels import time_eager
 from .engine import BasePath
 from .graph import kernel_times
 from .jd import JDPath, synthetic_collection
@@ -44,29 +43,16 @@ def prefill_inputs(rows: int, width: int, vocab: int, device, seed: int = 0):
 
 
 def measure(path, inputs: dict, reps: int, cuda: bool, top: int = 12) -> dict:
-    """Median seconds of ``reps`` prefills (device time on CUDA) and one prefill's kernels by kind and name."""
+    """Median seconds of ``reps`` prefills (device time on CUDA: :func:`benchmarks.kernels.time_eager`) and one
+    prefill's kernels by kind and name."""
     from torch.profiler import ProfilerActivity, profile
 
     def once():
         with torch.no_grad():
             path.forward(**inputs)
 
-    for _ in range(2):  # compiles, allocator growth
-        once()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            once()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            once()
-            times.append(time.perf_counter() - t0)
-    out = {"median_s": statistics.median(times), "times_s": times}
+    once()  # compiles, allocator growth (time_eager runs it once more before timing)
+    out = {"median_s": time_eager([once], reps, torch.device("cuda" if cuda else "cpu"))}
     if cuda:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             once()
