@@ -42,7 +42,7 @@ def prefill_inputs(rows: int, width: int, vocab: int, device, seed: int = 0):
     return dict(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False, logits_to_keep=1)
 
 
-def measure(path, inputs: dict, reps: int, cuda: bool, top: int = 12) -> dict:
+def measure(path, inputs: dict, reps: int, device: torch.device, top: int = 12) -> dict:
     """Median seconds of ``reps`` prefills (device time on CUDA: :func:`benchmarks.kernels.time_eager`) and one
     prefill's kernels by kind and name."""
     from torch.profiler import ProfilerActivity, profile
@@ -52,13 +52,14 @@ def measure(path, inputs: dict, reps: int, cuda: bool, top: int = 12) -> dict:
             path.forward(**inputs)
 
     once()  # compiles, allocator growth (time_eager runs it once more before timing)
-    out = {"median_s": time_eager([once], reps, torch.device("cuda" if cuda else "cpu"))}
-    if cuda:
+    out = {"median_s": time_eager([once], reps, device)}
+    if device.type == "cuda":
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             once()
             torch.cuda.synchronize()
-        out["kernels_ms"] = kernel_times(prof)
-        out["top_kernels"] = kernel_times(prof, top=top)["top"]
+        kernels = kernel_times(prof, top=top)
+        out["top_kernels"] = kernels.pop("top")
+        out["kernels_ms"] = kernels
     return out
 
 
@@ -106,7 +107,7 @@ def main(argv=None) -> None:
             path.begin_batch(adapters)
             run = {"path": name, "rows": rows, "width": width, "tokens": rows * width,
                    "distinct": len(set(adapters)) if name != "base" else 0,
-                   **measure(path, prefill_inputs(rows, width, config.vocab_size, device), args.reps, cuda)}
+                   **measure(path, prefill_inputs(rows, width, config.vocab_size, device), args.reps, device)}
             results["runs"].append(run)
             kinds = run.get("kernels_ms", {})
             print(f"{name:>10} {rows}x{width}: {run['median_s'] * 1e3:8.1f} ms"
