@@ -376,6 +376,41 @@ def test_batched_clustered_jd_matches_per_cluster_path(seed):
                               atol=1e-12 * dense.square().sum().item())
 
 
+def test_batched_clusters_of_one_adapter_are_solved_in_closed_form():
+    """Clusters of one adapter get their truncated SVD (what jd_full gives one adapter), not iterations: with
+    one cluster per adapter (what the automatic settings choose for small collections) nothing iterates."""
+    from jdlora.compress.clustering import _jd_full_clusters
+    from jdlora.compress.jd import jd_one_adapter
+
+    ranks = [4, 4, 3, 4, 2, 4, 4, 4]
+    stack = random_stack(8, 14, 12, ranks, seed=23, shared=2)
+    single = jd_full(stack, CS(rank=3, tol=1e-8, ftol=0, max_iter=300))
+    options = dict(tol=1e-8, ftol=1e-12, max_iter=300)
+    # Clusters 1, 2 and 4 hold one adapter each (adapter 4 has rank 2 < r: its own, lower rank).
+    assignment = torch.tensor([0, 0, 1, 3, 4, 3, 2, 0])
+    batched = _jd_full_clusters(stack, assignment, [(single.U, single.V)] * 5, CS(rank=3, **options))
+    reference = _cluster_reference(stack, 3, assignment, [(single.U, single.V)] * 5, **options)
+    for j, adapter in ((1, 2), (2, 6), (4, 4)):
+        alone = jd_one_adapter(stack.subset(torch.tensor([adapter])), min(3, ranks[adapter]), "full")
+        got = batched[j]
+        assert got.converged and len(got.history) == 1 and got.rank == alone.rank
+        assert torch.allclose(got.U @ got.sigma[0] @ got.V.T, alone.U @ alone.sigma[0] @ alone.V.T, atol=1e-12)
+        assert math.isclose(got.residuals.item(), alone.residuals.item(), rel_tol=1e-9, abs_tol=1e-14)
+        assert math.isclose(got.history[0], alone.history[0], rel_tol=1e-9, abs_tol=1e-14)
+    for b, r in zip(batched, reference):
+        assert math.isclose(b.residuals.sum().item(), r.residuals.sum().item(), rel_tol=1e-9, abs_tol=1e-12)
+    # One cluster per adapter: every result in closed form, the same as the per-cluster loop's.
+    each = _jd_full_clusters(stack, torch.arange(8), [(single.U, single.V)] * 8, CS(rank=3, **options))
+    assert all(len(r.history) == 1 and r.converged for r in each)
+    for i, r in enumerate(each):
+        alone = jd_one_adapter(stack.subset(torch.tensor([i])), min(3, ranks[i]), "full")
+        assert math.isclose(r.residuals.item(), alone.residuals.item(), rel_tol=1e-9, abs_tol=1e-14)
+    loop = jd_cluster(stack, CS(rank=3, clusters=8, **options), batched=False)
+    joint = jd_cluster(stack, CS(rank=3, clusters=8, **options), batched=True)
+    assert torch.equal(loop.cluster, joint.cluster)
+    assert math.isclose(loop.residuals.sum().item(), joint.residuals.sum().item(), rel_tol=1e-9)
+
+
 def test_batched_clustered_jd_with_an_emptied_cluster():
     from jdlora.compress.clustering import _fill_empty_clusters, _jd_full_clusters
 

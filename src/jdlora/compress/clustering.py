@@ -11,7 +11,9 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from .jd import JDResult, _int_rank, _qr_iterations, effective_rank, jd_diag, jd_full, residuals, sigma_diag, sigma_full
+from .jd import (
+    JDResult, _int_rank, _qr_iterations, effective_rank, jd_diag, jd_each_adapter, jd_full, residuals, sigma_diag, sigma_full,
+)
 from .settings import CompressionSettings, SigmaKind
 from .stack import LoraStack
 
@@ -185,7 +187,9 @@ def _jd_full_clusters(
     (not in the span of each cluster's factors), so the starting point is ``bases[j]`` itself
     rather than its projection on that span; the iterates after the first are the same subspaces.
 
-    A cluster that cannot use the common rank (stacked rank below it: Proposition 1, it is already
+    A cluster of one adapter needs no iterations: the clusters of one are solved together in closed form
+    (:func:`~jdlora.compress.jd.jd_each_adapter`, their truncated SVDs), as :func:`jd_full` solves one. A
+    cluster that cannot use the common rank (stacked rank below it: Proposition 1, it is already
     lossless at a lower rank) or whose previous bases have another rank runs the per-cluster
     :func:`jd_full` as before.
 
@@ -201,11 +205,19 @@ def _jd_full_clusters(
     cluster_rank = torch.zeros(C, dtype=row_rank.dtype, device=device).index_add_(0, cluster, row_rank)
     counts_list, ranks_list = torch.stack([counts, cluster_rank]).tolist()  # one sync per call
     effective = [max(1, min(rank, stack.d_out, stack.d_in, k)) for k in ranks_list]
-    common = max(effective)
-    joint = [j for j in range(C) if effective[j] == common and bases[j][0].shape[1] == common]
     results: list[JDResult | None] = [None] * C
+    # Clusters of one adapter: their truncated SVDs in closed form, one batched SVD per rank (no iterations).
+    alone = [j for j in range(C) if counts_list[j] == 1]
+    for r in sorted({effective[j] for j in alone}):
+        same = [j for j in alone if effective[j] == r]
+        members = (cluster[:, None] == torch.tensor(same, device=device)).nonzero()  # (adapter, index in same)
+        members = members[torch.argsort(members[:, 1])][:, 0]
+        for j, result in zip(same, jd_each_adapter(stack.subset(members), r, "full")):
+            results[j] = result
+    common = max(effective[j] for j in range(C) if counts_list[j] != 1) if len(alone) < C else 0
+    joint = [j for j in range(C) if counts_list[j] > 1 and effective[j] == common and bases[j][0].shape[1] == common]
     for j in range(C):
-        if j not in joint:
+        if results[j] is None and j not in joint:
             sub = stack.subset((cluster == j).nonzero().flatten())
             init = bases[j] if effective[j] == bases[j][0].shape[1] else None
             results[j] = jd_full(sub, settings, init=init)

@@ -6,7 +6,8 @@
   alternating eigen-solver of Appendix A.1 (case 1) or the QR subspace iteration of Appendix A.2.
 - :func:`jd_diag`: unconstrained U, V and a diagonal ``Sigma_i`` (equation 3), solved by the
   alternating least squares of Appendix A.1 (case 2).
-- One adapter (a cluster of one, e.g. one cluster per adapter) needs no iteration: :func:`jd_one_adapter`.
+- One adapter (a cluster of one, e.g. one cluster per adapter) needs no iteration: :func:`jd_one_adapter`,
+  and :func:`jd_each_adapter` for many such clusters at once.
 
 Both stop on the subspace criterion of equation 19 (tolerance ``tol``), when an iteration lowers
 the relative error by less than ``ftol`` (the iterations reach the optimum's first digits fast and
@@ -25,7 +26,7 @@ from .baselines import svd_per_adapter
 from .settings import CompressionSettings, SigmaKind, Solver
 from .stack import LoraStack, times, times_transposed
 
-__all__ = ["JDResult", "Solver", "jd_diag", "jd_full", "jd_one_adapter", "residuals", "sigma_diag", "sigma_full"]
+__all__ = ["JDResult", "Solver", "jd_diag", "jd_each_adapter", "jd_full", "jd_one_adapter", "residuals", "sigma_diag", "sigma_full"]
 
 # Solving in the span of the stacked factors pays off once it shrinks d at least this much.
 _REDUCE_FACTOR = 2
@@ -522,11 +523,20 @@ def jd_one_adapter(stack: LoraStack, rank: int, sigma_kind: SigmaKind) -> JDResu
     Returns:
         A converged :class:`JDResult`, Sigma ``[1, r, r]`` (``sigma_kind="full"``) or ``[1, r]`` (``"diag"``).
     """
+    return jd_each_adapter(stack, rank, sigma_kind)[0]
+
+
+def jd_each_adapter(stack: LoraStack, rank: int, sigma_kind: SigmaKind) -> list[JDResult]:
+    """:func:`jd_one_adapter` of every adapter of ``stack`` on its own (clusters of one), in one batched SVD.
+
+    Returns:
+        One converged :class:`JDResult` per adapter, in the stack's order.
+    """
     svd = svd_per_adapter(stack, rank)
-    s = svd.S[0]
-    sigma = torch.diag_embed(s)[None] if sigma_kind == "full" else s[None]
-    error = (svd.residuals.sum() / stack.sq_norms().sum().clamp_min(torch.finfo(s.dtype).tiny)).item()
-    return JDResult(svd.U[0], svd.V[0], sigma, svd.residuals, [error], converged=True)
+    sigmas = torch.diag_embed(svd.S) if sigma_kind == "full" else svd.S
+    errors = (svd.residuals / stack.sq_norms().clamp_min(torch.finfo(svd.S.dtype).tiny)).tolist()  # one sync
+    return [JDResult(svd.U[i], svd.V[i], sigmas[i:i + 1], svd.residuals[i:i + 1], [errors[i]], converged=True)
+            for i in range(stack.n)]
 
 
 def _int_rank(settings: CompressionSettings) -> int:
