@@ -14,7 +14,7 @@ Two measurements, one thread, best of ``--repeats``:
 
 - ``layer``: one eager forward of q, k and v tuner layers (a ``MixedBatch`` of ``--batch`` rows, one token
   each, ``--adapters`` adapters at rank 64, one cluster), the JD part per layer = (JD - base) / 3, with the
-  sibling fusion on (5 launches for the three) and off (9);
+  sibling fusion on (3 launches for the three) and off (9);
 - ``generate``: ``generate`` of a 32-layer tiny Llama (q, k, v adapted), ``--new`` tokens for ``--batch``
   rows with mixed ``adapter_names``, against the base model; the difference per decode step and per layer.
 

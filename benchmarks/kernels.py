@@ -37,7 +37,7 @@ Usage::
 
 ``--qkv``: the host cost of one eager mixed-batch forward of q, k and v (Mistral-7B shapes: 4096 -> 4096,
 1024, 1024) through jdlora's PEFT tuner layers (``JDLoraLayer.forward`` with a ``MixedBatch``), with the
-siblings' shrink and Sigma fused (one launch each, then three expands: 5 launches) and without (9), beside
+siblings fused (one shrink, one Sigma and one expand launch for the three: 3 launches) and not (9), beside
 the three base linears alone; see :func:`eager_qkv`.
 """
 

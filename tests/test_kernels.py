@@ -348,8 +348,9 @@ def test_every_gpu_configuration_compiles_for_hopper_without_a_gpu():
     lines = done.stdout.splitlines()
     assert done.returncode == 0, "\n".join(lines[-3:]) + done.stderr[-2000:]
     compiled = [line for line in lines if line.startswith("ok sm_90 ")]
-    # shrink, siblings' shrink and expand per regime, dtype and flags; Sigma per regime and variant
-    assert len(compiled) == 2 * (2 * 2 * (2 * 2 + 1)) + 2 * 5 * 2, lines
+    # shrink and siblings' shrink per regime, dtype, cluster flag and split; expand and siblings' expand per regime,
+    # dtype and flag; Sigma and siblings' Sigma per regime and variant
+    assert len(compiled) == 2 * (2 * 2 * (2 * 2 + 2)) + 2 * 5 * 2, lines
 
 
 def test_import_jdlora_does_not_import_triton():
@@ -526,7 +527,7 @@ def test_linear_overlapped_on_a_side_stream_matches_serial_eager_and_in_a_graph(
         assert rel_err(y_static, ref, base) < 1e-2
 
 
-# ----- siblings: one shrink and one Sigma launch for modules that read the same x ----------------------
+# ----- siblings: one shrink, one Sigma and one expand launch for modules that read the same x -------------
 
 
 def _siblings(T, d_in, r, n, clusters, *, diag, dtype, runs=False):
@@ -541,11 +542,14 @@ def _siblings(T, d_in, r, n, clusters, *, diag, dtype, runs=False):
 @pytest.mark.parametrize("diag", [False, True], ids=["full", "diag"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("T,tokens_per_row", [(7, 1), (40, 4)], ids=["decode", "prefill-rows"])
-def test_siblings_shrunk_together_equal_each_forward_alone(backend, diag, dtype, T, tokens_per_row):
-    from jdlora.kernels import jd_lora_expand, jd_lora_shrink_siblings, siblings_fusable
+@pytest.mark.parametrize("expands", ["each", "together"])
+def test_siblings_shrunk_together_equal_each_forward_alone(backend, diag, dtype, T, tokens_per_row, expands):
+    from jdlora.kernels import (
+        expand_siblings_fusable, jd_lora_expand, jd_lora_expand_siblings, jd_lora_shrink_siblings, siblings_fusable,
+    )
 
     _backend(backend)
-    x, _, mods = _siblings(T, 32, 16, 6, (1, 3, 2), diag=diag, dtype=dtype)
+    x, _, mods = _siblings(T, 32, 16, 6, (1, 3, 2), diag=diag, dtype=dtype)  # d_out 8, 16, 24: 1, 1 and 2 tiles
     batch = prepare_batch(torch.randint(-1, 6, (T // tokens_per_row,), device=DEVICE), tokens_per_row=tokens_per_row)
     Us, Vs, sigmas, cluster_ofs = zip(*mods)
     assert siblings_fusable(Vs, sigmas, cluster_ofs)
@@ -555,9 +559,12 @@ def test_siblings_shrunk_together_equal_each_forward_alone(backend, diag, dtype,
     for _ in range(2):  # on CUDA the second call launches directly (jdlora.kernels.fast_launch)
         ys = [y.clone() for y in y0]
         shrunk = jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend)
+        if expands == "together":
+            assert expand_siblings_fusable(ys, Us)
+            jd_lora_expand_siblings(ys, Us, cluster_ofs, shrunk, scale=0.5)
         for i, (y, (U, V, s, c)) in enumerate(zip(ys, mods)):
-            out = jd_lora_expand(y, U, c, shrunk, i, scale=0.5)
-            assert out is y
+            if expands == "each":
+                assert jd_lora_expand(y, U, c, shrunk, i, scale=0.5) is y
             if ON_CUDA and backend == "triton":  # split-K sums meet by atomic adds, in any order
                 tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]  # an ulp or two
                 torch.testing.assert_close(y, alone[i], rtol=tol, atol=tol)
@@ -566,6 +573,31 @@ def test_siblings_shrunk_together_equal_each_forward_alone(backend, diag, dtype,
     if backend == "triton":  # the siblings' scratch is left zeroed, like the per-layer one
         for h, _ in batch._scratch.values():
             assert not h.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_siblings_expanded_together_and_outputs_of_other_strides_each_alone(backend):
+    from jdlora.kernels import expand_siblings_fusable, jd_lora_expand_siblings, jd_lora_shrink_siblings
+
+    _backend(backend)
+    x, ta, mods = _siblings(9, 32, 16, 5, (2, 1), diag=False, dtype=torch.float32)
+    batch = prepare_batch(ta)
+    Us, Vs, sigmas, cluster_ofs = zip(*mods)
+    alone = [jd_lora_forward(torch.zeros(9, U.shape[1], device=DEVICE), x, U, V, s, c, batch, backend=backend)
+             for U, V, s, c in mods]
+    ys = [torch.zeros(9, U.shape[1], device=DEVICE) for U in Us]
+    jd_lora_expand_siblings(ys, Us, cluster_ofs, jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend))
+    for y, ref in zip(ys, alone):
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    # A column-major output cannot share the launch: each sibling runs its own expand, same numbers.
+    ys = [torch.zeros(9, Us[0].shape[1], device=DEVICE), torch.zeros(Us[1].shape[1], 9, device=DEVICE).T]
+    assert not expand_siblings_fusable(ys, Us)
+    jd_lora_expand_siblings(ys, Us, cluster_ofs, jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend))
+    for y, ref in zip(ys, alone):
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="2 siblings were shrunk, got 1 outputs"):
+        jd_lora_expand_siblings(ys[:1], Us[:1], cluster_ofs[:1],
+                                jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

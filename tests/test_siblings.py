@@ -1,4 +1,4 @@
-"""jdlora.tuner.siblings: q, k, v (and gate, up) of a tiny random Llama share one shrink and one Sigma launch.
+"""jdlora.tuner.siblings: q, k, v (and gate, up) of a tiny random Llama share one shrink, Sigma and expand launch.
 
 Fused runs must give the bits of unfused runs (each layer its own three launches), and the outputs of each
 row's adapter run alone; whatever a model does between siblings (another input, an input changed in place,
@@ -57,7 +57,8 @@ def launches(monkeypatch):
     from jdlora.kernels import launch
 
     counts = Counter()
-    for name in ("launch_shrink", "launch_sigma", "launch_expand", "launch_shrink_siblings", "launch_sigma_siblings"):
+    for name in ("launch_shrink", "launch_sigma", "launch_expand", "launch_shrink_siblings", "launch_sigma_siblings",
+                 "launch_expand_siblings"):
         def counted(*args, _f=getattr(launch, name), _name=name, **kwargs):
             counts[_name] += 1
             return _f(*args, **kwargs)
@@ -103,10 +104,10 @@ def test_a_fused_mixed_batch_equals_the_unfused_one_and_each_row_alone(base, col
     fused = _logits(model, ids, adapter_names=names)
     assert torch.equal(fused, unfused)
     if backend == "triton":
-        # 11 adapted layers; q, k, v 9 -> 5 launches (layer 1: q, k 6 -> 4), gate, up 6 -> 4, o 3 either way
+        # 11 adapted layers; q, k, v 9 -> 3 launches (layer 1: q, k 6 -> 3), gate, up 6 -> 3, o 3 either way
         assert off == {"launch_shrink": 11, "launch_sigma": 11, "launch_expand": 11}
-        assert launches == {"launch_shrink_siblings": 4, "launch_sigma_siblings": 4, "launch_shrink": 2,
-                            "launch_sigma": 2, "launch_expand": 11}
+        assert launches == {"launch_shrink_siblings": 4, "launch_sigma_siblings": 4, "launch_expand_siblings": 4,
+                            "launch_shrink": 2, "launch_sigma": 2, "launch_expand": 2}
     assert all(m._jd_siblings.on for m in model.modules() if getattr(m, "_jd_siblings", None) is not None)
     for i, name in enumerate(names):
         if name == "__base__":
@@ -138,7 +139,7 @@ def _unfused_and_fused(layers, inputs, batch, fusion, launches=None):
     return unfused, _run(layers, inputs, batch)
 
 
-def test_one_qkv_forward_takes_five_launches_instead_of_nine(base, collection, backend, fusion, launches):
+def test_one_qkv_forward_takes_three_launches_instead_of_nine(base, collection, backend, fusion, launches):
     _, qkv = _qkv(base, collection)
     x = torch.randn(4, 1, 64)
     batch = MixedBatch([collection.adapter_names[0], "__base__", collection.adapter_names[2], collection.adapter_names[4]])
@@ -151,8 +152,8 @@ def test_one_qkv_forward_takes_five_launches_instead_of_nine(base, collection, b
     fused = _run(qkv, [x] * 3, batch)
     assert all(torch.equal(a, b) for a, b in zip(fused, unfused))
     if backend == "triton":
-        assert sum(launches.values()) == 5 and launches["launch_expand"] == 3
-    assert not qkv[0]._jd_siblings._kept  # every sibling took its g: nothing kept past the forward
+        assert launches == {"launch_shrink_siblings": 1, "launch_sigma_siblings": 1, "launch_expand_siblings": 1}
+    assert qkv[0]._jd_siblings._kept is None  # every sibling took its output: nothing kept past the forward
 
 
 def test_a_sibling_given_another_input_runs_alone_and_fusion_stops(base, collection, backend, fusion, launches):
@@ -161,13 +162,13 @@ def test_a_sibling_given_another_input_runs_alone_and_fusion_stops(base, collect
     batch = MixedBatch([collection.adapter_names[1], collection.adapter_names[2]])
     expected, got = _unfused_and_fused(qkv, [x, other, x], batch, fusion)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
-    assert not qkv[0]._jd_siblings.on  # k did not take the g computed from q's input
+    assert not qkv[0]._jd_siblings.on  # k did not take the output computed from q's input
     launches.clear()
     assert all(torch.equal(a, b) for a, b in zip(_run(qkv, [x] * 3, batch), _run(qkv, [x] * 3, batch)))
     assert launches["launch_shrink_siblings"] == 0
 
 
-def test_an_input_changed_in_place_between_siblings_is_not_served_a_stale_g(base, collection, backend, fusion):
+def test_an_input_changed_in_place_between_siblings_is_not_served_a_stale_output(base, collection, backend, fusion):
     _, qkv = _qkv(base, collection)
     batch = MixedBatch([collection.adapter_names[0], collection.adapter_names[3]])
     x = torch.randn(2, 3, 64)
@@ -181,6 +182,46 @@ def test_an_input_changed_in_place_between_siblings_is_not_served_a_stale_g(base
     assert torch.equal(q, expected[0]) and torch.equal(k, expected[1]) and torch.equal(v, expected[2])
 
 
+def test_a_kept_output_is_not_served_after_a_new_mix_or_new_banks(base, collection, backend, fusion):
+    """What changes between q's call (which computed k's and v's outputs) and k's is seen: a new mix of adapters in
+    the same MixedBatch, or k's banks replaced; k then runs alone on what it has now."""
+    _, qkv = _qkv(base, collection)
+    names = collection.adapter_names
+    x = torch.randn(2, 3, 64)
+    batch = MixedBatch([names[0], names[3]])
+    fusion(True)
+    with torch.no_grad():
+        qkv[0](x, adapter_names=batch)
+        batch.update([names[2], "__base__"])
+        k = qkv[1](x, adapter_names=batch)
+    assert not qkv[0]._jd_siblings.on
+    fusion(False)
+    assert torch.equal(k, _run(qkv[1:2], [x], batch)[0])
+    _, qkv = _qkv(base, collection)
+    fusion(True)
+    with torch.no_grad():
+        qkv[0](x, adapter_names=batch)
+        qkv[1].jd_cast(torch.float16)
+        k = qkv[1](x, adapter_names=batch)
+    fusion(False)
+    assert torch.equal(k, _run(qkv[1:2], [x], batch)[0])
+
+
+def test_any_sibling_may_run_first(base, collection, backend, fusion, launches):
+    _, qkv = _qkv(base, collection)
+    x = torch.randn(3, 2, 64)
+    batch = MixedBatch([collection.adapter_names[1], "__base__", collection.adapter_names[4]])
+    fusion(False)
+    expected = _run(qkv, [x] * 3, batch)
+    launches.clear()
+    fusion(True)
+    got = _run(qkv[::-1], [x] * 3, batch)[::-1]  # v, then k, then q
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert qkv[0]._jd_siblings.on and qkv[0]._jd_siblings._kept is None
+    if backend == "triton":
+        assert sum(launches.values()) == 3
+
+
 def test_a_disabled_sibling_is_left_out_of_the_fused_launch(base, collection, backend, fusion, launches):
     _, qkv = _qkv(base, collection)
     qkv[1].enable_adapters(False)
@@ -190,8 +231,8 @@ def test_a_disabled_sibling_is_left_out_of_the_fused_launch(base, collection, ba
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert torch.equal(got[1], qkv[1].base_layer(x))
     assert qkv[0]._jd_siblings.on
-    if backend == "triton":  # q and v fused: 2 + 2 expands, instead of 6
-        assert sum(launches.values()) == 4
+    if backend == "triton":  # q and v fused: 3 launches, instead of 6
+        assert sum(launches.values()) == 3
 
 
 def test_float64_layers_run_unfused_with_the_same_numbers(base, collection, fusion):
@@ -201,7 +242,7 @@ def test_float64_layers_run_unfused_with_the_same_numbers(base, collection, fusi
     batch = MixedBatch([collection.adapter_names[0], collection.adapter_names[1]])
     expected, got = _unfused_and_fused(qkv, [x] * 3, batch, fusion)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
-    assert not qkv[0]._jd_siblings._kept
+    assert qkv[0]._jd_siblings._kept is None
 
 
 def test_the_environment_switch_turns_fusion_off():
@@ -220,7 +261,7 @@ def test_inference_mode_tensors_are_fused_too(base, collection, backend, fusion,
         expected, got = _unfused_and_fused(qkv, [x] * 3, batch, fusion, launches)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     if backend == "triton":
-        assert sum(launches.values()) == 5
+        assert sum(launches.values()) == 3
 
 
 def _triple(groups_per_layer, d=32):
@@ -250,9 +291,9 @@ def test_groups_only_some_siblings_have_and_other_ranks_run_alone(backend, fusio
     batch = MixedBatch(["a0", "b", "__base__", "c", "a1"])
     expected, got = _unfused_and_fused(qkv, [x] * 3, batch, fusion, launches)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
-    if backend == "triton":  # rank 16: 2 + 3 expands; rank 4: 2 + 2 expands; k's rank 8: 3
-        assert launches == {"launch_shrink_siblings": 2, "launch_sigma_siblings": 2, "launch_expand": 6,
-                            "launch_shrink": 1, "launch_sigma": 1}
+    if backend == "triton":  # rank 16: 3 launches for q, k, v; rank 4: 3 for q and k; k's rank 8: its own 3
+        assert launches == {"launch_shrink_siblings": 2, "launch_sigma_siblings": 2, "launch_expand_siblings": 2,
+                            "launch_shrink": 1, "launch_sigma": 1, "launch_expand": 1}
 
 
 def test_banks_replaced_between_forwards_are_fused_with_their_new_values(backend, fusion, launches):
@@ -287,4 +328,5 @@ def test_on_cuda_the_fused_kernels_give_the_unfused_outputs(base, collection, fu
         fused = _logits(model, ids, adapter_names=names).float()
         # split-K sums meet by atomic adds in any order: equal up to rounding
         torch.testing.assert_close(fused, unfused, rtol=0, atol=1e-4 if dtype == torch.float32 else 5e-2)
-    assert launches["launch_shrink_siblings"] == 2 * 4 and launches["launch_expand"] == 2 * 11
+    assert launches["launch_shrink_siblings"] == launches["launch_expand_siblings"] == 2 * 4
+    assert launches["launch_expand"] == 2 * 2  # o_proj of each layer, two forwards

@@ -23,13 +23,13 @@ API::
                                        (not checked: checking would synchronize with the host)
 
 Sibling modules that read the same ``x`` (q, k and v of an attention block; gate and up) run their first
-two launches together, then each its own expand (5 launches for q, k, v instead of 9; same bits as each
-module's own :func:`jd_lora_forward`)::
+two launches together, then their expands, together when every output is at hand (3 launches for q, k, v
+instead of 9) or each its own (5); the same bits as each module's own :func:`jd_lora_forward`::
 
     if siblings_fusable(Vs, sigmas, cluster_ofs):     # one rank, dtype and layout; 2-3 siblings
         shrunk = jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch)   # g_s = Sigma_s[a] V_s[c_s]^T x
-        for s in range(len(Vs)):
-            jd_lora_expand(ys[s], Us[s], cluster_ofs[s], shrunk, s, scale=scale)
+        jd_lora_expand_siblings(ys, Us, cluster_ofs, shrunk, scale=scale)     # or, per sibling s:
+        # jd_lora_expand(ys[s], Us[s], cluster_ofs[s], shrunk, s, scale=scale)
 
 The PEFT tuner does this by itself in eager mode (:mod:`jdlora.tuner.siblings`).
 
@@ -64,7 +64,8 @@ Kernels (Triton path), three launches per layer, no host synchronization, CUDA-g
 Siblings (:func:`jd_lora_shrink_siblings`): ``jd_shrink_siblings_kernel`` and ``jd_sigma_siblings_kernel`` add a
 sibling axis to the grid of 1. and 2. (program ``(..., s)`` is the same program of sibling s, with its own
 ``V_s``, ``Sigma_s``, ``cluster_of_s`` and rows of a ``[S, T, w]`` scratch), so each sibling gets the sums of
-its own launches; the expands stay one per module (each its own ``U``, output and width).
+its own launches; ``jd_expand_siblings_kernel`` lays the siblings' column tiles of 3. along one grid axis (each
+its own ``U``, output and width).
 
 :mod:`~jdlora.kernels.launch` says why three launches and holds the block-size configurations.
 Eager launches go through :mod:`~jdlora.kernels.fast_launch`: after the first launch of a specialization
@@ -92,10 +93,11 @@ from .ops import jd_lora_forward_op
 from .reference import jd_lora_expand_reference, jd_lora_forward_reference, jd_lora_shrink_reference
 
 __all__ = ["JDBatch", "prepare_batch", "jd_lora_forward", "jd_lora_linear", "jd_lora_forward_reference",
-           "ShrunkSiblings", "siblings_fusable", "jd_lora_shrink_siblings", "jd_lora_expand", "MAX_SIBLINGS"]
+           "ShrunkSiblings", "siblings_fusable", "jd_lora_shrink_siblings", "jd_lora_expand", "jd_lora_expand_siblings",
+           "expand_siblings_fusable", "MAX_SIBLINGS", "KERNEL_DTYPES"]
 
 Backend = Literal["auto", "triton", "torch"]
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton kernels take
 _INTS = (torch.int32, torch.int64)
 # Read once, at import: a lookup per call cost more host time than the rest of the dispatch.
 _ENV_BACKEND = os.environ.get("JDLORA_KERNELS")
@@ -285,6 +287,45 @@ def jd_lora_expand(y: Tensor, U: Tensor, cluster_of: Tensor, shrunk: ShrunkSibli
     return _triton().jd_lora_expand_triton(y, U, g, cluster_of, shrunk.batch, scale=scale, d_in=shrunk.d_in)
 
 
+def expand_siblings_fusable(ys: Sequence[Tensor], Us: Sequence[Tensor]) -> bool:
+    """Whether :func:`jd_lora_expand_siblings` takes these outputs and U banks in one launch: 2-D outputs of one
+    row count and column stride, U banks of one rank, dtype and the same strides in their last two dims
+    (contiguous outputs and banks of one rank always are). Else it runs one expand per sibling."""
+    y0, U0 = ys[0], Us[0]
+    return all(
+        y.dim() == 2 and y.shape[0] == y0.shape[0] and y.stride(1) == y0.stride(1) and U.dim() == 3
+        and U.shape[2] == U0.shape[2] and U.dtype == U0.dtype and U.stride()[1:] == U0.stride()[1:]
+        for y, U in zip(ys, Us)
+    )
+
+
+def jd_lora_expand_siblings(ys: Sequence[Tensor], Us: Sequence[Tensor], cluster_ofs: Sequence[Tensor],
+                            shrunk: ShrunkSiblings, *, scale: float = 1.0) -> None:
+    """:func:`jd_lora_expand` of every sibling of ``shrunk`` (``ys[s]``, ``Us[s]``, ``cluster_ofs[s]`` in
+    :func:`jd_lora_shrink_siblings`'s order), in one launch on the Triton path when
+    :func:`expand_siblings_fusable`; each ``ys[s]`` gets the bits of its own :func:`jd_lora_expand`.
+
+    With it q, k and v take three launches in all (shrink, Sigma, expand), where their own
+    :func:`jd_lora_forward` calls take nine.
+
+    Example::
+
+        shrunk = jd_lora_shrink_siblings(x, (Vq, Vk, Vv), (Sq, Sk, Sv), (cq, ck, cv), batch)
+        jd_lora_expand_siblings((yq, yk, yv), (Uq, Uk, Uv), (cq, ck, cv), shrunk)
+    """
+    if not shrunk.valid:
+        raise RuntimeError("jd_lora_expand_siblings: a later jd_lora_shrink_siblings on this batch overwrote this g")
+    if len(ys) != len(shrunk.g) or len(Us) != len(ys) or len(cluster_ofs) != len(ys):
+        raise ValueError(f"jd_lora_expand_siblings: {len(shrunk.g)} siblings were shrunk, got {len(ys)} outputs, "
+                         f"{len(Us)} U banks and {len(cluster_ofs)} cluster_of")
+    if shrunk.backend == "torch" or not expand_siblings_fusable(ys, Us):
+        for s, (y, U, cluster_of) in enumerate(zip(ys, Us, cluster_ofs)):
+            jd_lora_expand(y, U, cluster_of, shrunk, s, scale=scale)
+        return
+    _triton().jd_lora_expand_siblings_triton(ys, Us, shrunk.g, cluster_ofs, shrunk.batch, scale=scale,
+                                             d_in=shrunk.d_in)
+
+
 def _op_forward(y, x, U, V, sigma, cluster_of, batch: JDBatch, scale: float, backend: str) -> None:
     jd_lora_forward_op(y, x, U, V, sigma, cluster_of, batch.row_adapter, batch.order, batch.sorted_adapter,
                        batch.tokens_per_row, float(scale), backend)
@@ -311,7 +352,7 @@ def _resolve_backend(backend: Backend, x: Tensor) -> str:
 
 def _check_inputs(y, x, U, V, sigma, cluster_of, batch: JDBatch, *, allow_float64: bool = False) -> None:
     """Shapes, dtypes and devices of :func:`jd_lora_forward`'s inputs (``y=None``: no output given)."""
-    floats = _FLOATS + ((torch.float64,) if allow_float64 else ())
+    floats = KERNEL_DTYPES + ((torch.float64,) if allow_float64 else ())
 
     def fail(msg: str):
         raise ValueError(f"jd_lora_forward: {msg}")

@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils.other import transpose
 from torch import Tensor, nn
 
-from ..kernels import jd_lora_expand
+from ..kernels import KERNEL_DTYPES
 from . import siblings as _siblings
 from .mixed import MixedBatch, jd_lora_forward, mark_static
 
@@ -80,7 +80,6 @@ class _SigmaBank:
         self.group, self.sigma, self.cluster_of = group, sigma, cluster_of
 
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
@@ -124,8 +123,8 @@ class JDLoraLayer(BaseTunerLayer):
     # The model's MixedBatch (JDLoraModel sets it once and activates it per call): a layer reads the
     # batch from here rather than from a per-call forward hook, so compiled graphs see one object.
     _jd_mixed: Optional[MixedBatch] = None
-    # Layers of the same parent that read the same input (q, k, v), set by siblings.link_siblings: their
-    # shrinks and Sigmas run as one launch each in eager mixed-batch forwards.
+    # Layers of the same parent that read the same input (q, k, v), set by siblings.link_siblings: in eager
+    # mixed-batch forwards the first one called runs them all, three launches in all.
     _jd_siblings: Optional[_siblings.Siblings] = None
     other_param_names = ("jd_U", "jd_V", "jd_basis", "r", "jd_dropout")
 
@@ -428,51 +427,51 @@ class JDLoraLayer(BaseTunerLayer):
         No loop over adapters: per group (rank and Sigma kind; usually one), the rows' adapters are
         turned into Sigma-bank rows once per forward (:class:`MixedBatch`) and the kernel applies
         ``U_c Sigma_a V_c^T`` to every token. In eager mode, sibling layers that read the same ``x`` (q, k,
-        v) share one shrink and one Sigma launch (:mod:`~jdlora.tuner.siblings`); each runs its own expand.
+        v) run as one: the first called computes every sibling's output, three launches for all
+        (:mod:`~jdlora.tuner.siblings`), and the others return theirs.
         """
+        batch = adapter_names if isinstance(adapter_names, MixedBatch) else MixedBatch(adapter_names)
+        # is_compiling first: a compiled graph keeps each layer's own op, and guards on none of the rest
+        siblings = None if torch.compiler.is_compiling() or not _siblings.ENABLED else self._jd_siblings
+        if siblings is not None and siblings.on and not args and not kwargs:
+            result = siblings.forward(self, x, batch)
+            if result is not None:
+                return result
         result = self.base_layer(x, *args, **kwargs)
-        banks = self._jd_banks
-        if not banks:
+        if not self._jd_banks:
             return result
         if self._jd_untied:
             self._jd_retie()
-        batch = adapter_names if isinstance(adapter_names, MixedBatch) else MixedBatch(adapter_names)
-        shape = x.shape
-        tokens_per_row = math.prod(shape[1:-1])  # [B, S, d]: S; [B, d]: 1 (static shapes: no recompile per mix)
         if not result.is_contiguous():
             result = result.contiguous()
         y2 = result.view(-1, result.shape[-1])
-        x2 = x.reshape(-1, shape[-1])
-        device = x.device
-        # is_compiling first: a compiled graph keeps each layer's own op, and guards on none of the rest
-        siblings = None if torch.compiler.is_compiling() or not _siblings.ENABLED else self._jd_siblings
-        for bank in banks.values():
-            group = bank.group
-            prepared = batch.prepared(group, tokens_per_row, device)
-            if prepared is None:
-                continue
-            if bank.sigma.shape[0] < group.size:  # _jd_grow's own test, first: no call per layer on the hot path
-                self._jd_grow(bank, group.size)
-            bases = self._jd_bases[group.rank]
-            U, V, sigma, cluster_of = bases.U, bases.V, bank.sigma, bank.cluster_of
-            y = y2
-            if U.dtype not in _KERNEL_DTYPES or y2.dtype not in _KERNEL_DTYPES:  # e.g. float64: kernels in fp32
-                U, V, sigma = U.float(), V.float(), sigma.float()
-                y = torch.zeros(y2.shape, dtype=torch.float32, device=y2.device)
-            xin = x2 if x2.dtype == U.dtype else x2.to(U.dtype)
-            # no autocast guard needed: the kernels and the torch reference fix their own precision.
-            # No per-call checks: the banks are this layer's own (shapes fixed when adapters are added),
-            # x fits them (the base layer would have refused it), the batch is the model's.
-            shared = None
-            if siblings is not None and siblings.on and U is bases.U:
-                shared = siblings.shrunk(self, group.key, x, xin, prepared)
-            if shared is not None:
-                jd_lora_expand(y, U, cluster_of, *shared)
-            else:
-                jd_lora_forward(y, xin, U, V, sigma, cluster_of, prepared, check=False)
-            if y is not y2:
-                y2 += y.to(y2.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        tokens_per_row = math.prod(x.shape[1:-1])  # [B, S, d]: S; [B, d]: 1 (static shapes: no recompile per mix)
+        for bank in self._jd_banks.values():
+            prepared = batch.prepared(bank.group, tokens_per_row, x.device)
+            if prepared is not None:
+                self._jd_group_forward(bank, y2, x2, prepared)
         return result
+
+    def _jd_group_forward(self, bank: _SigmaBank, y2: Tensor, x2: Tensor, prepared) -> None:
+        """``y2 += U_c Sigma_a V_c^T x2`` in place for the rows of ``prepared`` (the kernel batch of ``bank``'s
+        adapter group): this layer's own three launches."""
+        group = bank.group
+        if bank.sigma.shape[0] < group.size:  # _jd_grow's own test, first: no call per layer on the hot path
+            self._jd_grow(bank, group.size)
+        bases = self._jd_bases[group.rank]
+        U, V, sigma, cluster_of = bases.U, bases.V, bank.sigma, bank.cluster_of
+        y = y2
+        if U.dtype not in KERNEL_DTYPES or y2.dtype not in KERNEL_DTYPES:  # e.g. float64: kernels in fp32
+            U, V, sigma = U.float(), V.float(), sigma.float()
+            y = torch.zeros(y2.shape, dtype=torch.float32, device=y2.device)
+        xin = x2 if x2.dtype == U.dtype else x2.to(U.dtype)
+        # no autocast guard needed: the kernels and the torch reference fix their own precision.
+        # No per-call checks: the banks are this layer's own (shapes fixed when adapters are added),
+        # x fits them (the base layer would have refused it), the batch is the model's.
+        jd_lora_forward(y, xin, U, V, sigma, cluster_of, prepared, check=False)
+        if y is not y2:
+            y2 += y.to(y2.dtype)
 
 
 class Linear(nn.Module, JDLoraLayer):

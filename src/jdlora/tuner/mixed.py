@@ -47,12 +47,14 @@ class MixedBatch:
         size: ``len(names)`` (what layers check; reading ``names`` in a compiled region would make
             the graph depend on the strings).
         active: whether layers of a model that holds this batch use it (set by the model for one call).
+        mixes: how many mixes it has held (:meth:`update` counts); what a result computed for one mix checks.
     """
 
     def __init__(self, adapter_names: Sequence[str] = ()):
         self.names = list(adapter_names)
         self.size = len(self.names)
         self.active = True
+        self.mixes = 0
         self._groups: dict[str, object] = {}  # group key -> AdapterGroup
         # (group key, device, batch size) -> rows batch. One per batch size, kept: a server's CUDA graph
         # captured at one size reads its tensors while other sizes (a prefill) run in between.
@@ -74,6 +76,7 @@ class MixedBatch:
         """
         self.names = list(adapter_names)
         self.size = len(self.names)
+        self.mixes += 1
         for group in groups:
             self._groups[group.key] = group
         pairs = {k[:2] for k in self._rows} | {(g, str(torch.device(d))) for g in self._groups for d in devices}

@@ -1,10 +1,11 @@
-"""Sibling layers that read the same input (q, k, v; gate, up): one shrink and one Sigma launch for all.
+"""Sibling layers that read the same input (q, k, v; gate, up): their JD-LoRA in three launches for all.
 
 Why: in an eager mixed-batch forward every adapted layer costs three Triton launches, and each launch costs
 tens of microseconds of host time (``benchmarks/RESULTS.md``). q, k and v of an attention block read the
 same hidden states, so their shrinks ``V_s[c_s]^T x`` and Sigmas can run as one launch each
-(:func:`jdlora.kernels.jd_lora_shrink_siblings`); each layer then runs only its own expand: 5 launches for
-q, k and v instead of 9, 4 instead of 6 for gate and up.
+(:func:`jdlora.kernels.jd_lora_shrink_siblings`), and once every sibling's base output exists, their expands
+too (:func:`jdlora.kernels.jd_lora_expand_siblings`): 3 launches for q, k and v instead of 9, 3 instead of 6
+for gate and up.
 
 How, in eager mode only (under ``torch.compile`` every layer keeps its own custom-op node; launches in a
 graph are cheap):
@@ -12,26 +13,29 @@ graph are cheap):
 - :func:`link_siblings` (run by :class:`~jdlora.tuner.model.JDLoraModel` after each injection) gives the
   JD-LoRA children of one parent whose names form a group of :data:`SIBLING_GROUPS` one shared
   :class:`Siblings`.
-- The first sibling to run in a forward computes ``g_s`` for every sibling that can use it (adapters of
-  the same group in its banks, enabled, not merged, banks of one rank, dtype and layout) and keeps them,
-  keyed by its input tensor (identity and ``_version``; identity alone for tensors made under
-  ``torch.inference_mode``, which keep no version) and the kernel batch (identity and the version of its rows). A sibling whose input, batch or banks are not those of the kept result runs its own three
-  launches: the numbers are the same either way (the fused kernels give each sibling the bits of its own
-  forward).
-- A kept result that a sibling never took (it got another input, or did not run) turns fusion off for
+- The first sibling called in a forward computes the output of every sibling that can take part (adapters
+  enabled, none merged): each one's base layer on the same ``x``, then per adapter group the fused launches
+  for the siblings whose banks fit them (one rank, dtype and layout) and each other sibling's own three. It
+  returns its own output and keeps the others', keyed by the input (identity and ``_version``; identity
+  alone for tensors made under ``torch.inference_mode``, which keep no version), the :class:`MixedBatch` and
+  its mix, and each sibling's banks. A sibling called with all of those unchanged returns its kept output;
+  any other call runs alone, so the numbers are those of each layer's own forward either way (the fused
+  kernels give each sibling the bits of its own launches).
+- A kept output that its sibling never took (it got another input, or did not run) turns fusion off for
   that set of siblings for good: it would only add work.
 - ``JDLORA_FUSE_SIBLINGS=0`` (read at import; or :data:`ENABLED` set to False) turns it off everywhere.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..kernels import MAX_SIBLINGS, JDBatch, ShrunkSiblings, jd_lora_shrink_siblings, siblings_fusable
+from ..kernels import KERNEL_DTYPES, MAX_SIBLINGS, jd_lora_expand_siblings, jd_lora_shrink_siblings, siblings_fusable
 
 __all__ = ["SIBLING_GROUPS", "ENABLED", "Siblings", "link_siblings"]
 
@@ -50,15 +54,22 @@ ENABLED = os.environ.get("JDLORA_FUSE_SIBLINGS", "1") != "0"
 
 @dataclass
 class _Kept:
-    """The siblings' ``g`` of one forward, and who may still take it."""
+    """The outputs the first sibling of a forward computed for the others, and what they were computed from."""
 
     x: weakref.ref
     x_version: int
-    batch: JDBatch
-    rows_version: int
-    shrunk: ShrunkSiblings
-    banks: dict  # layer -> (sibling index, the (V, sigma, cluster_of) it was computed with)
-    pending: set = field(default_factory=set)
+    batch: object  # the MixedBatch
+    mix: int  # batch.mixes when computed
+    outputs: dict  # sibling -> its output, until it takes it
+    banks: dict  # sibling -> the bank tensors its output was computed with
+
+    def take(self, layer, x: Tensor, batch) -> Tensor | None:
+        """``layer``'s output if it is called on what it was computed from (it is then no longer kept)."""
+        out = self.outputs.pop(layer, None)
+        if (out is None or self.x() is not x or _version(x) != self.x_version or batch is not self.batch
+                or batch.mixes != self.mix or not _same_banks(_bank_tensors(layer), self.banks[layer])):
+            return None
+        return out
 
 
 class Siblings:
@@ -66,75 +77,111 @@ class Siblings:
 
     def __init__(self, layers: list[nn.Module]):
         self.layers = layers
-        self.on = True  # off for good once a kept result went untaken
-        self._kept: dict[str, _Kept] = {}  # adapter group key -> the current forward's g
+        self.on = True  # off for good once a kept output went untaken
+        self._kept: _Kept | None = None  # the current forward's outputs for the siblings yet to run
         self._fusable: dict[str, tuple[list, bool]] = {}  # group key -> (the banks checked, siblings_fusable)
 
-    def shrunk(self, layer, group_key: str, x: Tensor, xin: Tensor, batch: JDBatch) -> tuple[ShrunkSiblings, int] | None:
-        """``(g of the siblings, layer's index in it)`` for ``layer``'s adapters of ``group_key`` on input ``x``
-        (``xin``: x flattened and in the banks' dtype), computed now for every sibling that can use it or
-        kept from a sibling that ran before with the same ``x`` and ``batch``; None: ``layer`` runs alone."""
-        kept = self._kept.get(group_key)
+    def forward(self, layer, x: Tensor, batch) -> Tensor | None:
+        """``layer``'s mixed-batch output for input ``x`` and the :class:`MixedBatch` ``batch``: kept from the
+        sibling that ran first on the same input, or computed now with every sibling's; None: ``layer`` runs
+        alone (it cannot take part, or fusion has just turned off)."""
+        kept = self._kept
         if kept is not None:
-            if layer in kept.pending and self._fits(kept, layer, group_key, x, batch):
-                kept.pending.discard(layer)
-                if not kept.pending:
-                    del self._kept[group_key]
-                return kept.shrunk, kept.banks[layer][0]
-            del self._kept[group_key]
-            if kept.pending:  # a sibling did not take its g: their inputs differ (or it did not run)
-                self.on = False
-                return None
-        banks = {}  # member -> (index, (V, sigma, cluster_of))
-        for m in self.layers:
-            tensors = _banks(m, group_key)
-            if tensors is not None:
-                banks[m] = (len(banks), tensors)
-        if len(banks) < 2 or layer not in banks:
+            out = kept.take(layer, x, batch)
+            if out is not None:
+                if not kept.outputs:
+                    self._kept = None
+                return out
+            self._kept = None  # a sibling did not take its output: their inputs differ (or one did not run)
+            self.on = False
             return None
-        tensors = [t for _, ts in banks.values() for t in ts]
-        known = self._fusable.get(group_key)
-        if known is None or len(known[0]) != len(tensors) or any(a is not b for a, b in zip(known[0], tensors)):
-            Vs, sigmas, cluster_ofs = zip(*(ts for _, ts in banks.values()))
-            known = self._fusable[group_key] = (tensors, siblings_fusable(Vs, sigmas, cluster_ofs))
-        if not known[1] or tensors[0].dtype != xin.dtype:
+        members = [m for m in self.layers if _takes_part(m)]
+        if len(members) < 2 or layer not in members:
             return None
-        Vs, sigmas, cluster_ofs = tensors[0::3], tensors[1::3], tensors[2::3]
-        shrunk = jd_lora_shrink_siblings(xin, Vs, sigmas, cluster_ofs, batch)
-        self._kept[group_key] = _Kept(weakref.ref(x), _version(x), batch, _version(batch.row_adapter), shrunk, banks,
-                                      set(banks) - {layer})
-        return shrunk, banks[layer][0]
+        outputs = self._run(members, x, batch)
+        own = outputs.pop(layer)
+        self._kept = _Kept(weakref.ref(x), _version(x), batch, batch.mixes, outputs,
+                           {m: _bank_tensors(m) for m in outputs})
+        return own
 
-    @staticmethod
-    def _fits(kept: _Kept, layer, group_key: str, x: Tensor, batch: JDBatch) -> bool:
-        if kept.x() is not x or _version(x) != kept.x_version or batch is not kept.batch:
+    def _run(self, members: list, x: Tensor, batch) -> dict:
+        """Every member's output on ``x``: its base layer's, plus its adapters' updates, fused per adapter group
+        for the members whose banks allow it, each member's own launches for the rest."""
+        outputs, flat = {}, {}
+        for m in members:
+            if m._jd_untied:
+                m._jd_retie()
+            out = m.base_layer(x)
+            if not out.is_contiguous():
+                out = out.contiguous()
+            outputs[m], flat[m] = out, out.view(-1, out.shape[-1])
+        groups: dict[str, list] = {}  # group key -> [(member, bank)], in the siblings' order
+        for m in members:
+            for key, bank in m._jd_banks.items():
+                groups.setdefault(key, []).append((m, bank))
+        x2 = x.reshape(-1, x.shape[-1])
+        tokens_per_row = math.prod(x.shape[1:-1])
+        for key, entries in groups.items():
+            group = entries[0][1].group
+            prepared = batch.prepared(group, tokens_per_row, x.device)
+            if prepared is None:
+                continue
+            for m, bank in entries:
+                if bank.sigma.shape[0] < group.size:
+                    m._jd_grow(bank, group.size)
+            if not self._fusable_now(key, entries, flat):
+                for m, bank in entries:
+                    m._jd_group_forward(bank, flat[m], x2, prepared)
+                continue
+            bases = [m._jd_bases[group.rank] for m, _ in entries]
+            Vs = [b.V for b in bases]
+            cluster_ofs = [bank.cluster_of for _, bank in entries]
+            xin = x2 if x2.dtype == Vs[0].dtype else x2.to(Vs[0].dtype)
+            shrunk = jd_lora_shrink_siblings(xin, Vs, [bank.sigma for _, bank in entries], cluster_ofs, prepared)
+            jd_lora_expand_siblings([flat[m] for m, _ in entries], [b.U for b in bases], cluster_ofs, shrunk)
+        return outputs
+
+    def _fusable_now(self, key: str, entries: list, flat: dict) -> bool:
+        """Whether the entries of group ``key`` run fused: two or more, outputs and banks in dtypes the kernels
+        take (else each layer's own float32 fallback), banks that :meth:`_banks_fusable`."""
+        if len(entries) < 2 or any(flat[m].dtype not in KERNEL_DTYPES for m, _ in entries):
             return False
-        if _version(batch.row_adapter) != kept.rows_version or not kept.shrunk.valid:
+        if entries[0][0]._jd_bases[entries[0][1].group.rank].U.dtype not in KERNEL_DTYPES:
             return False
-        bank = layer._jd_banks.get(group_key)
-        if bank is None:
-            return False
-        V, sigma, cluster_of = kept.banks[layer][1]
-        return layer._jd_bases[bank.group.rank].V is V and bank.sigma is sigma and bank.cluster_of is cluster_of
+        return self._banks_fusable(key, entries)
+
+    def _banks_fusable(self, key: str, entries: list) -> bool:
+        """:func:`~jdlora.kernels.siblings_fusable` of the entries' banks, checked again only when a bank
+        tensor was replaced."""
+        tensors = [t for m, bank in entries for t in (m._jd_bases[bank.group.rank].V, bank.sigma, bank.cluster_of)]
+        known = self._fusable.get(key)
+        if known is None or len(known[0]) != len(tensors) or any(a is not b for a, b in zip(known[0], tensors)):
+            known = self._fusable[key] = (tensors, siblings_fusable(tensors[0::3], tensors[1::3], tensors[2::3]))
+        return known[1]
+
+
+def _takes_part(layer) -> bool:
+    """Whether ``layer``'s mixed-batch forward applies its banks (it has some, adapters enabled, none merged)."""
+    return bool(layer._jd_banks) and not layer.disable_adapters and not layer.merged
+
+
+def _bank_tensors(layer) -> tuple:
+    """The tensors ``layer``'s mixed-batch forward reads, and whether it applies them (what a kept output
+    depends on besides the input and the batch)."""
+    if not _takes_part(layer):
+        return (None,)
+    return tuple(t for b in layer._jd_banks.values() for t in (b.sigma, b.cluster_of, layer._jd_bases[b.group.rank].U,
+                                                                 layer._jd_bases[b.group.rank].V))
+
+
+def _same_banks(now: tuple, then: tuple) -> bool:
+    return len(now) == len(then) and all(a is b for a, b in zip(now, then))
 
 
 def _version(t: Tensor) -> int:
     """``t._version``; -1 for tensors made under ``torch.inference_mode``, which keep no version counter (those
     are matched by identity alone: a change in place between two siblings' calls goes unseen)."""
     return -1 if t.is_inference() else t._version
-
-
-def _banks(layer, group_key: str) -> tuple | None:
-    """``(V, sigma, cluster_of)`` of ``layer``'s banks for ``group_key`` (made current) if its mixed-batch
-    forward uses them (adapters enabled, none merged), else None."""
-    bank = layer._jd_banks.get(group_key)
-    if bank is None or layer.disable_adapters or layer.merged:
-        return None
-    if layer._jd_untied:
-        layer._jd_retie()  # rebuilds the banks
-        bank = layer._jd_banks[group_key]
-    layer._jd_grow(bank, bank.group.size)
-    return layer._jd_bases[bank.group.rank].V, bank.sigma, bank.cluster_of
 
 
 def link_siblings(model: nn.Module, layer_type: type) -> None:
