@@ -12,7 +12,7 @@ one program (what a fused "last program of the block applies Sigma" design did: 
 16 tokens per block, one SM each).
 
 Siblings that read the same x (q, k, v) share launches 1 and 2 (:func:`jd_lora_shrink_siblings_triton`: the
-same configurations and K slices per sibling, a third grid axis over siblings) and run 3 each
+same configurations and K slices per sibling, a sibling index folded into the grid) and run 3 each
 (:func:`jd_lora_expand_triton`).
 
 Configurations are picked from static shapes only (T, d_in, the GPU's multiprocessor count), never

@@ -20,8 +20,9 @@ has enough blocks and stores its sums directly (``SPLIT`` False). With one clust
 no load waits for the ``cluster_of`` lookup: all rows are shrunk by V[0], only active rows are stored.
 
 ``jd_shrink_siblings_kernel`` is the same for up to three sibling modules that read the same x (q, k, v):
-grid ``(cdiv(T, BLOCK_M), split_k, siblings)``, program (i, k, s) is program (i, k) above with sibling s's
-V bank and ``cluster_of`` into ``h[s]`` of a ``[S, T, w]`` scratch (one launch instead of three).
+grid ``(cdiv(T, BLOCK_M) * siblings, split_k)``, program (i * siblings + s, k) is program (i, k) above with
+sibling s's V bank and ``cluster_of`` into ``h[s]`` of a ``[S, T, w]`` scratch (one launch instead of three;
+the siblings of a token block side by side, so x comes from memory once).
 
 Memory traffic per launch: x once (``T * d_in``), V[c] of every cluster present once per token block
 (from L2 after the first block), and ``split_k * T * r`` float32 atomic adds (or ``T * r`` stores).
@@ -151,6 +152,7 @@ def jd_shrink_siblings_kernel(
     d_in,
     r,
     k_per_split,
+    n_siblings,
     stride_xt,
     stride_xd,
     stride_vc,
@@ -167,11 +169,14 @@ def jd_shrink_siblings_kernel(
     ONE_CLUSTER2: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """The shrink of up to three sibling modules that read the same x: program (i, k, s) is program
-    (i, k) of :func:`jd_shrink_kernel` for sibling s (its V bank, its cluster_of, its scratch ``h[s]``)."""
-    pid_m = tl.program_id(0)
+    """The shrink of up to three sibling modules that read the same x: program (i * n_siblings + s, k) is program
+    (i, k) of :func:`jd_shrink_kernel` for sibling s (its V bank, its cluster_of, its scratch ``h[s]``). The
+    siblings of one token block are neighbours in launch order, so they run together and the x tile that one
+    reads from memory the others find in L2 (a prefill's x is several times L2: with the sibling axis the
+    slowest, each sibling read all of it again)."""
+    pid_m = tl.program_id(0) // n_siblings
+    pid_s = tl.program_id(0) % n_siblings
     pid_k = tl.program_id(1)
-    pid_s = tl.program_id(2)
     h_s = h_ptr + pid_s.to(tl.int64) * stride_hs
     if pid_s == 0:
         _shrink_block(pid_m, pid_k, x_ptr, v0_ptr, cluster_of0_ptr, order_ptr, sorted_adapter_ptr, h_s, T, tpr, d_in,
@@ -236,8 +241,8 @@ def launch_shrink_siblings(x, Vs, cluster_ofs, batch, h, *, config) -> None:
     Vp = tuple(Vs) + (V0,) * (3 - n)
     Cp = tuple(cluster_ofs) + (cluster_ofs[0],) * (3 - n)
     _siblings_launch(
-        (m_blocks, split_k, n), x, *Vp, *Cp, batch.order, batch.sorted_adapter, h,
-        T, batch.tokens_per_row, d_in, r, k_per_split,
+        (m_blocks * n, split_k), x, *Vp, *Cp, batch.order, batch.sorted_adapter, h,
+        T, batch.tokens_per_row, d_in, r, k_per_split, n,
         *x.stride(), *V0.stride(), h.stride(0), h.stride(1),
         ONE_CLUSTER0=Vp[0].shape[0] == 1, ONE_CLUSTER1=Vp[1].shape[0] == 1, ONE_CLUSTER2=Vp[2].shape[0] == 1,
         **_shrink_options(x, r, split_k, config),
