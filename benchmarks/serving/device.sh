@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Issue 13's GPU runs on a bare machine (one H200), each step within one 10-minute device call:
-#   bash benchmarks/serving/device.sh generate   # GPU tests + eager q/k/v host cost + generate at 64 adapters (eager, fused
-#                                                # or not; compiled; eager again after the compiled path: the process order)
+#   bash benchmarks/serving/device.sh generate   # GPU tests + eager q/k/v host cost + generate at 64 adapters, base and JD
+#                                                # side by side (eager, fused or not; compiled; eager again after compiled)
 #   bash benchmarks/serving/device.sh generate1024   # compiled and eager generate at 1,024 adapters
 #   bash benchmarks/serving/device.sh anatomy    # generate at 64 adapters with JD's kernels and without (kernels_off):
 #                                                # what the kernels cost and what the rest does, eager and compiled
 #   bash benchmarks/serving/device.sh study      # the serving study with graph-captured decode (benchmarks/serving/run.py);
 #                                                # MAX_BATCH=256 or 64 runs one batch size (the whole grid does not fit one call)
+#   bash benchmarks/serving/device.sh study1024  # the study's 1,024-adapter cells alone, both batch limits and memories (~3 min)
+#   bash benchmarks/serving/device.sh prefill    # the kernel tests (each file under a timeout), then one study prefill per
+#                                                # path, profiled by kernel (benchmarks/serving/prefill.py): after a kernel change
 # Results and logs go to $OUT (the device tool's output folder) or ./device-out.
 set -euo pipefail
 OUT=${OUT:-device-out}
@@ -34,5 +37,18 @@ case "$1" in
     python -m benchmarks.serving.run --out "$OUT/serving_graph" --max-batch "${MAX_BATCH:-256,64}" --sizes 1024,4,64,256,16 \
       --eager-sizes 1024 --grid-sizes "" --requests 512 --run-limit 10 --time-budget "${TIME_BUDGET:-230}" \
       --step-kernels 2>&1 | tee "$OUT/serving_graph/log.txt" ;;
-  *) echo "usage: $0 generate|generate1024|anatomy|study" >&2; exit 2 ;;
+  study1024)
+    mkdir -p "$OUT/serving_graph"
+    python -m benchmarks.serving.run --out "$OUT/serving_graph" --max-batch 256,64 --sizes 1024 --decode graph \
+      --grid-sizes "" --requests 512 --run-limit 10 --time-budget "${TIME_BUDGET:-300}" --step-kernels 2>&1 \
+      | tee "$OUT/serving_graph/log.txt" ;;
+  prefill)
+    # a kernel that hangs must not hold the machine: every test file and the profile under its own timeout
+    timeout 150 python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -4 | tee "$OUT/tests.log" \
+      || { echo "KERNEL TESTS FAILED OR TIMED OUT" | tee -a "$OUT/tests.log"; exit 1; }
+    timeout 120 python -m pytest -q -x -p no:cacheprovider tests/test_siblings.py tests/test_fast_launch.py 2>&1 | tail -4 \
+      | tee -a "$OUT/tests.log" || { echo "SIBLING TESTS FAILED OR TIMED OUT" | tee -a "$OUT/tests.log"; exit 1; }
+    mkdir -p "$OUT/prefill"
+    timeout 240 python -m benchmarks.serving.prefill --out "$OUT/prefill" --reps 3 2>&1 | tee "$OUT/prefill/log.txt" ;;
+  *) echo "usage: $0 generate|generate1024|anatomy|study|study1024|prefill" >&2; exit 2 ;;
 esac

@@ -11,7 +11,7 @@ with ``t(m) = order[m // S] * S + m % S`` for rows of S = ``tokens_per_row`` tok
 the product accumulates in float32. Rows with ``a < 0`` or ``c < 0`` are neither read nor written.
 
 Grid: ``(cdiv(T, BLOCK_M), cdiv(d_out, BLOCK_N))``. Program (i, j) loads ``g`` of its token block once,
-then loops over the clusters present in the block (only those, ascending): for cluster c it takes
+then loops over the clusters present in the block (one flat loop, pipelined): for cluster c it takes
 the rows of the block in c (others zeroed) and multiplies them by the ``[BLOCK_N, r]`` tile of U[c].
 A prefill block holds one cluster (one dot); a decode block of T <= BLOCK_M tokens in C clusters does
 C dots, and every cluster's U is read once for the whole batch. With one cluster (``ONE_CLUSTER``) no
@@ -84,9 +84,10 @@ def jd_expand_kernel(
         tl.store(y_tile, (y_old.to(tl.float32) + scale * acc).to(y_old.dtype), mask=active[:, None] & n_mask[None, :])
     elif tl.max(active.to(tl.int32), axis=0) > 0:
         g = tl.load(g_tile, mask=active[:, None] & r_mask[None, :], other=0.0).to(u_ptr.dtype.element_ty)
-        c = tl.min(tl.where(active, cluster, _BIG), axis=0)
+        c_lo = tl.min(tl.where(active, cluster, _BIG), axis=0)
+        c_hi = tl.max(cluster, axis=0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        while c < _BIG:  # the clusters present in the block only, ascending (as in the shrink)
+        for c in range(c_lo, c_hi + 1):
             g_c = tl.where((cluster == c)[:, None], g, tl.zeros_like(g))
             u_t = tl.load(  # U[c]^T tile: [r, BLOCK_N]
                 u_ptr + c * stride_uc + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_ud,
@@ -94,7 +95,6 @@ def jd_expand_kernel(
                 other=0.0,
             )
             acc += tl.dot(g_c, u_t, input_precision=PRECISION)
-            c = tl.min(tl.where(active & (cluster > c), cluster, _BIG), axis=0)
         y_mask = active[:, None] & n_mask[None, :]
         y_old = tl.load(y_tile, mask=y_mask, other=0.0)
         tl.store(y_tile, (y_old.to(tl.float32) + scale * acc).to(y_old.dtype), mask=y_mask)
@@ -107,13 +107,17 @@ def launch_expand(y, U, g, cluster_of, batch, *, scale: float, config) -> None:
     """Launch :func:`jd_expand_kernel`: ``y[order[m]] += scale * U[c] g[m]`` in place."""
     T, d_out = y.shape
     r = U.shape[2]
-    block_r = block_rank(r)
     grid = (cdiv(T, config.block_m), cdiv(d_out, config.block_n))
     _expand_launch(
         grid, y, U, g, cluster_of, batch.order, batch.sorted_adapter,
         T, batch.tokens_per_row, d_out, r, float(scale),
         *y.stride(), *U.stride(), g.stride(0),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, ONE_CLUSTER=U.shape[0] == 1,
-        PRECISION="ieee" if U.dtype.itemsize == 4 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        ONE_CLUSTER=U.shape[0] == 1, **_expand_options(U, r, config),
     )
+
+
+def _expand_options(U, r: int, config) -> dict:
+    """The constexprs and launch options of an expand launch but the cluster flag."""
+    return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_rank(r),
+                PRECISION="ieee" if U.dtype.itemsize == 4 else "tf32", num_warps=config.num_warps,
+                num_stages=config.num_stages)
