@@ -11,10 +11,10 @@ For rows of S = ``tokens_per_row`` tokens, token m of the sorted order is ``t(m)
 (S = 1: rows are tokens), so one sort of the rows serves prefill and decode.
 
 Grid: ``(cdiv(T, BLOCK_M), split_k)``. Program (i, k) takes tokens ``[i*BLOCK_M, (i+1)*BLOCK_M)`` of the
-sorted order and the slice ``[k*k_per_split, (k+1)*k_per_split)`` of d_in. Its loop runs over the
-clusters present in the block times the K slice in one flat loop (so Triton pipelines the loads);
-rows of other clusters are masked out of the x loads, so x is read once in all, and each cluster's V
-slice once per token block. A decode batch (few token blocks) is split over d_in to fill the GPU
+sorted order and the slice ``[k*k_per_split, (k+1)*k_per_split)`` of d_in. It loops over the clusters
+present in the block (only those: the next is the smallest cluster above the last) and, per cluster,
+over its K slice; rows of other clusters are masked out of the x loads, so x is read once in all, and
+each present cluster's V slice once per token block. A decode batch (few token blocks) is split over d_in to fill the GPU
 (``split_k`` programs per block, partial sums added atomically into the scratch); a prefill batch
 has enough blocks and stores its sums directly (``SPLIT`` False). With one cluster (``ONE_CLUSTER``)
 no load waits for the ``cluster_of`` lookup: all rows are shrunk by V[0], only active rows are stored.
@@ -83,22 +83,24 @@ def _shrink_block(
             acc += tl.dot(xb, vb, input_precision=PRECISION)
         _store_h(acc, h_ptr, offs_m, offs_r, active, r, stride_h, SPLIT)
     elif tl.max(active.to(tl.int32), axis=0) > 0:  # else the whole block is unadapted here: exit
-        c_lo = tl.min(tl.where(active, cluster, _BIG), axis=0)
-        c_hi = tl.max(cluster, axis=0)
-        n_k = tl.cdiv(k_end - k_start, BLOCK_K)
+        # Only the clusters present in the block, in ascending order (the next one is the smallest above the
+        # last): a block of a few adapters in many clusters (one cluster per adapter, multi-LoRA slots) must not
+        # walk every cluster between its smallest and largest.
+        c = tl.min(tl.where(active, cluster, _BIG), axis=0)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for it in range(0, (c_hi - c_lo + 1) * n_k):  # (cluster, K chunk) pairs, one flat loop
-            c = c_lo + it // n_k
-            kk = k_start + (it % n_k) * BLOCK_K + offs_k
-            k_mask = kk < k_end
+        while c < _BIG:
             rows = active & (cluster == c)
-            xb = tl.load(x_rows + kk[None, :] * stride_xd, mask=rows[:, None] & k_mask[None, :], other=0.0)
-            vb = tl.load(
-                v_ptr + c * stride_vc + kk[:, None] * stride_vd + offs_r[None, :] * stride_vr,
-                mask=k_mask[:, None] & r_mask[None, :],
-                other=0.0,
-            )
-            acc += tl.dot(xb, vb, input_precision=PRECISION)
+            for k0 in range(k_start, k_end, BLOCK_K):
+                kk = k0 + offs_k
+                k_mask = kk < k_end
+                xb = tl.load(x_rows + kk[None, :] * stride_xd, mask=rows[:, None] & k_mask[None, :], other=0.0)
+                vb = tl.load(
+                    v_ptr + c * stride_vc + kk[:, None] * stride_vd + offs_r[None, :] * stride_vr,
+                    mask=k_mask[:, None] & r_mask[None, :],
+                    other=0.0,
+                )
+                acc += tl.dot(xb, vb, input_precision=PRECISION)
+            c = tl.min(tl.where(active & (cluster > c), cluster, _BIG), axis=0)
         _store_h(acc, h_ptr, offs_m, offs_r, active, r, stride_h, SPLIT)
 
 
