@@ -62,7 +62,7 @@ Kernels (Triton path), three launches per layer, no host synchronization, CUDA-g
    each present cluster's U tile once per token block, reads and writes y once.
 
 Siblings (:func:`jd_lora_shrink_siblings`): ``jd_shrink_siblings_kernel`` and ``jd_sigma_siblings_kernel`` add a
-sibling axis to the grid of 1. and 2. (program ``(..., s)`` is the same program of sibling s, with its own
+sibling index to the grid of 1. and 2. (each program is the same program of one sibling s, with its own
 ``V_s``, ``Sigma_s``, ``cluster_of_s`` and rows of a ``[S, T, w]`` scratch), so each sibling gets the sums of
 its own launches; ``jd_expand_siblings_kernel`` lays the siblings' column tiles of 3. along one grid axis (each
 its own ``U``, output and width).

@@ -11,7 +11,7 @@ with ``t(m) = order[m // S] * S + m % S`` for rows of S = ``tokens_per_row`` tok
 the product accumulates in float32. Rows with ``a < 0`` or ``c < 0`` are neither read nor written.
 
 Grid: ``(cdiv(T, BLOCK_M), cdiv(d_out, BLOCK_N))``. Program (i, j) loads ``g`` of its token block once,
-then loops over the clusters present in the block (one flat loop, pipelined): for cluster c it takes
+then loops over the clusters present in the block (only those, ascending): for cluster c it takes
 the rows of the block in c (others zeroed) and multiplies them by the ``[BLOCK_N, r]`` tile of U[c].
 A prefill block holds one cluster (one dot); a decode block of T <= BLOCK_M tokens in C clusters does
 C dots, and every cluster's U is read once for the whole batch. With one cluster (``ONE_CLUSTER``) no
@@ -69,10 +69,9 @@ def _expand_block(
         tl.store(y_tile, (y_old.to(tl.float32) + scale * acc).to(y_old.dtype), mask=active[:, None] & n_mask[None, :])
     elif tl.max(active.to(tl.int32), axis=0) > 0:
         g = tl.load(g_tile, mask=active[:, None] & r_mask[None, :], other=0.0).to(u_ptr.dtype.element_ty)
-        c_lo = tl.min(tl.where(active, cluster, _BIG), axis=0)
-        c_hi = tl.max(cluster, axis=0)
+        c = tl.min(tl.where(active, cluster, _BIG), axis=0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for c in range(c_lo, c_hi + 1):
+        while c < _BIG:  # the clusters present in the block only, ascending (as in the shrink)
             g_c = tl.where((cluster == c)[:, None], g, tl.zeros_like(g))
             u_t = tl.load(  # U[c]^T tile: [r, BLOCK_N]
                 u_ptr + c * stride_uc + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_ud,
@@ -80,6 +79,7 @@ def _expand_block(
                 other=0.0,
             )
             acc += tl.dot(g_c, u_t, input_precision=PRECISION)
+            c = tl.min(tl.where(active & (cluster > c), cluster, _BIG), axis=0)
         y_mask = active[:, None] & n_mask[None, :]
         y_old = tl.load(y_tile, mask=y_mask, other=0.0)
         tl.store(y_tile, (y_old.to(tl.float32) + scale * acc).to(y_old.dtype), mask=y_mask)

@@ -12,7 +12,7 @@ one program (what a fused "last program of the block applies Sigma" design did: 
 16 tokens per block, one SM each).
 
 Siblings that read the same x (q, k, v) share launches 1 and 2 (:func:`jd_lora_shrink_siblings_triton`: the
-same configurations and K slices per sibling, a third grid axis over siblings), and 3 as one launch when
+same configurations and K slices per sibling, a sibling index folded into the grid), and 3 as one launch when
 all their outputs are at hand (:func:`jd_lora_expand_siblings_triton`: each sibling's column tiles along the
 grid's second axis), else each its own (:func:`jd_lora_expand_triton`).
 
