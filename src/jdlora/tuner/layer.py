@@ -127,6 +127,7 @@ class JDLoraLayer(BaseTunerLayer):
     # Layers of the same parent that read the same input (q, k, v), set by siblings.link_siblings: their
     # shrinks and Sigmas run as one launch each in eager mixed-batch forwards.
     _jd_siblings: Optional[_siblings.Siblings] = None
+    _jd_sibling_index: int = 0  # its place among its siblings (set with _jd_siblings)
     other_param_names = ("jd_U", "jd_V", "jd_basis", "r", "jd_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs):
@@ -444,8 +445,8 @@ class JDLoraLayer(BaseTunerLayer):
         y2 = result.view(-1, result.shape[-1])
         x2 = x.reshape(-1, shape[-1])
         device = x.device
-        # is_compiling first: a compiled graph keeps each layer's own op, and guards on none of the rest
-        siblings = None if torch.compiler.is_compiling() or not _siblings.ENABLED else self._jd_siblings
+        siblings = self._jd_siblings if _siblings.ENABLED else None
+        compiling = torch.compiler.is_compiling()
         for bank in banks.values():
             group = bank.group
             prepared = batch.prepared(group, tokens_per_row, device)
@@ -464,8 +465,11 @@ class JDLoraLayer(BaseTunerLayer):
             # No per-call checks: the banks are this layer's own (shapes fixed when adapters are added),
             # x fits them (the base layer would have refused it), the batch is the model's.
             shared = None
-            if siblings is not None and siblings.on and U is bases.U:
-                shared = siblings.shrunk(self, group.key, x, xin, prepared)
+            if siblings is not None and U is bases.U:
+                if compiling:
+                    shared = siblings.traced(self, group.key, x, xin, prepared)
+                elif siblings.on:
+                    shared = siblings.shrunk(self, group.key, x, xin, prepared)
             if shared is not None:
                 jd_lora_expand(y, U, cluster_of, *shared)
             else:
