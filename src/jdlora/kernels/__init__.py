@@ -89,7 +89,7 @@ import torch
 from torch import Tensor
 
 from .batch import JDBatch, prepare_batch
-from .ops import jd_lora_forward_op
+from .ops import jd_lora_expand_op, jd_lora_forward_op, jd_lora_shrink_siblings_op
 from .reference import jd_lora_expand_reference, jd_lora_forward_reference, jd_lora_shrink_reference
 
 __all__ = ["JDBatch", "prepare_batch", "jd_lora_forward", "jd_lora_linear", "jd_lora_forward_reference",
@@ -218,13 +218,16 @@ class ShrunkSiblings:
 
     g: Tensor | tuple[Tensor, ...]  # Triton: [S, T, w] (one stacked scratch); torch: one [T, r] per sibling
     batch: JDBatch
-    call: int
+    call: int  # TRACED: made under torch.compile (a graph value of its own, never overwritten)
     d_in: int
     backend: str
 
     @property
     def valid(self) -> bool:
-        return self.batch.sibling_calls == self.call
+        return self.call == TRACED or self.batch.sibling_calls == self.call
+
+
+TRACED = -1
 
 
 def siblings_fusable(Vs: Sequence[Tensor], sigmas: Sequence[Tensor], cluster_ofs: Sequence[Tensor]) -> bool:
@@ -266,6 +269,10 @@ def jd_lora_shrink_siblings(
             jd_lora_expand(y, U, c, shrunk, s)
     """
     backend = _resolve_backend(backend, x)
+    if torch.compiler.is_compiling():  # one graph node returning a fresh g (no counter for dynamo to guard on)
+        g = jd_lora_shrink_siblings_op(x, list(Vs), list(sigmas), list(cluster_ofs), batch.row_adapter, batch.order,
+                                       batch.sorted_adapter, batch.tokens_per_row, backend)
+        return ShrunkSiblings(g, batch, TRACED, x.shape[1], backend)
     batch.sibling_calls += 1
     if backend == "torch":
         ta = batch.token_adapter
@@ -279,6 +286,11 @@ def jd_lora_expand(y: Tensor, U: Tensor, cluster_of: Tensor, shrunk: ShrunkSibli
                    scale: float = 1.0) -> Tensor:
     """In place ``y[t] += scale * U[c] g[t]`` with sibling ``sibling``'s ``g`` of ``shrunk``
     (:func:`jd_lora_shrink_siblings`): the expand launch of :func:`jd_lora_forward`. Returns ``y``."""
+    if torch.compiler.is_compiling():
+        b = shrunk.batch
+        jd_lora_expand_op(y, U, shrunk.g, sibling, cluster_of, b.row_adapter, b.order, b.sorted_adapter,
+                          b.tokens_per_row, float(scale), shrunk.d_in, shrunk.backend)
+        return y
     if not shrunk.valid:
         raise RuntimeError("jd_lora_expand: a later jd_lora_shrink_siblings on this batch overwrote this g")
     g = shrunk.g[sibling]

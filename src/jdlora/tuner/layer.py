@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils.other import transpose
 from torch import Tensor, nn
 
-from ..kernels import KERNEL_DTYPES
+from ..kernels import KERNEL_DTYPES, jd_lora_expand
 from . import siblings as _siblings
 from .mixed import MixedBatch, jd_lora_forward, mark_static
 
@@ -126,6 +126,7 @@ class JDLoraLayer(BaseTunerLayer):
     # Layers of the same parent that read the same input (q, k, v), set by siblings.link_siblings: in eager
     # mixed-batch forwards the first one called runs them all, three launches in all.
     _jd_siblings: Optional[_siblings.Siblings] = None
+    _jd_sibling_index: int = 0  # its place among its siblings (set with _jd_siblings)
     other_param_names = ("jd_U", "jd_V", "jd_basis", "r", "jd_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs):
@@ -431,9 +432,9 @@ class JDLoraLayer(BaseTunerLayer):
         (:mod:`~jdlora.tuner.siblings`), and the others return theirs.
         """
         batch = adapter_names if isinstance(adapter_names, MixedBatch) else MixedBatch(adapter_names)
-        # is_compiling first: a compiled graph keeps each layer's own op, and guards on none of the rest
-        siblings = None if torch.compiler.is_compiling() or not _siblings.ENABLED else self._jd_siblings
-        if siblings is not None and siblings.on and not args and not kwargs:
+        compiling = torch.compiler.is_compiling()
+        siblings = self._jd_siblings if _siblings.ENABLED else None
+        if siblings is not None and not compiling and siblings.on and not args and not kwargs:
             result = siblings.forward(self, x, batch)
             if result is not None:
                 return result
@@ -447,15 +448,18 @@ class JDLoraLayer(BaseTunerLayer):
         y2 = result.view(-1, result.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         tokens_per_row = math.prod(x.shape[1:-1])  # [B, S, d]: S; [B, d]: 1 (static shapes: no recompile per mix)
+        traced = siblings if compiling else None  # compiled: siblings share one shrink-and-Sigma node
         for bank in self._jd_banks.values():
             prepared = batch.prepared(bank.group, tokens_per_row, x.device)
             if prepared is not None:
-                self._jd_group_forward(bank, y2, x2, prepared)
+                self._jd_group_forward(bank, y2, x2, prepared, x, traced)
         return result
 
-    def _jd_group_forward(self, bank: _SigmaBank, y2: Tensor, x2: Tensor, prepared) -> None:
+    def _jd_group_forward(self, bank: _SigmaBank, y2: Tensor, x2: Tensor, prepared, x: Optional[Tensor] = None,
+                          traced: Optional[_siblings.Siblings] = None) -> None:
         """``y2 += U_c Sigma_a V_c^T x2`` in place for the rows of ``prepared`` (the kernel batch of ``bank``'s
-        adapter group): this layer's own three launches."""
+        adapter group): this layer's own three launches, or under ``torch.compile`` with ``traced`` (its siblings)
+        the expand of a shrink and Sigma shared with them (``x``: the input they share)."""
         group = bank.group
         if bank.sigma.shape[0] < group.size:  # _jd_grow's own test, first: no call per layer on the hot path
             self._jd_grow(bank, group.size)
@@ -469,7 +473,11 @@ class JDLoraLayer(BaseTunerLayer):
         # no autocast guard needed: the kernels and the torch reference fix their own precision.
         # No per-call checks: the banks are this layer's own (shapes fixed when adapters are added),
         # x fits them (the base layer would have refused it), the batch is the model's.
-        jd_lora_forward(y, xin, U, V, sigma, cluster_of, prepared, check=False)
+        shared = traced.traced(self, group.key, x, xin, prepared) if traced is not None and U is bases.U else None
+        if shared is not None:
+            jd_lora_expand(y, U, cluster_of, *shared)
+        else:
+            jd_lora_forward(y, xin, U, V, sigma, cluster_of, prepared, check=False)
         if y is not y2:
             y2 += y.to(y2.dtype)
 

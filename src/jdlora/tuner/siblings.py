@@ -7,8 +7,8 @@ same hidden states, so their shrinks ``V_s[c_s]^T x`` and Sigmas can run as one 
 too (:func:`jdlora.kernels.jd_lora_expand_siblings`): 3 launches for q, k and v instead of 9, 3 instead of 6
 for gate and up.
 
-How, in eager mode only (under ``torch.compile`` every layer keeps its own custom-op node; launches in a
-graph are cheap):
+How, in eager mode (under ``torch.compile``, :meth:`Siblings.traced` shares the shrink and Sigma with state dynamo
+can trace: one custom-op node for the siblings' shrink and Sigma, then each layer its own base output and expand node):
 
 - :func:`link_siblings` (run by :class:`~jdlora.tuner.model.JDLoraModel` after each injection) gives the
   JD-LoRA children of one parent whose names form a group of :data:`SIBLING_GROUPS` one shared
@@ -35,7 +35,9 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..kernels import KERNEL_DTYPES, MAX_SIBLINGS, jd_lora_expand_siblings, jd_lora_shrink_siblings, siblings_fusable
+from ..kernels import (
+    KERNEL_DTYPES, MAX_SIBLINGS, JDBatch, ShrunkSiblings, jd_lora_expand_siblings, jd_lora_shrink_siblings, siblings_fusable,
+)
 
 __all__ = ["SIBLING_GROUPS", "ENABLED", "Siblings", "link_siblings"]
 
@@ -80,6 +82,40 @@ class Siblings:
         self.on = True  # off for good once a kept output went untaken
         self._kept: _Kept | None = None  # the current forward's outputs for the siblings yet to run
         self._fusable: dict[str, tuple[list, bool]] = {}  # group key -> (the banks checked, siblings_fusable)
+        self._traced: dict[str, tuple] = {}  # under torch.compile: group key -> (x, g, positions, siblings left)
+
+    def traced(self, layer, group_key: str, x: Tensor, xin: Tensor, batch: JDBatch) -> tuple[ShrunkSiblings, int] | None:
+        """:meth:`shrunk` under ``torch.compile``, with state that dynamo traces: no weak references, versions or
+        sets. The first sibling called on ``x`` computes every sibling's g (one graph node); the others take it
+        when called on the same ``x`` (the same graph value), and the last one clears it, so nothing outlives the
+        graph. The graph then holds one shrink-and-Sigma node for q, k and v and an expand node per module, instead
+        of three nodes of three launches each."""
+        index = layer._jd_sibling_index
+        state = self._traced.get(group_key)
+        if state is not None:
+            kept_x, shrunk, positions, left = state
+            if kept_x is x and index in positions:
+                if left > 1:
+                    self._traced[group_key] = (kept_x, shrunk, positions, left - 1)
+                else:
+                    del self._traced[group_key]
+                return shrunk, positions[index]
+            del self._traced[group_key]
+        members, tensors = [], []
+        for m in self.layers:
+            banks = _banks(m, group_key)
+            if banks is not None:
+                members.append(m._jd_sibling_index)
+                tensors.append(banks)
+        if len(members) < 2 or index not in members:
+            return None
+        Vs, sigmas, cluster_ofs = zip(*tensors)
+        if not siblings_fusable(Vs, sigmas, cluster_ofs) or Vs[0].dtype != xin.dtype:
+            return None
+        shrunk = jd_lora_shrink_siblings(xin, Vs, sigmas, cluster_ofs, batch)
+        positions = {m: p for p, m in enumerate(members)}
+        self._traced[group_key] = (x, shrunk, positions, len(members) - 1)
+        return shrunk, positions[index]
 
     def forward(self, layer, x: Tensor, batch) -> Tensor | None:
         """``layer``'s mixed-batch output for input ``x`` and the :class:`MixedBatch` ``batch``: kept from the
@@ -165,6 +201,19 @@ def _takes_part(layer) -> bool:
     return bool(layer._jd_banks) and not layer.disable_adapters and not layer.merged
 
 
+def _banks(layer, group_key: str) -> tuple | None:
+    """``(V, sigma, cluster_of)`` of ``layer``'s banks for ``group_key`` (made current) if its mixed-batch
+    forward uses them, else None."""
+    bank = layer._jd_banks.get(group_key)
+    if bank is None or not _takes_part(layer):
+        return None
+    if layer._jd_untied:
+        layer._jd_retie()  # rebuilds the banks
+        bank = layer._jd_banks[group_key]
+    layer._jd_grow(bank, bank.group.size)
+    return layer._jd_bases[bank.group.rank].V, bank.sigma, bank.cluster_of
+
+
 def _bank_tensors(layer) -> tuple:
     """The tensors ``layer``'s mixed-batch forward reads, and whether it applies them (what a kept output
     depends on besides the input and the batch)."""
@@ -200,5 +249,6 @@ def link_siblings(model: nn.Module, layer_type: type) -> None:
             current = layers[0].__dict__.get("_jd_siblings")
             if current is None or current.layers != layers:
                 shared = Siblings(layers)
-                for m in layers:
+                for i, m in enumerate(layers):
                     m._jd_siblings = shared
+                    m._jd_sibling_index = i
