@@ -312,25 +312,28 @@ def expand_siblings_fusable(ys: Sequence[Tensor], Us: Sequence[Tensor]) -> bool:
 
 
 def jd_lora_expand_siblings(ys: Sequence[Tensor], Us: Sequence[Tensor], cluster_ofs: Sequence[Tensor],
-                            shrunk: ShrunkSiblings, *, scale: float = 1.0) -> None:
+                            shrunk: ShrunkSiblings, *, scale: float = 1.0, check: bool = True) -> None:
     """:func:`jd_lora_expand` of every sibling of ``shrunk`` (``ys[s]``, ``Us[s]``, ``cluster_ofs[s]`` in
     :func:`jd_lora_shrink_siblings`'s order), in one launch on the Triton path when
     :func:`expand_siblings_fusable`; each ``ys[s]`` gets the bits of its own :func:`jd_lora_expand`.
 
     With it q, k and v take three launches in all (shrink, Sigma, expand), where their own
-    :func:`jd_lora_forward` calls take nine.
+    :func:`jd_lora_forward` calls take nine. ``check=False`` skips checking the arguments and
+    :func:`expand_siblings_fusable` (for a caller that checked them once: contiguous outputs of the rows of
+    ``shrunk``, U banks of one rank, dtype and layout).
 
     Example::
 
         shrunk = jd_lora_shrink_siblings(x, (Vq, Vk, Vv), (Sq, Sk, Sv), (cq, ck, cv), batch)
         jd_lora_expand_siblings((yq, yk, yv), (Uq, Uk, Uv), (cq, ck, cv), shrunk)
     """
-    if not shrunk.valid:
-        raise RuntimeError("jd_lora_expand_siblings: a later jd_lora_shrink_siblings on this batch overwrote this g")
-    if len(ys) != len(shrunk.g) or len(Us) != len(ys) or len(cluster_ofs) != len(ys):
-        raise ValueError(f"jd_lora_expand_siblings: {len(shrunk.g)} siblings were shrunk, got {len(ys)} outputs, "
-                         f"{len(Us)} U banks and {len(cluster_ofs)} cluster_of")
-    if shrunk.backend == "torch" or not expand_siblings_fusable(ys, Us):
+    if check:
+        if not shrunk.valid:
+            raise RuntimeError("jd_lora_expand_siblings: a later jd_lora_shrink_siblings on this batch overwrote this g")
+        if len(ys) != len(shrunk.g) or len(Us) != len(ys) or len(cluster_ofs) != len(ys):
+            raise ValueError(f"jd_lora_expand_siblings: {len(shrunk.g)} siblings were shrunk, got {len(ys)} outputs, "
+                             f"{len(Us)} U banks and {len(cluster_ofs)} cluster_of")
+    if shrunk.backend == "torch" or (check and not expand_siblings_fusable(ys, Us)):
         for s, (y, U, cluster_of) in enumerate(zip(ys, Us, cluster_ofs)):
             jd_lora_expand(y, U, cluster_of, shrunk, s, scale=scale)
         return

@@ -81,14 +81,14 @@ class Siblings:
         self.layers = layers
         self.on = True  # off for good once a kept output went untaken
         self._kept: _Kept | None = None  # the current forward's outputs for the siblings yet to run
-        self._fusable: dict[str, tuple[list, bool]] = {}  # group key -> (the banks checked, siblings_fusable)
+        self._plan: tuple[list, list[_Step]] | None = None  # (the members and bank tensors it is for, the steps)
         self._traced: dict[str, tuple] = {}  # under torch.compile: group key -> (x, g, positions, siblings left)
 
     def traced(self, layer, group_key: str, x: Tensor, xin: Tensor, batch: JDBatch) -> tuple[ShrunkSiblings, int] | None:
-        """:meth:`shrunk` under ``torch.compile``, with state that dynamo traces: no weak references, versions or
-        sets. The first sibling called on ``x`` computes every sibling's g (one graph node); the others take it
-        when called on the same ``x`` (the same graph value), and the last one clears it, so nothing outlives the
-        graph. The graph then holds one shrink-and-Sigma node for q, k and v and an expand node per module, instead
+        """``(g of the siblings, layer's index in it)`` under ``torch.compile`` (None: ``layer`` runs alone), with
+        state that dynamo traces: no weak references, versions or sets. The first sibling called on ``x`` computes
+        every sibling's g (one graph node); the others take it when called on the same ``x`` (the same graph value),
+        and the last one clears it, so nothing outlives the graph. The graph then holds one shrink-and-Sigma node for q, k and v and an expand node per module, instead
         of three nodes of three launches each."""
         index = layer._jd_sibling_index
         state = self._traced.get(group_key)
@@ -143,57 +143,71 @@ class Siblings:
     def _run(self, members: list, x: Tensor, batch) -> dict:
         """Every member's output on ``x``: its base layer's, plus its adapters' updates, fused per adapter group
         for the members whose banks allow it, each member's own launches for the rest."""
+        steps = self._steps(members)
         outputs, flat = {}, {}
         for m in members:
-            if m._jd_untied:
-                m._jd_retie()
             out = m.base_layer(x)
             if not out.is_contiguous():
                 out = out.contiguous()
             outputs[m], flat[m] = out, out.view(-1, out.shape[-1])
+        kernel_outputs = all(y.dtype in KERNEL_DTYPES for y in flat.values())  # else each layer's float32 fallback
+        x2 = x.reshape(-1, x.shape[-1])
+        tokens_per_row = math.prod(x.shape[1:-1])
+        for step in steps:
+            prepared = batch.prepared(step.group, tokens_per_row, x.device)
+            if prepared is None:
+                continue
+            if not (step.fused and kernel_outputs):
+                for m, bank in step.entries:
+                    m._jd_group_forward(bank, flat[m], x2, prepared)
+                continue
+            xin = x2 if x2.dtype == step.Vs[0].dtype else x2.to(step.Vs[0].dtype)
+            shrunk = jd_lora_shrink_siblings(xin, step.Vs, step.sigmas, step.cluster_ofs, prepared)
+            jd_lora_expand_siblings([flat[m] for m, _ in step.entries], step.Us, step.cluster_ofs, shrunk, check=False)
+        return outputs
+
+    def _steps(self, members: list) -> list[_Step]:
+        """The members' adapter groups as :class:`_Step` s, made anew only when a bank tensor was replaced (the
+        banks made current first: retied, grown to their group)."""
+        for m in members:
+            if m._jd_untied:
+                m._jd_retie()
+            for bank in m._jd_banks.values():
+                if bank.sigma.shape[0] < bank.group.size:
+                    m._jd_grow(bank, bank.group.size)
+        tensors = [t for m in members for t in (m, *_bank_tensors(m))]
+        if self._plan is not None and _same_banks(tensors, self._plan[0]):
+            return self._plan[1]
         groups: dict[str, list] = {}  # group key -> [(member, bank)], in the siblings' order
         for m in members:
             for key, bank in m._jd_banks.items():
                 groups.setdefault(key, []).append((m, bank))
-        x2 = x.reshape(-1, x.shape[-1])
-        tokens_per_row = math.prod(x.shape[1:-1])
-        for key, entries in groups.items():
-            group = entries[0][1].group
-            prepared = batch.prepared(group, tokens_per_row, x.device)
-            if prepared is None:
-                continue
-            for m, bank in entries:
-                if bank.sigma.shape[0] < group.size:
-                    m._jd_grow(bank, group.size)
-            if not self._fusable_now(key, entries, flat):
-                for m, bank in entries:
-                    m._jd_group_forward(bank, flat[m], x2, prepared)
-                continue
-            bases = [m._jd_bases[group.rank] for m, _ in entries]
-            Vs = [b.V for b in bases]
+        steps = []
+        for entries in groups.values():
+            rank = entries[0][1].group.rank
+            Us = [m._jd_bases[rank].U for m, _ in entries]
+            Vs = [m._jd_bases[rank].V for m, _ in entries]
+            sigmas = [bank.sigma for _, bank in entries]
             cluster_ofs = [bank.cluster_of for _, bank in entries]
-            xin = x2 if x2.dtype == Vs[0].dtype else x2.to(Vs[0].dtype)
-            shrunk = jd_lora_shrink_siblings(xin, Vs, [bank.sigma for _, bank in entries], cluster_ofs, prepared)
-            jd_lora_expand_siblings([flat[m] for m, _ in entries], [b.U for b in bases], cluster_ofs, shrunk)
-        return outputs
+            fused = (len(entries) > 1 and Us[0].dtype in KERNEL_DTYPES and siblings_fusable(Vs, sigmas, cluster_ofs)
+                     and all(U.dtype == Us[0].dtype and U.stride()[1:] == Us[0].stride()[1:] for U in Us))
+            steps.append(_Step(entries[0][1].group, entries, fused, Us, Vs, sigmas, cluster_ofs))
+        self._plan = (tensors, steps)
+        return steps
 
-    def _fusable_now(self, key: str, entries: list, flat: dict) -> bool:
-        """Whether the entries of group ``key`` run fused: two or more, outputs and banks in dtypes the kernels
-        take (else each layer's own float32 fallback), banks that :meth:`_banks_fusable`."""
-        if len(entries) < 2 or any(flat[m].dtype not in KERNEL_DTYPES for m, _ in entries):
-            return False
-        if entries[0][0]._jd_bases[entries[0][1].group.rank].U.dtype not in KERNEL_DTYPES:
-            return False
-        return self._banks_fusable(key, entries)
 
-    def _banks_fusable(self, key: str, entries: list) -> bool:
-        """:func:`~jdlora.kernels.siblings_fusable` of the entries' banks, checked again only when a bank
-        tensor was replaced."""
-        tensors = [t for m, bank in entries for t in (m._jd_bases[bank.group.rank].V, bank.sigma, bank.cluster_of)]
-        known = self._fusable.get(key)
-        if known is None or len(known[0]) != len(tensors) or any(a is not b for a, b in zip(known[0], tensors)):
-            known = self._fusable[key] = (tensors, siblings_fusable(tensors[0::3], tensors[1::3], tensors[2::3]))
-        return known[1]
+@dataclass
+class _Step:
+    """One adapter group of the siblings' forward: one fused shrink, Sigma and expand for ``entries`` (``fused``),
+    or each entry's own launches."""
+
+    group: object  # the AdapterGroup
+    entries: list  # [(member, its bank of the group)]
+    fused: bool
+    Us: list
+    Vs: list
+    sigmas: list
+    cluster_ofs: list
 
 
 def _takes_part(layer) -> bool:
