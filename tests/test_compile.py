@@ -76,10 +76,11 @@ def test_the_kernels_trace_as_one_graph_node_and_match_eager(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_the_siblings_shrink_and_expands_trace_as_graph_nodes_and_match_each_forward(backend):
-    """Under torch.compile, q, k and v's shared shrink is one node returning a fresh g and each expand one node
-    mutating its output: the same numbers as each module's own forward."""
-    from jdlora.kernels import jd_lora_expand, jd_lora_shrink_siblings
+@pytest.mark.parametrize("expands", ["each", "together"])
+def test_the_siblings_shrink_and_expands_trace_as_graph_nodes_and_match_each_forward(backend, expands):
+    """Under torch.compile, q, k and v's shared shrink is one node returning a fresh g, and their expands one node
+    mutating every output (or one node each): the same numbers as each module's own forward."""
+    from jdlora.kernels import jd_lora_expand, jd_lora_expand_siblings, jd_lora_shrink_siblings
 
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 (set by conftest.py)")
@@ -95,7 +96,12 @@ def test_the_siblings_shrink_and_expands_trace_as_graph_nodes_and_match_each_for
     def step(x, row_adapter):
         batch = prepare_batch(row_adapter, tokens_per_row=S)
         shrunk = jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend)
-        return [jd_lora_expand(y0 + 0, U, c, shrunk, s, scale=0.5) for s, (y0, U, c) in enumerate(zip(y0s, Us, cluster_ofs))]
+        if expands == "each":
+            return [jd_lora_expand(y0 + 0, U, c, shrunk, s, scale=0.5)
+                    for s, (y0, U, c) in enumerate(zip(y0s, Us, cluster_ofs))]
+        ys = [y0 + 0 for y0 in y0s]
+        jd_lora_expand_siblings(ys, Us, cluster_ofs, shrunk, scale=0.5)
+        return ys
 
     graphs = Graphs()
     compiled = torch.compile(step, fullgraph=True, backend=graphs.backend)
@@ -105,7 +111,8 @@ def test_the_siblings_shrink_and_expands_trace_as_graph_nodes_and_match_each_for
             expected = jd_lora_forward_reference(y0.clone(), x, U, V, sigma, c, row_adapter.repeat_interleave(S), scale=0.5)
             torch.testing.assert_close(y, expected, rtol=2e-5, atol=2e-5)
     assert len(graphs.graphs) == 1
-    assert graphs.op_calls("jdlora.jd_lora_shrink_siblings") == 1 and graphs.op_calls("jdlora.jd_lora_expand_") == 3
+    assert graphs.op_calls("jdlora.jd_lora_shrink_siblings") == 1
+    assert graphs.op_calls("jdlora.jd_lora_expand_siblings_") == (3 if expands == "each" else 1)
 
 
 @pytest.fixture(scope="module")
@@ -140,10 +147,10 @@ def test_generate_with_a_static_cache_compiles_once_for_every_mix_of_adapters(pe
         for i, name in enumerate(mix):
             assert torch.equal(out[i], generate(model, ids[i:i + 1], [name])[0]), (mix, i)
     assert len(graphs.graphs) == 1, "a new mix of adapters recompiled the decode step"
-    # q, k and v of each layer: one shrink-and-Sigma node for the three, an expand node each (the siblings, traced);
+    # q, k and v of each layer: one shrink-and-Sigma node and one expand node for the three (the siblings, traced);
     # o_proj: its own forward node
     assert graphs.op_calls("jdlora.jd_lora_shrink_siblings") == 2
-    assert graphs.op_calls("jdlora.jd_lora_expand_") == 6
+    assert graphs.op_calls("jdlora.jd_lora_expand_siblings_") == 2
     assert graphs.op_calls() == 2
     # without adapter_names the compiled step is the base model's (another graph, no JD op)
     base_out = generate(model, ids, None, cache_implementation="static", compile_config=config)

@@ -89,7 +89,7 @@ import torch
 from torch import Tensor
 
 from .batch import JDBatch, prepare_batch
-from .ops import jd_lora_expand_op, jd_lora_forward_op, jd_lora_shrink_siblings_op
+from .ops import jd_lora_expand_siblings_op, jd_lora_forward_op, jd_lora_shrink_siblings_op
 from .reference import jd_lora_expand_reference, jd_lora_forward_reference, jd_lora_shrink_reference
 
 __all__ = ["JDBatch", "prepare_batch", "jd_lora_forward", "jd_lora_linear", "jd_lora_forward_reference",
@@ -287,9 +287,7 @@ def jd_lora_expand(y: Tensor, U: Tensor, cluster_of: Tensor, shrunk: ShrunkSibli
     """In place ``y[t] += scale * U[c] g[t]`` with sibling ``sibling``'s ``g`` of ``shrunk``
     (:func:`jd_lora_shrink_siblings`): the expand launch of :func:`jd_lora_forward`. Returns ``y``."""
     if torch.compiler.is_compiling():
-        b = shrunk.batch
-        jd_lora_expand_op(y, U, shrunk.g, sibling, cluster_of, b.row_adapter, b.order, b.sorted_adapter,
-                          b.tokens_per_row, float(scale), shrunk.d_in, shrunk.backend)
+        _op_expand([y], [U], shrunk.g[sibling:sibling + 1], [cluster_of], shrunk, scale)
         return y
     if not shrunk.valid:
         raise RuntimeError("jd_lora_expand: a later jd_lora_shrink_siblings on this batch overwrote this g")
@@ -327,6 +325,13 @@ def jd_lora_expand_siblings(ys: Sequence[Tensor], Us: Sequence[Tensor], cluster_
         shrunk = jd_lora_shrink_siblings(x, (Vq, Vk, Vv), (Sq, Sk, Sv), (cq, ck, cv), batch)
         jd_lora_expand_siblings((yq, yk, yv), (Uq, Uk, Uv), (cq, ck, cv), shrunk)
     """
+    if torch.compiler.is_compiling():  # one graph node mutating every y (one per y if they cannot share a launch)
+        if check and not expand_siblings_fusable(ys, Us):
+            for s, (y, U, cluster_of) in enumerate(zip(ys, Us, cluster_ofs)):
+                jd_lora_expand(y, U, cluster_of, shrunk, s, scale=scale)
+        else:
+            _op_expand(list(ys), list(Us), shrunk.g, list(cluster_ofs), shrunk, scale)
+        return
     if check:
         if not shrunk.valid:
             raise RuntimeError("jd_lora_expand_siblings: a later jd_lora_shrink_siblings on this batch overwrote this g")
@@ -339,6 +344,12 @@ def jd_lora_expand_siblings(ys: Sequence[Tensor], Us: Sequence[Tensor], cluster_
         return
     _triton().jd_lora_expand_siblings_triton(ys, Us, shrunk.g, cluster_ofs, shrunk.batch, scale=scale,
                                              d_in=shrunk.d_in)
+
+
+def _op_expand(ys: list, Us: list, g: Tensor, cluster_ofs: list, shrunk: ShrunkSiblings, scale: float) -> None:
+    b = shrunk.batch
+    jd_lora_expand_siblings_op(ys, Us, g, cluster_ofs, b.row_adapter, b.order, b.sorted_adapter, b.tokens_per_row,
+                               float(scale), shrunk.d_in, shrunk.backend)
 
 
 def _op_forward(y, x, U, V, sigma, cluster_of, batch: JDBatch, scale: float, backend: str) -> None:

@@ -29,7 +29,7 @@ from .batch import JDBatch
 from .reference import _accumulation, jd_lora_expand_reference, jd_lora_forward_reference, jd_lora_shrink_reference
 from .sizes import block_rank
 
-__all__ = ["jd_lora_forward_op", "jd_lora_shrink_siblings_op", "jd_lora_expand_op"]
+__all__ = ["jd_lora_forward_op", "jd_lora_shrink_siblings_op", "jd_lora_expand_siblings_op"]
 
 @torch.library.custom_op("jdlora::jd_lora_forward_", mutates_args=("y",))
 def jd_lora_forward_op(
@@ -92,13 +92,12 @@ def _(x, Vs, sigmas, cluster_ofs, row_adapter, order, sorted_adapter, tokens_per
     return x.new_empty((len(Vs), torch.sym_max(T, 1), block_rank(r)), dtype=torch.float32)
 
 
-@torch.library.custom_op("jdlora::jd_lora_expand_", mutates_args=("y",))
-def jd_lora_expand_op(
-    y: Tensor,
-    U: Tensor,
+@torch.library.custom_op("jdlora::jd_lora_expand_siblings_", mutates_args=("ys",))
+def jd_lora_expand_siblings_op(
+    ys: list[Tensor],
+    Us: list[Tensor],
     g: Tensor,
-    sibling: int,
-    cluster_of: Tensor,
+    cluster_ofs: list[Tensor],
     row_adapter: Tensor,
     order: Tensor,
     sorted_adapter: Tensor,
@@ -107,17 +106,19 @@ def jd_lora_expand_op(
     d_in: int,
     backend: str,
 ) -> None:
-    """``y += scale * U[c] g[sibling]`` with ``g`` from :func:`jd_lora_shrink_siblings_op`
-    (:func:`jdlora.kernels.jd_lora_expand`)."""
+    """``ys[s] += scale * U_s[c_s] g[s]`` for each sibling s, with ``g`` from :func:`jd_lora_shrink_siblings_op`
+    (:func:`jdlora.kernels.jd_lora_expand_siblings`; one sibling: :func:`jdlora.kernels.jd_lora_expand`), in one
+    launch: the siblings must fit it (:func:`jdlora.kernels.expand_siblings_fusable`, checked by the caller)."""
     batch = JDBatch(row_adapter, order, sorted_adapter, tokens_per_row)
     if backend == "torch":
-        jd_lora_expand_reference(y, U, g[sibling], cluster_of, batch.token_adapter, scale=scale)
+        for y, U, g_s, cluster_of in zip(ys, Us, g, cluster_ofs):
+            jd_lora_expand_reference(y, U, g_s, cluster_of, batch.token_adapter, scale=scale)
         return
-    from .launch import jd_lora_expand_triton  # imports triton
+    from .launch import jd_lora_expand_siblings_triton  # imports triton
 
-    jd_lora_expand_triton(y, U, g[sibling], cluster_of, batch, scale=scale, d_in=d_in)
+    jd_lora_expand_siblings_triton(ys, Us, g, cluster_ofs, batch, scale=scale, d_in=d_in)
 
 
-@jd_lora_expand_op.register_fake
-def _(y, U, g, sibling, cluster_of, row_adapter, order, sorted_adapter, tokens_per_row, scale, d_in, backend) -> None:
+@jd_lora_expand_siblings_op.register_fake
+def _(ys, Us, g, cluster_ofs, row_adapter, order, sorted_adapter, tokens_per_row, scale, d_in, backend) -> None:
     return None

@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils.other import transpose
 from torch import Tensor, nn
 
-from ..kernels import KERNEL_DTYPES, jd_lora_expand
+from ..kernels import KERNEL_DTYPES
 from . import siblings as _siblings
 from .mixed import MixedBatch, jd_lora_forward, mark_static
 
@@ -123,8 +123,8 @@ class JDLoraLayer(BaseTunerLayer):
     # The model's MixedBatch (JDLoraModel sets it once and activates it per call): a layer reads the
     # batch from here rather than from a per-call forward hook, so compiled graphs see one object.
     _jd_mixed: Optional[MixedBatch] = None
-    # Layers of the same parent that read the same input (q, k, v), set by siblings.link_siblings: in eager
-    # mixed-batch forwards the first one called runs them all, three launches in all.
+    # Layers of the same parent that read the same input (q, k, v), set by siblings.link_siblings: in mixed-batch
+    # forwards the first one called runs them all, three launches in all.
     _jd_siblings: Optional[_siblings.Siblings] = None
     _jd_sibling_index: int = 0  # its place among its siblings (set with _jd_siblings)
     other_param_names = ("jd_U", "jd_V", "jd_basis", "r", "jd_dropout")
@@ -427,15 +427,17 @@ class JDLoraLayer(BaseTunerLayer):
 
         No loop over adapters: per group (rank and Sigma kind; usually one), the rows' adapters are
         turned into Sigma-bank rows once per forward (:class:`MixedBatch`) and the kernel applies
-        ``U_c Sigma_a V_c^T`` to every token. In eager mode, sibling layers that read the same ``x`` (q, k,
-        v) run as one: the first called computes every sibling's output, three launches for all
-        (:mod:`~jdlora.tuner.siblings`), and the others return theirs.
+        ``U_c Sigma_a V_c^T`` to every token. Sibling layers that read the same ``x`` (q, k, v) run as one: the
+        first called computes every sibling's output, three launches for all (one shrink-and-Sigma node and one
+        expand node under ``torch.compile``; :mod:`~jdlora.tuner.siblings`), and the others return theirs.
         """
         batch = adapter_names if isinstance(adapter_names, MixedBatch) else MixedBatch(adapter_names)
-        compiling = torch.compiler.is_compiling()
         siblings = self._jd_siblings if _siblings.ENABLED else None
-        if siblings is not None and not compiling and siblings.on and not args and not kwargs:
-            result = siblings.forward(self, x, batch)
+        if siblings is not None and not args and not kwargs:
+            if torch.compiler.is_compiling():
+                result = siblings.traced(self, x, batch)
+            else:
+                result = siblings.forward(self, x, batch) if siblings.on else None
             if result is not None:
                 return result
         result = self.base_layer(x, *args, **kwargs)
@@ -448,18 +450,15 @@ class JDLoraLayer(BaseTunerLayer):
         y2 = result.view(-1, result.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         tokens_per_row = math.prod(x.shape[1:-1])  # [B, S, d]: S; [B, d]: 1 (static shapes: no recompile per mix)
-        traced = siblings if compiling else None  # compiled: siblings share one shrink-and-Sigma node
         for bank in self._jd_banks.values():
             prepared = batch.prepared(bank.group, tokens_per_row, x.device)
             if prepared is not None:
-                self._jd_group_forward(bank, y2, x2, prepared, x, traced)
+                self._jd_group_forward(bank, y2, x2, prepared)
         return result
 
-    def _jd_group_forward(self, bank: _SigmaBank, y2: Tensor, x2: Tensor, prepared, x: Optional[Tensor] = None,
-                          traced: Optional[_siblings.Siblings] = None) -> None:
+    def _jd_group_forward(self, bank: _SigmaBank, y2: Tensor, x2: Tensor, prepared) -> None:
         """``y2 += U_c Sigma_a V_c^T x2`` in place for the rows of ``prepared`` (the kernel batch of ``bank``'s
-        adapter group): this layer's own three launches, or under ``torch.compile`` with ``traced`` (its siblings)
-        the expand of a shrink and Sigma shared with them (``x``: the input they share)."""
+        adapter group): this layer's own three launches."""
         group = bank.group
         if bank.sigma.shape[0] < group.size:  # _jd_grow's own test, first: no call per layer on the hot path
             self._jd_grow(bank, group.size)
@@ -473,11 +472,7 @@ class JDLoraLayer(BaseTunerLayer):
         # no autocast guard needed: the kernels and the torch reference fix their own precision.
         # No per-call checks: the banks are this layer's own (shapes fixed when adapters are added),
         # x fits them (the base layer would have refused it), the batch is the model's.
-        shared = traced.traced(self, group.key, x, xin, prepared) if traced is not None and U is bases.U else None
-        if shared is not None:
-            jd_lora_expand(y, U, cluster_of, *shared)
-        else:
-            jd_lora_forward(y, xin, U, V, sigma, cluster_of, prepared, check=False)
+        jd_lora_forward(y, xin, U, V, sigma, cluster_of, prepared, check=False)
         if y is not y2:
             y2 += y.to(y2.dtype)
 

@@ -1,14 +1,15 @@
 """Sibling layers that read the same input (q, k, v; gate, up): their JD-LoRA in three launches for all.
 
 Why: in an eager mixed-batch forward every adapted layer costs three Triton launches, and each launch costs
-tens of microseconds of host time (``benchmarks/RESULTS.md``). q, k and v of an attention block read the
+tens of microseconds of host time (``benchmarks/RESULTS.md``); in a CUDA graph each is a few microseconds of
+latency, one kernel waiting for the last. q, k and v of an attention block read the
 same hidden states, so their shrinks ``V_s[c_s]^T x`` and Sigmas can run as one launch each
 (:func:`jdlora.kernels.jd_lora_shrink_siblings`), and once every sibling's base output exists, their expands
 too (:func:`jdlora.kernels.jd_lora_expand_siblings`): 3 launches for q, k and v instead of 9, 3 instead of 6
 for gate and up.
 
-How, in eager mode (under ``torch.compile``, :meth:`Siblings.traced` shares the shrink and Sigma with state dynamo
-can trace: one custom-op node for the siblings' shrink and Sigma, then each layer its own base output and expand node):
+How (in eager mode; under ``torch.compile`` :meth:`Siblings.traced` does the same with state dynamo can trace, so
+that the graph holds one shrink-and-Sigma node and one expand node for the siblings):
 
 - :func:`link_siblings` (run by :class:`~jdlora.tuner.model.JDLoraModel` after each injection) gives the
   JD-LoRA children of one parent whose names form a group of :data:`SIBLING_GROUPS` one shared
@@ -35,9 +36,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..kernels import (
-    KERNEL_DTYPES, MAX_SIBLINGS, JDBatch, ShrunkSiblings, jd_lora_expand_siblings, jd_lora_shrink_siblings, siblings_fusable,
-)
+from ..kernels import KERNEL_DTYPES, MAX_SIBLINGS, jd_lora_expand_siblings, jd_lora_shrink_siblings, siblings_fusable
 
 __all__ = ["SIBLING_GROUPS", "ENABLED", "Siblings", "link_siblings"]
 
@@ -82,40 +81,7 @@ class Siblings:
         self.on = True  # off for good once a kept output went untaken
         self._kept: _Kept | None = None  # the current forward's outputs for the siblings yet to run
         self._plan: tuple[list, list[_Step]] | None = None  # (the members and bank tensors it is for, the steps)
-        self._traced: dict[str, tuple] = {}  # under torch.compile: group key -> (x, g, positions, siblings left)
-
-    def traced(self, layer, group_key: str, x: Tensor, xin: Tensor, batch: JDBatch) -> tuple[ShrunkSiblings, int] | None:
-        """``(g of the siblings, layer's index in it)`` under ``torch.compile`` (None: ``layer`` runs alone), with
-        state that dynamo traces: no weak references, versions or sets. The first sibling called on ``x`` computes
-        every sibling's g (one graph node); the others take it when called on the same ``x`` (the same graph value),
-        and the last one clears it, so nothing outlives the graph. The graph then holds one shrink-and-Sigma node for q, k and v and an expand node per module, instead
-        of three nodes of three launches each."""
-        index = layer._jd_sibling_index
-        state = self._traced.get(group_key)
-        if state is not None:
-            kept_x, shrunk, positions, left = state
-            if kept_x is x and index in positions:
-                if left > 1:
-                    self._traced[group_key] = (kept_x, shrunk, positions, left - 1)
-                else:
-                    del self._traced[group_key]
-                return shrunk, positions[index]
-            del self._traced[group_key]
-        members, tensors = [], []
-        for m in self.layers:
-            banks = _banks(m, group_key)
-            if banks is not None:
-                members.append(m._jd_sibling_index)
-                tensors.append(banks)
-        if len(members) < 2 or index not in members:
-            return None
-        Vs, sigmas, cluster_ofs = zip(*tensors)
-        if not siblings_fusable(Vs, sigmas, cluster_ofs) or Vs[0].dtype != xin.dtype:
-            return None
-        shrunk = jd_lora_shrink_siblings(xin, Vs, sigmas, cluster_ofs, batch)
-        positions = {m: p for p, m in enumerate(members)}
-        self._traced[group_key] = (x, shrunk, positions, len(members) - 1)
-        return shrunk, positions[index]
+        self._traced: tuple | None = None  # under torch.compile: (x, {sibling index: output yet to be taken})
 
     def forward(self, layer, x: Tensor, batch) -> Tensor | None:
         """``layer``'s mixed-batch output for input ``x`` and the :class:`MixedBatch` ``batch``: kept from the
@@ -134,23 +100,46 @@ class Siblings:
         members = [m for m in self.layers if _takes_part(m)]
         if len(members) < 2 or layer not in members:
             return None
-        outputs = self._run(members, x, batch)
+        outputs = dict(zip(members, self._run(members, x, batch, self._steps(members))))
         own = outputs.pop(layer)
         self._kept = _Kept(weakref.ref(x), _version(x), batch, batch.mixes, outputs,
                            {m: _bank_tensors(m) for m in outputs})
         return own
 
-    def _run(self, members: list, x: Tensor, batch) -> dict:
-        """Every member's output on ``x``: its base layer's, plus its adapters' updates, fused per adapter group
-        for the members whose banks allow it, each member's own launches for the rest."""
-        steps = self._steps(members)
-        outputs, flat = {}, {}
+    def traced(self, layer, x: Tensor, batch) -> Tensor | None:
+        """:meth:`forward` under ``torch.compile``, with state that dynamo traces: no weak references, versions,
+        sets or cached plans. The first sibling called on ``x`` computes every output (one shrink-and-Sigma node
+        and one expand node for all); the others take theirs when called on the same ``x`` (the same graph value),
+        and the last one clears the state, so nothing outlives the graph."""
+        index = layer._jd_sibling_index
+        if self._traced is not None:
+            kept_x, outputs = self._traced
+            if kept_x is x and index in outputs:
+                out = outputs.pop(index)
+                if not outputs:
+                    self._traced = None
+                return out
+            self._traced = None
+        members = [m for m in self.layers if _takes_part(m)]
+        indices = [m._jd_sibling_index for m in members]
+        if len(members) < 2 or index not in indices:
+            return None
+        outputs = dict(zip(indices, self._run(members, x, batch, _make_steps(members))))
+        own = outputs.pop(index)
+        self._traced = (x, outputs)
+        return own
+
+    def _run(self, members: list, x: Tensor, batch, steps: list[_Step]) -> list[Tensor]:
+        """Every member's output on ``x``, in ``members``' order: its base layer's, plus its adapters' updates,
+        fused per adapter group for the members whose banks allow it, each member's own launches for the rest."""
+        outputs, flat = [], []
         for m in members:
             out = m.base_layer(x)
             if not out.is_contiguous():
                 out = out.contiguous()
-            outputs[m], flat[m] = out, out.view(-1, out.shape[-1])
-        kernel_outputs = all(y.dtype in KERNEL_DTYPES for y in flat.values())  # else each layer's float32 fallback
+            outputs.append(out)
+            flat.append(out.view(-1, out.shape[-1]))
+        kernel_outputs = all(y.dtype in KERNEL_DTYPES for y in flat)  # else each layer's float32 fallback
         x2 = x.reshape(-1, x.shape[-1])
         tokens_per_row = math.prod(x.shape[1:-1])
         for step in steps:
@@ -158,42 +147,21 @@ class Siblings:
             if prepared is None:
                 continue
             if not (step.fused and kernel_outputs):
-                for m, bank in step.entries:
-                    m._jd_group_forward(bank, flat[m], x2, prepared)
+                for i, m, bank in step.entries:
+                    m._jd_group_forward(bank, flat[i], x2, prepared)
                 continue
             xin = x2 if x2.dtype == step.Vs[0].dtype else x2.to(step.Vs[0].dtype)
             shrunk = jd_lora_shrink_siblings(xin, step.Vs, step.sigmas, step.cluster_ofs, prepared)
-            jd_lora_expand_siblings([flat[m] for m, _ in step.entries], step.Us, step.cluster_ofs, shrunk, check=False)
+            jd_lora_expand_siblings([flat[i] for i, _, _ in step.entries], step.Us, step.cluster_ofs, shrunk, check=False)
         return outputs
 
     def _steps(self, members: list) -> list[_Step]:
-        """The members' adapter groups as :class:`_Step` s, made anew only when a bank tensor was replaced (the
-        banks made current first: retied, grown to their group)."""
-        for m in members:
-            if m._jd_untied:
-                m._jd_retie()
-            for bank in m._jd_banks.values():
-                if bank.sigma.shape[0] < bank.group.size:
-                    m._jd_grow(bank, bank.group.size)
+        """:func:`_make_steps`, made anew only when a member or bank tensor changed."""
         tensors = [t for m in members for t in (m, *_bank_tensors(m))]
-        if self._plan is not None and _same_banks(tensors, self._plan[0]):
-            return self._plan[1]
-        groups: dict[str, list] = {}  # group key -> [(member, bank)], in the siblings' order
-        for m in members:
-            for key, bank in m._jd_banks.items():
-                groups.setdefault(key, []).append((m, bank))
-        steps = []
-        for entries in groups.values():
-            rank = entries[0][1].group.rank
-            Us = [m._jd_bases[rank].U for m, _ in entries]
-            Vs = [m._jd_bases[rank].V for m, _ in entries]
-            sigmas = [bank.sigma for _, bank in entries]
-            cluster_ofs = [bank.cluster_of for _, bank in entries]
-            fused = (len(entries) > 1 and Us[0].dtype in KERNEL_DTYPES and siblings_fusable(Vs, sigmas, cluster_ofs)
-                     and all(U.dtype == Us[0].dtype and U.stride()[1:] == Us[0].stride()[1:] for U in Us))
-            steps.append(_Step(entries[0][1].group, entries, fused, Us, Vs, sigmas, cluster_ofs))
-        self._plan = (tensors, steps)
-        return steps
+        if self._plan is None or not _same_banks(tensors, self._plan[0]):
+            steps = _make_steps(members)  # may retie or grow banks: the tensors as they are after it
+            self._plan = ([t for m in members for t in (m, *_bank_tensors(m))], steps)
+        return self._plan[1]
 
 
 @dataclass
@@ -202,7 +170,7 @@ class _Step:
     or each entry's own launches."""
 
     group: object  # the AdapterGroup
-    entries: list  # [(member, its bank of the group)]
+    entries: list  # [(position among the members, member, its bank of the group)]
     fused: bool
     Us: list
     Vs: list
@@ -210,22 +178,35 @@ class _Step:
     cluster_ofs: list
 
 
+def _make_steps(members: list) -> list[_Step]:
+    """The members' adapter groups as :class:`_Step` s (their banks made current first: retied, grown to their
+    group)."""
+    for m in members:
+        if m._jd_untied:
+            m._jd_retie()
+        for bank in m._jd_banks.values():
+            if bank.sigma.shape[0] < bank.group.size:
+                m._jd_grow(bank, bank.group.size)
+    groups: dict[str, list] = {}  # group key -> [(position, member, bank)], in the siblings' order
+    for i, m in enumerate(members):
+        for key, bank in m._jd_banks.items():
+            groups.setdefault(key, []).append((i, m, bank))
+    steps = []
+    for entries in groups.values():
+        rank = entries[0][2].group.rank
+        Us = [m._jd_bases[rank].U for _, m, _ in entries]
+        Vs = [m._jd_bases[rank].V for _, m, _ in entries]
+        sigmas = [bank.sigma for _, _, bank in entries]
+        cluster_ofs = [bank.cluster_of for _, _, bank in entries]
+        fused = (len(entries) > 1 and Us[0].dtype in KERNEL_DTYPES and siblings_fusable(Vs, sigmas, cluster_ofs)
+                 and all(U.dtype == Us[0].dtype and U.stride()[1:] == Us[0].stride()[1:] for U in Us))
+        steps.append(_Step(entries[0][2].group, entries, fused, Us, Vs, sigmas, cluster_ofs))
+    return steps
+
+
 def _takes_part(layer) -> bool:
     """Whether ``layer``'s mixed-batch forward applies its banks (it has some, adapters enabled, none merged)."""
     return bool(layer._jd_banks) and not layer.disable_adapters and not layer.merged
-
-
-def _banks(layer, group_key: str) -> tuple | None:
-    """``(V, sigma, cluster_of)`` of ``layer``'s banks for ``group_key`` (made current) if its mixed-batch
-    forward uses them, else None."""
-    bank = layer._jd_banks.get(group_key)
-    if bank is None or not _takes_part(layer):
-        return None
-    if layer._jd_untied:
-        layer._jd_retie()  # rebuilds the banks
-        bank = layer._jd_banks[group_key]
-    layer._jd_grow(bank, bank.group.size)
-    return layer._jd_bases[bank.group.rank].V, bank.sigma, bank.cluster_of
 
 
 def _bank_tensors(layer) -> tuple:
