@@ -40,7 +40,8 @@ of rows of S tokens each (a ``[B, S, d]`` input flattened) is ``prepare_batch(ro
 torch.compile: under ``torch.compile`` both functions put one custom-op node in the graph
 (``torch.ops.jdlora.jd_lora_forward_``, :mod:`~jdlora.kernels.ops`, mutating ``y``), so dynamo never traces
 into Triton's launcher; ``fullgraph=True`` works and CUDA graphs (``mode="reduce-overhead"``) replay the
-kernels. In eager mode they call the launcher directly (no custom-op dispatch per call).
+kernels; the siblings' functions likewise (one shrink-and-Sigma node, one expand node). In eager mode they call
+the launcher directly (no custom-op dispatch per call).
 Numbers: float32 accumulation throughout; :mod:`jdlora.kernels.reference` defines them.
 
 Dispatch: ``backend="auto"`` runs the Triton kernels on CUDA tensors and the torch reference

@@ -12,6 +12,10 @@ pattern vLLM uses for its LoRA kernels (``direct_register_custom_op`` with ``mut
 (``torch.compiler.is_compiling()``) and calls the launcher directly in eager mode (a custom op's
 dispatch costs host time that eager callers would pay per layer).
 
+The siblings' halves are two more ops: ``torch.ops.jdlora.jd_lora_shrink_siblings`` returns a fresh ``g`` (a graph
+value, so no state outlives the graph) and ``torch.ops.jdlora.jd_lora_expand_siblings_`` mutates the list of
+outputs (:func:`jdlora.kernels.jd_lora_shrink_siblings`, :func:`jdlora.kernels.jd_lora_expand_siblings`).
+
 Scratch: the kernels need a zeroed float32 ``[T, r]`` buffer. A batch built outside the op keeps one
 for all layers (:class:`~jdlora.kernels.JDBatch`, kept zeroed by the kernels); here each call takes a
 fresh one (one small memset per layer). Keeping one for the process would be cheaper, but inside
