@@ -11,8 +11,9 @@
 #   bash benchmarks/serving/device.sh prefill    # the kernel tests (each file under a timeout), then one study prefill per
 #                                                # path, profiled by kernel (benchmarks/serving/prefill.py): after a kernel change
 #   MAIN_SRC=gpu_assets/main/src bash benchmarks/serving/device.sh ab   # a branch against main (its src from
-#                                                # `git archive main src`, carried): the GPU tests of the branch, then the
-#                                                # eager q/k/v host cost and generate at 64 adapters, main's code and this tree's
+#                                                # `git archive main src`, carried): the GPU tests of the branch, q/k/v's JD
+#                                                # in a CUDA graph (9, 5 or 3 launches), then the eager q/k/v host cost and
+#                                                # generate at 64 adapters, main's code and this tree's
 # Results and logs go to $OUT (the device tool's output folder) or ./device-out.
 set -euo pipefail
 OUT=${OUT:-device-out}
@@ -63,6 +64,7 @@ case "$1" in
     timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_siblings.py tests/test_fast_launch.py \
       tests/test_tuner_gpu.py tests/test_compile.py 2>&1 | tail -4 | tee -a "$OUT/tests.log" \
       || { echo "TUNER TESTS FAILED OR TIMED OUT" | tee -a "$OUT/tests.log"; exit 1; }
+    timeout 150 python -m benchmarks.kernels --siblings --json "$OUT/siblings.json" 2>&1 | tee "$OUT/siblings.log"
     for side in main branch; do
       src=src; [ "$side" = main ] && src=$MAIN_SRC
       PYTHONPATH=$src:. timeout 120 python -m benchmarks.kernels --qkv --json "$OUT/qkv-$side.json" 2>&1 \

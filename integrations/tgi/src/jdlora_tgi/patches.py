@@ -14,6 +14,8 @@ adapters.weights.LayerAdapterWeights      ``get_data`` keeps every adapter type'
                                           keeps the last one); ``add/remove_adapter`` version the bucketing
 adapters.weights.AdapterBatchData.ranks   LoRA ranks only (JD data has none)
 layers.lora.LoraLinear.forward_layer_type LoRA part through TGI's code, JD part through jdlora.kernels
+layers.lora.TensorParallelMultiAdapter   ``Linear.forward``: the JD parts of a fused projection's layer types
+                                          (q/k/v, gate/up) in three launches for all
 models.get_model_with_lora_adapters       expand collection entries to one adapter each, check ids, finalize
                                           (stack bases once per (layer, cluster), log GPU memory)
 models.flash_causal_lm.FlashCausalLM      CUDA graphs: see :mod:`jdlora_tgi.cuda_graphs`
@@ -256,6 +258,10 @@ def patch_layers_lora(module) -> None:
                                                prefill=adapter_data.prefill)
                 result = original(self, result, input, only_lora, layer_type, start_idx, end_idx)
             if jd is not None:
+                deferred = self.__dict__.get("_jdlora_deferred")
+                if deferred is not None and layer_type in deferred:  # run with its siblings' (see below)
+                    deferred[layer_type] = (result, input, start_idx, end_idx)
+                    return result
                 from .forward import apply_jd
 
                 apply_jd(jd.table, self.layer_id, result, input, jd.step, start_idx, end_idx, self.process_group)
@@ -263,7 +269,56 @@ def patch_layers_lora(module) -> None:
 
         return forward_layer_type
 
+    def make_multi(original):
+        @functools.wraps(original)
+        def forward(self, input, adapter_data):
+            sets = _jd_sibling_sets(self, adapter_data, input.dtype)
+            if not sets:
+                return original(self, input, adapter_data)
+            # TGI runs each layer type's part; the JD parts of a set only record their slice, then run together
+            self._jdlora_deferred = deferred = {t: None for parts in sets for t in parts}
+            try:
+                out = original(self, input, adapter_data)
+            finally:
+                self._jdlora_deferred = None
+            from .forward import apply_jd, apply_jd_siblings
+
+            for parts in sets:
+                got = [(jd, *deferred[t]) for t, jd in parts.items() if deferred[t] is not None]  # (jd, y, x, a, b)
+                if len(got) == len(parts) and len({id(g[1]) for g in got}) == len({id(g[2]) for g in got}) == 1:
+                    jd, result, x = got[0][:3]
+                    apply_jd_siblings([g[0].table for g in got], self.layer_id, result, x, jd.step,
+                                      [(g[3], g[4]) for g in got])
+                else:  # TGI called its layer types some other way: each its own
+                    for jd, result, x, start_idx, end_idx in got:
+                        apply_jd(jd.table, self.layer_id, result, x, jd.step, start_idx, end_idx, self.process_group)
+            return out
+
+        return forward
+
     _wrap(module.LoraLinear, "forward_layer_type", make)
+    _wrap(module.TensorParallelMultiAdapterLinear, "forward", make_multi)
+
+
+def _jd_sibling_sets(layer, adapter_data, dtype) -> list[dict]:
+    """The layer types of a fused projection (q/k/v, gate/up) whose JD parts run as one, as ``{layer type: its JD
+    batch data}`` sets of 2 or more (one per rank and Sigma kind: :func:`~jdlora_tgi.forward.jd_siblings_fusable`);
+    empty if none can."""
+    if adapter_data is None or not layer.layer_names or len(layer.layer_names) < 2:
+        return []
+    from .adapter import BatchJDLoraWeights, MixedBatchWeights
+    from .forward import jd_siblings_fusable
+
+    by_shape: dict = defaultdict(dict)  # (rank, Sigma kind) -> {layer type: JD data}
+    for layer_type in layer.layer_names:
+        data = adapter_data.data.get(layer_type)
+        jd = data.jd if isinstance(data, MixedBatchWeights) else data if isinstance(data, BatchJDLoraWeights) else None
+        if jd is not None and jd.table.U[layer.layer_id] is not None:
+            sigma = jd.table.sigma[layer.layer_id]
+            by_shape[(sigma.shape[1], sigma.dim())][layer_type] = jd
+    return [parts for parts in by_shape.values()
+            if jd_siblings_fusable([jd.table for jd in parts.values()], layer.layer_id,
+                                   [jd.step for jd in parts.values()], dtype)]
 
 
 # ----- models.get_model_with_lora_adapters: expand collections, finalize, log -----------------------
