@@ -601,6 +601,32 @@ def test_two_siblings_expanded_together_and_outputs_of_other_strides_each_alone(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_siblings_shares_launches_among_siblings_of_one_rank_and_equals_each_forward(backend, monkeypatch):
+    """Slices of one fused output (q, k, v, ...): siblings of one rank, dtype and layout share their launches (at
+    most three at a time), any other runs its own; every slice the numbers of its own jd_lora_forward."""
+    import jdlora.kernels as K
+
+    _backend(backend)
+    x, ta, mods = _siblings(9, 32, 16, 5, (2, 1, 1, 3, 1), diag=False, dtype=torch.float32)
+    _, _, other = _siblings(9, 32, 8, 5, (2,), diag=False, dtype=torch.float32)  # rank 8: alone
+    mods = mods[:2] + other + mods[2:]
+    batch = prepare_batch(ta)
+    widths = [U.shape[1] for U, _, _, _ in mods]
+    out = torch.zeros(9, sum(widths), device=DEVICE)
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    ys = [out[:, a:a + w] for a, w in zip(starts, widths)]  # column slices of one output, as TGI and vLLM have
+    calls = []
+    shrink = K.jd_lora_shrink_siblings
+    monkeypatch.setattr(K, "jd_lora_shrink_siblings", lambda *a, **k: calls.append(len(a[1])) or shrink(*a, **k))
+    Us, Vs, sigmas, cluster_ofs = zip(*mods)
+    K.jd_lora_forward_siblings(ys, x, Us, Vs, sigmas, cluster_ofs, batch, scale=0.5, backend=backend)
+    assert calls == [3, 2]  # five rank-16 siblings: three, then two; the rank-8 one alone
+    for y, (U, V, sigma, c) in zip(ys, mods):
+        alone = jd_lora_forward(torch.zeros_like(y), x, U, V, sigma, c, batch, scale=0.5, backend=backend)
+        torch.testing.assert_close(y, alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_later_sibling_shrink_invalidates_the_earlier_g(backend):
     from jdlora.kernels import jd_lora_expand, jd_lora_shrink_siblings
 

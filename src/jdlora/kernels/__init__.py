@@ -95,7 +95,7 @@ from .reference import jd_lora_expand_reference, jd_lora_forward_reference, jd_l
 
 __all__ = ["JDBatch", "prepare_batch", "jd_lora_forward", "jd_lora_linear", "jd_lora_forward_reference",
            "ShrunkSiblings", "siblings_fusable", "jd_lora_shrink_siblings", "jd_lora_expand", "jd_lora_expand_siblings",
-           "expand_siblings_fusable", "MAX_SIBLINGS", "KERNEL_DTYPES"]
+           "jd_lora_forward_siblings", "expand_siblings_fusable", "MAX_SIBLINGS", "KERNEL_DTYPES"]
 
 Backend = Literal["auto", "triton", "torch"]
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton kernels take
@@ -345,6 +345,47 @@ def jd_lora_expand_siblings(ys: Sequence[Tensor], Us: Sequence[Tensor], cluster_
         return
     _triton().jd_lora_expand_siblings_triton(ys, Us, shrunk.g, cluster_ofs, shrunk.batch, scale=scale,
                                              d_in=shrunk.d_in)
+
+
+def jd_lora_forward_siblings(
+    ys: Sequence[Tensor],
+    x: Tensor,
+    Us: Sequence[Tensor],
+    Vs: Sequence[Tensor],
+    sigmas: Sequence[Tensor],
+    cluster_ofs: Sequence[Tensor],
+    batch: JDBatch | Tensor,
+    *,
+    scale: float = 1.0,
+    backend: Backend = "auto",
+    check: bool = True,
+) -> None:
+    """:func:`jd_lora_forward` of sibling modules that read the same ``x``, each into its own ``ys[s]`` (e.g. the
+    q, k and v slices of a fused projection's output): three launches for each set of up to :data:`MAX_SIBLINGS`
+    siblings whose banks share rank, dtype and layout (:func:`jd_lora_shrink_siblings`,
+    :func:`jd_lora_expand_siblings`), its own three for any other. Each ``ys[s]`` gets the numbers of its own
+    :func:`jd_lora_forward`; the arguments are those of :func:`jd_lora_forward`, one per sibling, and ``check``
+    checks each sibling's as it does."""
+    batch, backend = _prepare(None, x, Us[0], Vs[0], sigmas[0], cluster_ofs[0], batch, backend, check=False)
+    if check:
+        for y, U, V, sigma, cluster_of in zip(ys, Us, Vs, sigmas, cluster_ofs):
+            _check_inputs(y, x, U, V, sigma, cluster_of, batch, allow_float64=backend == "torch")
+    sets: dict[tuple, list[int]] = {}  # siblings that may share launches: same shapes but d_out, dtypes, strides
+    for s, (y, U, V, sigma, cluster_of) in enumerate(zip(ys, Us, Vs, sigmas, cluster_ofs)):
+        key = (V.shape[1:], V.stride(), V.dtype, U.stride()[1:], sigma.shape[1:], sigma.stride(), sigma.dtype,
+               cluster_of.dtype, y.stride(1))
+        sets.setdefault(key, []).append(s)
+    for members in sets.values():
+        for i in range(0, len(members), MAX_SIBLINGS):
+            part = members[i:i + MAX_SIBLINGS]
+            ys_, Us_, Vs_, sigmas_, cs_ = ([seq[s] for s in part] for seq in (ys, Us, Vs, sigmas, cluster_ofs))
+            if (len(part) > 1 and Vs_[0].dtype == x.dtype and siblings_fusable(Vs_, sigmas_, cs_)
+                    and expand_siblings_fusable(ys_, Us_)):
+                shrunk = jd_lora_shrink_siblings(x, Vs_, sigmas_, cs_, batch, backend=backend)
+                jd_lora_expand_siblings(ys_, Us_, cs_, shrunk, scale=scale, check=False)
+                continue
+            for y, U, V, sigma, cluster_of in zip(ys_, Us_, Vs_, sigmas_, cs_):
+                jd_lora_forward(y, x, U, V, sigma, cluster_of, batch, scale=scale, backend=backend, check=False)
 
 
 def _op_expand(ys: list, Us: list, g: Tensor, cluster_ofs: list, shrunk: ShrunkSiblings, scale: float) -> None:

@@ -3,7 +3,7 @@
 All math is :func:`jdlora.kernels.jd_lora_forward` (Triton kernels on CUDA, the torch reference elsewhere).
 Column-parallel layers (and every layer on one rank) make one call into the rank's output slice; the layer
 types of one of TGI's fused projections (q/k/v, gate/up), which read the same input, make one shrink, one Sigma
-and one expand launch for all (:func:`apply_jd_siblings`, :func:`siblings_fusable`).
+and one expand launch for all (:func:`apply_jd_siblings`).
 Row-parallel layers on several ranks split it around the collective (see :mod:`jdlora_tgi.sharding`)::
 
     h  = V_c[shard]^T x[shard]     row_partial: jd_lora_forward with U = I, Sigma = I   (float32 [T, r])
@@ -16,14 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jdlora.kernels import (
-    MAX_SIBLINGS, JDBatch, jd_lora_expand_siblings, jd_lora_forward, jd_lora_shrink_siblings, siblings_fusable,
-)
+from jdlora.kernels import JDBatch, jd_lora_forward, jd_lora_forward_siblings
 
 from .registry import StepRows
 from .tables import JDLayerTable
 
-__all__ = ["apply_jd", "apply_jd_siblings", "jd_siblings_fusable", "row_partial", "row_finish"]
+__all__ = ["apply_jd", "apply_jd_siblings", "row_partial", "row_finish"]
 
 
 def apply_jd(
@@ -63,32 +61,16 @@ def apply_jd(
     return result
 
 
-def jd_siblings_fusable(tables: list[JDLayerTable], layer_id: int, steps: list[StepRows], dtype: torch.dtype) -> bool:
-    """Whether the JD parts of these layer types (of one fused TGI projection, one input of ``dtype``) can run as
-    :func:`apply_jd_siblings`: 2 to 3 column-parallel ones, every one with weights in this layer, rows of the same
-    forward, banks of one rank, dtype (the input's) and layout."""
-    if not 1 < len(tables) <= MAX_SIBLINGS or any(step is not steps[0] for step in steps):
-        return False
-    if any(t.spec.row_parallel or t.U[layer_id] is None for t in tables):
-        return False
-    Us = [t.U[layer_id] for t in tables]
-    if any(U.dtype != dtype or U.stride()[1:] != Us[0].stride()[1:] for U in Us):
-        return False
-    return siblings_fusable([t.V[layer_id] for t in tables], [t.sigma[layer_id] for t in tables],
-                            [t.cluster_of[layer_id] for t in tables])
-
-
 def apply_jd_siblings(tables: list[JDLayerTable], layer_id: int, result: Tensor, x: Tensor, step: StepRows,
                       columns: list[tuple[int, int]]) -> Tensor:
-    """:func:`apply_jd` of the layer types of one fused projection at once (``columns``: each one's
-    ``(start_idx, end_idx)`` in ``result``), where :func:`jd_siblings_fusable`: three launches for all, each
-    slice the numbers of its own :func:`apply_jd`. Returns ``result``."""
+    """:func:`apply_jd` of column-parallel layer types of one fused projection that read ``x`` (``columns``: each
+    one's ``(start_idx, end_idx)`` in ``result``), at once: three launches for all where their weights allow
+    (:func:`jdlora.kernels.jd_lora_forward_siblings`), each slice the numbers of its own :func:`apply_jd`."""
     x2 = x.reshape(-1, x.shape[-1])
     y2 = result.view(-1, result.shape[-1])
     Us, Vs = [t.U[layer_id] for t in tables], [t.V[layer_id] for t in tables]
     sigmas, cluster_ofs = [t.sigma[layer_id] for t in tables], [t.cluster_of[layer_id] for t in tables]
-    shrunk = jd_lora_shrink_siblings(x2, Vs, sigmas, cluster_ofs, step.batch)
-    jd_lora_expand_siblings([y2[:, a:b] for a, b in columns], Us, cluster_ofs, shrunk)
+    jd_lora_forward_siblings([y2[:, a:b] for a, b in columns], x2, Us, Vs, sigmas, cluster_ofs, step.batch)
     return result
 
 

@@ -272,26 +272,24 @@ def patch_layers_lora(module) -> None:
     def make_multi(original):
         @functools.wraps(original)
         def forward(self, input, adapter_data):
-            sets = _jd_sibling_sets(self, adapter_data, input.dtype)
-            if not sets:
+            siblings = _jd_siblings(self, adapter_data)
+            if not siblings:
                 return original(self, input, adapter_data)
-            # TGI runs each layer type's part; the JD parts of a set only record their slice, then run together
-            self._jdlora_deferred = deferred = {t: None for parts in sets for t in parts}
+            # TGI runs each layer type's part; the JD parts only record their slice, then run together
+            self._jdlora_deferred = deferred = dict.fromkeys(siblings)
             try:
                 out = original(self, input, adapter_data)
             finally:
                 self._jdlora_deferred = None
             from .forward import apply_jd, apply_jd_siblings
 
-            for parts in sets:
-                got = [(jd, *deferred[t]) for t, jd in parts.items() if deferred[t] is not None]  # (jd, y, x, a, b)
-                if len(got) == len(parts) and len({id(g[1]) for g in got}) == len({id(g[2]) for g in got}) == 1:
-                    jd, result, x = got[0][:3]
-                    apply_jd_siblings([g[0].table for g in got], self.layer_id, result, x, jd.step,
-                                      [(g[3], g[4]) for g in got])
-                else:  # TGI called its layer types some other way: each its own
-                    for jd, result, x, start_idx, end_idx in got:
-                        apply_jd(jd.table, self.layer_id, result, x, jd.step, start_idx, end_idx, self.process_group)
+            got = [(jd, *deferred[t]) for t, jd in siblings.items() if deferred[t] is not None]  # (jd, y, x, a, b)
+            if len(got) == len(siblings) and len({id(g[1]) for g in got}) == len({id(g[2]) for g in got}) == 1:
+                jd, result, x = got[0][:3]
+                apply_jd_siblings([g[0].table for g in got], self.layer_id, result, x, jd.step, [(g[3], g[4]) for g in got])
+            else:  # TGI called its layer types some other way: each its own
+                for jd, result, x, start_idx, end_idx in got:
+                    apply_jd(jd.table, self.layer_id, result, x, jd.step, start_idx, end_idx, self.process_group)
             return out
 
         return forward
@@ -300,25 +298,21 @@ def patch_layers_lora(module) -> None:
     _wrap(module.TensorParallelMultiAdapterLinear, "forward", make_multi)
 
 
-def _jd_sibling_sets(layer, adapter_data, dtype) -> list[dict]:
-    """The layer types of a fused projection (q/k/v, gate/up) whose JD parts run as one, as ``{layer type: its JD
-    batch data}`` sets of 2 or more (one per rank and Sigma kind: :func:`~jdlora_tgi.forward.jd_siblings_fusable`);
-    empty if none can."""
+def _jd_siblings(layer, adapter_data) -> dict:
+    """``{layer type: its JD batch data}`` of a fused projection's layer types (q/k/v, gate/up) whose JD parts run
+    as one (:func:`~jdlora_tgi.forward.apply_jd_siblings`): the column-parallel ones with weights in this layer and
+    rows of the same forward, if two or more; else empty."""
     if adapter_data is None or not layer.layer_names or len(layer.layer_names) < 2:
-        return []
+        return {}
     from .adapter import BatchJDLoraWeights, MixedBatchWeights
-    from .forward import jd_siblings_fusable
 
-    by_shape: dict = defaultdict(dict)  # (rank, Sigma kind) -> {layer type: JD data}
+    parts = {}
     for layer_type in layer.layer_names:
         data = adapter_data.data.get(layer_type)
         jd = data.jd if isinstance(data, MixedBatchWeights) else data if isinstance(data, BatchJDLoraWeights) else None
-        if jd is not None and jd.table.U[layer.layer_id] is not None:
-            sigma = jd.table.sigma[layer.layer_id]
-            by_shape[(sigma.shape[1], sigma.dim())][layer_type] = jd
-    return [parts for parts in by_shape.values()
-            if jd_siblings_fusable([jd.table for jd in parts.values()], layer.layer_id,
-                                   [jd.step for jd in parts.values()], dtype)]
+        if jd is not None and jd.table.U[layer.layer_id] is not None and not jd.table.spec.row_parallel:
+            parts[layer_type] = jd
+    return parts if len(parts) > 1 and len({id(jd.step) for jd in parts.values()}) == 1 else {}
 
 
 # ----- models.get_model_with_lora_adapters: expand collections, finalize, log -----------------------
