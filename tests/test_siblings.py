@@ -314,6 +314,32 @@ def test_banks_replaced_between_forwards_are_fused_with_their_new_values(backend
     assert qkv[0]._jd_siblings.on
 
 
+def test_banks_grown_or_reloaded_after_a_fused_forward_are_used_by_the_next(backend, fusion):
+    """The siblings' plan is kept between forwards; an adapter added through one sibling (the others' Sigma banks
+    grow to the group) or a load that replaces the tensors (assign=True) must reach the next fused forward."""
+    qkv = _triple([[(16, ["a0", "a1"])]] * 3)
+    x = torch.randn(3, 2, 32)
+    fusion(True)
+    _run(qkv, [x] * 3, MixedBatch(["a1", "__base__", "a0"]))
+    q = qkv[0]
+    group = q._jd_banks["r16-full"].group
+    q.add_sigmas(group, ["a2"], group.add(["a2"]), torch.randn(1, 16, 16), "r16")  # q only: k's and v's banks lag
+    batch = MixedBatch(["a2", "a0", "a1"])
+    got = _run(qkv, [x] * 3, batch)
+    fusion(False)
+    expected = _run(qkv, [x] * 3, batch)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    before = got[1]
+    state = {k: v * 2 if "jd_sigma" in k else v for k, v in qkv[1].state_dict().items()}
+    qkv[1].load_state_dict(state, assign=True)  # new tensors: k's banks are rebuilt before they are next used
+    fusion(True)
+    got = _run(qkv, [x] * 3, batch)
+    fusion(False)
+    expected = _run(qkv, [x] * 3, batch)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert not torch.equal(got[1], before)  # k's doubled Sigmas are used
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_on_cuda_the_fused_kernels_give_the_unfused_outputs(base, collection, fusion, launches, dtype):

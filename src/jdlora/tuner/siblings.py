@@ -68,7 +68,8 @@ class _Kept:
         """``layer``'s output if it is called on what it was computed from (it is then no longer kept)."""
         out = self.outputs.pop(layer, None)
         if (out is None or self.x() is not x or _version(x) != self.x_version or batch is not self.batch
-                or batch.mixes != self.mix or not _same_banks(_bank_tensors(layer), self.banks[layer])):
+                or batch.mixes != self.mix or layer._jd_untied
+                or not _same_banks(_bank_tensors(layer), self.banks[layer])):
             return None
         return out
 
@@ -124,6 +125,7 @@ class Siblings:
         indices = [m._jd_sibling_index for m in members]
         if len(members) < 2 or index not in indices:
             return None
+        _make_current(members)
         outputs = dict(zip(indices, self._run(members, x, batch, _make_steps(members))))
         own = outputs.pop(index)
         self._traced = (x, outputs)
@@ -156,11 +158,12 @@ class Siblings:
         return outputs
 
     def _steps(self, members: list) -> list[_Step]:
-        """:func:`_make_steps`, made anew only when a member or bank tensor changed."""
+        """:func:`_make_steps`, made anew only when a member or bank tensor changed (checked after
+        :func:`_make_current`, which may replace them)."""
+        _make_current(members)
         tensors = [t for m in members for t in (m, *_bank_tensors(m))]
         if self._plan is None or not _same_banks(tensors, self._plan[0]):
-            steps = _make_steps(members)  # may retie or grow banks: the tensors as they are after it
-            self._plan = ([t for m in members for t in (m, *_bank_tensors(m))], steps)
+            self._plan = (tensors, _make_steps(members))
         return self._plan[1]
 
 
@@ -178,15 +181,19 @@ class _Step:
     cluster_ofs: list
 
 
-def _make_steps(members: list) -> list[_Step]:
-    """The members' adapter groups as :class:`_Step` s (their banks made current first: retied, grown to their
-    group)."""
+def _make_current(members: list) -> None:
+    """Makes the members' banks current: retied to their dicts (after a load that replaced tensors), every Sigma
+    bank grown to its adapter group (adapters added through other layers)."""
     for m in members:
         if m._jd_untied:
             m._jd_retie()
         for bank in m._jd_banks.values():
             if bank.sigma.shape[0] < bank.group.size:
                 m._jd_grow(bank, bank.group.size)
+
+
+def _make_steps(members: list) -> list[_Step]:
+    """The members' adapter groups as :class:`_Step` s (their banks current: :func:`_make_current`)."""
     groups: dict[str, list] = {}  # group key -> [(position, member, bank)], in the siblings' order
     for i, m in enumerate(members):
         for key, bank in m._jd_banks.items():
