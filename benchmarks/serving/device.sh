@@ -15,6 +15,8 @@
 #                                                # `git archive main src`, carried): q/k/v's JD in a CUDA graph (9, 5 or 3
 #                                                # launches), then the eager q/k/v host cost and eager generate at 64
 #                                                # adapters, main's code and this tree's (each step under a timeout)
+#   bash benchmarks/serving/device.sh tgi        # TGI's JD path on one layer (integrations/tgi/scripts/tp_check.py, TP 1):
+#                                                # checks, CUDA-graph replays, base vs JD each vs JD together per layer
 # Results and logs go to $OUT (the device tool's output folder) or ./device-out.
 set -euo pipefail
 OUT=${OUT:-device-out}
@@ -79,5 +81,8 @@ case "$1" in
       PYTHONPATH=$src:. timeout 170 python -m benchmarks.serving.compiled --out "$OUT/generate-$side" --sizes 64 \
         --warmup 1 --reps 5 --paths eager 2>&1 | tee "$OUT/generate-$side.log" || true
     done ;;
-  *) echo "usage: $0 generate|generate1024|anatomy|study|study1024|prefill|check|ab" >&2; exit 2 ;;
+  tgi)
+    PYTHONPATH=src:integrations/tgi/src:integrations/tgi/scripts timeout 400 python integrations/tgi/scripts/tp_check.py \
+      --json "$OUT/tp_check.json" 2>&1 | tee "$OUT/tp_check.log" ;;
+  *) echo "usage: $0 generate|generate1024|anatomy|study|study1024|prefill|check|ab|tgi" >&2; exit 2 ;;
 esac
