@@ -31,7 +31,8 @@ instead of 9) or each its own (5); the same bits as each module's own :func:`jd_
         jd_lora_expand_siblings(ys, Us, cluster_ofs, shrunk, scale=scale)     # or, per sibling s:
         # jd_lora_expand(ys[s], Us[s], cluster_ofs[s], shrunk, s, scale=scale)
 
-The PEFT tuner does this by itself in eager mode (:mod:`jdlora.tuner.siblings`).
+The PEFT tuner does this by itself (:mod:`jdlora.tuner.siblings`), and :func:`jd_lora_forward_siblings` for
+the slices of one output (the serving engines' fused projections).
 
 ``batch`` may also be the raw ``token_adapter`` tensor (then :func:`prepare_batch` runs per call). A batch
 of rows of S tokens each (a ``[B, S, d]`` input flattened) is ``prepare_batch(row_adapter)`` once and
