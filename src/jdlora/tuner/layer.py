@@ -80,8 +80,6 @@ class _SigmaBank:
         self.group, self.sigma, self.cluster_of = group, sigma, cluster_of
 
 
-
-
 def _same(a: Tensor, b: Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
 
