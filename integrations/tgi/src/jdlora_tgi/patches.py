@@ -260,7 +260,7 @@ def patch_layers_lora(module) -> None:
             if jd is not None:
                 deferred = self.__dict__.get("_jdlora_deferred")
                 if deferred is not None and layer_type in deferred:  # run with its siblings' (see below)
-                    deferred[layer_type] = (result, input, start_idx, end_idx)
+                    deferred[layer_type] = (input, start_idx, end_idx)
                     return result
                 from .forward import apply_jd
 
@@ -283,13 +283,15 @@ def patch_layers_lora(module) -> None:
                 self._jdlora_deferred = None
             from .forward import apply_jd, apply_jd_siblings
 
-            got = [(jd, *deferred[t]) for t, jd in siblings.items() if deferred[t] is not None]  # (jd, y, x, a, b)
-            if len(got) == len(siblings) and len({id(g[1]) for g in got}) == len({id(g[2]) for g in got}) == 1:
-                jd, result, x = got[0][:3]
-                apply_jd_siblings([g[0].table for g in got], self.layer_id, result, x, jd.step, [(g[3], g[4]) for g in got])
+            # into TGI's final output: every part adds to its columns, so the order does not matter
+            y = out if out.dim() == 2 else out.view(-1, out.shape[-1])
+            got = [(jd, *deferred[t]) for t, jd in siblings.items() if deferred[t] is not None]  # (jd, x, a, b)
+            if len(got) == len(siblings) and len({id(g[1]) for g in got}) == 1:
+                apply_jd_siblings([g[0].table for g in got], self.layer_id, y, got[0][1], got[0][0].step,
+                                  [(g[2], g[3]) for g in got])
             else:  # TGI called its layer types some other way: each its own
-                for jd, result, x, start_idx, end_idx in got:
-                    apply_jd(jd.table, self.layer_id, result, x, jd.step, start_idx, end_idx, self.process_group)
+                for jd, x, start_idx, end_idx in got:
+                    apply_jd(jd.table, self.layer_id, y, x, jd.step, start_idx, end_idx, self.process_group)
             return out
 
         return forward
