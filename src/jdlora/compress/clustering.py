@@ -214,7 +214,7 @@ def _jd_full_clusters(
         members = members[torch.argsort(members[:, 1])][:, 0]
         for j, result in zip(same, jd_each_adapter(stack.subset(members), r, "full")):
             results[j] = result
-    common = max(effective[j] for j in range(C) if counts_list[j] != 1) if len(alone) < C else 0
+    common = max((effective[j] for j in range(C) if counts_list[j] != 1), default=0)
     joint = [j for j in range(C) if counts_list[j] > 1 and effective[j] == common and bases[j][0].shape[1] == common]
     for j in range(C):
         if results[j] is None and j not in joint:
