@@ -182,9 +182,10 @@ def test_an_input_changed_in_place_between_siblings_is_not_served_a_stale_output
     assert torch.equal(q, expected[0]) and torch.equal(k, expected[1]) and torch.equal(v, expected[2])
 
 
-def test_a_kept_output_is_not_served_after_a_new_mix_or_new_banks(base, collection, backend, fusion):
+def test_a_kept_output_is_not_served_after_a_new_mix_or_new_banks(base, collection, backend, fusion, launches):
     """What changes between q's call (which computed k's and v's outputs) and k's is seen: a new mix of adapters in
-    the same MixedBatch, or k's banks replaced; k then runs alone on what it has now."""
+    the same MixedBatch, or k's banks replaced; k and v then run alone on what they have now, and the next forward
+    is fused again."""
     _, qkv = _qkv(base, collection)
     names = collection.adapter_names
     x = torch.randn(2, 3, 64)
@@ -193,10 +194,17 @@ def test_a_kept_output_is_not_served_after_a_new_mix_or_new_banks(base, collecti
     with torch.no_grad():
         qkv[0](x, adapter_names=batch)
         batch.update([names[2], "__base__"])
-        k = qkv[1](x, adapter_names=batch)
-    assert not qkv[0]._jd_siblings.on
+        k, v = qkv[1](x, adapter_names=batch), qkv[2](x, adapter_names=batch)
     fusion(False)
-    assert torch.equal(k, _run(qkv[1:2], [x], batch)[0])
+    assert torch.equal(k, _run(qkv[1:2], [x], batch)[0]) and torch.equal(v, _run(qkv[2:], [x], batch)[0])
+    fusion(True)
+    launches.clear()
+    again = _run(qkv, [x + 1] * 3, batch)
+    assert qkv[0]._jd_siblings.on and qkv[0]._jd_siblings._kept is None
+    if backend == "triton":
+        assert launches["launch_shrink_siblings"] == 1
+    fusion(False)
+    assert all(torch.equal(a, b) for a, b in zip(again, _run(qkv, [x + 1] * 3, batch)))
     _, qkv = _qkv(base, collection)
     fusion(True)
     with torch.no_grad():

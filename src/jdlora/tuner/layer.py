@@ -29,70 +29,12 @@ from torch import Tensor, nn
 
 from ..kernels import KERNEL_DTYPES
 from . import siblings as _siblings
+from .banks import AdapterGroup, BasesBank, SigmaBank, grown, mark_changed
 from .mixed import MixedBatch, jd_lora_forward, mark_static
-
-
-class AdapterGroup:
-    """Row numbers shared by every layer for the adapters of one rank and Sigma kind.
-
-    A token that uses adapter ``a`` reads row ``rows[a]`` of the Sigma bank of this group in every
-    layer; a layer the adapter does not touch has a zero row whose cluster is -1. Rows of deleted
-    adapters are reused.
-    """
-
-    def __init__(self, rank: int, kind: str):
-        self.rank, self.kind = rank, kind
-        self.key = f"r{rank}-{kind}"
-        self.rows: dict[str, int] = {}
-        self.free: list[int] = []
-        self.size = 0  # rows ever allocated (free ones included)
-
-    def add(self, names: list[str]) -> list[int]:
-        rows = []
-        for name in names:
-            if name not in self.rows:
-                if self.free:
-                    self.rows[name] = self.free.pop()
-                else:
-                    self.rows[name] = self.size
-                    self.size += 1
-            rows.append(self.rows[name])
-        return rows
-
-    def remove(self, name: str) -> None:
-        row = self.rows.pop(name, None)
-        if row is not None:
-            self.free.append(row)
-
-
-class _BasesBank:
-    """All bases of one rank in one layer: ``U [C, d_out, r]``, ``V [C, d_in, r]``, slot -> basis key."""
-
-    def __init__(self, U: Tensor, V: Tensor):
-        self.U, self.V = U, V
-        self.keys: list[Optional[str]] = [None] * U.shape[0]
-
-
-class _SigmaBank:
-    """The Sigmas of one :class:`AdapterGroup` in one layer, and each row's bases slot (-1: none)."""
-
-    def __init__(self, group: AdapterGroup, sigma: Tensor, cluster_of: Tensor):
-        self.group, self.sigma, self.cluster_of = group, sigma, cluster_of
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
-
-
-def _grown(t: Tensor, rows: int, fill: float = 0) -> Tensor:
-    """``t`` with at least ``rows`` rows (capacity doubles), new rows set to ``fill``."""
-    if t.shape[0] >= rows:
-        return t
-    capacity = max(rows, 2 * t.shape[0], 4)
-    out = torch.empty((capacity, *t.shape[1:]), dtype=t.dtype, device=t.device)
-    out[: t.shape[0]] = t
-    out[t.shape[0]:] = fill
-    return out
 
 
 def _insert_parameters(params: nn.ParameterDict, new: dict[str, nn.Parameter]) -> None:
@@ -135,8 +77,8 @@ class JDLoraLayer(BaseTunerLayer):
         self.jd_basis: dict[str, str] = {}
         self.r: dict[str, int] = {}
         self.jd_dropout: dict[str, float] = {}
-        self._jd_bases: dict[int, _BasesBank] = {}
-        self._jd_banks: dict[str, _SigmaBank] = {}
+        self._jd_bases: dict[int, BasesBank] = {}
+        self._jd_banks: dict[str, SigmaBank] = {}
         self._jd_untied = False
         self._disable_adapters = False
         self.merged_adapters = []
@@ -174,11 +116,11 @@ class JDLoraLayer(BaseTunerLayer):
         r = U.shape[1]
         bank = self._jd_bases.get(r)
         if bank is None:
-            bank = self._jd_bases[r] = _BasesBank(torch.zeros(0, self.out_features, r, dtype=dtype, device=device),
+            bank = self._jd_bases[r] = BasesBank(torch.zeros(0, self.out_features, r, dtype=dtype, device=device),
                                                   torch.zeros(0, self.in_features, r, dtype=dtype, device=device))
         slot = bank.keys.index(None) if None in bank.keys else len(bank.keys)
         if slot >= bank.U.shape[0]:
-            bank.U, bank.V = _grown(bank.U, slot + 1), _grown(bank.V, slot + 1)
+            bank.U, bank.V = grown(bank.U, slot + 1), grown(bank.V, slot + 1)
             bank.keys += [None] * (bank.U.shape[0] - len(bank.keys))
             self._jd_view_bases(bank)
         bank.U[slot].copy_(U)
@@ -200,7 +142,7 @@ class JDLoraLayer(BaseTunerLayer):
         bank = self._jd_banks.get(group.key)
         dtype, device = bases.U.dtype, bases.U.device
         if bank is None:
-            bank = self._jd_banks[group.key] = _SigmaBank(
+            bank = self._jd_banks[group.key] = SigmaBank(
                 group, torch.zeros(0, *expected, dtype=dtype, device=device),
                 torch.zeros(0, dtype=torch.long, device=device),
             )
@@ -219,15 +161,15 @@ class JDLoraLayer(BaseTunerLayer):
         if dropout:
             self.jd_dropout.update(dict.fromkeys(names, dropout))
 
-    def _jd_grow(self, bank: _SigmaBank, rows: int) -> None:
+    def _jd_grow(self, bank: SigmaBank, rows: int) -> None:
         if bank.sigma.shape[0] >= rows:
             return
-        bank.sigma, bank.cluster_of = _grown(bank.sigma, rows), _grown(bank.cluster_of, rows, fill=-1)
+        bank.sigma, bank.cluster_of = grown(bank.sigma, rows), grown(bank.cluster_of, rows, fill=-1)
         for name, param in self.jd_sigma.items():
             if name in bank.group.rows and self._jd_group_key(name) == bank.group.key:
                 param.data = bank.sigma[bank.group.rows[name]]
 
-    def _jd_view_bases(self, bank: _BasesBank) -> None:
+    def _jd_view_bases(self, bank: BasesBank) -> None:
         for slot, key in enumerate(bank.keys):
             if key is not None:
                 self.jd_U._buffers[key], self.jd_V._buffers[key] = bank.U[slot], bank.V[slot]
@@ -250,6 +192,7 @@ class JDLoraLayer(BaseTunerLayer):
         if dtype is None:
             self._jd_bases.clear()
             self._jd_banks.clear()
+            mark_changed()
             self._jd_untied = False
             return
         for bank in self._jd_bases.values():
@@ -291,6 +234,7 @@ class JDLoraLayer(BaseTunerLayer):
     def _jd_after_load(module, incompatible_keys) -> None:
         if not module._jd_ties_hold():  # load_state_dict(assign=True) replaced tensors
             module._jd_untied = True
+            mark_changed()  # the banks are rebuilt before their next use
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Moves this layer's JD-LoRA tensors to the base layer's device (all at once: they share banks)."""
@@ -454,7 +398,7 @@ class JDLoraLayer(BaseTunerLayer):
                 self._jd_group_forward(bank, y2, x2, prepared)
         return result
 
-    def _jd_group_forward(self, bank: _SigmaBank, y2: Tensor, x2: Tensor, prepared) -> None:
+    def _jd_group_forward(self, bank: SigmaBank, y2: Tensor, x2: Tensor, prepared) -> None:
         """``y2 += U_c Sigma_a V_c^T x2`` in place for the rows of ``prepared`` (the kernel batch of ``bank``'s
         adapter group): this layer's own three launches."""
         group = bank.group

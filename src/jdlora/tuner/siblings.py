@@ -19,9 +19,10 @@ that the graph holds one shrink-and-Sigma node and one expand node for the sibli
   for the siblings whose banks fit them (one rank, dtype and layout) and each other sibling's own three. It
   returns its own output and keeps the others', keyed by the input (identity and ``_version``; identity
   alone for tensors made under ``torch.inference_mode``, which keep no version), the :class:`MixedBatch` and
-  its mix, and each sibling's banks. A sibling called with all of those unchanged returns its kept output;
-  any other call runs alone, so the numbers are those of each layer's own forward either way (the fused
-  kernels give each sibling the bits of its own launches).
+  its mix, and the banks (:func:`~jdlora.tuner.banks.epoch`, one integer for all). A sibling called with all
+  of those unchanged returns its kept output; if something changed in between (a new mix, new banks, a
+  sibling called twice), it and the siblings after it in that forward run alone, so the numbers are those of
+  each layer's own forward either way (the fused kernels give each sibling the bits of its own launches).
 - A kept output that its sibling never took (it got another input, or did not run) turns fusion off for
   that set of siblings for good: it would only add work.
 - ``JDLORA_FUSE_SIBLINGS=0`` (read at import; or :data:`ENABLED` set to False) turns it off everywhere.
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from . import banks
 from ..kernels import KERNEL_DTYPES, MAX_SIBLINGS, jd_lora_expand_siblings, jd_lora_shrink_siblings, siblings_fusable
 
 __all__ = ["SIBLING_GROUPS", "ENABLED", "Siblings", "link_siblings"]
@@ -61,15 +63,17 @@ class _Kept:
     x_version: int
     batch: object  # the MixedBatch
     mix: int  # batch.mixes when computed
+    epoch: int  # banks.epoch() when computed
     outputs: dict  # sibling -> its output, until it takes it
-    banks: dict  # sibling -> the bank tensors its output was computed with
 
-    def take(self, layer, x: Tensor, batch) -> Tensor | None:
-        """``layer``'s output if it is called on what it was computed from (it is then no longer kept)."""
+    def same_input(self, x: Tensor) -> bool:
+        return self.x() is x and _version(x) == self.x_version
+
+    def take(self, layer, batch) -> Tensor | None:
+        """``layer``'s output, if it was computed for it and nothing it depends on changed since (the batch, its
+        mix, any bank); it is then no longer kept."""
         out = self.outputs.pop(layer, None)
-        if (out is None or self.x() is not x or _version(x) != self.x_version or batch is not self.batch
-                or batch.mixes != self.mix or layer._jd_untied
-                or not _same_banks(_bank_tensors(layer), self.banks[layer])):
+        if out is None or batch is not self.batch or batch.mixes != self.mix or banks.epoch() != self.epoch:
             return None
         return out
 
@@ -81,7 +85,7 @@ class Siblings:
         self.layers = layers
         self.on = True  # off for good once a kept output went untaken
         self._kept: _Kept | None = None  # the current forward's outputs for the siblings yet to run
-        self._plan: tuple[list, list[_Step]] | None = None  # (the members and bank tensors it is for, the steps)
+        self._plan: tuple[int, list, list[_Step]] | None = None  # (the bank epoch and members it is for, the steps)
         self._traced: tuple | None = None  # under torch.compile: (x, {sibling index: output yet to be taken})
 
     def forward(self, layer, x: Tensor, batch) -> Tensor | None:
@@ -90,21 +94,24 @@ class Siblings:
         alone (it cannot take part, or fusion has just turned off)."""
         kept = self._kept
         if kept is not None:
-            out = kept.take(layer, x, batch)
-            if out is not None:
-                if not kept.outputs:
-                    self._kept = None
-                return out
-            self._kept = None  # a sibling did not take its output: their inputs differ (or one did not run)
-            self.on = False
-            return None
+            if kept.same_input(x):  # the forward the outputs were computed in
+                out = kept.take(layer, batch)
+                if out is not None:
+                    if not kept.outputs:
+                        self._kept = None
+                    return out
+                kept.outputs.clear()  # stale (a new mix or banks, or a sibling called twice): the rest run alone
+                return None
+            self._kept = None
+            if kept.outputs:  # a sibling did not take its output: their inputs differ (or one did not run)
+                self.on = False
+                return None
         members = [m for m in self.layers if _takes_part(m)]
         if len(members) < 2 or layer not in members:
             return None
         outputs = dict(zip(members, self._run(members, x, batch, self._steps(members))))
         own = outputs.pop(layer)
-        self._kept = _Kept(weakref.ref(x), _version(x), batch, batch.mixes, outputs,
-                           {m: _bank_tensors(m) for m in outputs})
+        self._kept = _Kept(weakref.ref(x), _version(x), batch, batch.mixes, banks.epoch(), outputs)
         return own
 
     def traced(self, layer, x: Tensor, batch) -> Tensor | None:
@@ -158,13 +165,13 @@ class Siblings:
         return outputs
 
     def _steps(self, members: list) -> list[_Step]:
-        """:func:`_make_steps`, made anew only when a member or bank tensor changed (checked after
-        :func:`_make_current`, which may replace them)."""
-        _make_current(members)
-        tensors = [t for m in members for t in (m, *_bank_tensors(m))]
-        if self._plan is None or not _same_banks(tensors, self._plan[0]):
-            self._plan = (tensors, _make_steps(members))
-        return self._plan[1]
+        """:func:`_make_steps`, made anew only when the members or the :func:`~jdlora.tuner.banks.epoch` changed
+        (after :func:`_make_current`, which may replace bank tensors)."""
+        plan = self._plan
+        if plan is None or plan[0] != banks.epoch() or plan[1] != members:
+            _make_current(members)
+            self._plan = plan = (banks.epoch(), members, _make_steps(members))
+        return plan[2]
 
 
 @dataclass
@@ -214,19 +221,6 @@ def _make_steps(members: list) -> list[_Step]:
 def _takes_part(layer) -> bool:
     """Whether ``layer``'s mixed-batch forward applies its banks (it has some, adapters enabled, none merged)."""
     return bool(layer._jd_banks) and not layer.disable_adapters and not layer.merged
-
-
-def _bank_tensors(layer) -> tuple:
-    """The tensors ``layer``'s mixed-batch forward reads, and whether it applies them (what a kept output
-    depends on besides the input and the batch)."""
-    if not _takes_part(layer):
-        return (None,)
-    return tuple(t for b in layer._jd_banks.values() for t in (b.sigma, b.cluster_of, layer._jd_bases[b.group.rank].U,
-                                                                 layer._jd_bases[b.group.rank].V))
-
-
-def _same_banks(now: tuple, then: tuple) -> bool:
-    return len(now) == len(then) and all(a is b for a, b in zip(now, then))
 
 
 def _version(t: Tensor) -> int:
