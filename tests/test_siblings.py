@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -52,19 +53,44 @@ def backend(request, monkeypatch):
 
 
 @pytest.fixture
-def launches(monkeypatch):
-    """Counts the Triton launches by kind (the launch functions the Triton path calls)."""
-    from jdlora.kernels import launch
+def launches():
+    """Counts the Triton launches by kind, named by their launch function, since the fixture was made or last
+    cleared: every launch of a kernel, made through its launch function or replayed from a recording."""
+    from jdlora.kernels.fast_launch import LAUNCHERS
 
-    counts = Counter()
-    for name in ("launch_shrink", "launch_sigma", "launch_expand", "launch_shrink_siblings", "launch_sigma_siblings",
-                 "launch_expand_siblings"):
-        def counted(*args, _f=getattr(launch, name), _name=name, **kwargs):
-            counts[_name] += 1
-            return _f(*args, **kwargs)
+    return _LaunchCounts(LAUNCHERS)
 
-        monkeypatch.setattr(launch, name, counted)
-    return counts
+
+class _LaunchCounts(Mapping):
+    _NAMES = {"jd_shrink_kernel": "launch_shrink", "jd_sigma_kernel": "launch_sigma", "jd_expand_kernel": "launch_expand",
+              "jd_shrink_siblings_kernel": "launch_shrink_siblings", "jd_sigma_siblings_kernel": "launch_sigma_siblings",
+              "jd_expand_siblings_kernel": "launch_expand_siblings"}
+
+    def __init__(self, launchers):
+        self._launchers = launchers
+        self.clear()
+
+    def _totals(self) -> Counter:
+        return Counter({self._NAMES[l.name]: l.hits + l.misses for l in self._launchers})
+
+    def clear(self) -> None:
+        self._start = self._totals()
+
+    def _counts(self) -> dict:
+        now = self._totals()
+        return {name: now[name] - self._start[name] for name in now if now[name] != self._start[name]}
+
+    def __getitem__(self, name: str) -> int:
+        return self._counts().get(name, 0)  # like a Counter
+
+    def __iter__(self):
+        return iter(self._counts())
+
+    def __len__(self) -> int:
+        return len(self._counts())
+
+    def __repr__(self) -> str:
+        return repr(self._counts())
 
 
 @pytest.fixture
@@ -116,6 +142,46 @@ def test_a_fused_mixed_batch_equals_the_unfused_one_and_each_row_alone(base, col
             model.set_adapter(name)
             alone = _logits(model, ids[i : i + 1])
         torch.testing.assert_close(fused[i : i + 1], alone, rtol=0, atol=1e-5)
+
+
+def _replayed(model) -> int:
+    """Calls replayed from launch recordings (jdlora.kernels.replay) in the model: fused siblings and single layers."""
+    from jdlora.tuner.layer import JDLoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, JDLoraLayer)]
+    plans = {id(m._jd_siblings): m._jd_siblings._plan for m in layers if m._jd_siblings is not None}
+    steps = [step for plan in plans.values() if plan is not None for step in plan[2] if step.replays is not None]
+    return sum(s.replays.replayed for s in steps) + sum(r.replayed for m in layers for r in m._jd_replays.values())
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "alone"])
+def test_repeated_forwards_replay_their_launches_and_see_what_changed_in_between(base, collection, backend, fusion,
+                                                                                 fused, monkeypatch):
+    """A forward of one token per row after the first of its batch size replays the launches it recorded
+    (jdlora.kernels.replay; the model keeps that batch across mixes); new mixes, new inputs, Sigmas changed in
+    place and prefills in between all show in its outputs, which equal those of launches made anew."""
+    from jdlora.kernels import replay
+
+    fusion(fused)
+    model = load_collection(copy.deepcopy(base), collection)
+    names = collection.adapter_names
+    gen = torch.Generator().manual_seed(3)
+    mixes = [[names[0], names[2], "__base__"], [names[4], names[4], names[1]], ["__base__", names[3], names[0]]]
+    for step, mix in enumerate(mixes * 3):
+        if step == 4:
+            with torch.no_grad():
+                for layer in model.modules():
+                    if names[4] in getattr(layer, "jd_sigma", {}):
+                        layer.jd_sigma[names[4]].mul_(3)  # in place, as an optimizer step: the banks' rows change
+        ids = torch.randint(1, 96, (3, 1 if step % 4 else 5), generator=gen)  # decode-like, and prefills
+        got = _logits(model, ids, adapter_names=mix)
+        monkeypatch.setattr(replay, "ENABLED", False)
+        assert torch.equal(got, _logits(model, ids, adapter_names=mix)), step  # launches made anew
+        monkeypatch.setattr(replay, "ENABLED", True)
+    if backend == "triton":
+        assert _replayed(model) == 5 * (6 if fused else 11)  # each fused set or layer of 5 decode-like forwards
+    else:
+        assert _replayed(model) == 0  # the torch reference launches nothing
 
 
 def _qkv(base, collection):

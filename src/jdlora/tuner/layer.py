@@ -28,6 +28,8 @@ from peft.utils.other import transpose
 from torch import Tensor, nn
 
 from ..kernels import KERNEL_DTYPES
+from ..kernels.replay import Replays
+from . import banks
 from . import siblings as _siblings
 from .banks import AdapterGroup, BasesBank, SigmaBank, grown, mark_changed
 from .mixed import MixedBatch, jd_lora_forward, mark_static
@@ -80,6 +82,8 @@ class JDLoraLayer(BaseTunerLayer):
         self._jd_bases: dict[int, BasesBank] = {}
         self._jd_banks: dict[str, SigmaBank] = {}
         self._jd_untied = False
+        self._jd_replays: dict[str, Replays] = {}  # group key -> recordings of this layer's launches
+        self._jd_replays_epoch = -1
         self._disable_adapters = False
         self.merged_adapters = []
         in_features, out_features = _get_in_out_features(self.get_base_layer())
@@ -414,9 +418,25 @@ class JDLoraLayer(BaseTunerLayer):
         # no autocast guard needed: the kernels and the torch reference fix their own precision.
         # No per-call checks: the banks are this layer's own (shapes fixed when adapters are added),
         # x fits them (the base layer would have refused it), the batch is the model's.
-        jd_lora_forward(y, xin, U, V, sigma, cluster_of, prepared, check=False)
-        if y is not y2:
-            y2 += y.to(y2.dtype)
+        if y is not y2 or torch.compiler.is_compiling():  # banks converted for this call, or a graph: no replays
+            jd_lora_forward(y, xin, U, V, sigma, cluster_of, prepared, check=False)
+            if y is not y2:
+                y2 += y.to(y2.dtype)
+            return
+        replays = self._jd_replays_of(bank)
+        if not replays.replay(prepared, xin, y):
+            with replays.record(prepared, xin, y):
+                jd_lora_forward(y, xin, U, V, sigma, cluster_of, prepared, check=False)
+
+    def _jd_replays_of(self, bank: SigmaBank) -> Replays:
+        """The recordings of this layer's launches for ``bank``'s group (:class:`~jdlora.kernels.replay.Replays`),
+        all dropped when any bank changes (:func:`~jdlora.tuner.banks.epoch`): they replay the banks' tensors."""
+        if self._jd_replays_epoch != banks.epoch():
+            self._jd_replays, self._jd_replays_epoch = {}, banks.epoch()
+        replays = self._jd_replays.get(bank.group.key)
+        if replays is None:
+            replays = self._jd_replays[bank.group.key] = Replays()
+        return replays
 
 
 class Linear(nn.Module, JDLoraLayer):

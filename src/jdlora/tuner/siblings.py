@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from . import banks
 from ..kernels import KERNEL_DTYPES, MAX_SIBLINGS, jd_lora_expand_siblings, jd_lora_shrink_siblings, siblings_fusable
+from ..kernels.replay import Replays
 
 __all__ = ["SIBLING_GROUPS", "ENABLED", "Siblings", "link_siblings"]
 
@@ -160,8 +161,7 @@ class Siblings:
                     m._jd_group_forward(bank, flat[i], x2, prepared)
                 continue
             xin = x2 if x2.dtype == step.Vs[0].dtype else x2.to(step.Vs[0].dtype)
-            shrunk = jd_lora_shrink_siblings(xin, step.Vs, step.sigmas, step.cluster_ofs, prepared)
-            jd_lora_expand_siblings([flat[i] for i, _, _ in step.entries], step.Us, step.cluster_ofs, shrunk, check=False)
+            step.launch(xin, [flat[i] for i, _, _ in step.entries], prepared)
         return outputs
 
     def _steps(self, members: list) -> list[_Step]:
@@ -170,7 +170,10 @@ class Siblings:
         plan = self._plan
         if plan is None or plan[0] != banks.epoch() or plan[1] != members:
             _make_current(members)
-            self._plan = plan = (banks.epoch(), members, _make_steps(members))
+            steps = _make_steps(members)
+            for step in steps:
+                step.replays = Replays()
+            self._plan = plan = (banks.epoch(), members, steps)
         return plan[2]
 
 
@@ -186,6 +189,24 @@ class _Step:
     Vs: list
     sigmas: list
     cluster_ofs: list
+    # Eager plans (Siblings._steps): recordings of the fused launches, per kernel batch and layout of x and the
+    # outputs. A plan lives as long as its banks, so a recording is replayed only with the banks it was made with.
+    replays: Replays | None = None
+
+    def launch(self, x: Tensor, ys: list[Tensor], batch) -> None:
+        """``ys[s] += U_s Sigma_s V_s^T x`` for the batch's rows: the three fused launches, replayed from a recording
+        of an earlier call with the same batch and layouts when there is one (no launch arguments built anew)."""
+        if self.replays is None:  # traced by dynamo: the custom ops' nodes
+            self._launch(x, ys, batch)
+        elif self.replays.replay(batch, x, *ys):
+            batch.sibling_calls += 1  # as the call would: a g of an earlier shrink on this batch is overwritten
+        else:
+            with self.replays.record(batch, x, *ys):
+                self._launch(x, ys, batch)
+
+    def _launch(self, x: Tensor, ys: list[Tensor], batch) -> None:
+        shrunk = jd_lora_shrink_siblings(x, self.Vs, self.sigmas, self.cluster_ofs, batch)
+        jd_lora_expand_siblings(ys, self.Us, self.cluster_ofs, shrunk, check=False)
 
 
 def _make_current(members: list) -> None:
