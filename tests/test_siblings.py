@@ -182,6 +182,10 @@ def test_repeated_forwards_replay_their_launches_and_see_what_changed_in_between
         assert _replayed(model) == 5 * (6 if fused else 11)  # each fused set or layer of 5 decode-like forwards
     else:
         assert _replayed(model) == 0  # the torch reference launches nothing
+    clone = copy.deepcopy(model)  # without the recordings (compiled kernels, launchers): it records its own
+    assert _replayed(clone) == 0
+    ids = torch.randint(1, 96, (3, 1), generator=gen)
+    assert torch.equal(_logits(clone, ids, adapter_names=mixes[0]), _logits(model, ids, adapter_names=mixes[0]))
 
 
 def _qkv(base, collection):
@@ -412,6 +416,28 @@ def test_banks_grown_or_reloaded_after_a_fused_forward_are_used_by_the_next(back
     expected = _run(qkv, [x] * 3, batch)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert not torch.equal(got[1], before)  # k's doubled Sigmas are used
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "alone"])
+def test_on_cuda_replayed_launches_give_the_outputs_of_launches_made_anew(base, collection, fusion, fused, monkeypatch):
+    """The replays of jdlora.kernels.replay go straight to the compiled kernels on a GPU (the CPU tests replay through
+    the interpreter): decode-like forwards with new mixes and inputs equal those made with replays off."""
+    from jdlora.kernels import replay
+
+    fusion(fused)
+    model = load_collection(copy.deepcopy(base), collection).to("cuda", dtype=torch.bfloat16)
+    names = collection.adapter_names
+    gen = torch.Generator().manual_seed(4)
+    for step in range(6):
+        mix = [names[(step + i) % 5] if i != 1 else "__base__" for i in range(4)]
+        ids = torch.randint(1, 96, (4, 1 if step % 3 else 6), generator=gen).cuda()
+        got = _logits(model, ids, adapter_names=mix).float()
+        monkeypatch.setattr(replay, "ENABLED", False)
+        anew = _logits(model, ids, adapter_names=mix).float()
+        monkeypatch.setattr(replay, "ENABLED", True)
+        torch.testing.assert_close(got, anew, rtol=0, atol=5e-2)  # split-K sums meet by atomic adds in any order
+    assert _replayed(model) == 3 * (6 if fused else 11)  # decode-like steps 2, 4, 5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -137,6 +137,14 @@ class Replays:
         self.replayed = 0  # calls replayed (for tests and benchmarks)
         self._recordings: dict[tuple, tuple[object, LaunchRecording]] = {}
 
+    def __getstate__(self) -> dict:
+        # A copy or pickle of a model starts without recordings: they hold compiled kernels, launchers, this
+        # process's tensors.
+        return {"max_recordings": self.max_recordings}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_recordings"])
+
     def replay(self, context, *slots: torch.Tensor) -> bool:
         """Makes the launches of an earlier call with ``context`` and slots of these layouts again, for these
         ``slots``; False when there was none (then make the call, under :meth:`record`)."""

@@ -418,7 +418,9 @@ class JDLoraLayer(BaseTunerLayer):
         # no autocast guard needed: the kernels and the torch reference fix their own precision.
         # No per-call checks: the banks are this layer's own (shapes fixed when adapters are added),
         # x fits them (the base layer would have refused it), the batch is the model's.
-        if y is not y2 or torch.compiler.is_compiling():  # banks converted for this call, or a graph: no replays
+        # Replays (kernels.replay) for decode batches only, as the siblings' (_Step.launch says why); none for banks
+        # converted for this call or in a graph.
+        if y is not y2 or prepared.tokens_per_row != 1 or torch.compiler.is_compiling():
             jd_lora_forward(y, xin, U, V, sigma, cluster_of, prepared, check=False)
             if y is not y2:
                 y2 += y.to(y2.dtype)

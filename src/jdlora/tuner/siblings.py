@@ -195,8 +195,12 @@ class _Step:
 
     def launch(self, x: Tensor, ys: list[Tensor], batch) -> None:
         """``ys[s] += U_s Sigma_s V_s^T x`` for the batch's rows: the three fused launches, replayed from a recording
-        of an earlier call with the same batch and layouts when there is one (no launch arguments built anew)."""
-        if self.replays is None:  # traced by dynamo: the custom ops' nodes
+        of an earlier call with the same batch and layouts when there is one (no launch arguments built anew).
+
+        Only batches of one token per row are recorded: the decode batch of each size, which the model keeps
+        across calls and mixes. A prefill's batch is made per call (its recording would never be replayed, and
+        would keep its scratch alive), and its host time is small beside its kernels'."""
+        if self.replays is None or batch.tokens_per_row != 1:  # traced by dynamo (custom ops' nodes), or a prefill
             self._launch(x, ys, batch)
         elif self.replays.replay(batch, x, *ys):
             batch.sibling_calls += 1  # as the call would: a g of an earlier shrink on this batch is overwritten
