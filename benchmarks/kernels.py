@@ -36,7 +36,7 @@ Usage::
     JDLORA_KERNELS=triton TRITON_INTERPRET=1 python benchmarks/kernels.py --qkv --smoke   # CPU: the code runs
     PYTHONPATH=src python benchmarks/kernels.py --siblings --json $OUT/siblings.json   # q, k, v JD in a graph
 
-``--qkv``: the host cost of one eager mixed-batch forward of q, k and v (Mistral-7B shapes: 4096 -> 4096,
+``--qkv``: the host cost of one eager mixed-batch forward of q, k and v (with and without launch replays; Mistral-7B shapes: 4096 -> 4096,
 1024, 1024) through jdlora's PEFT tuner layers (``JDLoraLayer.forward`` with a ``MixedBatch``), with the
 siblings fused (one shrink, one Sigma and one expand launch for the three: 3 launches) and not (9), beside
 the three base linears alone; see :func:`eager_qkv`.
@@ -580,6 +580,10 @@ def eager_qkv(device, calls: int = 300, *, smoke: bool = False) -> list[dict]:
     from jdlora.tuner.layer import AdapterGroup, JDLoraLayer, Linear
     from jdlora.tuner.mixed import MixedBatch
 
+    try:
+        from jdlora.kernels import replay
+    except ImportError:  # code from before the replays (device.sh ab runs main's)
+        replay = None
     d, d_kv, r, n = (64, 32, 16, 8) if smoke else (4096, 1024, 64, 64)
     rows = []
     for C in (1, 8):
@@ -615,23 +619,32 @@ def eager_qkv(device, calls: int = 300, *, smoke: bool = False) -> list[dict]:
                     layer(x, adapter_names=batch)
 
             row = dict(C=C, T=T, r=r, d=d, d_kv=d_kv, adapters=min(T, n))
+            cases = [("base", base_forward, True, True), ("fused", jd_forward, True, True),
+                     ("unfused", jd_forward, False, True)]
+            if replay is not None:  # and without the launch replays of jdlora.kernels.replay
+                cases += [("fused_noreplay", jd_forward, True, False), ("unfused_noreplay", jd_forward, False, False)]
             with torch.no_grad():
-                for label, op, fuse in (("base", base_forward, True), ("fused", jd_forward, True),
-                                        ("unfused", jd_forward, False)):
+                for label, op, fuse, replays in cases:
                     siblings.ENABLED = fuse
+                    if replay is not None:
+                        replay.ENABLED = replays
                     for _ in range(10 if not smoke else 1):  # warm-up (compiles), its launches not counted
                         op()
                     launched = sum(f.hits + f.misses for f in launchers)
                     row[f"{label}_us"] = mean_host_seconds(op, calls, device, warmup=0) * 1e6
                     row[f"{label}_launches"] = (sum(f.hits + f.misses for f in launchers) - launched) / calls
             siblings.ENABLED = True
-            for label in ("fused", "unfused"):
+            if replay is not None:
+                replay.ENABLED = True
+            for label, *_ in cases[1:]:
                 row[f"{label}_per_layer_us"] = (row[f"{label}_us"] - row["base_us"]) / 3
             rows.append(row)
             print(f"q,k,v eager C={C} T={T}: base {row['base_us']:.1f} us, fused {row['fused_us']:.1f} us "
                   f"({row['fused_launches']:.0f} launches, +{row['fused_per_layer_us']:.1f} us/layer), unfused "
                   f"{row['unfused_us']:.1f} us ({row['unfused_launches']:.0f} launches, "
-                  f"+{row['unfused_per_layer_us']:.1f} us/layer)", flush=True)
+                  f"+{row['unfused_per_layer_us']:.1f} us/layer)"
+                  + (f"; replays off: fused +{row['fused_noreplay_per_layer_us']:.1f}, unfused "
+                     f"+{row['unfused_noreplay_per_layer_us']:.1f} us/layer" if replay is not None else ""), flush=True)
     return rows
 
 

@@ -15,6 +15,7 @@
 #                                                # `git archive main src`, carried): q/k/v's JD in a CUDA graph (9, 5 or 3
 #                                                # launches), then the eager q/k/v host cost and eager generate at 64
 #                                                # adapters, main's code and this tree's (each step under a timeout)
+#   bash benchmarks/serving/device.sh replays    # eager generate at 64 adapters, launch replays off then on (this tree)
 #   bash benchmarks/serving/device.sh tgi        # TGI's JD path on one layer (integrations/tgi/scripts/tp_check.py, TP 1):
 #                                                # checks, CUDA-graph replays, base vs JD each vs JD together per layer
 # Results and logs go to $OUT (the device tool's output folder) or ./device-out.
@@ -81,8 +82,14 @@ case "$1" in
       PYTHONPATH=$src:. timeout 170 python -m benchmarks.serving.compiled --out "$OUT/generate-$side" --sizes 64 \
         --warmup 1 --reps 5 --paths eager 2>&1 | tee "$OUT/generate-$side.log" || true
     done ;;
+  replays)
+    # eager generate at 64 adapters with the launch replays of jdlora.kernels.replay off, then on (this tree)
+    for replays in 0 1; do
+      JDLORA_REPLAY_LAUNCHES=$replays timeout 200 python -m benchmarks.serving.compiled --out "$OUT/generate-replays$replays" \
+        --sizes 64 --warmup 1 --reps 5 --paths eager 2>&1 | tee "$OUT/generate-replays$replays.log" || true
+    done ;;
   tgi)
     PYTHONPATH=src:integrations/tgi/src:integrations/tgi/scripts timeout 400 python integrations/tgi/scripts/tp_check.py \
       --json "$OUT/tp_check.json" 2>&1 | tee "$OUT/tp_check.log" ;;
-  *) echo "usage: $0 generate|generate1024|anatomy|study|study1024|prefill|check|ab|tgi" >&2; exit 2 ;;
+  *) echo "usage: $0 generate|generate1024|anatomy|study|study1024|prefill|check|ab|replays|tgi" >&2; exit 2 ;;
 esac
