@@ -71,7 +71,7 @@ class _LaunchCounts(Mapping):
         self.clear()
 
     def _totals(self) -> Counter:
-        return Counter({self._NAMES[l.name]: l.hits + l.misses for l in self._launchers})
+        return Counter({self._NAMES[l.name]: l.hits + l.misses for l in self._launchers if l.name in self._NAMES})
 
     def clear(self) -> None:
         self._start = self._totals()
