@@ -531,11 +531,12 @@ def test_linear_overlapped_on_a_side_stream_matches_serial_eager_and_in_a_graph(
 
 
 def _siblings(T, d_in, r, n, clusters, *, diag, dtype, runs=False):
-    """Sibling modules (own U, V, Sigma, cluster_of; one rank) over one x and one batch of adapters."""
+    """Sibling modules (own U, V, Sigma, cluster_of; one rank) over one x and one batch of adapters:
+    ``(x, the prepared batch, [(U, V, sigma, cluster_of) per sibling])``."""
     problems = [make_problem(T, d_in, 8 + 8 * s, r, C, n, diag=diag, dtype=dtype, runs=runs)
                 for s, C in enumerate(clusters)]
     x, ta = problems[0][0], problems[0][5]
-    return x, ta, [p[1:5] for p in problems]  # (U, V, sigma, cluster_of) per sibling
+    return x, prepare_batch(ta), [p[1:5] for p in problems]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -580,8 +581,7 @@ def test_two_siblings_expanded_together_and_outputs_of_other_strides_each_alone(
     from jdlora.kernels import expand_siblings_fusable, jd_lora_expand_siblings, jd_lora_shrink_siblings
 
     _backend(backend)
-    x, ta, mods = _siblings(9, 32, 16, 5, (2, 1), diag=False, dtype=torch.float32)
-    batch = prepare_batch(ta)
+    x, batch, mods = _siblings(9, 32, 16, 5, (2, 1), diag=False, dtype=torch.float32)
     Us, Vs, sigmas, cluster_ofs = zip(*mods)
     alone = [jd_lora_forward(torch.zeros(9, U.shape[1], device=DEVICE), x, U, V, s, c, batch, backend=backend)
              for U, V, s, c in mods]
@@ -607,10 +607,9 @@ def test_forward_siblings_shares_launches_among_siblings_of_one_rank_and_equals_
     import jdlora.kernels as K
 
     _backend(backend)
-    x, ta, mods = _siblings(9, 32, 16, 5, (2, 1, 1, 3, 1), diag=False, dtype=torch.float32)
+    x, batch, mods = _siblings(9, 32, 16, 5, (2, 1, 1, 3, 1), diag=False, dtype=torch.float32)
     _, _, other = _siblings(9, 32, 8, 5, (2,), diag=False, dtype=torch.float32)  # rank 8: alone
     mods = mods[:2] + other + mods[2:]
-    batch = prepare_batch(ta)
     widths = [U.shape[1] for U, _, _, _ in mods]
     out = torch.zeros(9, sum(widths), device=DEVICE)
     starts = [sum(widths[:i]) for i in range(len(widths))]
@@ -631,8 +630,7 @@ def test_a_later_sibling_shrink_invalidates_the_earlier_g(backend):
     from jdlora.kernels import jd_lora_expand, jd_lora_shrink_siblings
 
     _backend(backend)
-    x, ta, mods = _siblings(5, 32, 16, 4, (2, 2), diag=False, dtype=torch.float32)
-    batch = prepare_batch(ta)
+    x, batch, mods = _siblings(5, 32, 16, 4, (2, 2), diag=False, dtype=torch.float32)
     Us, Vs, sigmas, cluster_ofs = zip(*mods)
     first = jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend)
     second = jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend)
@@ -644,9 +642,8 @@ def test_a_later_sibling_shrink_invalidates_the_earlier_g(backend):
 def test_an_unknown_backend_name_is_refused_by_the_siblings_shrink_too():
     from jdlora.kernels import jd_lora_shrink_siblings
 
-    x, ta, mods = _siblings(3, 32, 16, 4, (1, 1), diag=False, dtype=torch.float32)
+    x, batch, mods = _siblings(3, 32, 16, 4, (1, 1), diag=False, dtype=torch.float32)
     Us, Vs, sigmas, cluster_ofs = zip(*mods)
-    batch = prepare_batch(ta)
     with pytest.raises(ValueError, match="backend must be"):
         jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend="cuda")
     assert batch.sibling_calls == 0  # refused before anything changed
