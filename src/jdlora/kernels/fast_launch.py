@@ -121,10 +121,10 @@ class FastLauncher:
     def __call__(self, grid, *args, **kwargs):
         if not self._fast or len(args) != self._n_args or torch.compiler.is_compiling():
             return self._normal(grid, args, kwargs)
-        knobs = self._knobs
-        enter, exit_ = knobs.launch_enter_hook, knobs.launch_exit_hook
-        if _hook_set(enter) or _hook_set(exit_) or getattr(self.kernel, "pre_run_hooks", None):
+        hooks = self._hooks()
+        if hooks is None:
             return self._normal(grid, args, kwargs)
+        enter, exit_ = hooks
         if self._device is None:
             driver = triton.runtime.driver.active
             self._device, self._stream = driver.get_current_device, driver.get_current_stream
@@ -167,15 +167,18 @@ class FastLauncher:
             note_launch(self, grid, args, kwargs, None, None, None)
         return compiled
 
-    def direct_hooks(self) -> tuple | None:
-        """``(launch_enter_hook, launch_exit_hook)`` when a direct launch of an already compiled kernel may go
-        ahead now (one went through before; no hooks set); None when it may not."""
-        if not (self._fast and self._proven) or getattr(self.kernel, "pre_run_hooks", None):
-            return None
+    def _hooks(self) -> tuple | None:
+        """``(launch_enter_hook, launch_exit_hook)`` to pass to a direct launch; None when hooks that it would skip
+        are set (any launch hook: profilers read the launch metadata we do not build; the kernel's pre-run hooks)."""
         enter, exit_ = self._knobs.launch_enter_hook, self._knobs.launch_exit_hook
-        if _hook_set(enter) or _hook_set(exit_):
+        if _hook_set(enter) or _hook_set(exit_) or getattr(self.kernel, "pre_run_hooks", None):
             return None
         return enter, exit_
+
+    def direct_hooks(self) -> tuple | None:
+        """:meth:`_hooks` when a direct launch of an already compiled kernel may go ahead now (one went through
+        before); None when it may not."""
+        return self._hooks() if self._fast and self._proven else None
 
     def current_device(self) -> int:
         return self._device()

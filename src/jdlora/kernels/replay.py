@@ -131,7 +131,7 @@ class Replays:
     launches nothing) it stops trying (``on``).
     """
 
-    def __init__(self, max_recordings: int = 32):  # decode sizes and the latest prefill lengths
+    def __init__(self, max_recordings: int = 32):  # a server's decode batch sizes
         self.max_recordings = max_recordings
         self.on = True
         self.replayed = 0  # calls replayed (for tests and benchmarks)

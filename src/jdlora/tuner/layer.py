@@ -32,7 +32,7 @@ from ..kernels.replay import Replays
 from . import banks
 from . import siblings as _siblings
 from .banks import AdapterGroup, BasesBank, SigmaBank, grown, mark_changed
-from .mixed import MixedBatch, jd_lora_forward, mark_static
+from .mixed import MixedBatch, jd_lora_forward, mark_static, worth_recording
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
@@ -418,9 +418,8 @@ class JDLoraLayer(BaseTunerLayer):
         # no autocast guard needed: the kernels and the torch reference fix their own precision.
         # No per-call checks: the banks are this layer's own (shapes fixed when adapters are added),
         # x fits them (the base layer would have refused it), the batch is the model's.
-        # Replays (kernels.replay) for decode batches only, as the siblings' (_Step.launch says why); none for banks
-        # converted for this call or in a graph.
-        if y is not y2 or prepared.tokens_per_row != 1 or torch.compiler.is_compiling():
+        # Replays (kernels.replay) where worth_recording says; none for banks converted for this call or in a graph.
+        if y is not y2 or not worth_recording(prepared) or torch.compiler.is_compiling():
             jd_lora_forward(y, xin, U, V, sigma, cluster_of, prepared, check=False)
             if y is not y2:
                 y2 += y.to(y2.dtype)

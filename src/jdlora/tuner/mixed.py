@@ -132,6 +132,14 @@ class MixedBatch:
         return batch
 
 
+def worth_recording(batch: JDBatch) -> bool:
+    """Whether eager launches on ``batch`` are worth recording for replays (:mod:`jdlora.kernels.replay`, keyed on
+    the batch object): only a decode batch (one token per row), which :class:`MixedBatch` keeps per batch size
+    across calls and mixes. A prefill's batch is made per call: its recording would never be replayed and would keep
+    its scratch alive, and its host time is small beside its kernels'."""
+    return batch.tokens_per_row == 1
+
+
 def mark_static(t: torch.Tensor) -> None:
     """Tells ``torch.compile`` that ``t`` keeps its address (no copy into CUDA graphs' memory per replay;
     no guard on the address: a replaced tensor is re-recorded, not recompiled)."""

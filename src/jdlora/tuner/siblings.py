@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from . import banks
 from ..kernels import KERNEL_DTYPES, MAX_SIBLINGS, jd_lora_expand_siblings, jd_lora_shrink_siblings, siblings_fusable
 from ..kernels.replay import Replays
+from .mixed import worth_recording
 
 __all__ = ["SIBLING_GROUPS", "ENABLED", "Siblings", "link_siblings"]
 
@@ -172,7 +173,8 @@ class Siblings:
             _make_current(members)
             steps = _make_steps(members)
             for step in steps:
-                step.replays = Replays()
+                if step.fused:  # the others run each member's own forward, with the layer's replays
+                    step.replays = Replays()
             self._plan = plan = (banks.epoch(), members, steps)
         return plan[2]
 
@@ -195,12 +197,9 @@ class _Step:
 
     def launch(self, x: Tensor, ys: list[Tensor], batch) -> None:
         """``ys[s] += U_s Sigma_s V_s^T x`` for the batch's rows: the three fused launches, replayed from a recording
-        of an earlier call with the same batch and layouts when there is one (no launch arguments built anew).
-
-        Only batches of one token per row are recorded: the decode batch of each size, which the model keeps
-        across calls and mixes. A prefill's batch is made per call (its recording would never be replayed, and
-        would keep its scratch alive), and its host time is small beside its kernels'."""
-        if self.replays is None or batch.tokens_per_row != 1:  # traced by dynamo (custom ops' nodes), or a prefill
+        of an earlier call with the same batch and layouts when there is one (no launch arguments built anew), for
+        the batches :func:`~jdlora.tuner.mixed.worth_recording` names."""
+        if self.replays is None or not worth_recording(batch):  # traced by dynamo (custom ops' nodes), or a prefill
             self._launch(x, ys, batch)
         elif self.replays.replay(batch, x, *ys):
             batch.sibling_calls += 1  # as the call would: a g of an earlier shrink on this batch is overwritten
