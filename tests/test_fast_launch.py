@@ -149,6 +149,25 @@ def test_a_replay_hands_triton_s_launcher_what_the_direct_launch_of_the_new_tens
     assert len(normal) == 2 and launcher.hits == 6
 
 
+def test_a_replay_of_a_launch_that_compiled_during_the_recording_takes_a_three_dimensional_grid():
+    """A recorded launch may be the kernel's normal launch for a new shape (it compiled then) while the launcher
+    already launches directly: its replay is direct, and a direct launch takes all three grid dimensions (the
+    H200 run of session 10 failed here with a one-dimensional grid: "function takes exactly 44 arguments")."""
+    from jdlora.kernels.replay import LaunchRecording
+
+    launcher, normal, direct = _toy_launcher()
+    w = torch.zeros(16)
+    for _ in range(2):  # compiled, then launched directly: the launcher is proven
+        launcher((2,), torch.zeros(16), w, 16, 0.5, BLOCK=4, MODE="a", num_warps=2)
+    x = torch.zeros(8)
+    with LaunchRecording(x) as recording:
+        launcher((2,), x, w, 8, 0.5, BLOCK=4, MODE="a", num_warps=2)  # a new size: Triton's normal launch
+    assert recording.complete and len(normal) == 2
+    x2 = torch.ones(8)
+    recording.replay(x2)
+    assert direct[-1][:4] == (2, 1, 1, "stream") and direct[-1][9] is x2 and len(normal) == 2
+
+
 def test_a_recording_is_incomplete_when_a_slot_went_as_a_copy_or_nothing_launched():
     from jdlora.kernels.replay import LaunchRecording, Replays
 

@@ -58,6 +58,11 @@ _dtype = operator.attrgetter("dtype")
 _data_ptr = torch.Tensor.data_ptr
 
 
+def _three_dims(grid: tuple) -> tuple:
+    """``grid`` as a direct launch takes it: three dimensions, the missing ones 1 (``kernel[grid]`` pads them)."""
+    return grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
+
+
 def _hook_set(hook) -> bool:
     # Triton <= 3.6: None or a callable; later: a HookChain, set when it has calls.
     return hook is not None and bool(getattr(hook, "calls", True))
@@ -137,7 +142,7 @@ class FastLauncher:
         if compiled is None:
             return self._normal(grid, args, kwargs, key, device)
         tail = self._tail(kwargs)
-        grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        grid = _three_dims(grid)
         launch = (*grid, self._stream(device), compiled.function, compiled.packed_metadata, None, enter, exit_, *args,
                   *tail)
         if self._proven:
@@ -162,7 +167,8 @@ class FastLauncher:
             if len(self._cache) >= MAX_ENTRIES:
                 self._cache.clear()
             self._cache[key] = compiled
-            note_launch(self, grid, args, kwargs, compiled, device, self._tail(kwargs))
+            # a direct launch (a replay) takes all three grid dimensions, as Triton's launcher does
+            note_launch(self, _three_dims(grid), args, kwargs, compiled, device, self._tail(kwargs))
         else:
             note_launch(self, grid, args, kwargs, None, None, None)
         return compiled

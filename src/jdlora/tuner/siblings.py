@@ -244,7 +244,7 @@ def _make_steps(members: list) -> list[_Step]:
 
 def _takes_part(layer) -> bool:
     """Whether ``layer``'s mixed-batch forward applies its banks (it has some, adapters enabled, none merged)."""
-    return bool(layer._jd_banks) and not layer.disable_adapters and not layer.merged
+    return len(layer._jd_banks) > 0 and not layer.disable_adapters and not layer.merged
 
 
 def _version(t: Tensor) -> int:
