@@ -5,8 +5,8 @@ Why: an eager decode step is host-bound (issue 13): each adapted layer costs ten
 and launches, more than its kernels take on the GPU. Part of that is Triton's launcher and the CUDA driver,
 which only a GPU shows (``benchmarks/kernels.py --qkv``, ``benchmarks/serving/compiled.py``); the rest is
 ours -- the PEFT tuner's layers, :class:`~jdlora.tuner.mixed.MixedBatch`, the sibling fusion, the launch
-functions and :class:`~jdlora.kernels.fast_launch.FastLauncher`'s key and cache -- and that runs the same
-on any CPU. This benchmark runs exactly that code on CPU tensors with the Triton path forced, Triton's
+functions, :class:`~jdlora.kernels.fast_launch.FastLauncher`'s key and cache and the launch replays of
+:mod:`jdlora.kernels.replay` -- and that runs the same on any CPU. This benchmark runs exactly that code on CPU tensors with the Triton path forced, Triton's
 compiled kernels replaced by a no-op (every launch after the first of a specialization goes through our
 direct-launch path and stops where Triton's own launcher would start).
 
@@ -14,7 +14,7 @@ Two measurements, one thread, best of ``--repeats``:
 
 - ``layer``: one eager forward of q, k and v tuner layers (a ``MixedBatch`` of ``--batch`` rows, one token
   each, ``--adapters`` adapters at rank 64, one cluster), the JD part per layer = (JD - base) / 3, with the
-  sibling fusion on (5 launches for the three) and off (9);
+  sibling fusion on (3 launches for the three) and off (9);
 - ``generate``: ``generate`` of a 32-layer tiny Llama (q, k, v adapted), ``--new`` tokens for ``--batch``
   rows with mixed ``adapter_names``, against the base model; the difference per decode step and per layer.
 

@@ -34,10 +34,11 @@ Usage::
     TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke                    # CPU: the code runs
     PYTHONPATH=src python benchmarks/kernels.py --qkv --json $OUT/qkv.json     # eager q, k, v: fusion on/off
     JDLORA_KERNELS=triton TRITON_INTERPRET=1 python benchmarks/kernels.py --qkv --smoke   # CPU: the code runs
+    PYTHONPATH=src python benchmarks/kernels.py --siblings --json $OUT/siblings.json   # q, k, v JD in a graph
 
-``--qkv``: the host cost of one eager mixed-batch forward of q, k and v (Mistral-7B shapes: 4096 -> 4096,
+``--qkv``: the host cost of one eager mixed-batch forward of q, k and v (with and without launch replays; Mistral-7B shapes: 4096 -> 4096,
 1024, 1024) through jdlora's PEFT tuner layers (``JDLoraLayer.forward`` with a ``MixedBatch``), with the
-siblings' shrink and Sigma fused (one launch each, then three expands: 5 launches) and without (9), beside
+siblings fused (one shrink, one Sigma and one expand launch for the three: 3 launches) and not (9), beside
 the three base linears alone; see :func:`eager_qkv`.
 """
 
@@ -465,6 +466,8 @@ def main():
     p.add_argument("--once", action="store_true", help="run the issue's target shape a few times, eagerly (for ncu)")
     p.add_argument("--qkv", action="store_true",
                    help="eager wall time of one mixed-batch q, k, v forward of tuner layers, sibling fusion on and off")
+    p.add_argument("--siblings", action="store_true",
+                   help="device time of q, k, v's JD in a CUDA graph: 9, 5 or 3 launches, beside the base GEMMs")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -498,6 +501,12 @@ def main():
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(meta=meta, qkv=rows), f, indent=1)
+        return
+    if args.siblings:
+        rows = siblings_in_graph(device, args.replays, smoke=args.smoke)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(meta=meta, siblings=rows), f, indent=1)
         return
     if args.host:
         per_call = eager_per_call(device, calls=500 if device.type == "cuda" else 2)
@@ -571,6 +580,10 @@ def eager_qkv(device, calls: int = 300, *, smoke: bool = False) -> list[dict]:
     from jdlora.tuner.layer import AdapterGroup, JDLoraLayer, Linear
     from jdlora.tuner.mixed import MixedBatch
 
+    try:
+        from jdlora.kernels import replay
+    except ImportError:  # code from before the replays (device.sh ab runs main's)
+        replay = None
     d, d_kv, r, n = (64, 32, 16, 8) if smoke else (4096, 1024, 64, 64)
     rows = []
     for C in (1, 8):
@@ -606,23 +619,81 @@ def eager_qkv(device, calls: int = 300, *, smoke: bool = False) -> list[dict]:
                     layer(x, adapter_names=batch)
 
             row = dict(C=C, T=T, r=r, d=d, d_kv=d_kv, adapters=min(T, n))
+            cases = [("base", base_forward, True, True), ("fused", jd_forward, True, True),
+                     ("unfused", jd_forward, False, True)]
+            if replay is not None:  # and without the launch replays of jdlora.kernels.replay
+                cases += [("fused_noreplay", jd_forward, True, False), ("unfused_noreplay", jd_forward, False, False)]
             with torch.no_grad():
-                for label, op, fuse in (("base", base_forward, True), ("fused", jd_forward, True),
-                                        ("unfused", jd_forward, False)):
+                for label, op, fuse, replays in cases:
                     siblings.ENABLED = fuse
+                    if replay is not None:
+                        replay.ENABLED = replays
                     for _ in range(10 if not smoke else 1):  # warm-up (compiles), its launches not counted
                         op()
                     launched = sum(f.hits + f.misses for f in launchers)
                     row[f"{label}_us"] = mean_host_seconds(op, calls, device, warmup=0) * 1e6
                     row[f"{label}_launches"] = (sum(f.hits + f.misses for f in launchers) - launched) / calls
             siblings.ENABLED = True
-            for label in ("fused", "unfused"):
+            if replay is not None:
+                replay.ENABLED = True
+            for label, *_ in cases[1:]:
                 row[f"{label}_per_layer_us"] = (row[f"{label}_us"] - row["base_us"]) / 3
             rows.append(row)
             print(f"q,k,v eager C={C} T={T}: base {row['base_us']:.1f} us, fused {row['fused_us']:.1f} us "
                   f"({row['fused_launches']:.0f} launches, +{row['fused_per_layer_us']:.1f} us/layer), unfused "
                   f"{row['unfused_us']:.1f} us ({row['unfused_launches']:.0f} launches, "
-                  f"+{row['unfused_per_layer_us']:.1f} us/layer)", flush=True)
+                  f"+{row['unfused_per_layer_us']:.1f} us/layer)"
+                  + (f"; replays off: fused +{row['fused_noreplay_per_layer_us']:.1f}, unfused "
+                     f"+{row['unfused_noreplay_per_layer_us']:.1f} us/layer" if replay is not None else ""), flush=True)
+    return rows
+
+
+def siblings_in_graph(device, replays: int, *, smoke: bool = False) -> list[dict]:
+    """Device time of q, k and v's JD in a CUDA graph, three ways: each module its own three launches (``each``:
+    9), the shrink and Sigma shared then an expand each (``shared``: 5), all shared (``together``: 3), beside the
+    three base GEMMs (``base``). Mistral-7B's projections (4096 -> 4096, 1024, 1024), bf16, rank 64 JD-Full, 64
+    adapters, 1 and 8 clusters per module, T 64 (decode) and 2048 (prefill runs). Microseconds per q, k, v."""
+    from functools import partial
+
+    from jdlora.kernels import jd_lora_expand, jd_lora_expand_siblings, jd_lora_shrink_siblings
+
+    d_outs, r, n = ((32, 16, 16), 16, 8) if smoke else ((4096, 1024, 1024), 64, 64)
+    rows = []
+    for C in (1, 8):
+        for T in ((4,) if smoke else (64, 2048)):
+            batch = prepare_batch(token_adapters(T, n, device))
+            per_copy = 2 * (T * D_IN + sum(d * D_IN + T * d + C * (d + D_IN) * r for d in d_outs))
+            sets = []
+            for _ in range(1 if smoke else copies_for(per_copy)):
+                mods = [make_jd(T, d, n, r, "full", C, device) for d in d_outs]
+                Ws = [torch.randn(d, D_IN, device=device, dtype=DTYPE) / D_IN**0.5 for d in d_outs]
+                ys = [torch.randn(T, d, device=device, dtype=DTYPE) for d in d_outs]
+                sets.append((torch.randn(T, D_IN, device=device, dtype=DTYPE), Ws, mods, ys))  # x, W, JD, y
+
+            def base(s):
+                for W in s[1]:
+                    torch.nn.functional.linear(s[0], W)
+
+            def each(s):
+                for y, (U, V, sigma, c) in zip(s[3], s[2]):
+                    jd_lora_forward(y, s[0], U, V, sigma, c, batch, backend="triton")
+
+            def shared(s, together):
+                Us, Vs, sigmas, cs = zip(*s[2])
+                shrunk = jd_lora_shrink_siblings(s[0], Vs, sigmas, cs, batch, backend="triton")
+                if together:
+                    jd_lora_expand_siblings(s[3], Us, cs, shrunk)
+                else:
+                    for i, (y, U, c) in enumerate(zip(s[3], Us, cs)):
+                        jd_lora_expand(y, U, c, shrunk, i)
+
+            row = dict(C=C, T=T, r=r, adapters=n, copies=len(sets))
+            for label, fn in (("base", base), ("each", each), ("shared", partial(shared, together=False)),
+                              ("together", partial(shared, together=True))):
+                row[f"{label}_us"] = time_graph([partial(fn, s) for s in sets], replays, device) * 1e6
+            rows.append(row)
+            print(f"q,k,v JD in a graph C={C} T={T}: base {row['base_us']:.1f} us, JD each {row['each_us']:.1f}, "
+                  f"shared shrink {row['shared_us']:.1f}, together {row['together_us']:.1f} us", flush=True)
     return rows
 
 

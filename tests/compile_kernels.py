@@ -66,8 +66,12 @@ def configurations():
                     yield shrink.jd_shrink_siblings_kernel, dtype, {**opts, "ONE_CLUSTER0": one, "ONE_CLUSTER1": not one,
                                                                     "ONE_CLUSTER2": False}, \
                         f"shrink siblings {regime} {TYPES[dtype]} one_cluster={one} split={split > 1}"
-                yield expand.jd_expand_kernel, dtype, {**expand._expand_options(x[dtype], 64, expand_cfg),
-                                                       "ONE_CLUSTER": one}, f"expand {regime} {TYPES[dtype]} one_cluster={one}"
+                expand_opts = expand._expand_options(x[dtype], 64, expand_cfg)
+                yield expand.jd_expand_kernel, dtype, {**expand_opts, "ONE_CLUSTER": one}, \
+                    f"expand {regime} {TYPES[dtype]} one_cluster={one}"
+                yield expand.jd_expand_siblings_kernel, dtype, {**expand_opts, "ONE_CLUSTER0": one,
+                                                                "ONE_CLUSTER1": not one, "ONE_CLUSTER2": False}, \
+                    f"expand siblings {regime} {TYPES[dtype]} one_cluster={one}"
         # the rank changes Sigma's tiling (SIGMA_ROWS); the diagonal and exact variants once, at rank 64
         for r, diag, exact in ((16, False, False), (64, False, False), (128, False, False), (64, True, False),
                                (64, False, True)):

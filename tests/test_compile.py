@@ -39,8 +39,8 @@ class Graphs:
 
         self.backend = backend
 
-    def op_calls(self) -> int:
-        return sum(1 for gm in self.graphs for node in gm.graph.nodes if OP in str(node.target))
+    def op_calls(self, op: str = OP) -> int:
+        return sum(1 for gm in self.graphs for node in gm.graph.nodes if op == str(node.target).removesuffix(".default"))
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +75,46 @@ def test_the_kernels_trace_as_one_graph_node_and_match_eager(backend):
     assert len(graphs.graphs) == 1 and graphs.op_calls() == 1
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("expands", ["each", "together"])
+def test_the_siblings_shrink_and_expands_trace_as_graph_nodes_and_match_each_forward(backend, expands):
+    """Under torch.compile, q, k and v's shared shrink is one node returning a fresh g, and their expands one node
+    mutating every output (or one node each): the same numbers as each module's own forward."""
+    from jdlora.kernels import jd_lora_expand, jd_lora_expand_siblings, jd_lora_shrink_siblings
+
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 (set by conftest.py)")
+    rows, S, n, d_in, r = 3, 4, 5, 48, 16
+    d_outs, clusters = (40, 24, 24), (2, 1, 3)
+    x = torch.randn(rows * S, d_in)
+    Us = [torch.randn(c, d, r) / r**0.5 for c, d in zip(clusters, d_outs)]
+    Vs = [torch.randn(c, d_in, r) / d_in**0.5 for c in clusters]
+    sigmas = [torch.randn(n, r, r) / r**0.5 for _ in clusters]
+    cluster_ofs = [torch.randint(-1, c, (n,)) for c in clusters]
+    y0s = [torch.randn(rows * S, d) for d in d_outs]
+
+    def step(x, row_adapter):
+        batch = prepare_batch(row_adapter, tokens_per_row=S)
+        shrunk = jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend)
+        if expands == "each":
+            return [jd_lora_expand(y0 + 0, U, c, shrunk, s, scale=0.5)
+                    for s, (y0, U, c) in enumerate(zip(y0s, Us, cluster_ofs))]
+        ys = [y0 + 0 for y0 in y0s]
+        jd_lora_expand_siblings(ys, Us, cluster_ofs, shrunk, scale=0.5)
+        return ys
+
+    graphs = Graphs()
+    compiled = torch.compile(step, fullgraph=True, backend=graphs.backend)
+    for _ in range(2):  # a new mix: the same graph
+        row_adapter = torch.randint(-1, n, (rows,))
+        for y, y0, U, V, sigma, c in zip(compiled(x, row_adapter), y0s, Us, Vs, sigmas, cluster_ofs):
+            expected = jd_lora_forward_reference(y0.clone(), x, U, V, sigma, c, row_adapter.repeat_interleave(S), scale=0.5)
+            torch.testing.assert_close(y, expected, rtol=2e-5, atol=2e-5)
+    assert len(graphs.graphs) == 1
+    assert graphs.op_calls("jdlora.jd_lora_shrink_siblings") == 1
+    assert graphs.op_calls("jdlora.jd_lora_expand_siblings_") == (3 if expands == "each" else 1)
+
+
 @pytest.fixture(scope="module")
 def peft_model():
     base = tiny_llama()
@@ -94,7 +134,7 @@ def generate(model, ids, names, **kwargs):
 def test_generate_with_a_static_cache_compiles_once_for_every_mix_of_adapters(peft_model):
     """transformers compiles the decode step when the cache is static (on CPU when asked to); the
     mixed-adapter batch is data the graph reads, so a new mix runs the same graph, no graph break, and
-    each row equals that row generated alone with its adapter, eagerly."""
+    each row equals that row generated alone with its adapter, eagerly. q, k and v share their shrink."""
     model, names = peft_model
     graphs = Graphs()
     config = CompileConfig(backend=graphs.backend, fullgraph=True, mode=None)
@@ -107,8 +147,11 @@ def test_generate_with_a_static_cache_compiles_once_for_every_mix_of_adapters(pe
         for i, name in enumerate(mix):
             assert torch.equal(out[i], generate(model, ids[i:i + 1], [name])[0]), (mix, i)
     assert len(graphs.graphs) == 1, "a new mix of adapters recompiled the decode step"
-    # q, k, v, o of both layers (o_proj of layer 0 too: every module of the collection has adapters here)
-    assert graphs.op_calls() == 8
+    # q, k and v of each layer: one shrink-and-Sigma node and one expand node for the three (the siblings, traced);
+    # o_proj: its own forward node
+    assert graphs.op_calls("jdlora.jd_lora_shrink_siblings") == 2
+    assert graphs.op_calls("jdlora.jd_lora_expand_siblings_") == 2
+    assert graphs.op_calls() == 2
     # without adapter_names the compiled step is the base model's (another graph, no JD op)
     base_out = generate(model, ids, None, cache_implementation="static", compile_config=config)
     with model.disable_adapter():

@@ -74,16 +74,14 @@ def _toy_kernel(x_ptr, y_ptr, n, scale, BLOCK: tl.constexpr, MODE: tl.constexpr)
     pass
 
 
-def test_a_direct_launch_hands_triton_s_launcher_the_arguments_of_the_normal_launch():
-    """The argument order of a direct launch, checked where no GPU runs: Triton's compiled kernel is replaced
-    by a recorder (the CUDA tests above check the bits on a GPU)."""
+def _toy_launcher():
+    """A FastLauncher of :func:`_toy_kernel` whose compiled kernel records what it is run with (``direct``) and
+    whose normal launch records its calls (``normal``): our side of every launch, checked where no GPU runs."""
     from triton.runtime.jit import JITFunction
 
     from jdlora.kernels.fast_launch import FastLauncher
 
-    kernel = JITFunction(_toy_kernel)  # a real JITFunction (triton.jit gives an interpreted one here)
-    launcher = FastLauncher(kernel)
-    assert launcher._fast
+    launcher = FastLauncher(JITFunction(_toy_kernel))
     normal, direct = [], []
 
     class Compiled:
@@ -92,14 +90,22 @@ def test_a_direct_launch_hands_triton_s_launcher_the_arguments_of_the_normal_lau
         def run(self, *launch):
             direct.append(launch)
 
-    class Kernel:  # kernel[grid](...): Triton's normal launch, which compiles and returns the compiled kernel
-        params, pre_run_hooks = kernel.params, []
+    class Kernel:
+        params, pre_run_hooks = launcher.kernel.params, []
 
         def __getitem__(self, grid):
             return lambda *args, **kwargs: normal.append((grid, args, kwargs)) or Compiled()
 
     launcher.kernel = Kernel()
     launcher._device, launcher._stream = (lambda: 0), (lambda device: "stream")
+    return launcher, normal, direct
+
+
+def test_a_direct_launch_hands_triton_s_launcher_the_arguments_of_the_normal_launch():
+    """The argument order of a direct launch, checked where no GPU runs: Triton's compiled kernel is replaced
+    by a recorder (the CUDA tests above check the bits on a GPU)."""
+    launcher, normal, direct = _toy_launcher()
+    assert launcher._fast
     x, y = torch.zeros(16), torch.zeros(16)
 
     def launch(*args, grid=(3, 2)):
@@ -117,6 +123,120 @@ def test_a_direct_launch_hands_triton_s_launcher_the_arguments_of_the_normal_lau
     assert len(normal) == 4 and launcher.hits == 1
     launch(x, y, 16, 0.5, grid=(5,))  # the grid is not part of the key
     assert launcher.hits == 2 and direct[-1][:3] == (5, 1, 1)
+
+
+def test_a_replay_hands_triton_s_launcher_what_the_direct_launch_of_the_new_tensors_would():
+    from jdlora.kernels.replay import LaunchRecording
+
+    launcher, normal, direct = _toy_launcher()
+    w = torch.zeros(16)  # fixed: recorded as it is
+
+    def call(x, y):  # two launches, x and y in several places, one fixed tensor
+        launcher((2,), x, w, 16, 0.5, BLOCK=4, MODE="a", num_warps=2)
+        launcher((3, 2), y, x, 16, 1.5, BLOCK=8, MODE="b", num_warps=4)
+
+    x, y = torch.zeros(16), torch.zeros(16)
+    call(x, y)  # compiles both: normal launches
+    with LaunchRecording(x, y) as recording:
+        call(x, y)
+    assert recording.complete and len(direct) == 2
+    x2, y2 = torch.ones(16), torch.ones(16)
+    call(x2, y2)
+    expected = direct[-2:]
+    recording.replay(x2, y2)
+    assert direct[-2:] == expected  # the same tensors (by identity), grids, options and stream
+    assert direct[-2][9] is x2 and direct[-2][10] is w and direct[-1][9] is y2 and direct[-1][10] is x2
+    assert len(normal) == 2 and launcher.hits == 6
+
+
+def test_a_replay_of_a_launch_that_compiled_during_the_recording_takes_a_three_dimensional_grid():
+    """A recorded launch may be the kernel's normal launch for a new shape (it compiled then) while the launcher
+    already launches directly: its replay is direct, and a direct launch takes all three grid dimensions (the
+    H200 run of session 10 failed here with a one-dimensional grid: "function takes exactly 44 arguments")."""
+    from jdlora.kernels.replay import LaunchRecording
+
+    launcher, normal, direct = _toy_launcher()
+    w = torch.zeros(16)
+    for _ in range(2):  # compiled, then launched directly: the launcher is proven
+        launcher((2,), torch.zeros(16), w, 16, 0.5, BLOCK=4, MODE="a", num_warps=2)
+    x = torch.zeros(8)
+    with LaunchRecording(x) as recording:
+        launcher((2,), x, w, 8, 0.5, BLOCK=4, MODE="a", num_warps=2)  # a new size: Triton's normal launch
+    assert recording.complete and len(normal) == 2
+    x2 = torch.ones(8)
+    recording.replay(x2)
+    assert direct[-1][:4] == (2, 1, 1, "stream") and direct[-1][9] is x2 and len(normal) == 2
+
+
+def test_a_recording_is_incomplete_when_a_slot_went_as_a_copy_or_nothing_launched():
+    from jdlora.kernels.replay import LaunchRecording, Replays
+
+    launcher, normal, direct = _toy_launcher()
+    w = torch.zeros(16)
+    x = torch.zeros(16)
+    with LaunchRecording(x) as recording:
+        launcher((2,), x.clone(), w, 16, 0.5, BLOCK=4, MODE="a", num_warps=2)  # a copy of x: not replayable
+    assert not recording.complete
+    with LaunchRecording(x) as recording:
+        pass  # the torch reference: nothing launched
+    assert not recording.complete
+    replays = Replays()
+    with replays.record("batch", x):
+        pass
+    assert not replays.on and not replays.replay("batch", x)  # stops trying
+
+
+def test_replays_are_kept_per_context_object_and_layout():
+    from jdlora.kernels.replay import Replays
+
+    launcher, normal, direct = _toy_launcher()
+    replays = Replays(max_recordings=2)
+    context, other = object(), object()
+
+    def call(x):
+        if not replays.replay(context, x):
+            with replays.record(context, x):
+                launcher((2,), x, x, 16, 0.5, BLOCK=4, MODE="a", num_warps=2)
+
+    x = torch.zeros(16)
+    call(x)
+    call(torch.ones(16))  # same layout: replayed
+    assert replays.replayed == 1 and direct[-1][9] is not x
+    assert not replays.replay(other, x)  # another context
+    assert not replays.replay(context, torch.zeros(8))  # another shape
+    assert not replays.replay(context, torch.zeros(17)[1:])  # unaligned
+    assert not replays.replay(context, torch.zeros(16, dtype=torch.float64))
+    assert not replays.replay(context, torch.zeros(32)[::2])  # other strides
+    call(torch.zeros(8))
+    call(torch.zeros(4))  # a third layout: the kept ones start over
+    assert replays.replay(context, torch.zeros(4)) and not replays.replay(context, torch.zeros(16))
+
+
+def test_a_replay_launches_through_the_launcher_when_a_direct_launch_may_not_go_ahead():
+    """Launch hooks set after the recording (a profiler), or another current device: the replay goes through the
+    launcher, which takes Triton's normal launch; the same when the kernel was never launched directly yet."""
+    from jdlora.kernels.replay import LaunchRecording
+
+    launcher, normal, direct = _toy_launcher()
+    w = torch.zeros(16)
+    x = torch.zeros(16)
+    with LaunchRecording(x) as first:  # compiles: a normal launch, recorded with its compiled kernel
+        launcher((2,), x, w, 16, 0.5, BLOCK=4, MODE="a", num_warps=2)
+    first.replay(torch.ones(16))  # not proven yet: through the launcher, which launches directly and proves it
+    assert len(normal) == 1 and len(direct) == 1
+    first.replay(torch.ones(16))
+    assert len(direct) == 2
+    knobs = launcher._knobs
+    old = knobs.launch_enter_hook
+    try:
+        knobs.launch_enter_hook = lambda *a: None
+        first.replay(torch.ones(16))
+    finally:
+        knobs.launch_enter_hook = old
+    assert len(normal) == 2 and len(direct) == 2
+    launcher._device = lambda: 1
+    first.replay(torch.ones(16))
+    assert len(direct) == 2 and len(normal) == 3  # device 1 never compiled: normal launch
 
 
 @pytest.mark.skipif(ON_CUDA or os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter only")

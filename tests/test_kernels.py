@@ -348,8 +348,9 @@ def test_every_gpu_configuration_compiles_for_hopper_without_a_gpu():
     lines = done.stdout.splitlines()
     assert done.returncode == 0, "\n".join(lines[-3:]) + done.stderr[-2000:]
     compiled = [line for line in lines if line.startswith("ok sm_90 ")]
-    # shrink, siblings' shrink and expand per regime, dtype and flags; Sigma per regime and variant
-    assert len(compiled) == 2 * (2 * 2 * (2 * 2 + 1)) + 2 * 5 * 2, lines
+    # shrink and siblings' shrink per regime, dtype, cluster flag and split; expand and siblings' expand per regime,
+    # dtype and flag; Sigma and siblings' Sigma per regime and variant
+    assert len(compiled) == 2 * (2 * 2 * (2 * 2 + 2)) + 2 * 5 * 2, lines
 
 
 def test_import_jdlora_does_not_import_triton():
@@ -526,26 +527,30 @@ def test_linear_overlapped_on_a_side_stream_matches_serial_eager_and_in_a_graph(
         assert rel_err(y_static, ref, base) < 1e-2
 
 
-# ----- siblings: one shrink and one Sigma launch for modules that read the same x ----------------------
+# ----- siblings: one shrink, one Sigma and one expand launch for modules that read the same x -------------
 
 
 def _siblings(T, d_in, r, n, clusters, *, diag, dtype, runs=False):
-    """Sibling modules (own U, V, Sigma, cluster_of; one rank) over one x and one batch of adapters."""
+    """Sibling modules (own U, V, Sigma, cluster_of; one rank) over one x and one batch of adapters:
+    ``(x, the prepared batch, [(U, V, sigma, cluster_of) per sibling])``."""
     problems = [make_problem(T, d_in, 8 + 8 * s, r, C, n, diag=diag, dtype=dtype, runs=runs)
                 for s, C in enumerate(clusters)]
     x, ta = problems[0][0], problems[0][5]
-    return x, ta, [p[1:5] for p in problems]  # (U, V, sigma, cluster_of) per sibling
+    return x, prepare_batch(ta), [p[1:5] for p in problems]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("diag", [False, True], ids=["full", "diag"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("T,tokens_per_row", [(7, 1), (40, 4)], ids=["decode", "prefill-rows"])
-def test_siblings_shrunk_together_equal_each_forward_alone(backend, diag, dtype, T, tokens_per_row):
-    from jdlora.kernels import jd_lora_expand, jd_lora_shrink_siblings, siblings_fusable
+@pytest.mark.parametrize("expands", ["each", "together"])
+def test_siblings_shrunk_together_equal_each_forward_alone(backend, diag, dtype, T, tokens_per_row, expands):
+    from jdlora.kernels import (
+        expand_siblings_fusable, jd_lora_expand, jd_lora_expand_siblings, jd_lora_shrink_siblings, siblings_fusable,
+    )
 
     _backend(backend)
-    x, _, mods = _siblings(T, 32, 16, 6, (1, 3, 2), diag=diag, dtype=dtype)
+    x, _, mods = _siblings(T, 32, 16, 6, (1, 3, 2), diag=diag, dtype=dtype)  # d_out 8, 16, 24: 1, 1 and 2 tiles
     batch = prepare_batch(torch.randint(-1, 6, (T // tokens_per_row,), device=DEVICE), tokens_per_row=tokens_per_row)
     Us, Vs, sigmas, cluster_ofs = zip(*mods)
     assert siblings_fusable(Vs, sigmas, cluster_ofs)
@@ -555,9 +560,12 @@ def test_siblings_shrunk_together_equal_each_forward_alone(backend, diag, dtype,
     for _ in range(2):  # on CUDA the second call launches directly (jdlora.kernels.fast_launch)
         ys = [y.clone() for y in y0]
         shrunk = jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend)
+        if expands == "together":
+            assert expand_siblings_fusable(ys, Us)
+            jd_lora_expand_siblings(ys, Us, cluster_ofs, shrunk, scale=0.5)
         for i, (y, (U, V, s, c)) in enumerate(zip(ys, mods)):
-            out = jd_lora_expand(y, U, c, shrunk, i, scale=0.5)
-            assert out is y
+            if expands == "each":
+                assert jd_lora_expand(y, U, c, shrunk, i, scale=0.5) is y
             if ON_CUDA and backend == "triton":  # split-K sums meet by atomic adds, in any order
                 tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]  # an ulp or two
                 torch.testing.assert_close(y, alone[i], rtol=tol, atol=tol)
@@ -569,12 +577,60 @@ def test_siblings_shrunk_together_equal_each_forward_alone(backend, diag, dtype,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_two_siblings_expanded_together_and_outputs_of_other_strides_each_alone(backend):
+    from jdlora.kernels import expand_siblings_fusable, jd_lora_expand_siblings, jd_lora_shrink_siblings
+
+    _backend(backend)
+    x, batch, mods = _siblings(9, 32, 16, 5, (2, 1), diag=False, dtype=torch.float32)
+    Us, Vs, sigmas, cluster_ofs = zip(*mods)
+    alone = [jd_lora_forward(torch.zeros(9, U.shape[1], device=DEVICE), x, U, V, s, c, batch, backend=backend)
+             for U, V, s, c in mods]
+    ys = [torch.zeros(9, U.shape[1], device=DEVICE) for U in Us]
+    jd_lora_expand_siblings(ys, Us, cluster_ofs, jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend))
+    for y, ref in zip(ys, alone):
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    # A column-major output cannot share the launch: each sibling runs its own expand, same numbers.
+    ys = [torch.zeros(9, Us[0].shape[1], device=DEVICE), torch.zeros(Us[1].shape[1], 9, device=DEVICE).T]
+    assert not expand_siblings_fusable(ys, Us)
+    jd_lora_expand_siblings(ys, Us, cluster_ofs, jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend))
+    for y, ref in zip(ys, alone):
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="2 siblings were shrunk, got 1 outputs"):
+        jd_lora_expand_siblings(ys[:1], Us[:1], cluster_ofs[:1],
+                                jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_siblings_shares_launches_among_siblings_of_one_rank_and_equals_each_forward(backend, monkeypatch):
+    """Slices of one fused output (q, k, v, ...): siblings of one rank, dtype and layout share their launches (at
+    most three at a time), any other runs its own; every slice the numbers of its own jd_lora_forward."""
+    import jdlora.kernels as K
+
+    _backend(backend)
+    x, batch, mods = _siblings(9, 32, 16, 5, (2, 1, 1, 3, 1), diag=False, dtype=torch.float32)
+    _, _, other = _siblings(9, 32, 8, 5, (2,), diag=False, dtype=torch.float32)  # rank 8: alone
+    mods = mods[:2] + other + mods[2:]
+    widths = [U.shape[1] for U, _, _, _ in mods]
+    out = torch.zeros(9, sum(widths), device=DEVICE)
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    ys = [out[:, a:a + w] for a, w in zip(starts, widths)]  # column slices of one output, as TGI and vLLM have
+    calls = []
+    shrink = K.jd_lora_shrink_siblings
+    monkeypatch.setattr(K, "jd_lora_shrink_siblings", lambda *a, **k: calls.append(len(a[1])) or shrink(*a, **k))
+    Us, Vs, sigmas, cluster_ofs = zip(*mods)
+    K.jd_lora_forward_siblings(ys, x, Us, Vs, sigmas, cluster_ofs, batch, scale=0.5, backend=backend)
+    assert calls == [3, 2]  # five rank-16 siblings: three, then two; the rank-8 one alone
+    for y, (U, V, sigma, c) in zip(ys, mods):
+        alone = jd_lora_forward(torch.zeros_like(y), x, U, V, sigma, c, batch, scale=0.5, backend=backend)
+        torch.testing.assert_close(y, alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_later_sibling_shrink_invalidates_the_earlier_g(backend):
     from jdlora.kernels import jd_lora_expand, jd_lora_shrink_siblings
 
     _backend(backend)
-    x, ta, mods = _siblings(5, 32, 16, 4, (2, 2), diag=False, dtype=torch.float32)
-    batch = prepare_batch(ta)
+    x, batch, mods = _siblings(5, 32, 16, 4, (2, 2), diag=False, dtype=torch.float32)
     Us, Vs, sigmas, cluster_ofs = zip(*mods)
     first = jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend)
     second = jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend=backend)
@@ -586,9 +642,8 @@ def test_a_later_sibling_shrink_invalidates_the_earlier_g(backend):
 def test_an_unknown_backend_name_is_refused_by_the_siblings_shrink_too():
     from jdlora.kernels import jd_lora_shrink_siblings
 
-    x, ta, mods = _siblings(3, 32, 16, 4, (1, 1), diag=False, dtype=torch.float32)
+    x, batch, mods = _siblings(3, 32, 16, 4, (1, 1), diag=False, dtype=torch.float32)
     Us, Vs, sigmas, cluster_ofs = zip(*mods)
-    batch = prepare_batch(ta)
     with pytest.raises(ValueError, match="backend must be"):
         jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch, backend="cuda")
     assert batch.sibling_calls == 0  # refused before anything changed

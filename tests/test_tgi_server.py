@@ -18,7 +18,7 @@ import json
 import os
 import socket
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -376,6 +376,34 @@ def check_layers(tgi, assets, model, index, mode, speculative=0, rank=0, world=1
 def test_mixed_batch_layers_match_dense_merged_weights(tgi, assets, punica, monkeypatch, mode, speculative):
     model, index = load(tgi, assets, tgi.FakeGroup(0, 1), monkeypatch)
     check_layers(tgi, assets, model, index, mode, speculative)
+
+
+def test_fused_projections_run_their_jd_parts_together_with_the_numbers_of_each_alone(tgi, assets, punica, monkeypatch):
+    """q/k/v and gate/up (TGI's fused projections) make one JD shrink-and-expand for their layer types, beside TGI's
+    own LoRA parts; each slice gets exactly what its layer type's own JD forward gives."""
+    import jdlora.kernels
+    import jdlora_tgi.patches
+
+    model, index = load(tgi, assets, tgi.FakeGroup(0, 1), monkeypatch)
+    meta = make_meta(tgi, [index.get(a, 0) for a in REQUESTS])
+    data = tgi.AdapterBatchData.from_meta(meta, model.layer_to_adapter_weights, False, None)
+    calls = []
+    shrink = jdlora.kernels.jd_lora_shrink_siblings
+    monkeypatch.setattr(jdlora.kernels, "jd_lora_shrink_siblings", lambda *a, **k: calls.append(len(a[1])) or shrink(*a, **k))
+    x = torch.randn(len(REQUESTS), HIDDEN, generator=torch.Generator().manual_seed(5))
+    fused_layers = [p for layer in model.model.model.layers for p in (layer.self_attn.query_key_value, layer.mlp.gate_up_proj)]
+    together = [m(x, data) for m in fused_layers]
+    # one shrink per set of 2+ layer types of one rank (these collections' modules have ranks 4 and 6)
+    expected = []
+    for l in range(NLAYERS):
+        for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            ranks = Counter(model.jdlora.tables[n].sigma[l].shape[1] for n in names)
+            expected += [count for count in ranks.values() if count > 1]
+    assert expected and sorted(calls) == sorted(expected), (calls, expected)
+    monkeypatch.setattr(jdlora_tgi.patches, "_jd_siblings", lambda *a: {})
+    alone = [m(x, data) for m in fused_layers]
+    assert all(torch.equal(a, b) for a, b in zip(together, alone))
+    assert len(calls) == len(expected)
 
 
 def test_jd_only_and_base_only_batches(tgi, assets, punica, monkeypatch):

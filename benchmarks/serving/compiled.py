@@ -21,7 +21,7 @@ host whose speed drifts (eager walls are host time) weighs on both alike. Paths:
   the base model: eager once more, which shows the run-to-run spread);
 - *prefill*: the eager prompt forward and first token alone (``max_new_tokens=1``), so that
   ``(wall - prefill) / (new - 1)`` is the time of one decode step;
-- the same three with JD-LoRA (eager: q, k and v share one shrink and one Sigma launch,
+- the same three with JD-LoRA (eager: q, k and v share one shrink, one Sigma and one expand launch,
   :mod:`jdlora.tuner.siblings`; ``JDLORA_FUSE_SIBLINGS=0`` runs each layer's own three, recorded as
   ``fuse_siblings`` in the results) (:mod:`.jd`'s synthetic collection at the paper's setting for the size,
   loaded by jdlora's tuner, bf16), ``adapter_names`` with ``--batch`` adapters drawn at random every call

@@ -10,6 +10,14 @@
 #   bash benchmarks/serving/device.sh study1024  # the study's 1,024-adapter cells alone, both batch limits and memories (~3 min)
 #   bash benchmarks/serving/device.sh prefill    # the kernel tests (each file under a timeout), then one study prefill per
 #                                                # path, profiled by kernel (benchmarks/serving/prefill.py): after a kernel change
+#   bash benchmarks/serving/device.sh check      # every GPU test of the kernels and the tuner (~5 min), after a change
+#   MAIN_SRC=gpu_assets/main/src bash benchmarks/serving/device.sh ab   # a branch against main (its src from
+#                                                # `git archive main src`, carried): q/k/v's JD in a CUDA graph (9, 5 or 3
+#                                                # launches), then the eager q/k/v host cost and eager generate at 64
+#                                                # adapters, main's code and this tree's (each step under a timeout)
+#   bash benchmarks/serving/device.sh replays    # eager generate at 64 adapters, launch replays off then on (this tree)
+#   bash benchmarks/serving/device.sh tgi        # TGI's JD path on one layer (integrations/tgi/scripts/tp_check.py, TP 1):
+#                                                # checks, CUDA-graph replays, base vs JD each vs JD together per layer
 # Results and logs go to $OUT (the device tool's output folder) or ./device-out.
 set -euo pipefail
 OUT=${OUT:-device-out}
@@ -52,5 +60,36 @@ case "$1" in
       | tee -a "$OUT/tests.log" || { echo "SIBLING TESTS FAILED OR TIMED OUT" | tee -a "$OUT/tests.log"; exit 1; }
     mkdir -p "$OUT/prefill"
     timeout 240 python -m benchmarks.serving.prefill --out "$OUT/prefill" --reps 3 2>&1 | tee "$OUT/prefill/log.txt" ;;
-  *) echo "usage: $0 generate|generate1024|anatomy|study|study1024|prefill" >&2; exit 2 ;;
+  check)
+    # every GPU test of the kernels and the tuner, each file under its own timeout (a hung kernel must not hold the machine)
+    timeout 150 python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+      -k "many_clusters or sibling or decode_batches or prefill_runs or clusterings or cuda_graph or rows_equals" 2>&1 \
+      | tail -4 | tee "$OUT/tests.log" || echo "KERNEL TESTS FAILED OR TIMED OUT" | tee -a "$OUT/tests.log"
+    timeout 120 python -m pytest -q -x -p no:cacheprovider tests/test_siblings.py tests/test_fast_launch.py 2>&1 \
+      | tail -4 | tee -a "$OUT/tests.log" || echo "SIBLING TESTS FAILED OR TIMED OUT" | tee -a "$OUT/tests.log"
+    timeout 280 python -m pytest -q -x -p no:cacheprovider tests/test_tuner_gpu.py tests/test_compile.py 2>&1 \
+      | tail -4 | tee -a "$OUT/tests.log" || echo "TUNER TESTS FAILED OR TIMED OUT" | tee -a "$OUT/tests.log" ;;
+  ab)
+    [ -d "${MAIN_SRC:-}" ] || { echo "set MAIN_SRC to main's src folder (git archive main src)" >&2; exit 2; }
+    timeout 120 python -m benchmarks.kernels --siblings --json "$OUT/siblings.json" 2>&1 | tee "$OUT/siblings.log" || true
+    for side in main branch; do
+      src=src; [ "$side" = main ] && src=$MAIN_SRC
+      PYTHONPATH=$src:. timeout 90 python -m benchmarks.kernels --qkv --json "$OUT/qkv-$side.json" 2>&1 \
+        | tee "$OUT/qkv-$side.log" || true
+    done
+    for side in branch main; do
+      src=src; [ "$side" = main ] && src=$MAIN_SRC
+      PYTHONPATH=$src:. timeout 170 python -m benchmarks.serving.compiled --out "$OUT/generate-$side" --sizes 64 \
+        --warmup 1 --reps 5 --paths eager 2>&1 | tee "$OUT/generate-$side.log" || true
+    done ;;
+  replays)
+    # eager generate at 64 adapters with the launch replays of jdlora.kernels.replay off, then on (this tree)
+    for replays in 0 1; do
+      JDLORA_REPLAY_LAUNCHES=$replays timeout 200 python -m benchmarks.serving.compiled --out "$OUT/generate-replays$replays" \
+        --sizes 64 --warmup 1 --reps 5 --paths eager 2>&1 | tee "$OUT/generate-replays$replays.log" || true
+    done ;;
+  tgi)
+    PYTHONPATH=src:integrations/tgi/src:integrations/tgi/scripts timeout 400 python integrations/tgi/scripts/tp_check.py \
+      --json "$OUT/tp_check.json" 2>&1 | tee "$OUT/tp_check.log" ;;
+  *) echo "usage: $0 generate|generate1024|anatomy|study|study1024|prefill|check|ab|replays|tgi" >&2; exit 2 ;;
 esac

@@ -2,7 +2,9 @@
 decode/prefill cost of base vs base + JD at each TP degree, with the all-reduce of row-parallel layers timed.
 
 One transformer layer's seven adapted projections at Mistral-7B shapes (q 4096, k/v 1024, o 4096, gate/up
-14336, down 4096 <- 14336), random weights, a collection of 1,024 adapters (rank 16, 8 clusters, full Sigma).
+14336, down 4096 <- 14336), as TGI's four layers (q/k/v and gate/up one GEMM each), random weights, a collection
+of 1,024 adapters (rank 16, 8 clusters, full Sigma). The JD parts of a fused layer run together, as the hooked
+TGI runs them (``jd``), and each on its own (``jd_each``, checked equal, timed at TP 1).
 Each rank builds its tables the way TGI's hooks do (:class:`JDRegistry`, ``ShardSpec.for_layer(type, rank,
 world)``) and runs what an adapted TGI layer runs: column-parallel ``y = x W_shard^T`` then
 :func:`apply_jd` into its output slice; row-parallel ``y = x_shard W_shard^T``, all-reduce, then
@@ -35,7 +37,7 @@ from jdlora.collection import AdapterInfo, CollectionModule, JDLoraCollection
 from jdlora.compress import ModuleCompression
 from gpu_check import build  # beside this script
 from jdlora_tgi.cuda_graphs import CapturableStepRows
-from jdlora_tgi.forward import apply_jd, row_finish, row_partial
+from jdlora_tgi.forward import apply_jd, apply_jd_siblings, row_finish, row_partial
 from jdlora_tgi.registry import StepRows
 from jdlora_tgi.sharding import ROW_PARALLEL_LAYERS, shard_bounds
 
@@ -43,6 +45,7 @@ MISTRAL = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096
            "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336)}
 TINY = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64),
         "gate_proj": (96, 64), "up_proj": (96, 64), "down_proj": (64, 96)}
+FUSED = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))  # TGI's layers
 
 
 def random_collection(n: int, shapes: dict, rank: int, clusters: int, seed: int = 0) -> JDLoraCollection:
@@ -62,12 +65,13 @@ def random_collection(n: int, shapes: dict, rank: int, clusters: int, seed: int 
 
 
 class Rank:
-    """One rank's weights: base weight shards and sharded JD tables; ``forward`` runs the seven projections."""
+    """One rank's weights: base weight shards and sharded JD tables; ``forward`` runs the seven projections as
+    TGI's four layers (q/k/v and gate/up each one GEMM into one output, as TGI fuses them)."""
 
     def __init__(self, coll, W: dict, device, dtype, world: int, rank: int, group=None):
         self.world, self.rank, self.group = world, rank, group
         self.registry = build({"org/collection": coll}, None, device, dtype, world, rank)  # as one TGI rank does
-        self.W = {}
+        shards = {}
         for lt, w in W.items():
             d_out, d_in = w.shape
             if world == 1:
@@ -76,26 +80,39 @@ class Rank:
                 part = w[:, slice(*shard_bounds(d_in, rank, world))]
             else:
                 part = w[slice(*shard_bounds(d_out, rank, world))]
-            self.W[lt] = part.to(device, dtype).contiguous()
+            shards[lt] = part.to(device, dtype).contiguous()
+        self.layers = []  # (layer types, their shards stacked as one weight, each one's columns of the output)
+        for names in FUSED:
+            names = tuple(n for n in names if n in shards)
+            widths = [shards[n].shape[0] for n in names]
+            columns = [(sum(widths[:i]), sum(widths[:i + 1])) for i in range(len(names))]
+            self.layers.append((names, torch.cat([shards[n] for n in names]), columns))
 
     def local_input(self, lt: str, x: torch.Tensor) -> torch.Tensor:
         if self.world > 1 and lt in ROW_PARALLEL_LAYERS:
             return x[:, slice(*shard_bounds(x.shape[1], self.rank, self.world))].contiguous()
         return x
 
-    def forward(self, xs: dict, step, jd: bool = True, collective: bool = True) -> dict:
-        """``{layer type: output}``: this rank's slice (column-parallel) or the reduced output (row-parallel)."""
+    def forward(self, xs: dict, step, jd: bool = True, collective: bool = True, together: bool = True) -> dict:
+        """``{layer type: output}``: this rank's slice (column-parallel) or the reduced output (row-parallel).
+        ``together``: the JD parts of a fused layer's types in one go (:func:`apply_jd_siblings`, what the hooked
+        ``TensorParallelMultiAdapterLinear`` runs), else each its own :func:`apply_jd`."""
         out = {}
-        for lt, w in self.W.items():
-            x = self.local_input(lt, xs[lt])
+        for names, w, columns in self.layers:
+            x = self.local_input(names[0], xs[names[0]])
             y = x @ w.T
-            row = lt in ROW_PARALLEL_LAYERS and self.world > 1
+            row = names[0] in ROW_PARALLEL_LAYERS and self.world > 1
             if row and collective:
                 dist.all_reduce(y, group=self.group)
             if jd and (collective or not row):
-                apply_jd(self.registry.tables[lt], 0, y, x, step, 0, y.shape[1],
-                         process_group=self.group if row else None)
-            out[lt] = y
+                tables = [self.registry.tables[n] for n in names]
+                if together and len(names) > 1:
+                    apply_jd_siblings(tables, 0, y, x, step, columns)
+                else:
+                    for table, (a, b) in zip(tables, columns):
+                        apply_jd(table, 0, y, x, step, a, b, process_group=self.group if row else None)
+            for n, (a, b) in zip(names, columns):
+                out[n] = y[:, a:b]
         return out
 
 
@@ -116,9 +133,13 @@ def expected_slice(lt: str, ref: torch.Tensor, world: int, rank: int) -> torch.T
 
 
 def make_inputs(shapes, T, n, device, dtype, seed):
+    """Adapter rows (-1: base rows, mixed with every cluster) and one input per TGI layer (its types share it)."""
     g = torch.Generator().manual_seed(seed)
-    picks = torch.randint(-1, n, (T,), generator=g)  # -1: base rows, mixed with every cluster
-    xs = {lt: torch.randn(T, d_in, generator=g).to(device, dtype) for lt, (_, d_in) in shapes.items()}
+    picks = torch.randint(-1, n, (T,), generator=g)
+    xs = {}
+    for names in FUSED:
+        x = torch.randn(T, shapes[names[0]][1], generator=g).to(device, dtype)
+        xs.update(dict.fromkeys(names, x))
     return picks.to(device=device, dtype=torch.int32), xs
 
 
@@ -191,8 +212,11 @@ def main() -> int:
 
     for T in tokens:
         rows, xs = make_inputs(shapes, T, n, device, dtype, seed=T)
-        ref = tp1.forward(xs, StepRows(rows))
+        ref = tp1.forward(xs, StepRows(rows), together=False)
         base = tp1.forward(xs, StepRows(rows), jd=False)
+        together = tp1.forward(xs, StepRows(rows))
+        for lt in shapes:  # the fused layers' JD parts in one go == each its own
+            report(f"T={T} {lt} together == each", relative_error(together[lt], ref[lt]))
         for lt in shapes:  # the JD update must be visible, or the comparison says nothing
             assert relative_error(base[lt], ref[lt]) > 10 * tol, f"JD update of {lt} too small to check"
         if distributed:
@@ -266,6 +290,7 @@ def graphs_and_timings(args, shapes, n, device, dtype, tp1, ranks, world, me, di
         entry = {}
         if me == 0:  # TP 1 on this GPU, in the same run (the other ranks wait)
             entry["tp1_base_us"] = time_graph(lambda: tp1.forward(xs_t, stepT, jd=False), device, args.iters)
+            entry["tp1_jd_each_us"] = time_graph(lambda: tp1.forward(xs_t, stepT, together=False), device, args.iters)
             entry["tp1_jd_us"] = time_graph(lambda: tp1.forward(xs_t, stepT), device, args.iters)
         if distributed:
             dist.barrier()

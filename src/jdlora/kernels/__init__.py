@@ -23,15 +23,16 @@ API::
                                        (not checked: checking would synchronize with the host)
 
 Sibling modules that read the same ``x`` (q, k and v of an attention block; gate and up) run their first
-two launches together, then each its own expand (5 launches for q, k, v instead of 9; same bits as each
-module's own :func:`jd_lora_forward`)::
+two launches together, then their expands, together when every output is at hand (3 launches for q, k, v
+instead of 9) or each its own (5); the same bits as each module's own :func:`jd_lora_forward`::
 
     if siblings_fusable(Vs, sigmas, cluster_ofs):     # one rank, dtype and layout; 2-3 siblings
         shrunk = jd_lora_shrink_siblings(x, Vs, sigmas, cluster_ofs, batch)   # g_s = Sigma_s[a] V_s[c_s]^T x
-        for s in range(len(Vs)):
-            jd_lora_expand(ys[s], Us[s], cluster_ofs[s], shrunk, s, scale=scale)
+        jd_lora_expand_siblings(ys, Us, cluster_ofs, shrunk, scale=scale)     # or, per sibling s:
+        # jd_lora_expand(ys[s], Us[s], cluster_ofs[s], shrunk, s, scale=scale)
 
-The PEFT tuner does this by itself in eager mode (:mod:`jdlora.tuner.siblings`).
+The PEFT tuner does this by itself (:mod:`jdlora.tuner.siblings`), and :func:`jd_lora_forward_siblings` for
+the slices of one output (the serving engines' fused projections).
 
 ``batch`` may also be the raw ``token_adapter`` tensor (then :func:`prepare_batch` runs per call). A batch
 of rows of S tokens each (a ``[B, S, d]`` input flattened) is ``prepare_batch(row_adapter)`` once and
@@ -40,7 +41,8 @@ of rows of S tokens each (a ``[B, S, d]`` input flattened) is ``prepare_batch(ro
 torch.compile: under ``torch.compile`` both functions put one custom-op node in the graph
 (``torch.ops.jdlora.jd_lora_forward_``, :mod:`~jdlora.kernels.ops`, mutating ``y``), so dynamo never traces
 into Triton's launcher; ``fullgraph=True`` works and CUDA graphs (``mode="reduce-overhead"``) replay the
-kernels. In eager mode they call the launcher directly (no custom-op dispatch per call).
+kernels; the siblings' functions likewise (one shrink-and-Sigma node, one expand node). In eager mode they call
+the launcher directly (no custom-op dispatch per call).
 Numbers: float32 accumulation throughout; :mod:`jdlora.kernels.reference` defines them.
 
 Dispatch: ``backend="auto"`` runs the Triton kernels on CUDA tensors and the torch reference
@@ -62,9 +64,10 @@ Kernels (Triton path), three launches per layer, no host synchronization, CUDA-g
    each present cluster's U tile once per token block, reads and writes y once.
 
 Siblings (:func:`jd_lora_shrink_siblings`): ``jd_shrink_siblings_kernel`` and ``jd_sigma_siblings_kernel`` add a
-sibling axis to the grid of 1. and 2. (program ``(..., s)`` is the same program of sibling s, with its own
+sibling index to the grid of 1. and 2. (each program is the same program of one sibling s, with its own
 ``V_s``, ``Sigma_s``, ``cluster_of_s`` and rows of a ``[S, T, w]`` scratch), so each sibling gets the sums of
-its own launches; the expands stay one per module (each its own ``U``, output and width).
+its own launches; ``jd_expand_siblings_kernel`` lays the siblings' column tiles of 3. along one grid axis (each
+its own ``U``, output and width).
 
 :mod:`~jdlora.kernels.launch` says why three launches and holds the block-size configurations.
 Eager launches go through :mod:`~jdlora.kernels.fast_launch`: after the first launch of a specialization
@@ -88,14 +91,15 @@ import torch
 from torch import Tensor
 
 from .batch import JDBatch, prepare_batch
-from .ops import jd_lora_forward_op
+from .ops import jd_lora_expand_siblings_op, jd_lora_forward_op, jd_lora_shrink_siblings_op
 from .reference import jd_lora_expand_reference, jd_lora_forward_reference, jd_lora_shrink_reference
 
 __all__ = ["JDBatch", "prepare_batch", "jd_lora_forward", "jd_lora_linear", "jd_lora_forward_reference",
-           "ShrunkSiblings", "siblings_fusable", "jd_lora_shrink_siblings", "jd_lora_expand", "MAX_SIBLINGS"]
+           "ShrunkSiblings", "siblings_fusable", "jd_lora_shrink_siblings", "jd_lora_expand", "jd_lora_expand_siblings",
+           "jd_lora_forward_siblings", "expand_siblings_fusable", "MAX_SIBLINGS", "KERNEL_DTYPES"]
 
 Backend = Literal["auto", "triton", "torch"]
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton kernels take
 _INTS = (torch.int32, torch.int64)
 # Read once, at import: a lookup per call cost more host time than the rest of the dispatch.
 _ENV_BACKEND = os.environ.get("JDLORA_KERNELS")
@@ -216,13 +220,16 @@ class ShrunkSiblings:
 
     g: Tensor | tuple[Tensor, ...]  # Triton: [S, T, w] (one stacked scratch); torch: one [T, r] per sibling
     batch: JDBatch
-    call: int
+    call: int  # TRACED: made under torch.compile (a graph value of its own, never overwritten)
     d_in: int
     backend: str
 
     @property
     def valid(self) -> bool:
-        return self.batch.sibling_calls == self.call
+        return self.call == TRACED or self.batch.sibling_calls == self.call
+
+
+TRACED = -1
 
 
 def siblings_fusable(Vs: Sequence[Tensor], sigmas: Sequence[Tensor], cluster_ofs: Sequence[Tensor]) -> bool:
@@ -264,6 +271,10 @@ def jd_lora_shrink_siblings(
             jd_lora_expand(y, U, c, shrunk, s)
     """
     backend = _resolve_backend(backend, x)
+    if torch.compiler.is_compiling():  # one graph node returning a fresh g (no counter for dynamo to guard on)
+        g = jd_lora_shrink_siblings_op(x, list(Vs), list(sigmas), list(cluster_ofs), batch.row_adapter, batch.order,
+                                       batch.sorted_adapter, batch.tokens_per_row, backend)
+        return ShrunkSiblings(g, batch, TRACED, x.shape[1], backend)
     batch.sibling_calls += 1
     if backend == "torch":
         ta = batch.token_adapter
@@ -277,12 +288,111 @@ def jd_lora_expand(y: Tensor, U: Tensor, cluster_of: Tensor, shrunk: ShrunkSibli
                    scale: float = 1.0) -> Tensor:
     """In place ``y[t] += scale * U[c] g[t]`` with sibling ``sibling``'s ``g`` of ``shrunk``
     (:func:`jd_lora_shrink_siblings`): the expand launch of :func:`jd_lora_forward`. Returns ``y``."""
+    if torch.compiler.is_compiling():
+        _op_expand([y], [U], shrunk.g[sibling:sibling + 1], [cluster_of], shrunk, scale)
+        return y
     if not shrunk.valid:
         raise RuntimeError("jd_lora_expand: a later jd_lora_shrink_siblings on this batch overwrote this g")
     g = shrunk.g[sibling]
     if shrunk.backend == "torch":
         return jd_lora_expand_reference(y, U, g, cluster_of, shrunk.batch.token_adapter, scale=scale)
     return _triton().jd_lora_expand_triton(y, U, g, cluster_of, shrunk.batch, scale=scale, d_in=shrunk.d_in)
+
+
+def expand_siblings_fusable(ys: Sequence[Tensor], Us: Sequence[Tensor]) -> bool:
+    """Whether :func:`jd_lora_expand_siblings` takes these outputs and U banks in one launch: 2-D outputs of one
+    row count and column stride, U banks of one rank, dtype and the same strides in their last two dims
+    (contiguous outputs and banks of one rank always are). Else it runs one expand per sibling."""
+    y0, U0 = ys[0], Us[0]
+    return all(
+        y.dim() == 2 and y.shape[0] == y0.shape[0] and y.stride(1) == y0.stride(1) and U.dim() == 3
+        and U.shape[2] == U0.shape[2] and U.dtype == U0.dtype and U.stride()[1:] == U0.stride()[1:]
+        for y, U in zip(ys, Us)
+    )
+
+
+def jd_lora_expand_siblings(ys: Sequence[Tensor], Us: Sequence[Tensor], cluster_ofs: Sequence[Tensor],
+                            shrunk: ShrunkSiblings, *, scale: float = 1.0, check: bool = True) -> None:
+    """:func:`jd_lora_expand` of every sibling of ``shrunk`` (``ys[s]``, ``Us[s]``, ``cluster_ofs[s]`` in
+    :func:`jd_lora_shrink_siblings`'s order), in one launch on the Triton path when
+    :func:`expand_siblings_fusable`; each ``ys[s]`` gets the bits of its own :func:`jd_lora_expand`.
+
+    With it q, k and v take three launches in all (shrink, Sigma, expand), where their own
+    :func:`jd_lora_forward` calls take nine. ``check=False`` skips checking the arguments and
+    :func:`expand_siblings_fusable` (for a caller that checked them once: contiguous outputs of the rows of
+    ``shrunk``, U banks of one rank, dtype and layout).
+
+    Example::
+
+        shrunk = jd_lora_shrink_siblings(x, (Vq, Vk, Vv), (Sq, Sk, Sv), (cq, ck, cv), batch)
+        jd_lora_expand_siblings((yq, yk, yv), (Uq, Uk, Uv), (cq, ck, cv), shrunk)
+    """
+    if torch.compiler.is_compiling():  # one graph node mutating every y (one per y if they cannot share a launch)
+        if check and not expand_siblings_fusable(ys, Us):
+            for s, (y, U, cluster_of) in enumerate(zip(ys, Us, cluster_ofs)):
+                jd_lora_expand(y, U, cluster_of, shrunk, s, scale=scale)
+        else:
+            _op_expand(list(ys), list(Us), shrunk.g, list(cluster_ofs), shrunk, scale)
+        return
+    if check:
+        if not shrunk.valid:
+            raise RuntimeError("jd_lora_expand_siblings: a later jd_lora_shrink_siblings on this batch overwrote this g")
+        if len(ys) != len(shrunk.g) or len(Us) != len(ys) or len(cluster_ofs) != len(ys):
+            raise ValueError(f"jd_lora_expand_siblings: {len(shrunk.g)} siblings were shrunk, got {len(ys)} outputs, "
+                             f"{len(Us)} U banks and {len(cluster_ofs)} cluster_of")
+    if shrunk.backend == "torch" or (check and not expand_siblings_fusable(ys, Us)):
+        for s, (y, U, cluster_of) in enumerate(zip(ys, Us, cluster_ofs)):
+            jd_lora_expand(y, U, cluster_of, shrunk, s, scale=scale)
+        return
+    _triton().jd_lora_expand_siblings_triton(ys, Us, shrunk.g, cluster_ofs, shrunk.batch, scale=scale,
+                                             d_in=shrunk.d_in)
+
+
+def jd_lora_forward_siblings(
+    ys: Sequence[Tensor],
+    x: Tensor,
+    Us: Sequence[Tensor],
+    Vs: Sequence[Tensor],
+    sigmas: Sequence[Tensor],
+    cluster_ofs: Sequence[Tensor],
+    batch: JDBatch | Tensor,
+    *,
+    scale: float = 1.0,
+    backend: Backend = "auto",
+    check: bool = True,
+) -> None:
+    """:func:`jd_lora_forward` of sibling modules that read the same ``x``, each into its own ``ys[s]`` (e.g. the
+    q, k and v slices of a fused projection's output): three launches for each set of up to :data:`MAX_SIBLINGS`
+    siblings whose banks share rank, dtype and layout (:func:`jd_lora_shrink_siblings`,
+    :func:`jd_lora_expand_siblings`), its own three for any other. Each ``ys[s]`` gets the numbers of its own
+    :func:`jd_lora_forward`; the arguments are those of :func:`jd_lora_forward`, one per sibling, and ``check``
+    checks each sibling's as it does."""
+    batch, backend = _prepare(None, x, Us[0], Vs[0], sigmas[0], cluster_ofs[0], batch, backend, check=False)
+    if check:
+        for y, U, V, sigma, cluster_of in zip(ys, Us, Vs, sigmas, cluster_ofs):
+            _check_inputs(y, x, U, V, sigma, cluster_of, batch, allow_float64=backend == "torch")
+    sets: dict[tuple, list[int]] = {}  # siblings that may share launches: same shapes but d_out, dtypes, strides
+    for s, (y, U, V, sigma, cluster_of) in enumerate(zip(ys, Us, Vs, sigmas, cluster_ofs)):
+        key = (V.shape[1:], V.stride(), V.dtype, U.stride()[1:], sigma.shape[1:], sigma.stride(), sigma.dtype,
+               cluster_of.dtype, y.stride(1))
+        sets.setdefault(key, []).append(s)
+    for members in sets.values():
+        for i in range(0, len(members), MAX_SIBLINGS):
+            part = members[i:i + MAX_SIBLINGS]
+            ys_, Us_, Vs_, sigmas_, cs_ = ([seq[s] for s in part] for seq in (ys, Us, Vs, sigmas, cluster_ofs))
+            if (len(part) > 1 and Vs_[0].dtype == x.dtype and siblings_fusable(Vs_, sigmas_, cs_)
+                    and expand_siblings_fusable(ys_, Us_)):
+                shrunk = jd_lora_shrink_siblings(x, Vs_, sigmas_, cs_, batch, backend=backend)
+                jd_lora_expand_siblings(ys_, Us_, cs_, shrunk, scale=scale, check=False)
+                continue
+            for y, U, V, sigma, cluster_of in zip(ys_, Us_, Vs_, sigmas_, cs_):
+                jd_lora_forward(y, x, U, V, sigma, cluster_of, batch, scale=scale, backend=backend, check=False)
+
+
+def _op_expand(ys: list, Us: list, g: Tensor, cluster_ofs: list, shrunk: ShrunkSiblings, scale: float) -> None:
+    b = shrunk.batch
+    jd_lora_expand_siblings_op(ys, Us, g, cluster_ofs, b.row_adapter, b.order, b.sorted_adapter, b.tokens_per_row,
+                               float(scale), shrunk.d_in, shrunk.backend)
 
 
 def _op_forward(y, x, U, V, sigma, cluster_of, batch: JDBatch, scale: float, backend: str) -> None:
@@ -311,7 +421,7 @@ def _resolve_backend(backend: Backend, x: Tensor) -> str:
 
 def _check_inputs(y, x, U, V, sigma, cluster_of, batch: JDBatch, *, allow_float64: bool = False) -> None:
     """Shapes, dtypes and devices of :func:`jd_lora_forward`'s inputs (``y=None``: no output given)."""
-    floats = _FLOATS + ((torch.float64,) if allow_float64 else ())
+    floats = KERNEL_DTYPES + ((torch.float64,) if allow_float64 else ())
 
     def fail(msg: str):
         raise ValueError(f"jd_lora_forward: {msg}")

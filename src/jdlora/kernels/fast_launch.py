@@ -32,6 +32,9 @@ launch hooks set (profilers need the launch metadata we skip) or pre-run hooks, 
 ``JDLORA_FAST_LAUNCH=0`` (read at import). Under CUDA graph capture the direct launch is recorded like
 the normal one (same launcher, same current stream). Triton knobs that enter its key without being
 arguments (``TRITON_DEBUG``, instrumentation) are taken as they were at the first launch.
+
+A call's direct launches can be recorded and made again for other inputs of the same layout, without our launch
+functions' Python: :mod:`~jdlora.kernels.replay`.
 """
 
 from __future__ import annotations
@@ -45,12 +48,19 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
+from .replay import note_launch
+
 ENABLED = os.environ.get("JDLORA_FAST_LAUNCH", "1") != "0"
 LAUNCHERS: list[FastLauncher] = []  # every launcher made, one per kernel (their counters, for benchmarks)
 MAX_ENTRIES = 1024  # keys kept per kernel (decode: one per batch size; prefill: one per token count)
 _SCALARS = (int, float, bool)
 _dtype = operator.attrgetter("dtype")
 _data_ptr = torch.Tensor.data_ptr
+
+
+def _three_dims(grid: tuple) -> tuple:
+    """``grid`` as a direct launch takes it: three dimensions, the missing ones 1 (``kernel[grid]`` pads them)."""
+    return grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
 
 
 def _hook_set(hook) -> bool:
@@ -115,11 +125,11 @@ class FastLauncher:
 
     def __call__(self, grid, *args, **kwargs):
         if not self._fast or len(args) != self._n_args or torch.compiler.is_compiling():
-            return self._normal(grid, args, kwargs, None)
-        knobs = self._knobs
-        enter, exit_ = knobs.launch_enter_hook, knobs.launch_exit_hook
-        if _hook_set(enter) or _hook_set(exit_) or getattr(self.kernel, "pre_run_hooks", None):
-            return self._normal(grid, args, kwargs, None)
+            return self._normal(grid, args, kwargs)
+        hooks = self._hooks()
+        if hooks is None:
+            return self._normal(grid, args, kwargs)
+        enter, exit_ = hooks
         if self._device is None:
             driver = triton.runtime.driver.active
             self._device, self._stream = driver.get_current_device, driver.get_current_stream
@@ -127,12 +137,14 @@ class FastLauncher:
         n = self._n_tensors
         key = launch_key(device, args[:n], args[n:], kwargs)
         if key is None:
-            return self._normal(grid, args, kwargs, None)
+            return self._normal(grid, args, kwargs)
         compiled = self._cache.get(key)
         if compiled is None:
-            return self._normal(grid, args, kwargs, key)
-        launch = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, self._stream(device),
-                  compiled.function, compiled.packed_metadata, None, enter, exit_, *args, *self._tail(kwargs))
+            return self._normal(grid, args, kwargs, key, device)
+        tail = self._tail(kwargs)
+        grid = _three_dims(grid)
+        launch = (*grid, self._stream(device), compiled.function, compiled.packed_metadata, None, enter, exit_, *args,
+                  *tail)
         if self._proven:
             compiled.run(*launch)
         else:  # a Triton whose launcher takes other arguments fails here, before launching: stay on the normal path
@@ -142,15 +154,40 @@ class FastLauncher:
                 self._fast = False
                 warnings.warn(f"jdlora: direct launch of {self.kernel} failed ({e}); using Triton's normal launch",
                               stacklevel=2)
-                return self._normal(grid, args, kwargs, None)
+                return self._normal(grid, args, kwargs)
             self._proven = True
         self.hits += 1
+        note_launch(self, grid, args, kwargs, compiled, device, tail)
 
-    def _normal(self, grid, args, kwargs, key):
+    def _normal(self, grid, args, kwargs, key=None, device=None):
+        """Triton's own launch; keeps the compiled kernel under ``key`` (when given and safe to keep)."""
         self.misses += 1
         compiled = self.kernel[grid](*args, **kwargs)
         if keyable(key) and compiled is not None and set(self._constexprs) <= kwargs.keys():
             if len(self._cache) >= MAX_ENTRIES:
                 self._cache.clear()
             self._cache[key] = compiled
+            # a direct launch (a replay) takes all three grid dimensions, as Triton's launcher does
+            note_launch(self, _three_dims(grid), args, kwargs, compiled, device, self._tail(kwargs))
+        else:
+            note_launch(self, grid, args, kwargs, None, None, None)
         return compiled
+
+    def _hooks(self) -> tuple | None:
+        """``(launch_enter_hook, launch_exit_hook)`` to pass to a direct launch; None when hooks that it would skip
+        are set (any launch hook: profilers read the launch metadata we do not build; the kernel's pre-run hooks)."""
+        enter, exit_ = self._knobs.launch_enter_hook, self._knobs.launch_exit_hook
+        if _hook_set(enter) or _hook_set(exit_) or getattr(self.kernel, "pre_run_hooks", None):
+            return None
+        return enter, exit_
+
+    def direct_hooks(self) -> tuple | None:
+        """:meth:`_hooks` when a direct launch of an already compiled kernel may go ahead now (one went through
+        before); None when it may not."""
+        return self._hooks() if self._fast and self._proven else None
+
+    def current_device(self) -> int:
+        return self._device()
+
+    def current_stream(self, device: int):
+        return self._stream(device)

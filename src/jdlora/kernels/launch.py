@@ -12,8 +12,9 @@ one program (what a fused "last program of the block applies Sigma" design did: 
 16 tokens per block, one SM each).
 
 Siblings that read the same x (q, k, v) share launches 1 and 2 (:func:`jd_lora_shrink_siblings_triton`: the
-same configurations and K slices per sibling, a third grid axis over siblings) and run 3 each
-(:func:`jd_lora_expand_triton`).
+same configurations and K slices per sibling, a sibling index folded into the grid), and 3 as one launch when
+all their outputs are at hand (:func:`jd_lora_expand_siblings_triton`: each sibling's column tiles along the
+grid's second axis), else each its own (:func:`jd_lora_expand_triton`).
 
 Configurations are picked from static shapes only (T, d_in, the GPU's multiprocessor count), never
 from tensor values, so the choice costs no host synchronization and a captured CUDA graph replays
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .expand import launch_expand
+from .expand import launch_expand, launch_expand_siblings
 from .shrink import launch_shrink, launch_shrink_siblings
 from .sigma import launch_sigma, launch_sigma_siblings
 from .sizes import block_rank
@@ -205,3 +206,18 @@ def jd_lora_expand_triton(y, U, g, cluster_of, batch, *, scale: float = 1.0, d_i
     expand_cfg = (configs or pick_configs(T, d_in, y.device))[2]
     launch_expand(y, U, g, cluster_of, batch, scale=scale, config=expand_cfg)
     return y
+
+
+def jd_lora_expand_siblings_triton(ys, Us, g, cluster_ofs, batch, *, scale: float = 1.0, d_in: int,
+                                   configs: Configs | None = None):
+    """The expands of every sibling of one :func:`jd_lora_shrink_siblings_triton` call in one launch:
+    ``ys[s] += scale * U_s[c_s] g[s]``, each y the bits of its own :func:`jd_lora_expand_triton`.
+
+    ``d_in``: the input width, which picks the configurations as for the whole forward.
+    """
+    T = ys[0].shape[0]
+    if T == 0:
+        return
+    _check_device(ys[0])
+    expand_cfg = (configs or pick_configs(T, d_in, ys[0].device))[2]
+    launch_expand_siblings(ys, Us, g, cluster_ofs, batch, scale=scale, config=expand_cfg)

@@ -11,17 +11,18 @@ For rows of S = ``tokens_per_row`` tokens, token m of the sorted order is ``t(m)
 (S = 1: rows are tokens), so one sort of the rows serves prefill and decode.
 
 Grid: ``(cdiv(T, BLOCK_M), split_k)``. Program (i, k) takes tokens ``[i*BLOCK_M, (i+1)*BLOCK_M)`` of the
-sorted order and the slice ``[k*k_per_split, (k+1)*k_per_split)`` of d_in. Its loop runs over the
-clusters present in the block times the K slice in one flat loop (so Triton pipelines the loads);
-rows of other clusters are masked out of the x loads, so x is read once in all, and each cluster's V
-slice once per token block. A decode batch (few token blocks) is split over d_in to fill the GPU
+sorted order and the slice ``[k*k_per_split, (k+1)*k_per_split)`` of d_in. It loops over the clusters
+present in the block (only those: the next is the smallest cluster above the last) and, per cluster,
+over its K slice; rows of other clusters are masked out of the x loads, so x is read once in all, and
+each present cluster's V slice once per token block. A decode batch (few token blocks) is split over d_in to fill the GPU
 (``split_k`` programs per block, partial sums added atomically into the scratch); a prefill batch
 has enough blocks and stores its sums directly (``SPLIT`` False). With one cluster (``ONE_CLUSTER``)
 no load waits for the ``cluster_of`` lookup: all rows are shrunk by V[0], only active rows are stored.
 
 ``jd_shrink_siblings_kernel`` is the same for up to three sibling modules that read the same x (q, k, v):
-grid ``(cdiv(T, BLOCK_M), split_k, siblings)``, program (i, k, s) is program (i, k) above with sibling s's
-V bank and ``cluster_of`` into ``h[s]`` of a ``[S, T, w]`` scratch (one launch instead of three).
+grid ``(cdiv(T, BLOCK_M) * siblings, split_k)``, program (i * siblings + s, k) is program (i, k) above with
+sibling s's V bank and ``cluster_of`` into ``h[s]`` of a ``[S, T, w]`` scratch (one launch instead of three;
+the siblings of a token block side by side, so x comes from memory once).
 
 Memory traffic per launch: x once (``T * d_in``), V[c] of every cluster present once per token block
 (from L2 after the first block), and ``split_k * T * r`` float32 atomic adds (or ``T * r`` stores).
@@ -82,22 +83,24 @@ def _shrink_block(
             acc += tl.dot(xb, vb, input_precision=PRECISION)
         _store_h(acc, h_ptr, offs_m, offs_r, active, r, stride_h, SPLIT)
     elif tl.max(active.to(tl.int32), axis=0) > 0:  # else the whole block is unadapted here: exit
-        c_lo = tl.min(tl.where(active, cluster, _BIG), axis=0)
-        c_hi = tl.max(cluster, axis=0)
-        n_k = tl.cdiv(k_end - k_start, BLOCK_K)
+        # Only the clusters present in the block, in ascending order (the next one is the smallest above the
+        # last): a block of a few adapters in many clusters (one cluster per adapter, multi-LoRA slots) must not
+        # walk every cluster between its smallest and largest.
+        c = tl.min(tl.where(active, cluster, _BIG), axis=0)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for it in range(0, (c_hi - c_lo + 1) * n_k):  # (cluster, K chunk) pairs, one flat loop
-            c = c_lo + it // n_k
-            kk = k_start + (it % n_k) * BLOCK_K + offs_k
-            k_mask = kk < k_end
+        while c < _BIG:
             rows = active & (cluster == c)
-            xb = tl.load(x_rows + kk[None, :] * stride_xd, mask=rows[:, None] & k_mask[None, :], other=0.0)
-            vb = tl.load(
-                v_ptr + c * stride_vc + kk[:, None] * stride_vd + offs_r[None, :] * stride_vr,
-                mask=k_mask[:, None] & r_mask[None, :],
-                other=0.0,
-            )
-            acc += tl.dot(xb, vb, input_precision=PRECISION)
+            for k0 in range(k_start, k_end, BLOCK_K):
+                kk = k0 + offs_k
+                k_mask = kk < k_end
+                xb = tl.load(x_rows + kk[None, :] * stride_xd, mask=rows[:, None] & k_mask[None, :], other=0.0)
+                vb = tl.load(
+                    v_ptr + c * stride_vc + kk[:, None] * stride_vd + offs_r[None, :] * stride_vr,
+                    mask=k_mask[:, None] & r_mask[None, :],
+                    other=0.0,
+                )
+                acc += tl.dot(xb, vb, input_precision=PRECISION)
+            c = tl.min(tl.where(active & (cluster > c), cluster, _BIG), axis=0)
         _store_h(acc, h_ptr, offs_m, offs_r, active, r, stride_h, SPLIT)
 
 
@@ -149,6 +152,7 @@ def jd_shrink_siblings_kernel(
     d_in,
     r,
     k_per_split,
+    n_siblings,
     stride_xt,
     stride_xd,
     stride_vc,
@@ -165,11 +169,14 @@ def jd_shrink_siblings_kernel(
     ONE_CLUSTER2: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """The shrink of up to three sibling modules that read the same x: program (i, k, s) is program
-    (i, k) of :func:`jd_shrink_kernel` for sibling s (its V bank, its cluster_of, its scratch ``h[s]``)."""
-    pid_m = tl.program_id(0)
+    """The shrink of up to three sibling modules that read the same x: program (i * n_siblings + s, k) is program
+    (i, k) of :func:`jd_shrink_kernel` for sibling s (its V bank, its cluster_of, its scratch ``h[s]``). The
+    siblings of one token block are neighbours in launch order, so they run together and the x tile that one
+    reads from memory the others find in L2 (a prefill's x is several times L2: with the sibling axis the
+    slowest, each sibling read all of it again)."""
+    pid_m = tl.program_id(0) // n_siblings
+    pid_s = tl.program_id(0) % n_siblings
     pid_k = tl.program_id(1)
-    pid_s = tl.program_id(2)
     h_s = h_ptr + pid_s.to(tl.int64) * stride_hs
     if pid_s == 0:
         _shrink_block(pid_m, pid_k, x_ptr, v0_ptr, cluster_of0_ptr, order_ptr, sorted_adapter_ptr, h_s, T, tpr, d_in,
@@ -234,8 +241,8 @@ def launch_shrink_siblings(x, Vs, cluster_ofs, batch, h, *, config) -> None:
     Vp = tuple(Vs) + (V0,) * (3 - n)
     Cp = tuple(cluster_ofs) + (cluster_ofs[0],) * (3 - n)
     _siblings_launch(
-        (m_blocks, split_k, n), x, *Vp, *Cp, batch.order, batch.sorted_adapter, h,
-        T, batch.tokens_per_row, d_in, r, k_per_split,
+        (m_blocks * n, split_k), x, *Vp, *Cp, batch.order, batch.sorted_adapter, h,
+        T, batch.tokens_per_row, d_in, r, k_per_split, n,
         *x.stride(), *V0.stride(), h.stride(0), h.stride(1),
         ONE_CLUSTER0=Vp[0].shape[0] == 1, ONE_CLUSTER1=Vp[1].shape[0] == 1, ONE_CLUSTER2=Vp[2].shape[0] == 1,
         **_shrink_options(x, r, split_k, config),

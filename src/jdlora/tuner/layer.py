@@ -27,75 +27,16 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils.other import transpose
 from torch import Tensor, nn
 
-from ..kernels import jd_lora_expand
+from ..kernels import KERNEL_DTYPES
+from ..kernels.replay import Replays
+from . import banks
 from . import siblings as _siblings
-from .mixed import MixedBatch, jd_lora_forward, mark_static
-
-
-class AdapterGroup:
-    """Row numbers shared by every layer for the adapters of one rank and Sigma kind.
-
-    A token that uses adapter ``a`` reads row ``rows[a]`` of the Sigma bank of this group in every
-    layer; a layer the adapter does not touch has a zero row whose cluster is -1. Rows of deleted
-    adapters are reused.
-    """
-
-    def __init__(self, rank: int, kind: str):
-        self.rank, self.kind = rank, kind
-        self.key = f"r{rank}-{kind}"
-        self.rows: dict[str, int] = {}
-        self.free: list[int] = []
-        self.size = 0  # rows ever allocated (free ones included)
-
-    def add(self, names: list[str]) -> list[int]:
-        rows = []
-        for name in names:
-            if name not in self.rows:
-                if self.free:
-                    self.rows[name] = self.free.pop()
-                else:
-                    self.rows[name] = self.size
-                    self.size += 1
-            rows.append(self.rows[name])
-        return rows
-
-    def remove(self, name: str) -> None:
-        row = self.rows.pop(name, None)
-        if row is not None:
-            self.free.append(row)
-
-
-class _BasesBank:
-    """All bases of one rank in one layer: ``U [C, d_out, r]``, ``V [C, d_in, r]``, slot -> basis key."""
-
-    def __init__(self, U: Tensor, V: Tensor):
-        self.U, self.V = U, V
-        self.keys: list[Optional[str]] = [None] * U.shape[0]
-
-
-class _SigmaBank:
-    """The Sigmas of one :class:`AdapterGroup` in one layer, and each row's bases slot (-1: none)."""
-
-    def __init__(self, group: AdapterGroup, sigma: Tensor, cluster_of: Tensor):
-        self.group, self.sigma, self.cluster_of = group, sigma, cluster_of
-
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .banks import AdapterGroup, BasesBank, SigmaBank, grown, mark_changed
+from .mixed import MixedBatch, jd_lora_forward, mark_static, worth_recording
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
-
-
-def _grown(t: Tensor, rows: int, fill: float = 0) -> Tensor:
-    """``t`` with at least ``rows`` rows (capacity doubles), new rows set to ``fill``."""
-    if t.shape[0] >= rows:
-        return t
-    capacity = max(rows, 2 * t.shape[0], 4)
-    out = torch.empty((capacity, *t.shape[1:]), dtype=t.dtype, device=t.device)
-    out[: t.shape[0]] = t
-    out[t.shape[0]:] = fill
-    return out
 
 
 def _insert_parameters(params: nn.ParameterDict, new: dict[str, nn.Parameter]) -> None:
@@ -124,9 +65,10 @@ class JDLoraLayer(BaseTunerLayer):
     # The model's MixedBatch (JDLoraModel sets it once and activates it per call): a layer reads the
     # batch from here rather than from a per-call forward hook, so compiled graphs see one object.
     _jd_mixed: Optional[MixedBatch] = None
-    # Layers of the same parent that read the same input (q, k, v), set by siblings.link_siblings: their
-    # shrinks and Sigmas run as one launch each in eager mixed-batch forwards.
+    # Layers of the same parent that read the same input (q, k, v), set by siblings.link_siblings: in mixed-batch
+    # forwards the first one called runs them all, three launches in all.
     _jd_siblings: Optional[_siblings.Siblings] = None
+    _jd_sibling_index: int = 0  # its place among its siblings (set with _jd_siblings)
     other_param_names = ("jd_U", "jd_V", "jd_basis", "r", "jd_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs):
@@ -137,9 +79,11 @@ class JDLoraLayer(BaseTunerLayer):
         self.jd_basis: dict[str, str] = {}
         self.r: dict[str, int] = {}
         self.jd_dropout: dict[str, float] = {}
-        self._jd_bases: dict[int, _BasesBank] = {}
-        self._jd_banks: dict[str, _SigmaBank] = {}
+        self._jd_bases: dict[int, BasesBank] = {}
+        self._jd_banks: dict[str, SigmaBank] = {}
         self._jd_untied = False
+        self._jd_replays: dict[str, Replays] = {}  # group key -> recordings of this layer's launches
+        self._jd_replays_epoch = -1
         self._disable_adapters = False
         self.merged_adapters = []
         in_features, out_features = _get_in_out_features(self.get_base_layer())
@@ -176,11 +120,11 @@ class JDLoraLayer(BaseTunerLayer):
         r = U.shape[1]
         bank = self._jd_bases.get(r)
         if bank is None:
-            bank = self._jd_bases[r] = _BasesBank(torch.zeros(0, self.out_features, r, dtype=dtype, device=device),
+            bank = self._jd_bases[r] = BasesBank(torch.zeros(0, self.out_features, r, dtype=dtype, device=device),
                                                   torch.zeros(0, self.in_features, r, dtype=dtype, device=device))
         slot = bank.keys.index(None) if None in bank.keys else len(bank.keys)
         if slot >= bank.U.shape[0]:
-            bank.U, bank.V = _grown(bank.U, slot + 1), _grown(bank.V, slot + 1)
+            bank.U, bank.V = grown(bank.U, slot + 1), grown(bank.V, slot + 1)
             bank.keys += [None] * (bank.U.shape[0] - len(bank.keys))
             self._jd_view_bases(bank)
         bank.U[slot].copy_(U)
@@ -202,7 +146,7 @@ class JDLoraLayer(BaseTunerLayer):
         bank = self._jd_banks.get(group.key)
         dtype, device = bases.U.dtype, bases.U.device
         if bank is None:
-            bank = self._jd_banks[group.key] = _SigmaBank(
+            bank = self._jd_banks[group.key] = SigmaBank(
                 group, torch.zeros(0, *expected, dtype=dtype, device=device),
                 torch.zeros(0, dtype=torch.long, device=device),
             )
@@ -221,15 +165,15 @@ class JDLoraLayer(BaseTunerLayer):
         if dropout:
             self.jd_dropout.update(dict.fromkeys(names, dropout))
 
-    def _jd_grow(self, bank: _SigmaBank, rows: int) -> None:
+    def _jd_grow(self, bank: SigmaBank, rows: int) -> None:
         if bank.sigma.shape[0] >= rows:
             return
-        bank.sigma, bank.cluster_of = _grown(bank.sigma, rows), _grown(bank.cluster_of, rows, fill=-1)
+        bank.sigma, bank.cluster_of = grown(bank.sigma, rows), grown(bank.cluster_of, rows, fill=-1)
         for name, param in self.jd_sigma.items():
             if name in bank.group.rows and self._jd_group_key(name) == bank.group.key:
                 param.data = bank.sigma[bank.group.rows[name]]
 
-    def _jd_view_bases(self, bank: _BasesBank) -> None:
+    def _jd_view_bases(self, bank: BasesBank) -> None:
         for slot, key in enumerate(bank.keys):
             if key is not None:
                 self.jd_U._buffers[key], self.jd_V._buffers[key] = bank.U[slot], bank.V[slot]
@@ -252,6 +196,7 @@ class JDLoraLayer(BaseTunerLayer):
         if dtype is None:
             self._jd_bases.clear()
             self._jd_banks.clear()
+            mark_changed()
             self._jd_untied = False
             return
         for bank in self._jd_bases.values():
@@ -293,6 +238,7 @@ class JDLoraLayer(BaseTunerLayer):
     def _jd_after_load(module, incompatible_keys) -> None:
         if not module._jd_ties_hold():  # load_state_dict(assign=True) replaced tensors
             module._jd_untied = True
+            mark_changed()  # the banks are rebuilt before their next use
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Moves this layer's JD-LoRA tensors to the base layer's device (all at once: they share banks)."""
@@ -427,52 +373,71 @@ class JDLoraLayer(BaseTunerLayer):
 
         No loop over adapters: per group (rank and Sigma kind; usually one), the rows' adapters are
         turned into Sigma-bank rows once per forward (:class:`MixedBatch`) and the kernel applies
-        ``U_c Sigma_a V_c^T`` to every token. In eager mode, sibling layers that read the same ``x`` (q, k,
-        v) share one shrink and one Sigma launch (:mod:`~jdlora.tuner.siblings`); each runs its own expand.
+        ``U_c Sigma_a V_c^T`` to every token. Sibling layers that read the same ``x`` (q, k, v) run as one: the
+        first called computes every sibling's output, three launches for all (one shrink-and-Sigma node and one
+        expand node under ``torch.compile``; :mod:`~jdlora.tuner.siblings`), and the others return theirs.
         """
+        batch = adapter_names if isinstance(adapter_names, MixedBatch) else MixedBatch(adapter_names)
+        siblings = self._jd_siblings if _siblings.ENABLED else None
+        if siblings is not None and not args and not kwargs:
+            if torch.compiler.is_compiling():
+                result = siblings.traced(self, x, batch)
+            else:
+                result = siblings.forward(self, x, batch) if siblings.on else None
+            if result is not None:
+                return result
         result = self.base_layer(x, *args, **kwargs)
-        banks = self._jd_banks
-        if not banks:
+        if not self._jd_banks:
             return result
         if self._jd_untied:
             self._jd_retie()
-        batch = adapter_names if isinstance(adapter_names, MixedBatch) else MixedBatch(adapter_names)
-        shape = x.shape
-        tokens_per_row = math.prod(shape[1:-1])  # [B, S, d]: S; [B, d]: 1 (static shapes: no recompile per mix)
         if not result.is_contiguous():
             result = result.contiguous()
         y2 = result.view(-1, result.shape[-1])
-        x2 = x.reshape(-1, shape[-1])
-        device = x.device
-        # is_compiling first: a compiled graph keeps each layer's own op, and guards on none of the rest
-        siblings = None if torch.compiler.is_compiling() or not _siblings.ENABLED else self._jd_siblings
-        for bank in banks.values():
-            group = bank.group
-            prepared = batch.prepared(group, tokens_per_row, device)
-            if prepared is None:
-                continue
-            if bank.sigma.shape[0] < group.size:  # _jd_grow's own test, first: no call per layer on the hot path
-                self._jd_grow(bank, group.size)
-            bases = self._jd_bases[group.rank]
-            U, V, sigma, cluster_of = bases.U, bases.V, bank.sigma, bank.cluster_of
-            y = y2
-            if U.dtype not in _KERNEL_DTYPES or y2.dtype not in _KERNEL_DTYPES:  # e.g. float64: kernels in fp32
-                U, V, sigma = U.float(), V.float(), sigma.float()
-                y = torch.zeros(y2.shape, dtype=torch.float32, device=y2.device)
-            xin = x2 if x2.dtype == U.dtype else x2.to(U.dtype)
-            # no autocast guard needed: the kernels and the torch reference fix their own precision.
-            # No per-call checks: the banks are this layer's own (shapes fixed when adapters are added),
-            # x fits them (the base layer would have refused it), the batch is the model's.
-            shared = None
-            if siblings is not None and siblings.on and U is bases.U:
-                shared = siblings.shrunk(self, group.key, x, xin, prepared)
-            if shared is not None:
-                jd_lora_expand(y, U, cluster_of, *shared)
-            else:
-                jd_lora_forward(y, xin, U, V, sigma, cluster_of, prepared, check=False)
+        x2 = x.reshape(-1, x.shape[-1])
+        tokens_per_row = math.prod(x.shape[1:-1])  # [B, S, d]: S; [B, d]: 1 (static shapes: no recompile per mix)
+        for bank in self._jd_banks.values():
+            prepared = batch.prepared(bank.group, tokens_per_row, x.device)
+            if prepared is not None:
+                self._jd_group_forward(bank, y2, x2, prepared)
+        return result
+
+    def _jd_group_forward(self, bank: SigmaBank, y2: Tensor, x2: Tensor, prepared) -> None:
+        """``y2 += U_c Sigma_a V_c^T x2`` in place for the rows of ``prepared`` (the kernel batch of ``bank``'s
+        adapter group): this layer's own three launches."""
+        group = bank.group
+        if bank.sigma.shape[0] < group.size:  # _jd_grow's own test, first: no call per layer on the hot path
+            self._jd_grow(bank, group.size)
+        bases = self._jd_bases[group.rank]
+        U, V, sigma, cluster_of = bases.U, bases.V, bank.sigma, bank.cluster_of
+        y = y2
+        if U.dtype not in KERNEL_DTYPES or y2.dtype not in KERNEL_DTYPES:  # e.g. float64: kernels in fp32
+            U, V, sigma = U.float(), V.float(), sigma.float()
+            y = torch.zeros(y2.shape, dtype=torch.float32, device=y2.device)
+        xin = x2 if x2.dtype == U.dtype else x2.to(U.dtype)
+        # no autocast guard needed: the kernels and the torch reference fix their own precision.
+        # No per-call checks: the banks are this layer's own (shapes fixed when adapters are added),
+        # x fits them (the base layer would have refused it), the batch is the model's.
+        # Replays (kernels.replay) where worth_recording says; none for banks converted for this call or in a graph.
+        if y is not y2 or not worth_recording(prepared) or torch.compiler.is_compiling():
+            jd_lora_forward(y, xin, U, V, sigma, cluster_of, prepared, check=False)
             if y is not y2:
                 y2 += y.to(y2.dtype)
-        return result
+            return
+        replays = self._jd_replays_of(bank)
+        if not replays.replay(prepared, xin, y):
+            with replays.record(prepared, xin, y):
+                jd_lora_forward(y, xin, U, V, sigma, cluster_of, prepared, check=False)
+
+    def _jd_replays_of(self, bank: SigmaBank) -> Replays:
+        """The recordings of this layer's launches for ``bank``'s group (:class:`~jdlora.kernels.replay.Replays`),
+        all dropped when any bank changes (:func:`~jdlora.tuner.banks.epoch`): they replay the banks' tensors."""
+        if self._jd_replays_epoch != banks.epoch():
+            self._jd_replays, self._jd_replays_epoch = {}, banks.epoch()
+        replays = self._jd_replays.get(bank.group.key)
+        if replays is None:
+            replays = self._jd_replays[bank.group.key] = Replays()
+        return replays
 
 
 class Linear(nn.Module, JDLoraLayer):

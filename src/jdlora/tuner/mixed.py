@@ -47,12 +47,14 @@ class MixedBatch:
         size: ``len(names)`` (what layers check; reading ``names`` in a compiled region would make
             the graph depend on the strings).
         active: whether layers of a model that holds this batch use it (set by the model for one call).
+        mixes: how many mixes it has held (:meth:`update` counts); what a result computed for one mix checks.
     """
 
     def __init__(self, adapter_names: Sequence[str] = ()):
         self.names = list(adapter_names)
         self.size = len(self.names)
         self.active = True
+        self.mixes = 0
         self._groups: dict[str, object] = {}  # group key -> AdapterGroup
         # (group key, device, batch size) -> rows batch. One per batch size, kept: a server's CUDA graph
         # captured at one size reads its tensors while other sizes (a prefill) run in between.
@@ -74,6 +76,7 @@ class MixedBatch:
         """
         self.names = list(adapter_names)
         self.size = len(self.names)
+        self.mixes += 1
         for group in groups:
             self._groups[group.key] = group
         pairs = {k[:2] for k in self._rows} | {(g, str(torch.device(d))) for g in self._groups for d in devices}
@@ -127,6 +130,14 @@ class MixedBatch:
         for t in (batch.row_adapter, batch.order, batch.sorted_adapter):  # updated in place from now on
             mark_static(t)
         return batch
+
+
+def worth_recording(batch: JDBatch) -> bool:
+    """Whether eager launches on ``batch`` are worth recording for replays (:mod:`jdlora.kernels.replay`, keyed on
+    the batch object): only a decode batch (one token per row), which :class:`MixedBatch` keeps per batch size
+    across calls and mixes. A prefill's batch is made per call: its recording would never be replayed and would keep
+    its scratch alive, and its host time is small beside its kernels'."""
+    return batch.tokens_per_row == 1
 
 
 def mark_static(t: torch.Tensor) -> None:

@@ -1,7 +1,9 @@
 """The JD-LoRA part of an adapted TGI linear layer: ``y[t] += U_c Sigma_a V_c^T x[t]`` per token.
 
 All math is :func:`jdlora.kernels.jd_lora_forward` (Triton kernels on CUDA, the torch reference elsewhere).
-Column-parallel layers (and every layer on one rank) make one call into the rank's output slice.
+Column-parallel layers (and every layer on one rank) make one call into the rank's output slice; the layer
+types of one of TGI's fused projections (q/k/v, gate/up), which read the same input, make one shrink, one Sigma
+and one expand launch for all (:func:`apply_jd_siblings`).
 Row-parallel layers on several ranks split it around the collective (see :mod:`jdlora_tgi.sharding`)::
 
     h  = V_c[shard]^T x[shard]     row_partial: jd_lora_forward with U = I, Sigma = I   (float32 [T, r])
@@ -14,12 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jdlora.kernels import JDBatch, jd_lora_forward
+from jdlora.kernels import JDBatch, jd_lora_forward, jd_lora_forward_siblings
 
 from .registry import StepRows
 from .tables import JDLayerTable
 
-__all__ = ["apply_jd", "row_partial", "row_finish"]
+__all__ = ["apply_jd", "apply_jd_siblings", "row_partial", "row_finish"]
 
 
 def apply_jd(
@@ -56,6 +58,19 @@ def apply_jd(
         start_idx, end_idx = 0, y2.shape[1]
     U, V, sigma, cluster_of = (t[layer_id] for t in (table.U, table.V, table.sigma, table.cluster_of))
     jd_lora_forward(y2[:, start_idx:end_idx], x2, U, V, sigma, cluster_of, step.batch)
+    return result
+
+
+def apply_jd_siblings(tables: list[JDLayerTable], layer_id: int, result: Tensor, x: Tensor, step: StepRows,
+                      columns: list[tuple[int, int]]) -> Tensor:
+    """:func:`apply_jd` of column-parallel layer types of one fused projection that read ``x`` (``columns``: each
+    one's ``(start_idx, end_idx)`` in ``result``), at once: three launches for all where their weights allow
+    (:func:`jdlora.kernels.jd_lora_forward_siblings`), each slice the numbers of its own :func:`apply_jd`."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y2 = result.view(-1, result.shape[-1])
+    Us, Vs = [t.U[layer_id] for t in tables], [t.V[layer_id] for t in tables]
+    sigmas, cluster_ofs = [t.sigma[layer_id] for t in tables], [t.cluster_of[layer_id] for t in tables]
+    jd_lora_forward_siblings([y2[:, a:b] for a, b in columns], x2, Us, Vs, sigmas, cluster_ofs, step.batch)
     return result
 
 

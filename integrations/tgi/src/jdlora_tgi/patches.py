@@ -14,6 +14,8 @@ adapters.weights.LayerAdapterWeights      ``get_data`` keeps every adapter type'
                                           keeps the last one); ``add/remove_adapter`` version the bucketing
 adapters.weights.AdapterBatchData.ranks   LoRA ranks only (JD data has none)
 layers.lora.LoraLinear.forward_layer_type LoRA part through TGI's code, JD part through jdlora.kernels
+layers.lora.TensorParallelMultiAdapter   ``Linear.forward``: the JD parts of a fused projection's layer types
+                                          (q/k/v, gate/up) in three launches for all
 models.get_model_with_lora_adapters       expand collection entries to one adapter each, check ids, finalize
                                           (stack bases once per (layer, cluster), log GPU memory)
 models.flash_causal_lm.FlashCausalLM      CUDA graphs: see :mod:`jdlora_tgi.cuda_graphs`
@@ -256,6 +258,10 @@ def patch_layers_lora(module) -> None:
                                                prefill=adapter_data.prefill)
                 result = original(self, result, input, only_lora, layer_type, start_idx, end_idx)
             if jd is not None:
+                deferred = self.__dict__.get("_jdlora_deferred")
+                if deferred is not None and layer_type in deferred:  # run with its siblings' (see below)
+                    deferred[layer_type] = (input, start_idx, end_idx)
+                    return result
                 from .forward import apply_jd
 
                 apply_jd(jd.table, self.layer_id, result, input, jd.step, start_idx, end_idx, self.process_group)
@@ -263,7 +269,52 @@ def patch_layers_lora(module) -> None:
 
         return forward_layer_type
 
+    def make_multi(original):
+        @functools.wraps(original)
+        def forward(self, input, adapter_data):
+            siblings = _jd_siblings(self, adapter_data)
+            if not siblings:
+                return original(self, input, adapter_data)
+            # TGI runs each layer type's part; the JD parts only record their slice, then run together
+            self._jdlora_deferred = deferred = dict.fromkeys(siblings)
+            try:
+                out = original(self, input, adapter_data)
+            finally:
+                self._jdlora_deferred = None
+            from .forward import apply_jd, apply_jd_siblings
+
+            # into TGI's final output: every part adds to its columns, so the order does not matter
+            y = out if out.dim() == 2 else out.view(-1, out.shape[-1])
+            got = [(jd, *deferred[t]) for t, jd in siblings.items() if deferred[t] is not None]  # (jd, x, a, b)
+            if len(got) == len(siblings) and len({id(g[1]) for g in got}) == 1:
+                apply_jd_siblings([g[0].table for g in got], self.layer_id, y, got[0][1], got[0][0].step,
+                                  [(g[2], g[3]) for g in got])
+            else:  # TGI called its layer types some other way: each its own
+                for jd, x, start_idx, end_idx in got:
+                    apply_jd(jd.table, self.layer_id, y, x, jd.step, start_idx, end_idx, self.process_group)
+            return out
+
+        return forward
+
     _wrap(module.LoraLinear, "forward_layer_type", make)
+    _wrap(module.TensorParallelMultiAdapterLinear, "forward", make_multi)
+
+
+def _jd_siblings(layer, adapter_data) -> dict:
+    """``{layer type: its JD batch data}`` of a fused projection's layer types (q/k/v, gate/up) whose JD parts run
+    as one (:func:`~jdlora_tgi.forward.apply_jd_siblings`): the column-parallel ones with weights in this layer and
+    rows of the same forward, if two or more; else empty."""
+    if adapter_data is None or not layer.layer_names or len(layer.layer_names) < 2:
+        return {}
+    from .adapter import BatchJDLoraWeights, MixedBatchWeights
+
+    parts = {}
+    for layer_type in layer.layer_names:
+        data = adapter_data.data.get(layer_type)
+        jd = data.jd if isinstance(data, MixedBatchWeights) else data if isinstance(data, BatchJDLoraWeights) else None
+        if jd is not None and jd.table.U[layer.layer_id] is not None and not jd.table.spec.row_parallel:
+            parts[layer_type] = jd
+    return parts if len(parts) > 1 and len({id(jd.step) for jd in parts.values()}) == 1 else {}
 
 
 # ----- models.get_model_with_lora_adapters: expand collections, finalize, log -----------------------

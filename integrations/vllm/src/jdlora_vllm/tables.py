@@ -15,13 +15,14 @@ directions carry zeros) and diagonal Sigmas become full ones when a full collect
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from jdlora.errors import IncompatibleAdaptersError
-from jdlora.kernels import JDBatch, jd_lora_forward
+from jdlora.kernels import JDBatch, jd_lora_forward_siblings
 
 __all__ = ["JDSlice", "JDLayer"]
 
@@ -85,12 +86,16 @@ class JDLayer:
                        sigma.to(**to), cluster_of.to(self.device))
 
     def add_to(self, y: Tensor, x: Tensor, batch: JDBatch) -> None:
-        """In place: ``y[t, slice k] += U_c Sigma_a(t) V_c^T x[t]`` for every slice that has JD weights."""
-        start = 0
-        for size, jd in zip(self.output_slices, self.slices):
-            if jd is not None:
-                jd_lora_forward(y[:, start:start + size], x, jd.U, jd.V, jd.sigma, jd.cluster_of, batch)
-            start += size
+        """In place: ``y[t, slice k] += U_c Sigma_a(t) V_c^T x[t]`` for every slice that has JD weights, the slices
+        of a packed layer (q, k, v) in three launches for all where their weights allow
+        (:func:`jdlora.kernels.jd_lora_forward_siblings`)."""
+        ends = itertools.accumulate(self.output_slices)
+        parts = [(y[:, end - size:end], jd) for size, end, jd in zip(self.output_slices, ends, self.slices)
+                 if jd is not None]
+        if parts:
+            ys, jds = zip(*parts)
+            jd_lora_forward_siblings(ys, x, [j.U for j in jds], [j.V for j in jds], [j.sigma for j in jds],
+                                     [j.cluster_of for j in jds], batch)
 
     def nbytes(self) -> dict[str, int]:
         count = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
