@@ -174,6 +174,49 @@ def test_modules_to_save_are_saved_and_loaded_for_sequence_classification(method
     assert same(out(loaded, "llama"), out(model, "llama"))
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_mixed_batch_gives_each_row_its_adapter_s_modules_to_save_head(method):
+    """``adapter_names`` reach PEFT's ``modules_to_save`` wrappers too (the classifier head here): each row of a
+    mixed batch equals that row run with its adapter alone, as with LoRA."""
+    torch.manual_seed(0)
+    base = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=3, pad_token_id=0)).eval()
+    torch.manual_seed(5)
+    model = get_peft_model(base, config(method, task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("other", config(method, seed=1, task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"]))
+    head = model.base_model.model.score
+    with torch.no_grad():
+        for name in ("default", "other"):
+            head.modules_to_save[name].weight.normal_()
+    model.eval()
+    mix = ["other", "__base__", "default"]
+    mixed = out(model, "llama", adapter_names=mix)
+    for i, name in enumerate(mix):  # the reference: the row alone, its adapter active (no adapter_names)
+        row = {"input_ids": inputs("llama")["input_ids"][i:i + 1]}
+        with torch.no_grad():
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(**row).logits
+            else:
+                model.set_adapter(name)
+                alone = model(**row).logits
+        torch.testing.assert_close(mixed[i:i + 1], alone, msg=lambda m: f"{method} {name}: {m}")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_deleted_adapter_is_unknown_to_adapter_names_and_a_new_one_is_known(method):
+    model = make("llama", method, name="kept")
+    model.add_adapter("gone", config(method, seed=1, target_modules=targets("llama")))
+    model.delete_adapter("gone")
+    with pytest.raises(ValueError, match="non-existing adapter"):
+        out(model, "llama", adapter_names=["kept", "gone", "kept"])
+    model.add_adapter("new", config(method, seed=2, target_modules=targets("llama")))
+    mixed = out(model, "llama", adapter_names=["new", "kept", "__base__"])
+    model.set_adapter("new")
+    assert same(mixed[0], out(model, "llama")[0])
+
+
 @pytest.mark.parametrize("safe", [True, False])
 def test_save_pretrained_writes_peft_layout_and_honours_safe_serialization(safe, tmp_path):
     written = {}

@@ -84,6 +84,7 @@ class JDLoraLayer(BaseTunerLayer):
         self._jd_untied = False
         self._jd_replays: dict[str, Replays] = {}  # group key -> recordings of this layer's launches
         self._jd_replays_epoch = -1
+        self._jd_marked_epoch = -1  # banks.epoch() when _jd_mark_static last marked the banks
         self._disable_adapters = False
         self.merged_adapters = []
         in_features, out_features = _get_in_out_features(self.get_base_layer())
@@ -361,12 +362,16 @@ class JDLoraLayer(BaseTunerLayer):
         """Marks the banks as tensors at fixed addresses for ``torch.compile`` (as transformers marks its
         static cache): a graph reads them as inputs, and CUDA graphs would otherwise copy every input
         that is not a parameter or buffer into their own memory at each replay (all bases and Sigmas,
-        per step). A bank that is replaced (grown, moved) is marked anew; graphs then record again."""
+        per step). A bank that is replaced (grown, moved) is marked anew; graphs then record again. Nothing to do
+        while the bank :func:`~jdlora.tuner.banks.epoch` stays the same (every replaced or untied bank changes it)."""
+        if self._jd_marked_epoch == banks.epoch():
+            return
         self._jd_retie_if_needed()
-        banks = [t for b in self._jd_bases.values() for t in (b.U, b.V)]
-        banks += [t for b in self._jd_banks.values() for t in (b.sigma, b.cluster_of)]
-        for t in banks:
+        tensors = [t for b in self._jd_bases.values() for t in (b.U, b.V)]
+        tensors += [t for b in self._jd_banks.values() for t in (b.sigma, b.cluster_of)]
+        for t in tensors:
             mark_static(t)
+        self._jd_marked_epoch = banks.epoch()
 
     def _mixed_batch_forward(self, x: Tensor, *args: Any, adapter_names, **kwargs: Any) -> Tensor:
         """Each row of the batch with its own adapter: one gathered JD product per adapter group.
