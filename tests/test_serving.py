@@ -417,3 +417,24 @@ def test_prefill_tool_times_each_path_on_the_studys_model(tmp_path):
     assert results["setting"] == "7c r64" and results["slots"] == 61
     assert all(r["median_s"] > 0 for r in results["runs"])
     assert 1 <= results["runs"][2]["distinct"] <= 3
+
+
+def test_device_idle_time_splits_into_gaps_the_host_was_late_for_and_the_rest():
+    """:func:`idle_summary` on a hand-made timeline (ns): two streams overlapping, a gap the host caused (the next
+    kernel launched after the device went idle) and one it did not (launched early, queued behind a wait)."""
+    from benchmarks.serving.graph import idle_summary
+
+    us = 1000
+    activities = [
+        (10 * us, 20 * us, "gemm", 1 * us),
+        (15 * us, 30 * us, "side", 2 * us),  # another stream: busy until 30
+        (40 * us, 50 * us, "jd_shrink", 35 * us),  # 10 us idle; launched at 35 > 30: the host was late
+        (52 * us, 60 * us, "tiny", 41 * us),  # 2 us: under min_gap_us
+        (80 * us, 90 * us, "jd_shrink", 45 * us),  # 20 us idle, launched long before: not the host
+        (95 * us, 99 * us, "copy", None),  # no launch found: not counted as host-bound
+    ]
+    idle = idle_summary(activities, host_start=0, min_gap_us=5)
+    assert idle["before_first_us"] == 10 and idle["busy_span_us"] == 89
+    assert idle["idle_us"] == 35 and idle["host_bound_us"] == 10
+    assert idle["by_next"][0] == {"name": "jd_shrink", "us": 30, "gaps": 2, "host_bound_us": 10}
+    assert idle["by_next"][1] == {"name": "copy", "us": 5, "gaps": 1, "host_bound_us": 0}

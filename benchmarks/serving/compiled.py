@@ -51,6 +51,7 @@ import torch
 
 from jdlora.tuner import siblings
 
+from .graph import device_idle, idle_line
 from .jd import adapter_name, synthetic_collection
 from .model import adapted_modules, build_model, model_config
 from .settings import PAPER_SETTINGS, JDSetting
@@ -210,8 +211,9 @@ def run_paths(subjects: dict, ids, args, device) -> dict:
 
 
 def profile_call(call, device) -> dict:
-    """Where one more call's time goes: device and host (torch.profiler) and the host's Python (cProfile: cudagraph
-    trees, aot wrappers, transformers' loop, the tuner)."""
+    """Where one more call's time goes: device and host (torch.profiler), where the device sat idle
+    (:func:`.graph.device_idle`) and the host's Python (cProfile: cudagraph trees, aot wrappers, transformers' loop,
+    the tuner)."""
     import cProfile
     import io
     import pstats
@@ -221,6 +223,7 @@ def profile_call(call, device) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         call()
         sync(device)
+    idle = device_idle(prof)
     averages = prof.key_averages()
     table = averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
     host = averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
@@ -232,8 +235,8 @@ def profile_call(call, device) -> dict:
     stream = io.StringIO()
     pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(30)
     python = stream.getvalue()
-    print(table, host, python, sep="\n", flush=True)
-    return {"profile": table, "profile_host": host, "profile_python": python}
+    print(table, host, python, idle_line(idle) if idle else "", sep="\n", flush=True)
+    return {"profile": table, "profile_host": host, "profile_python": python, "idle": idle}
 
 
 def main() -> None:

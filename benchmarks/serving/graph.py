@@ -31,6 +31,7 @@ step, which is what the CPU tests compare with the eager loop.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -268,6 +269,68 @@ def prefill_cache(config, keys: list[Tensor], values: list[Tensor], rows: int, w
         return IntoStatic(config=config)
     except TypeError:  # older transformers
         return IntoStatic()
+
+
+_LAUNCH_API = re.compile(r"^cu(da)?[A-Z]")  # CUDA runtime and driver calls (cudaLaunchKernel, cuLaunchKernelEx, ...)
+
+
+def device_idle(prof, min_gap_us: float = 5.0, top: int = 8) -> dict | None:
+    """Where the GPU sat idle in a ``torch.profiler`` run with CPU and CUDA activities (None without device
+    activity): :func:`idle_summary` of its kernels, copies and memsets, each with the host time of the runtime
+    call that launched it (matched by correlation id)."""
+    device, launched, host_start = [], {}, None
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() == torch.autograd.DeviceType.CUDA:
+            device.append((e.start_ns(), e.end_ns(), e.name(), e.correlation_id()))
+        else:
+            host_start = e.start_ns() if host_start is None else min(host_start, e.start_ns())
+            if _LAUNCH_API.match(e.name()):
+                launched[e.correlation_id()] = e.start_ns()
+    if not device:
+        return None
+    return idle_summary([(s, t, name, launched.get(c)) for s, t, name, c in device], host_start, min_gap_us, top)
+
+
+def idle_summary(activities: Sequence[tuple], host_start: int, min_gap_us: float = 5.0, top: int = 8) -> dict:
+    """The device's idle time in a run, from ``activities`` ``(start_ns, end_ns, name, launch_ns or None)``
+    (every stream) and the time the run's first host event began, in microseconds:
+
+    - ``before_first_us``: from the first host event to the first device activity (the host's work before
+      anything reaches the GPU, e.g. per-call set-up);
+    - ``idle_us``: gaps of at least ``min_gap_us`` between busy intervals (activities on several streams merged);
+    - ``host_bound_us``: the part of those gaps whose next activity was launched after the gap began (the host
+      was late); the rest waited on something else (a launched activity queued behind a dependency);
+    - ``by_next``: the ``top`` names of the activity after a gap by idle time (``name``, ``us``, ``gaps``,
+      ``host_bound_us``): what the device waited for.
+    """
+    ordered = sorted(activities)
+    first = ordered[0][0]
+    idle = host_bound = 0.0
+    by_next: dict[str, list] = {}
+    busy_until = ordered[0][1]
+    for start, end, name, launch in ordered[1:]:
+        gap = (start - busy_until) / 1e3
+        if gap >= min_gap_us:
+            late = launch is not None and launch > busy_until
+            idle += gap
+            host_bound += gap if late else 0.0
+            entry = by_next.setdefault(name, [0.0, 0, 0.0])
+            entry[0] += gap
+            entry[1] += 1
+            entry[2] += gap if late else 0.0
+        busy_until = max(busy_until, end)
+    ranked = sorted(by_next.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"before_first_us": (first - host_start) / 1e3, "busy_span_us": (busy_until - first) / 1e3,
+            "idle_us": idle, "host_bound_us": host_bound,
+            "by_next": [{"name": n, "us": us, "gaps": k, "host_bound_us": hb} for n, (us, k, hb) in ranked]}
+
+
+def idle_line(idle: dict, top: int = 4) -> str:
+    """:func:`idle_summary`'s numbers in one line (milliseconds)."""
+    nexts = "; ".join(f"{e['name'][:40]} {e['us'] / 1e3:.2f} ({e['gaps']}x)" for e in idle["by_next"][:top])
+    return (f"device idle {idle['idle_us'] / 1e3:.2f} ms ({idle['host_bound_us'] / 1e3:.2f} host-bound) over "
+            f"{idle['busy_span_us'] / 1e3:.1f} ms, host before the first activity {idle['before_first_us'] / 1e3:.2f} "
+            f"ms; before: {nexts}")
 
 
 def kernel_times(prof, top: int = 0) -> dict:

@@ -6,7 +6,8 @@ tokens), and the prefills run eagerly on every path. This runs the study's prefi
 prompts of ``--width`` tokens (the study's batches: 171 rows of up to 160 tokens at batch 256, 64 at
 batch 64), and reports per path the median device time of ``--reps`` prefills (CUDA events; the forward
 with ``logits_to_keep=1`` and no cache) and one prefill's kernels under ``torch.profiler`` by kind
-(:func:`.graph.kernel_times`) and by name (the largest first)::
+(:func:`.graph.kernel_times`) and by name (the largest first), and where the GPU sat idle in another
+profiled prefill with the host's activity (:func:`.graph.device_idle`)::
 
     PYTHONPATH=src python -m benchmarks.serving.prefill --out DIR                  # the H200
     PYTHONPATH=src python -m benchmarks.serving.prefill --out DIR --tiny --device cpu   # smoke run
@@ -26,7 +27,7 @@ import torch
 
 from ..kernels import time_eager
 from .engine import BasePath
-from .graph import kernel_times
+from .graph import device_idle, idle_line, kernel_times
 from .jd import JDPath, synthetic_collection
 from .model import adapted_modules, build_model, model_config
 from .multilora import LoraStore, MultiLoraPath
@@ -60,6 +61,11 @@ def measure(path, inputs: dict, reps: int, device: torch.device, top: int = 12) 
         kernels = kernel_times(prof, top=top)
         out["top_kernels"] = kernels.pop("top")
         out["kernels_ms"] = kernels
+        # another prefill with the host's activity too (not in the kernel sums: CPU ops carry their kernels' time)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            once()
+            torch.cuda.synchronize()
+        out["idle"] = device_idle(prof)
     return out
 
 
@@ -115,6 +121,8 @@ def main(argv=None) -> None:
                      f"other {kinds['other']:.1f} ms" if kinds else ""), flush=True)
             for k in run.get("top_kernels", [])[:6]:
                 print(f"{'':>14}{k['ms']:8.2f} ms  x{k['count']:<5} {k['name'][:90]}", flush=True)
+            if run.get("idle"):
+                print(f"{'':>14}{idle_line(run['idle'])}", flush=True)
             (out / "prefill.json").write_text(json.dumps(results, indent=1))
         path.close()
         del path
