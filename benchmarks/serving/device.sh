@@ -16,6 +16,8 @@
 #                                                # launches), then the eager q/k/v host cost and eager generate at 64
 #                                                # adapters, main's code and this tree's (each step under a timeout)
 #   bash benchmarks/serving/device.sh replays    # eager generate at 64 adapters, launch replays off then on (this tree)
+#   bash benchmarks/serving/device.sh idle       # where the GPU idles in JD's prefill and compiled generate (profiles
+#                                                # with the host's activity: benchmarks.serving.graph.device_idle)
 #   bash benchmarks/serving/device.sh tgi        # TGI's JD path on one layer (integrations/tgi/scripts/tp_check.py, TP 1):
 #                                                # checks, CUDA-graph replays, base vs JD each vs JD together per layer
 # Results and logs go to $OUT (the device tool's output folder) or ./device-out.
@@ -68,7 +70,19 @@ case "$1" in
     timeout 120 python -m pytest -q -x -p no:cacheprovider tests/test_siblings.py tests/test_fast_launch.py 2>&1 \
       | tail -4 | tee -a "$OUT/tests.log" || echo "SIBLING TESTS FAILED OR TIMED OUT" | tee -a "$OUT/tests.log"
     timeout 280 python -m pytest -q -x -p no:cacheprovider tests/test_tuner_gpu.py tests/test_compile.py 2>&1 \
-      | tail -4 | tee -a "$OUT/tests.log" || echo "TUNER TESTS FAILED OR TIMED OUT" | tee -a "$OUT/tests.log" ;;
+      | tail -4 | tee -a "$OUT/tests.log" || echo "TUNER TESTS FAILED OR TIMED OUT" | tee -a "$OUT/tests.log"
+    # every graph break of the compiled generate on this torch (the test above stops at the first)
+    timeout 120 python -m benchmarks.serving.breaks --dtype bfloat16 2>&1 | grep -v -i warn | tail -8 \
+      | tee -a "$OUT/tests.log" || echo "GRAPH BREAKS OR WRONG ROWS" | tee -a "$OUT/tests.log" ;;
+  idle)
+    # where compiled generate's JD time goes beyond the kernels: a prefill of generate's batch (64 x 128, 64 adapters)
+    # profiled with the host's activity (device idle time, host-bound gaps), then generate's prefill and compiled
+    # paths profiled (torch.profiler tables, cProfile, device idle)
+    timeout 200 python -m benchmarks.serving.prefill --out "$OUT/prefill64" --adapters 64 --shapes 64x128 \
+      --paths base,jd --reps 3 2>&1 | grep -v -i warn | tee "$OUT/prefill64.log" || true
+    timeout 300 python -m benchmarks.serving.compiled --out "$OUT/generate-profile" --sizes 64 --warmup 1 --reps 3 \
+      --paths prefill,compiled_one_cache --profile > "$OUT/generate-profile.log" 2>&1 || true
+    grep -E "device idle|compiled_one_cache:|prefill:" "$OUT/generate-profile.log" ;;
   ab)
     [ -d "${MAIN_SRC:-}" ] || { echo "set MAIN_SRC to main's src folder (git archive main src)" >&2; exit 2; }
     timeout 120 python -m benchmarks.kernels --siblings --json "$OUT/siblings.json" 2>&1 | tee "$OUT/siblings.log" || true
@@ -91,5 +105,5 @@ case "$1" in
   tgi)
     PYTHONPATH=src:integrations/tgi/src:integrations/tgi/scripts timeout 400 python integrations/tgi/scripts/tp_check.py \
       --json "$OUT/tp_check.json" 2>&1 | tee "$OUT/tp_check.log" ;;
-  *) echo "usage: $0 generate|generate1024|anatomy|study|study1024|prefill|check|ab|replays|tgi" >&2; exit 2 ;;
+  *) echo "usage: $0 generate|generate1024|anatomy|study|study1024|prefill|check|ab|replays|idle|tgi" >&2; exit 2 ;;
 esac
