@@ -461,6 +461,11 @@ class Linear(nn.Module, JDLoraLayer):
         self._jd_after_apply()
         return out
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # an unpickled layer: bank epochs are counted per process, so the ones it kept mean nothing here
+        self._jd_marked_epoch = self._jd_replays_epoch = -1
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Adds ``U Sigma V^T`` of the active (or given) adapters to the base weight."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
