@@ -564,3 +564,17 @@ def test_bulk_loading_a_thousand_adapters_registers_each_under_its_name(base):
     mixed = logits(model, ids, adapter_names=names)
     model.set_adapter("a0999")
     assert close(mixed[1:2], logits(model, ids[1:2]))
+
+
+def test_a_mixed_batch_reaches_every_layer_once_with_empty_child_slots_and_shared_blocks(base, full, ids):
+    """The per-call walk that hands the batch to the layers (not ``named_modules``, for speed) finds what
+    ``modules()`` finds: a ``None`` child slot is skipped and a block registered twice is visited once."""
+    model = load_collection(fresh(base), full)
+    names = full.adapter_names
+    expected = logits(model, ids, adapter_names=[names[0], "__base__", names[3]])
+    inner = model.base_model.model.model
+    inner.register_module("nothing", None)
+    inner.alias = inner.layers[0]
+    layers, wrappers = model.base_model._jd_mixed_batch_modules()
+    assert layers == [m for m in model.modules() if isinstance(m, JDLoraLayer)] and wrappers == []
+    assert close(logits(model, ids, adapter_names=[names[0], "__base__", names[3]]), expected)

@@ -344,9 +344,12 @@ class JDLoraModel(BaseTuner):
         anew on every call (the module tree may change between calls) by a walk over ``_modules`` that skips what
         is inside either (neither holds the other): ``self.modules()`` also builds every module's name, which was
         most of the 2 ms per ``generate`` call that this walk took for 32 layers."""
-        layers, wrappers, stack = [], [], [self.model]
+        layers, wrappers, stack, seen = [], [], [self.model], set()
         while stack:
             module = stack.pop()
+            if module is None or id(module) in seen:  # a None child slot; a module registered twice (once, as
+                continue                              # self.modules() gives it)
+            seen.add(id(module))
             if isinstance(module, JDLoraLayer):
                 layers.append(module)
             elif isinstance(module, AuxiliaryTrainingWrapper):
