@@ -112,3 +112,39 @@ def test_a_decode_step_captured_in_a_cuda_graph_replays_every_new_mix():
                 graph.replay()
             expected = model(input_ids=static_ids, adapter_names=mix).logits
             assert ((out - expected).norm() / expected.norm()).item() < 1e-5, mix
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_model_split_across_two_gpus_gives_what_it_gives_on_one():
+    """``device_map``-style placement (accelerate's hooks move the activations): each layer's kernels must run on
+    its own GPU, on that GPU's stream, also when their launches are replayed (eager generate's decode steps), while
+    the other GPU is the current one."""
+    from accelerate import dispatch_model
+
+    from jdlora.tuner import load_collection
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, pad_token_id=0)
+    base = LlamaForCausalLM(config).eval()
+    adapters = synthetic_adapters(12, llama_modules(2, 256, 128, ("q_proj", "k_proj", "v_proj", "o_proj")), rank=8)
+    collection = jdlora.compress(adapters, rank=16, clusters=3, progress=False)
+    one = load_collection(copy.deepcopy(base), collection).to("cuda:0")
+    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.norm": 1,
+                  "model.rotary_emb": 1, "lm_head": 1}
+    two = load_collection(dispatch_model(copy.deepcopy(base), device_map=device_map), collection)
+    layer = two.base_model.model.model.layers[1].self_attn.q_proj
+    assert next(iter(layer._jd_banks.values())).sigma.device == torch.device("cuda:1")
+    names = collection.adapter_names
+    mix = [names[0], names[5], "__base__", names[11]]
+    ids = torch.randint(1, 512, (4, 9), generator=torch.Generator().manual_seed(3)).cuda(0)
+    kwargs = dict(adapter_names=mix, max_new_tokens=6, min_new_tokens=6, do_sample=False, disable_compile=True,
+                  return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        expected = one(input_ids=ids, adapter_names=mix).logits
+        got = two(input_ids=ids, adapter_names=mix).logits.to(expected.device)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        a, b = one.generate(input_ids=ids, **kwargs), two.generate(input_ids=ids, **kwargs)
+    assert torch.equal(a.sequences, b.sequences.to(a.sequences.device))
+    for x, y in zip(a.logits, b.logits):
+        torch.testing.assert_close(y.to(x.device), x, rtol=1e-4, atol=1e-4)

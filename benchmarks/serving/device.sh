@@ -18,6 +18,8 @@
 #   bash benchmarks/serving/device.sh replays    # eager generate at 64 adapters, launch replays off then on (this tree)
 #   bash benchmarks/serving/device.sh idle       # where the GPU idles in JD's prefill and compiled generate (profiles
 #                                                # with the host's activity: benchmarks.serving.graph.device_idle)
+#   bash benchmarks/serving/device.sh two        # on nvidia-h200-x2: the GPU tests of the tuner with two GPUs (a model
+#                                                # split across them)
 #   bash benchmarks/serving/device.sh tgi        # TGI's JD path on one layer (integrations/tgi/scripts/tp_check.py, TP 1):
 #                                                # checks, CUDA-graph replays, base vs JD each vs JD together per layer
 # Results and logs go to $OUT (the device tool's output folder) or ./device-out.
@@ -102,8 +104,14 @@ case "$1" in
       JDLORA_REPLAY_LAUNCHES=$replays timeout 200 python -m benchmarks.serving.compiled --out "$OUT/generate-replays$replays" \
         --sizes 64 --warmup 1 --reps 5 --paths eager 2>&1 | tee "$OUT/generate-replays$replays.log" || true
     done ;;
+  two)
+    # run with the device tool's kind nvidia-h200-x2: a model split across two GPUs (kernels and replays on each
+    # layer's own GPU)
+    nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
+    timeout 300 python -m pytest -q -p no:cacheprovider tests/test_tuner_gpu.py tests/test_siblings.py \
+      tests/test_fast_launch.py 2>&1 | tail -6 | tee "$OUT/tests.log" ;;
   tgi)
     PYTHONPATH=src:integrations/tgi/src:integrations/tgi/scripts timeout 400 python integrations/tgi/scripts/tp_check.py \
       --json "$OUT/tp_check.json" 2>&1 | tee "$OUT/tp_check.log" ;;
-  *) echo "usage: $0 generate|generate1024|anatomy|study|study1024|prefill|check|ab|replays|idle|tgi" >&2; exit 2 ;;
+  *) echo "usage: $0 generate|generate1024|anatomy|study|study1024|prefill|check|ab|replays|idle|two|tgi" >&2; exit 2 ;;
 esac

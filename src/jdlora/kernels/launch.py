@@ -118,12 +118,34 @@ def _check_device(x) -> None:
         )
 
 
+def _on_device_of(tensor_at: int):
+    """Decorator for the Triton path's entry points: Triton launches on the *current* CUDA device and its current
+    stream, so when the tensor at argument ``tensor_at`` (or the first of a list there) is on another GPU -- a
+    model split across GPUs, ``device_map="auto"`` -- that GPU is made current for the call. Otherwise the kernels
+    would run on the wrong GPU, on a stream that does not wait for the layer's own work."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def on_device(*args, **kwargs):
+            t = args[tensor_at]
+            t = t[0] if isinstance(t, (list, tuple)) else t
+            if t.is_cuda and t.device.index != torch.cuda.current_device():
+                with torch.cuda.device(t.device):
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        return on_device
+
+    return decorate
+
+
 @functools.lru_cache(maxsize=None)
 def _side_stream(device_index: int) -> torch.cuda.Stream:
     """One stream per GPU for the JD shrink and Sigma launches that overlap the base GEMM."""
     return torch.cuda.Stream(device=device_index)
 
 
+@_on_device_of(0)
 def jd_lora_linear_triton(
     x, weight, bias, U, V, sigma, cluster_of, batch, *, scale: float = 1.0, overlap: bool = True,
     configs: Configs | None = None,
@@ -161,6 +183,7 @@ def jd_lora_linear_triton(
     return y
 
 
+@_on_device_of(1)
 def jd_lora_forward_triton(
     y, x, U, V, sigma, cluster_of, batch, *, scale: float = 1.0, configs: Configs | None = None
 ):
@@ -177,6 +200,7 @@ def jd_lora_forward_triton(
     return y
 
 
+@_on_device_of(0)
 def jd_lora_shrink_siblings_triton(x, Vs, sigmas, cluster_ofs, batch, *, configs: Configs | None = None):
     """Two launches for up to three siblings that read ``x``: the shrink of all, then Sigma of all.
 
@@ -194,6 +218,7 @@ def jd_lora_shrink_siblings_triton(x, Vs, sigmas, cluster_ofs, batch, *, configs
     return g
 
 
+@_on_device_of(0)
 def jd_lora_expand_triton(y, U, g, cluster_of, batch, *, scale: float = 1.0, d_in: int, configs: Configs | None = None):
     """The expand launch alone: ``y += scale * U[c] g`` with ``g`` from :func:`jd_lora_shrink_siblings_triton`.
 
@@ -208,6 +233,7 @@ def jd_lora_expand_triton(y, U, g, cluster_of, batch, *, scale: float = 1.0, d_i
     return y
 
 
+@_on_device_of(0)
 def jd_lora_expand_siblings_triton(ys, Us, g, cluster_ofs, batch, *, scale: float = 1.0, d_in: int,
                                    configs: Configs | None = None):
     """The expands of every sibling of one :func:`jd_lora_shrink_siblings_triton` call in one launch:

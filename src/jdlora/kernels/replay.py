@@ -99,8 +99,14 @@ class LaunchRecording:
         """The recorded launches with ``slots`` in place of the recorded call's (same order, same layouts): each
         directly through its compiled kernel when a direct launch may go ahead now, else through its launcher as
         the call would (the first direct launch, launch hooks set since, another current device, the
-        interpreter)."""
+        interpreter). The GPU of the first slot is made current for them, as the call does
+        (:mod:`~jdlora.kernels.launch`: a model split across GPUs)."""
         stream = now = None
+        if slots and slots[0].is_cuda:
+            now = slots[0].device.index
+            if now != torch.cuda.current_device():
+                with torch.cuda.device(now):
+                    return self.replay(*slots)
         for launcher, grid, fixed, positions, kwargs, compiled, device, tail in self._launches:
             args = list(fixed)
             for i, j in positions:
@@ -109,6 +115,7 @@ class LaunchRecording:
             if hooks is not None:
                 if now is None:
                     now = launcher.current_device()
+                if stream is None:
                     stream = launcher.current_stream(now)
                 if now == device:
                     compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, None, *hooks, *args, *tail)
