@@ -12,6 +12,19 @@ from jdlora.synthetic import llama_modules, synthetic_adapters
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _llama_and_adapters(targets=QKVO):
+    """A random 2-layer Llama (CPU, seed 0) and 12 synthetic rank-8 adapters on ``targets`` of both layers."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, pad_token_id=0)
+    base = LlamaForCausalLM(config).eval()
+    adapters = synthetic_adapters(12, llama_modules(2, 256, 128, targets), rank=8)
+    return base, adapters
+
+
 @pytest.mark.parametrize("sigma", ["full", "diag"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)], ids=["fp32", "bf16"])
 def test_mixed_batch_on_cuda_matches_the_cpu_path(sigma, dtype, tol, monkeypatch):
@@ -26,11 +39,7 @@ def test_mixed_batch_on_cuda_matches_the_cpu_path(sigma, dtype, tol, monkeypatch
         return real(*args, **kwargs)
 
     monkeypatch.setattr(launch, "jd_lora_forward_triton", counted)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=4, pad_token_id=0)
-    base = LlamaForCausalLM(config).eval()
-    adapters = synthetic_adapters(12, llama_modules(2, 256, 128, ("q_proj", "k_proj", "v_proj", "o_proj")), rank=8)
+    base, adapters = _llama_and_adapters()
     collection = jdlora.compress(adapters, rank=16, clusters=3, sigma=sigma, progress=False)
     ids = torch.randint(1, 512, (6, 20), generator=torch.Generator().manual_seed(2))
     names = [collection.adapter_names[i] for i in (0, 5, 11, 5)] + ["__base__", collection.adapter_names[7]]
@@ -52,7 +61,7 @@ def _qkv_llama_on_cuda():
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=4, pad_token_id=0)
-    adapters = synthetic_adapters(12, llama_modules(2, 256, 128, ("q_proj", "k_proj", "v_proj")), rank=8)
+    adapters = synthetic_adapters(12, llama_modules(2, 256, 128, QKVO[:3]), rank=8)
     collection = jdlora.compress(adapters, rank=16, clusters=3, progress=False)
     return load_collection(LlamaForCausalLM(config).eval(), collection).to("cuda"), collection
 
@@ -123,11 +132,7 @@ def test_a_model_split_across_two_gpus_gives_what_it_gives_on_one():
 
     from jdlora.tuner import load_collection
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=4, pad_token_id=0)
-    base = LlamaForCausalLM(config).eval()
-    adapters = synthetic_adapters(12, llama_modules(2, 256, 128, ("q_proj", "k_proj", "v_proj", "o_proj")), rank=8)
+    base, adapters = _llama_and_adapters()
     collection = jdlora.compress(adapters, rank=16, clusters=3, progress=False)
     one = load_collection(copy.deepcopy(base), collection).to("cuda:0")
     device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.norm": 1,
