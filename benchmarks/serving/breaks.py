@@ -11,20 +11,17 @@ generated alone, eagerly. Exit status 1 when there is a break, a recompilation o
 from __future__ import annotations
 
 import argparse
-import copy
 import random
 import sys
 
 import torch
-from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
+from transformers import CompileConfig
 
-import jdlora
-from jdlora.synthetic import llama_modules, synthetic_adapters
 from jdlora.tuner import load_collection
 
-# tests/tiny_models.py's tiny Llama
-TINY_LLAMA = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, pad_token_id=0)
+from .jd import adapter_name, synthetic_collection
+from .model import adapted_modules, build_model, model_config
+from .settings import JDSetting
 
 
 def main(argv=None) -> int:
@@ -33,13 +30,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--mixes", type=int, default=3)
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).eval()
-    modules = llama_modules(2, 64, 32, ("q_proj", "k_proj", "v_proj", "o_proj"))
-    collection = jdlora.compress(synthetic_adapters(6, modules, rank=4, groups=2, seed=3), rank=6, clusters=2,
-                                 progress=False)
-    model = load_collection(copy.deepcopy(base), collection).to(args.device, getattr(torch, args.dtype))
-    names = collection.adapter_names
+    model_shape = model_config(tiny=True)  # the serving benchmarks' tiny Mistral, 6 synthetic adapters in 2 clusters
+    base = build_model(model_shape, "cpu", torch.float32)
+    collection = synthetic_collection(adapted_modules(model_shape), 6, JDSetting(8, 2))
+    model = load_collection(base, collection).to(args.device, getattr(torch, args.dtype))
+    names = [adapter_name(i) for i in range(6)]
     graphs = []
 
     def backend(gm, example_inputs):
@@ -50,7 +45,7 @@ def main(argv=None) -> int:
 
     config = CompileConfig(backend=backend, fullgraph=False, mode=None)
     config._compile_all_devices = True  # transformers' switch for compiling on CPU
-    ids = torch.randint(1, 96, (3, 6)).to(args.device)
+    ids = torch.randint(3, model_shape.vocab_size, (3, 6)).to(args.device)
     wrong = 0
 
     def generate(ids, mix, **kwargs):
