@@ -216,8 +216,7 @@ def _make_current(members: list) -> None:
     """Makes the members' banks current: retied to their dicts (after a load that replaced tensors), every Sigma
     bank grown to its adapter group (adapters added through other layers)."""
     for m in members:
-        if m._jd_untied:
-            m._jd_retie()
+        m._jd_retie_if_needed()
         for bank in m._jd_banks.values():
             if bank.sigma.shape[0] < bank.group.size:
                 m._jd_grow(bank, bank.group.size)
